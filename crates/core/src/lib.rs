@@ -1,0 +1,26 @@
+//! Mycelium's core vocabulary, shared by the runtime, the client, plugins and the CLI.
+//!
+//! This crate does no I/O: it knows neither NATS nor processes nor files. It defines
+//! - the [`Function`] trait every function implements, with its [`InvocationContext`];
+//! - [`FunctionName`], the validated name that becomes a NATS subject token and a KV key;
+//! - the wire contract in [`envelope`]: request decoding and reply encoding, exactly as
+//!   other NATS clients see them;
+//! - the stable [`ErrorCode`]s of the invocation protocol and the [`ProtocolError`] body;
+//! - [`FunctionMetadata`], the record a registry keeps per function version;
+//! - the [`MetricsCollector`] seam and an in-memory collector.
+
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod function;
+pub mod metadata;
+pub mod metrics;
+pub mod name;
+
+pub use cloudevents;
+pub use cloudevents::Event;
+pub use error::{Error, ErrorCode, ProtocolError};
+pub use function::{from_fn, Function, FunctionError, InvocationContext};
+pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
+pub use metrics::{InMemoryMetrics, MetricsCollector, Outcome};
+pub use name::{FunctionName, InvalidFunctionName};

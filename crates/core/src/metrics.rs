@@ -1,0 +1,157 @@
+//! The metrics seam: what the runtime reports about invocations. Backends (Prometheus,
+//! OpenTelemetry) implement [`MetricsCollector`]; [`InMemoryMetrics`] serves tests and
+//! embedding.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::Duration,
+};
+
+use crate::{ErrorCode, FunctionName};
+
+/// How an invocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The function returned events.
+    Success,
+    /// The invocation failed with this code.
+    Failure(ErrorCode),
+}
+
+impl Outcome {
+    /// `"success"` or the error code's text, for labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure(code) => code.as_str(),
+        }
+    }
+}
+
+/// Receives the runtime's measurements. Calls happen on the invocation path: keep them
+/// cheap and never block.
+pub trait MetricsCollector: Send + Sync + 'static {
+    /// An invocation of `function` began executing.
+    fn invocation_started(&self, function: &FunctionName);
+    /// An invocation of `function` that had started ended after `duration`.
+    fn invocation_finished(&self, function: &FunctionName, outcome: Outcome, duration: Duration);
+    /// A request was refused before any function ran (bad input, unknown function,
+    /// overload); `function` is known when the request named a valid one.
+    fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode);
+}
+
+/// Counts per function and outcome, kept in memory.
+#[derive(Debug, Default)]
+pub struct InMemoryMetrics {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    outcomes: HashMap<(String, Outcome), OutcomeStats>,
+    in_flight: HashMap<String, u64>,
+    rejected: HashMap<ErrorCode, u64>,
+}
+
+/// Count and total duration of invocations with one outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeStats {
+    /// Invocations counted.
+    pub count: u64,
+    /// Sum of their durations (zero for rejections).
+    pub total_duration: Duration,
+}
+
+impl InMemoryMetrics {
+    /// An empty collector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Invocations of `function` that ended with `outcome` (rejections included).
+    pub fn count(&self, function: &str, outcome: Outcome) -> u64 {
+        self.stats(function, outcome).count
+    }
+
+    /// Count and total duration for `function` and `outcome`.
+    pub fn stats(&self, function: &str, outcome: Outcome) -> OutcomeStats {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .outcomes
+            .get(&(function.to_owned(), outcome))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Invocations of `function` executing now.
+    pub fn in_flight(&self, function: &str) -> u64 {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight.get(function).copied().unwrap_or(0)
+    }
+
+    /// Requests refused with `code`, whatever the function.
+    pub fn rejected(&self, code: ErrorCode) -> u64 {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.rejected.get(&code).copied().unwrap_or(0)
+    }
+}
+
+impl MetricsCollector for InMemoryMetrics {
+    fn invocation_started(&self, function: &FunctionName) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state.in_flight.entry(function.to_string()).or_default() += 1;
+    }
+
+    fn invocation_finished(&self, function: &FunctionName, outcome: Outcome, duration: Duration) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = state.in_flight.get_mut(function.as_str()) {
+            *n = n.saturating_sub(1);
+        }
+        let stats = state
+            .outcomes
+            .entry((function.to_string(), outcome))
+            .or_default();
+        stats.count += 1;
+        stats.total_duration += duration;
+    }
+
+    fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state.rejected.entry(code).or_default() += 1;
+        if let Some(function) = function {
+            state
+                .outcomes
+                .entry((function.to_string(), Outcome::Failure(code)))
+                .or_default()
+                .count += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_outcomes_and_in_flight() {
+        let metrics = InMemoryMetrics::new();
+        let echo: FunctionName = "echo".parse().unwrap();
+        metrics.invocation_started(&echo);
+        metrics.invocation_started(&echo);
+        assert_eq!(metrics.in_flight("echo"), 2);
+        metrics.invocation_finished(&echo, Outcome::Success, Duration::from_millis(3));
+        metrics.invocation_finished(&echo, Outcome::Failure(ErrorCode::Timeout), Duration::from_millis(5));
+        metrics.request_rejected(Some(&echo), ErrorCode::Overloaded);
+        metrics.request_rejected(None, ErrorCode::InvalidRequest);
+        assert_eq!(metrics.in_flight("echo"), 0);
+        assert_eq!(
+            metrics.stats("echo", Outcome::Success),
+            OutcomeStats { count: 1, total_duration: Duration::from_millis(3) }
+        );
+        assert_eq!(metrics.count("echo", Outcome::Failure(ErrorCode::Timeout)), 1);
+        assert_eq!(metrics.count("echo", Outcome::Failure(ErrorCode::Overloaded)), 1);
+        assert_eq!(metrics.rejected(ErrorCode::InvalidRequest), 1);
+        assert_eq!(metrics.count("other", Outcome::Success), 0);
+    }
+}
