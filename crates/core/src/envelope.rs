@@ -210,6 +210,11 @@ pub fn decode_describe_request(body: &[u8]) -> Result<(FunctionName, Option<u64>
     Ok((name, raw.version))
 }
 
+/// Encodes a describe request (the client side of [`decode_describe_request`]).
+pub fn encode_describe_request(request: &DescribeRequest) -> Vec<u8> {
+    to_vec(request)
+}
+
 /// Encodes the reply of `<prefix>.describe`: the metadata record.
 pub fn encode_describe_reply(metadata: &FunctionMetadata) -> Vec<u8> {
     to_vec(metadata)

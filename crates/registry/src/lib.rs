@@ -26,8 +26,9 @@ pub enum LookupErrorKind {
 /// A failed [`Registry::get`].
 pub type LookupError = Error<LookupErrorKind>;
 
-impl From<LookupError> for ProtocolError {
-    fn from(err: LookupError) -> Self {
+/// The invocation protocol's answer to a failed lookup.
+pub fn protocol_error(err: LookupError) -> ProtocolError {
+    {
         let code = match err.kind() {
             LookupErrorKind::FunctionNotFound => ErrorCode::FunctionNotFound,
             LookupErrorKind::VersionNotFound => ErrorCode::VersionNotFound,
@@ -166,7 +167,7 @@ mod tests {
         assert_eq!(err.kind(), LookupErrorKind::VersionNotFound);
         assert!(err.to_string().contains("kept versions: 1, 2"), "{err}");
         assert_eq!(registry.activate(&name, 9).unwrap_err().kind(), LookupErrorKind::VersionNotFound);
-        assert_eq!(ProtocolError::from(err).code, ErrorCode::VersionNotFound);
+        assert_eq!(protocol_error(err).code, ErrorCode::VersionNotFound);
     }
 
     #[test]
@@ -189,6 +190,6 @@ mod tests {
         assert!(registry.remove(&name));
         assert!(!registry.remove(&name));
         let err = registry.get(&name, None).unwrap_err();
-        assert_eq!(ProtocolError::from(err).code, ErrorCode::FunctionNotFound);
+        assert_eq!(protocol_error(err).code, ErrorCode::FunctionNotFound);
     }
 }

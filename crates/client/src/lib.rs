@@ -1,0 +1,305 @@
+//! Invoke and discover Mycelium functions over NATS.
+//!
+//! ```no_run
+//! use mycelium_client::{Client, ConnectOptions};
+//! use mycelium_core::cloudevents::{EventBuilder, EventBuilderV10};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = ConnectOptions::new("nats://127.0.0.1:4222").connect().await?;
+//! let event = EventBuilderV10::new()
+//!     .id("123")
+//!     .source("docs")
+//!     .ty("com.example.test")
+//!     .data("application/json", serde_json::json!({"key": "value"}))
+//!     .build()?;
+//! let events = client.invoke("example", event).await?;
+//! println!("{}", events[0]);
+//! for function in client.list().await? {
+//!     println!("{} v{}", function.name, function.version);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{path::PathBuf, time::Duration};
+
+use bytes::Bytes;
+use mycelium_core::{
+    envelope::{self, DescribeRequest, ListReply},
+    Error, ErrorCode, Event, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
+};
+
+/// How long [`Client::invoke`] lets a function run unless told otherwise.
+pub const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long discovery requests wait.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time the client waits beyond a function's timeout, so that the runtime's own
+/// `timeout` error arrives before the client gives up.
+const REPLY_MARGIN: Duration = Duration::from_secs(2);
+
+/// Why connecting failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectErrorKind {
+    /// The credentials file could not be read.
+    Credentials,
+    /// The NATS server could not be reached or refused us.
+    Connect,
+}
+
+/// A failed [`ConnectOptions::connect`].
+pub type ConnectError = Error<ConnectErrorKind>;
+
+/// Why a request (invoke, list, describe) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestErrorKind {
+    /// The runtime answered with this protocol error code; the message says more.
+    Remote(ErrorCode),
+    /// The function name is invalid; nothing was sent.
+    InvalidName,
+    /// No runtime is listening on the subject.
+    NoResponders,
+    /// No reply arrived in time.
+    TimedOut,
+    /// Sending the request failed (connection trouble).
+    Transport,
+    /// A reply arrived but is not a Mycelium reply.
+    InvalidReply,
+}
+
+/// A failed [`Client`] request.
+pub type RequestError = Error<RequestErrorKind>;
+
+/// The protocol error code behind a request error, if the runtime sent one.
+pub fn remote_code(error: &RequestError) -> Option<ErrorCode> {
+    match error.kind() {
+        RequestErrorKind::Remote(code) => Some(code),
+        _ => None,
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// NATS server URL(s), comma-separated.
+    pub url: String,
+    /// User and password.
+    pub user_password: Option<(String, String)>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Connection name shown in NATS monitoring.
+    pub name: String,
+    /// First token of the Mycelium subjects.
+    pub subject_prefix: String,
+}
+
+impl ConnectOptions {
+    /// Options for `url` with defaults for everything else.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            user_password: None,
+            token: None,
+            credentials_file: None,
+            tls_ca: None,
+            name: "mycelium-client".into(),
+            subject_prefix: "function".into(),
+        }
+    }
+
+    /// Connects and returns the raw NATS client, for the runtime or other uses.
+    /// Reconnects are automatic and logged.
+    pub async fn connect_nats(&self) -> Result<async_nats::Client, ConnectError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&self.name)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    other => tracing::debug!(event = %other, "NATS connection event"),
+                }
+            });
+        if let Some(path) = &self.credentials_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                ConnectError::with_source(
+                    ConnectErrorKind::Credentials,
+                    format!("reading the credentials file {}", path.display()),
+                    e,
+                )
+            })?;
+        }
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let addrs: Result<Vec<async_nats::ServerAddr>, _> = urls.iter().map(|u| u.parse()).collect();
+        let addrs = addrs.map_err(|e| {
+            ConnectError::with_source(ConnectErrorKind::Connect, format!("{:?} is not a NATS URL", self.url), e)
+        })?;
+        options.connect(addrs).await.map_err(|e| {
+            ConnectError::with_source(
+                ConnectErrorKind::Connect,
+                format!(
+                    "cannot connect to NATS at {}; is a server running? (`mycelium up` starts one)",
+                    self.url
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Connects and returns a Mycelium [`Client`].
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let nats = self.connect_nats().await?;
+        Ok(Client::new(nats).with_subject_prefix(&self.subject_prefix))
+    }
+}
+
+/// Per-call options of [`Client::invoke_with`].
+#[derive(Debug, Clone, Default)]
+pub struct InvokeOptions {
+    /// Run this version instead of the active one.
+    pub version: Option<u64>,
+    /// Let the function run at most this long (default [`DEFAULT_INVOKE_TIMEOUT`]).
+    pub timeout: Option<Duration>,
+}
+
+/// Invokes and discovers functions. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    invoke_subject: String,
+    list_subject: String,
+    describe_subject: String,
+}
+
+impl Client {
+    /// A client on an existing NATS connection, with the default subject prefix.
+    pub fn new(nats: async_nats::Client) -> Self {
+        Self {
+            nats,
+            invoke_subject: String::new(),
+            list_subject: String::new(),
+            describe_subject: String::new(),
+        }
+        .with_subject_prefix("function")
+    }
+
+    /// Uses `prefix` instead of `function` for all subjects.
+    pub fn with_subject_prefix(mut self, prefix: &str) -> Self {
+        self.invoke_subject = format!("{prefix}.invoke");
+        self.list_subject = format!("{prefix}.list");
+        self.describe_subject = format!("{prefix}.describe");
+        self
+    }
+
+    /// The underlying NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// Invokes the active version of `function` with `event` and returns its events.
+    pub async fn invoke(&self, function: &str, event: Event) -> Result<Vec<Event>, RequestError> {
+        self.invoke_with(function, &event, InvokeOptions::default()).await
+    }
+
+    /// Invokes `function` with per-call options.
+    pub async fn invoke_with(
+        &self,
+        function: &str,
+        event: &Event,
+        options: InvokeOptions,
+    ) -> Result<Vec<Event>, RequestError> {
+        let name = FunctionName::new(function)
+            .map_err(|e| RequestError::with_source(RequestErrorKind::InvalidName, "not sent", e))?;
+        let timeout = options.timeout.unwrap_or(DEFAULT_INVOKE_TIMEOUT);
+        let body = envelope::encode_invoke_request(&name, event, options.version, Some(timeout));
+        let reply = self
+            .request(&self.invoke_subject, body.into(), timeout + REPLY_MARGIN)
+            .await?;
+        match envelope::decode_invoke_reply(&reply.payload) {
+            Ok(Ok(events)) => Ok(events),
+            Ok(Err(error)) => Err(remote(error)),
+            Err(problem) => Err(invalid_reply(&reply, problem)),
+        }
+    }
+
+    /// Lists every function at its active version.
+    pub async fn list(&self) -> Result<Vec<FunctionSummary>, RequestError> {
+        let reply = self
+            .request(&self.list_subject, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)
+            .await?;
+        match envelope::decode_reply::<ListReply>(&reply.payload) {
+            Ok(Ok(list)) => Ok(list.functions),
+            Ok(Err(error)) => Err(remote(error)),
+            Err(problem) => Err(invalid_reply(&reply, problem)),
+        }
+    }
+
+    /// The metadata of `function` (its active version, or `version`).
+    pub async fn describe(&self, function: &str, version: Option<u64>) -> Result<FunctionMetadata, RequestError> {
+        let name = FunctionName::new(function)
+            .map_err(|e| RequestError::with_source(RequestErrorKind::InvalidName, "not sent", e))?;
+        let body = Bytes::from(envelope::encode_describe_request(&DescribeRequest {
+            function_name: name.to_string(),
+            version,
+        }));
+        let reply = self
+            .request(&self.describe_subject, body, DEFAULT_REQUEST_TIMEOUT)
+            .await?;
+        match envelope::decode_reply::<FunctionMetadata>(&reply.payload) {
+            Ok(Ok(metadata)) => Ok(metadata),
+            Ok(Err(error)) => Err(remote(error)),
+            Err(problem) => Err(invalid_reply(&reply, problem)),
+        }
+    }
+
+    async fn request(&self, subject: &str, body: Bytes, wait: Duration) -> Result<async_nats::Message, RequestError> {
+        let request = async_nats::Request::new().payload(body).timeout(Some(wait));
+        self.nats
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|e| {
+                use async_nats::RequestErrorKind as Nats;
+                match e.kind() {
+                    Nats::NoResponders => RequestError::new(
+                        RequestErrorKind::NoResponders,
+                        format!("no Mycelium runtime is listening on {subject}; start one with `mycelium up` or `mycelium serve`"),
+                    ),
+                    Nats::TimedOut => RequestError::new(
+                        RequestErrorKind::TimedOut,
+                        format!("no reply on {subject} within {} ms", wait.as_millis()),
+                    ),
+                    Nats::MaxPayloadExceeded => RequestError::with_source(
+                        RequestErrorKind::Remote(ErrorCode::PayloadTooLarge),
+                        "the request is larger than the NATS server's max_payload",
+                        e,
+                    ),
+                    _ => RequestError::with_source(RequestErrorKind::Transport, format!("request on {subject} failed"), e),
+                }
+            })
+    }
+}
+
+fn remote(error: ProtocolError) -> RequestError {
+    RequestError::new(RequestErrorKind::Remote(error.code), error.message)
+}
+
+fn invalid_reply(reply: &async_nats::Message, problem: String) -> RequestError {
+    // A service error without a Mycelium body (another responder on our subject).
+    if let Some(headers) = &reply.headers {
+        if let Some(text) = headers.get(envelope::SERVICE_ERROR_HEADER) {
+            return RequestError::new(RequestErrorKind::Remote(ErrorCode::Unknown), text.to_string());
+        }
+    }
+    RequestError::new(RequestErrorKind::InvalidReply, problem)
+}

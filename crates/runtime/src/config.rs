@@ -1,0 +1,59 @@
+//! Runtime settings and their defaults.
+
+use std::time::Duration;
+
+/// How a runtime behaves. Every field has a production default ([`RuntimeConfig::default`]).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// First token of every subject: `<prefix>.invoke`, `<prefix>.list`, ...
+    pub subject_prefix: String,
+    /// Queue group shared by all runtime instances, so each request reaches one of them.
+    pub queue_group: String,
+    /// Name under which the runtime registers with the NATS services API.
+    pub service_name: String,
+    /// Invocations executing at once on this instance; beyond it requests get `overloaded`.
+    pub max_in_flight: usize,
+    /// Largest accepted request body, in bytes; beyond it requests get `payload_too_large`.
+    pub max_payload: usize,
+    /// Timeout of functions whose metadata sets none.
+    pub default_timeout: Duration,
+    /// On shutdown, how long in-flight invocations may take to finish before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "function".into(),
+            queue_group: "mycelium".into(),
+            service_name: "mycelium".into(),
+            max_in_flight: 1024,
+            max_payload: 1024 * 1024,
+            default_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The subjects a runtime listens on, derived once from the prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Subjects {
+    pub invoke: String,
+    pub binding: String,
+    /// `<prefix>.invoke.`, stripped from binding subjects to get the name.
+    pub binding_prefix: String,
+    pub list: String,
+    pub describe: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            invoke: format!("{prefix}.invoke"),
+            binding: format!("{prefix}.invoke.*"),
+            binding_prefix: format!("{prefix}.invoke."),
+            list: format!("{prefix}.list"),
+            describe: format!("{prefix}.describe"),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! From a decoded request to the function's result: lookup, limits, execution.
+//! Knows nothing of NATS; the endpoints in `server` feed it.
+
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::FutureExt;
+use mycelium_core::{
+    cloudevents::AttributesReader, envelope::InvokeRequest, ErrorCode, Event, Function, FunctionKind,
+    FunctionMetadata, FunctionName, FunctionSummary, InvocationContext, MetricsCollector, Outcome,
+    ProtocolError,
+};
+use mycelium_registry::{protocol_error, Registry};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// A function compiled into the runtime.
+#[derive(Clone)]
+pub(crate) struct Builtin {
+    pub metadata: Arc<FunctionMetadata>,
+    pub function: Arc<dyn Function>,
+}
+
+pub(crate) struct Invoker {
+    pub builtins: HashMap<FunctionName, Builtin>,
+    pub registry: Arc<dyn Registry>,
+    pub metrics: Arc<dyn MetricsCollector>,
+    pub default_timeout: Duration,
+}
+
+impl Invoker {
+    /// Finds what to run. Built-ins shadow registry entries of the same name.
+    fn resolve(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<(Arc<FunctionMetadata>, Arc<dyn Function>), ProtocolError> {
+        if let Some(builtin) = self.builtins.get(name) {
+            return match version {
+                Some(v) if v != builtin.metadata.version => Err(ProtocolError::new(
+                    ErrorCode::VersionNotFound,
+                    format!(
+                        "\"{name}\" is a built-in function and has only version {}; omit \"version\" or use it",
+                        builtin.metadata.version
+                    ),
+                )),
+                _ => Ok((builtin.metadata.clone(), builtin.function.clone())),
+            };
+        }
+        let metadata = self.registry.get(name, version).map_err(protocol_error)?;
+        Err(ProtocolError::new(
+            ErrorCode::Unavailable,
+            match metadata.kind {
+                FunctionKind::Builtin => format!(
+                    "\"{name}\" is registered as a built-in function, but this runtime does not have it; \
+                     run a runtime build that includes it"
+                ),
+                kind => format!(
+                    "\"{name}\" is a {kind} function and this runtime has no {kind} executor; \
+                     run a runtime with {kind} support"
+                ),
+            },
+        ))
+    }
+
+    pub fn describe(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, ProtocolError> {
+        if let Some(builtin) = self.builtins.get(name) {
+            if version.is_none_or(|v| v == builtin.metadata.version) {
+                return Ok(builtin.metadata.clone());
+            }
+        }
+        self.registry.get(name, version).map_err(protocol_error)
+    }
+
+    pub fn list(&self) -> Vec<FunctionSummary> {
+        let mut list: Vec<FunctionSummary> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|summary| !self.builtins.contains_key(&summary.name))
+            .chain(self.builtins.values().map(|b| b.metadata.summary()))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Runs one invocation to its end: result, error, timeout, panic or shutdown.
+    /// `abort` fires when the runtime gives up on in-flight work.
+    pub async fn invoke(&self, request: InvokeRequest, abort: &CancellationToken) -> Result<Vec<Event>, ProtocolError> {
+        let InvokeRequest {
+            function: name,
+            event,
+            version,
+            timeout,
+        } = request;
+        let (metadata, function) = match self.resolve(&name, version) {
+            Ok(found) => found,
+            Err(err) => {
+                self.metrics.request_rejected(Some(&name), err.code);
+                return Err(err);
+            }
+        };
+        let limit = metadata.timeout.unwrap_or(self.default_timeout);
+        let timeout = timeout.map_or(limit, |asked| asked.min(limit));
+
+        let invocation_id = nuid::next().to_string();
+        let span = tracing::info_span!(
+            "invocation",
+            function = %name,
+            version = metadata.version,
+            invocation_id = %invocation_id,
+            event_id = %event.id(),
+        );
+        let cancellation = abort.child_token();
+        let started = Instant::now();
+        let ctx = InvocationContext::new(
+            name.clone(),
+            metadata.version,
+            invocation_id,
+            started + timeout,
+            cancellation.clone(),
+            span.clone(),
+        );
+
+        self.metrics.invocation_started(&name);
+        let execution = AssertUnwindSafe(function.execute(event, ctx))
+            .catch_unwind()
+            .instrument(span.clone());
+        let result = tokio::select! {
+            biased;
+            outcome = tokio::time::timeout(timeout, execution) => match outcome {
+                Ok(Ok(Ok(events))) => Ok(events),
+                Ok(Ok(Err(error))) => {
+                    tracing::debug!(parent: &span, error = %error, source = ?std::error::Error::source(&error), "function returned an error");
+                    Err(ProtocolError::new(ErrorCode::FunctionError, format!("function \"{name}\" failed: {}", error.message())))
+                }
+                Ok(Err(panic)) => {
+                    let reason = panic_message(panic.as_ref());
+                    tracing::error!(parent: &span, panic = %reason, "function panicked");
+                    Err(ProtocolError::new(ErrorCode::FunctionError, format!("function \"{name}\" panicked: {reason}")))
+                }
+                Err(_) => {
+                    cancellation.cancel();
+                    tracing::warn!(parent: &span, ?timeout, "function timed out");
+                    Err(ProtocolError::new(
+                        ErrorCode::Timeout,
+                        format!("function \"{name}\" did not finish within {} ms", timeout.as_millis()),
+                    ))
+                }
+            },
+            () = abort.cancelled() => {
+                cancellation.cancel();
+                Err(ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "the runtime shut down before the function finished; retry, another instance will take it",
+                ))
+            }
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(e) => Outcome::Failure(e.code),
+        };
+        self.metrics.invocation_finished(&name, outcome, started.elapsed());
+        result
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a non-text panic payload)")
+}

@@ -1,0 +1,304 @@
+//! The Mycelium runtime service: answers `function.invoke` (and the CloudEvents binding,
+//! `function.list`, `function.describe`) over NATS, looks functions up in a
+//! [`Registry`], and runs them within timeouts, concurrency and size limits.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // The seed's CreateExampleRuntimeService: built-ins on an in-memory registry.
+//! let runtime = mycelium_runtime::presets::example_runtime("nats://127.0.0.1:4222").await?;
+//! let handle = runtime.start().await?;
+//! tokio::signal::ctrl_c().await?;
+//! handle.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod builtins;
+mod config;
+mod invoker;
+pub mod presets;
+mod server;
+
+use std::{collections::HashMap, sync::Arc};
+
+use mycelium_core::{Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics, MetricsCollector};
+use mycelium_registry::{MemoryRegistry, Registry};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use builtins::{Echo, Example};
+pub use config::RuntimeConfig;
+
+use crate::{
+    config::Subjects,
+    invoker::{Builtin, Invoker},
+    server::{serve_endpoint, EndpointKind, Shared},
+};
+
+/// The version the runtime reports to the NATS services API.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a runtime could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartErrorKind {
+    /// Connecting to NATS failed.
+    Connect,
+    /// Registering the service or subscribing failed.
+    Subscribe,
+    /// The configuration is unusable.
+    Config,
+}
+
+/// A failed [`RuntimeBuilder::connect`] or [`Runtime::start`].
+pub type StartError = Error<StartErrorKind>;
+
+/// Assembles a [`Runtime`].
+pub struct RuntimeBuilder {
+    config: RuntimeConfig,
+    registry: Option<Arc<dyn Registry>>,
+    metrics: Option<Arc<dyn MetricsCollector>>,
+    builtins: HashMap<FunctionName, Builtin>,
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RuntimeBuilder {
+    /// A builder with default settings, no functions, an in-memory registry.
+    pub fn new() -> Self {
+        Self {
+            config: RuntimeConfig::default(),
+            registry: None,
+            metrics: None,
+            builtins: HashMap::new(),
+        }
+    }
+
+    /// Replaces all settings.
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Where deployed functions are looked up (default: an empty [`MemoryRegistry`]).
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Where measurements go (default: an [`InMemoryMetrics`]).
+    pub fn metrics(mut self, metrics: Arc<dyn MetricsCollector>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Adds a built-in function with the given metadata (its kind is forced to builtin).
+    pub fn builtin_with(mut self, mut metadata: FunctionMetadata, function: impl Function) -> Self {
+        metadata.kind = mycelium_core::FunctionKind::Builtin;
+        self.builtins.insert(
+            metadata.name.clone(),
+            Builtin {
+                metadata: Arc::new(metadata),
+                function: Arc::new(function),
+            },
+        );
+        self
+    }
+
+    /// Adds a built-in function at version 1.
+    pub fn builtin(self, name: FunctionName, description: &str, function: impl Function) -> Self {
+        self.builtin_with(FunctionMetadata::builtin(name, description), function)
+    }
+
+    /// Adds the built-ins every Mycelium ships: `example` and `echo`.
+    pub fn standard_builtins(self) -> Self {
+        self.builtin(
+            FunctionName::new("example").expect("valid name"),
+            "the seed's example: replies with one event response-<id>",
+            Example,
+        )
+        .builtin(
+            FunctionName::new("echo").expect("valid name"),
+            "returns the input event unchanged",
+            Echo,
+        )
+    }
+
+    /// Builds the runtime on an existing NATS connection.
+    pub fn build(self, client: async_nats::Client) -> Result<Runtime, StartError> {
+        let config = self.config;
+        if config.max_in_flight == 0 || config.max_payload == 0 {
+            return Err(StartError::new(
+                StartErrorKind::Config,
+                "max_in_flight and max_payload must be at least 1",
+            ));
+        }
+        let prefix_ok = config
+            .subject_prefix
+            .split('.')
+            .all(|token| !token.is_empty() && !token.contains(['*', '>']) && !token.contains(char::is_whitespace));
+        if !prefix_ok {
+            return Err(StartError::new(
+                StartErrorKind::Config,
+                format!("subject prefix {:?} is not a literal NATS subject (tokens separated by '.', no wildcards or spaces)", config.subject_prefix),
+            ));
+        }
+        let invoker = Invoker {
+            builtins: self.builtins,
+            registry: self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::new())),
+            metrics: self.metrics.unwrap_or_else(|| Arc::new(InMemoryMetrics::new())),
+            default_timeout: config.default_timeout,
+        };
+        Ok(Runtime { client, invoker, config })
+    }
+
+    /// Connects to NATS at `url` and builds the runtime.
+    pub async fn connect(self, url: &str) -> Result<Runtime, StartError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("mycelium-runtime")
+            .connect(url)
+            .await
+            .map_err(|e| StartError::with_source(StartErrorKind::Connect, format!("connecting to NATS at {url}"), e))?;
+        self.build(client)
+    }
+}
+
+/// A runtime ready to start.
+pub struct Runtime {
+    client: async_nats::Client,
+    invoker: Invoker,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    /// A builder.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::new()
+    }
+
+    /// Registers with the NATS services API, subscribes, and serves until shut down.
+    pub async fn start(self) -> Result<RuntimeHandle, StartError> {
+        let Runtime { client, invoker, config } = self;
+        let subscribe_error = |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
+        use async_nats::service::ServiceExt;
+        let service = client
+            .service_builder()
+            .description("Mycelium serverless function runtime")
+            .queue_group(&config.queue_group)
+            .metadata(HashMap::from([("subject_prefix".to_string(), config.subject_prefix.clone())]))
+            .start(&config.service_name, VERSION)
+            .await
+            .map_err(|e| subscribe_error("registering with the NATS services API", e))?;
+        let subjects = Subjects::new(&config.subject_prefix);
+        let endpoints = [
+            ("invoke", subjects.invoke.clone(), EndpointKind::Invoke),
+            ("invoke-binding", subjects.binding.clone(), EndpointKind::Binding),
+            ("list", subjects.list.clone(), EndpointKind::List),
+            ("describe", subjects.describe.clone(), EndpointKind::Describe),
+        ];
+        let mut subscribed = Vec::with_capacity(endpoints.len());
+        for (name, subject, kind) in endpoints {
+            let endpoint = service
+                .endpoint_builder()
+                .name(name)
+                .add(subject.clone())
+                .await
+                .map_err(|e| subscribe_error(&format!("subscribing to {subject}"), e))?;
+            subscribed.push((endpoint, kind));
+        }
+        // The subscriptions must reach the server before we report ready, or a request
+        // sent right after start() returns could find no responder.
+        client
+            .flush()
+            .await
+            .map_err(|e| StartError::with_source(StartErrorKind::Subscribe, "flushing subscriptions", e))?;
+
+        let shared = Arc::new(Shared {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            invoker,
+            subjects,
+            client: client.clone(),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            config,
+        });
+        let endpoint_tasks = subscribed
+            .into_iter()
+            .map(|(endpoint, kind)| tokio::spawn(serve_endpoint(shared.clone(), endpoint, kind)))
+            .collect();
+        tracing::info!(
+            subject = %shared.subjects.invoke,
+            queue_group = %shared.config.queue_group,
+            "runtime started"
+        );
+        Ok(RuntimeHandle {
+            shared,
+            service,
+            endpoint_tasks,
+        })
+    }
+}
+
+/// A running runtime. Call [`RuntimeHandle::shutdown`] to stop it gracefully; dropping
+/// it stops nothing (the endpoint tasks keep serving).
+pub struct RuntimeHandle {
+    shared: Arc<Shared>,
+    service: async_nats::service::Service,
+    endpoint_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Invocations cancelled because they outlived the grace period.
+    pub abandoned: usize,
+}
+
+impl RuntimeHandle {
+    /// The NATS connection the runtime uses.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.shared.client
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.shared.config
+    }
+
+    /// Invocations executing now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.config.max_in_flight - self.shared.in_flight.available_permits()
+    }
+
+    /// Stops taking requests, lets in-flight invocations finish within the grace period,
+    /// answers the rest `unavailable`, and flushes the replies.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let shared = &self.shared;
+        tracing::info!(in_flight = self.in_flight(), "runtime stopping");
+        shared.stop.cancel();
+        for task in self.endpoint_tasks {
+            let _ = task.await;
+        }
+        shared.tracker.close();
+        let mut abandoned = 0;
+        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            abandoned = shared.tracker.len();
+            tracing::warn!(abandoned, "grace period over; cancelling the invocations still running");
+            shared.abort.cancel();
+            shared.tracker.wait().await;
+        }
+        let _ = self.service.stop().await;
+        if let Err(error) = shared.client.flush().await {
+            tracing::warn!(%error, "flushing the last replies failed");
+        }
+        tracing::info!(abandoned, "runtime stopped");
+        ShutdownReport { abandoned }
+    }
+}

@@ -1,0 +1,243 @@
+//! The NATS side: service endpoints, request dispatch, replies and graceful shutdown.
+
+use std::sync::Arc;
+
+use async_nats::{service::Request, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use mycelium_core::{
+    envelope::{self, InvokeRequest},
+    event::{self, BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE},
+    ErrorCode, Event, FunctionName, ProtocolError,
+};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::Subjects, invoker::Invoker, RuntimeConfig};
+
+/// What the endpoint loops share.
+pub(crate) struct Shared {
+    pub invoker: Invoker,
+    pub config: RuntimeConfig,
+    pub subjects: Subjects,
+    pub client: async_nats::Client,
+    pub in_flight: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    /// Fires when the runtime stops taking requests.
+    pub stop: CancellationToken,
+    /// Fires when the runtime gives up on invocations still in flight.
+    pub abort: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum EndpointKind {
+    Invoke,
+    Binding,
+    List,
+    Describe,
+}
+
+/// Serves one endpoint until the runtime stops, then drains what was already delivered.
+pub(crate) async fn serve_endpoint(shared: Arc<Shared>, mut endpoint: async_nats::service::endpoint::Endpoint, kind: EndpointKind) {
+    loop {
+        let request = tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => break,
+            request = endpoint.next() => request,
+        };
+        match request {
+            Some(request) => dispatch(&shared, request, kind).await,
+            None => return,
+        }
+    }
+    // Unsubscribing first means no new request is routed here; the ones already
+    // buffered in the subscription are still answered.
+    if let Err(error) = endpoint.stop().await {
+        tracing::warn!(%error, "unsubscribing an endpoint failed");
+    }
+    while let Ok(Some(request)) = tokio::time::timeout(shared.config.shutdown_grace, endpoint.next()).await {
+        dispatch(&shared, request, kind).await;
+    }
+}
+
+async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
+    let size = request.message.payload.len();
+    if size > shared.config.max_payload {
+        shared.invoker.metrics.request_rejected(None, ErrorCode::PayloadTooLarge);
+        let error = ProtocolError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request is {size} bytes, more than this runtime's limit of {} bytes; send less data or pass a reference to it",
+                shared.config.max_payload
+            ),
+        );
+        respond(shared, &request, Err(error), None).await;
+        return;
+    }
+    match kind {
+        EndpointKind::List => {
+            let body = envelope::encode_list_reply(&shared.invoker.list());
+            respond(shared, &request, Ok(body.into()), None).await;
+        }
+        EndpointKind::Describe => {
+            let reply = envelope::decode_describe_request(&request.message.payload)
+                .and_then(|(name, version)| shared.invoker.describe(&name, version))
+                .map(|metadata| envelope::encode_describe_reply(&metadata).into());
+            respond(shared, &request, reply, None).await;
+        }
+        EndpointKind::Invoke | EndpointKind::Binding => {
+            let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+                shared.invoker.metrics.request_rejected(None, ErrorCode::Overloaded);
+                let error = ProtocolError::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "this runtime is running its limit of {} invocations; retry with backoff or add runtime instances",
+                        shared.config.max_in_flight
+                    ),
+                );
+                respond(shared, &request, Err(error), None).await;
+                return;
+            };
+            let shared = shared.clone();
+            shared.tracker.clone().spawn(async move {
+                match kind {
+                    EndpointKind::Binding => handle_binding(&shared, &request).await,
+                    _ => handle_invoke(&shared, &request).await,
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn handle_invoke(shared: &Shared, request: &Request) {
+    let result = match envelope::decode_invoke_request(&request.message.payload) {
+        Ok(invoke) => shared.invoker.invoke(invoke, &shared.abort).await,
+        Err(error) => {
+            shared.invoker.metrics.request_rejected(None, error.code);
+            Err(error)
+        }
+    };
+    let reply = result.map(|events| Bytes::from(envelope::encode_events(&events)));
+    respond(shared, request, reply, None).await;
+}
+
+async fn handle_binding(shared: &Shared, request: &Request) {
+    let result = match decode_binding_request(shared, request) {
+        Ok(invoke) => shared.invoker.invoke(invoke, &shared.abort).await,
+        Err(error) => {
+            shared.invoker.metrics.request_rejected(None, error.code);
+            Err(error)
+        }
+    };
+    let reply = result.map(|events: Vec<Event>| Bytes::from(envelope::encode_batch(&events)));
+    respond(shared, request, reply, Some(BATCH_CONTENT_TYPE)).await;
+}
+
+/// Decodes a CloudEvents NATS protocol binding request on `<prefix>.invoke.<name>`.
+fn decode_binding_request(shared: &Shared, request: &Request) -> Result<InvokeRequest, ProtocolError> {
+    let message = &request.message;
+    let name = message
+        .subject
+        .strip_prefix(shared.subjects.binding_prefix.as_str())
+        .unwrap_or_default();
+    let function = FunctionName::new(name)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidFunctionName, e.to_string()))?;
+
+    let headers = message.headers.as_ref();
+    let header_pairs = || {
+        headers
+            .into_iter()
+            .flat_map(HeaderMap::iter)
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
+    };
+    let find = |wanted: &str| {
+        header_pairs()
+            .find(|(name, _): &(&str, &str)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| value)
+    };
+
+    let content_type = find("content-type");
+    let event = match content_type {
+        Some(ct) if ct.starts_with(STRUCTURED_CONTENT_TYPE) => event::event_from_json_slice(&message.payload)?,
+        Some(ct) if ct.starts_with("application/cloudevents-batch") => {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidRequest,
+                "batch mode is not supported for invocation; send one event in structured or binary mode",
+            ))
+        }
+        _ => event::event_from_binary(header_pairs(), content_type, &message.payload)?,
+    };
+    let version = find(envelope::VERSION_HEADER)
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ProtocolError::new(ErrorCode::InvalidRequest, format!("header {} must be a version number, got {v:?}", envelope::VERSION_HEADER))
+            })
+        })
+        .transpose()?;
+    let timeout_ms = find(envelope::TIMEOUT_HEADER)
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ProtocolError::new(ErrorCode::InvalidRequest, format!("header {} must be milliseconds, got {v:?}", envelope::TIMEOUT_HEADER))
+            })
+        })
+        .transpose()?;
+    Ok(InvokeRequest {
+        function,
+        event,
+        version,
+        timeout: envelope::parse_timeout_ms(timeout_ms)?,
+    })
+}
+
+/// Sends a reply: the body, or the error envelope with the NATS services error headers.
+/// A reply larger than the server accepts becomes a `payload_too_large` error instead of
+/// being lost.
+async fn respond(shared: &Shared, request: &Request, reply: Result<Bytes, ProtocolError>, content_type: Option<&str>) {
+    if request.message.reply.is_none() {
+        if let Err(error) = &reply {
+            tracing::debug!(%error, "request had no reply subject; the outcome is dropped");
+        }
+        return;
+    }
+    let max_reply = shared.client.server_info().max_payload;
+    let reply = match reply {
+        Ok(body) if max_reply > 0 && body.len() > max_reply => Err(ProtocolError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the function's reply is {} bytes, more than the NATS server's max_payload of {max_reply} bytes",
+                body.len()
+            ),
+        )),
+        other => other,
+    };
+    let mut headers = HeaderMap::new();
+    let body = match reply {
+        Ok(body) => {
+            if let Some(content_type) = content_type {
+                headers.insert("Content-Type", content_type);
+            }
+            body
+        }
+        Err(error) => {
+            headers.insert(envelope::SERVICE_ERROR_CODE_HEADER, error.code.status().to_string().as_str());
+            headers.insert(envelope::SERVICE_ERROR_HEADER, error_header_text(&error).as_str());
+            headers.insert("Content-Type", "application/json");
+            envelope::encode_error(&error).into()
+        }
+    };
+    if let Err(error) = request.respond_with_headers(Ok(body), headers).await {
+        tracing::warn!(%error, "sending a reply failed");
+    }
+}
+
+/// Header values cannot hold line breaks; messages are also kept short there (the body has them whole).
+fn error_header_text(error: &ProtocolError) -> String {
+    let mut text: String = format!("{}: {}", error.code, error.message)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(256)
+        .collect();
+    text.truncate(text.trim_end().len());
+    text
+}

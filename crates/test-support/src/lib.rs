@@ -1,0 +1,166 @@
+//! What integration tests share: a private nats-server per test (free port, JetStream,
+//! its own temp store, killed and removed on drop), a 3-node cluster, CloudEvent
+//! builders and event-driven waiting.
+
+use std::{future::Future, path::Path, time::Duration};
+
+use mycelium_core::{
+    cloudevents::{EventBuilder, EventBuilderV10},
+    Event,
+};
+use mycelium_natsd::{ClusterOptions, ServerOptions};
+use tempfile::TempDir;
+
+/// A private nats-server for one test.
+pub struct NatsServer {
+    process: Option<mycelium_natsd::NatsServer>,
+    options: ServerOptions,
+    // Declared last: dropped after the process is killed.
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a nats-server with JetStream on a free loopback port.
+    ///
+    /// # Panics
+    /// When no nats-server is installed, with the command that installs one.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mycelium-nats-")
+            .tempdir()
+            .expect("creating a temp dir for nats-server");
+        Self::start_with(ServerOptions::new(dir.path()), dir)
+    }
+
+    fn start_with(mut options: ServerOptions, dir: TempDir) -> Self {
+        let process = spawn(&options);
+        // Pin the port so a restart comes back where clients reconnect.
+        options.port = Some(process.port());
+        Self {
+            process: Some(process),
+            options,
+            dir,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port())
+    }
+
+    /// The client port (stable across restarts).
+    pub fn port(&self) -> u16 {
+        self.options.port.expect("port is pinned after the first start")
+    }
+
+    /// The server's working directory (store, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server abruptly, as a crash would. [`NatsServer::resume`] brings it back.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
+    /// Starts the server again on the same port and store after [`NatsServer::kill`].
+    pub fn resume(&mut self) {
+        assert!(self.process.is_none(), "resume() needs a killed server");
+        self.process = Some(spawn(&self.options));
+    }
+
+    /// A plain NATS connection to this server.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test nats-server at {}: {e}", self.url()))
+    }
+}
+
+fn spawn(options: &ServerOptions) -> mycelium_natsd::NatsServer {
+    mycelium_natsd::NatsServer::spawn(options).unwrap_or_else(|e| {
+        panic!("starting a test nats-server failed: {e}\n(hint: run the test suite with `./dev test`, which installs nats-server)")
+    })
+}
+
+/// A cluster of nats-servers with JetStream, routed to each other.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes (3 for JetStream R3) and returns once all accept clients.
+    pub fn start(size: usize) -> Self {
+        assert!(size >= 1, "a cluster needs a node");
+        let mut nodes: Vec<NatsServer> = Vec::with_capacity(size);
+        let mut routes = Vec::new();
+        for index in 0..size {
+            let dir = tempfile::Builder::new()
+                .prefix("mycelium-nats-cluster-")
+                .tempdir()
+                .expect("creating a temp dir for nats-server");
+            let mut options = ServerOptions::new(dir.path());
+            options.cluster = Some(ClusterOptions {
+                name: "mycelium-test".into(),
+                server_name: format!("n{index}"),
+                port: None,
+                routes: routes.clone(),
+            });
+            let node = NatsServer::start_with(options, dir);
+            let cluster_port = node
+                .process
+                .as_ref()
+                .and_then(|p| p.cluster_port())
+                .expect("a clustered nats-server reports its route port");
+            // Pin the route port too, so a restarted node rejoins on it.
+            let mut node = node;
+            if let Some(cluster) = node.options.cluster.as_mut() {
+                cluster.port = Some(cluster_port);
+            }
+            routes.push(format!("nats://127.0.0.1:{cluster_port}"));
+            nodes.push(node);
+        }
+        Self { nodes }
+    }
+
+    /// The nodes, to kill and resume individually.
+    pub fn nodes_mut(&mut self) -> &mut [NatsServer] {
+        &mut self.nodes
+    }
+
+    /// A comma-separated URL list of every node.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// A CloudEvent with the given id, source `test`, type `com.example.test` and JSON data.
+pub fn event(id: &str, data: serde_json::Value) -> Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source("test")
+        .ty("com.example.test")
+        .data("application/json", data)
+        .build()
+        .expect("a valid test event")
+}
+
+/// Retries `check` until it returns `Some` or `limit` passes; for conditions that are
+/// reached through events we cannot subscribe to (a reconnect, a queue-group rebalance).
+/// The limit is a ceiling for a broken system, not a timing assumption.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
