@@ -1,1 +1,31 @@
-fn main() {}
+//! `mycelium`: run the runtime (`up`, `serve`), invoke functions and inspect them.
+//!
+//! The CLI is a thin shell: argument parsing, output formatting and process lifecycle.
+//! What it does, the client, runtime and natsd crates do.
+
+mod args;
+mod output;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    output::init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error[internal]: cannot start the async runtime: {error}");
+            return ExitCode::from(output::EXIT_INTERNAL);
+        }
+    };
+    match runtime.block_on(run::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error[{}]: {}", failure.code, failure.message);
+            ExitCode::from(failure.exit)
+        }
+    }
+}

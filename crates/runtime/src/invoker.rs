@@ -39,17 +39,8 @@ impl Invoker {
         name: &FunctionName,
         version: Option<u64>,
     ) -> Result<(Arc<FunctionMetadata>, Arc<dyn Function>), ProtocolError> {
-        if let Some(builtin) = self.builtins.get(name) {
-            return match version {
-                Some(v) if v != builtin.metadata.version => Err(ProtocolError::new(
-                    ErrorCode::VersionNotFound,
-                    format!(
-                        "\"{name}\" is a built-in function and has only version {}; omit \"version\" or use it",
-                        builtin.metadata.version
-                    ),
-                )),
-                _ => Ok((builtin.metadata.clone(), builtin.function.clone())),
-            };
+        if let Some(builtin) = self.builtin(name, version)? {
+            return Ok((builtin.metadata.clone(), builtin.function.clone()));
         }
         let metadata = self.registry.get(name, version).map_err(protocol_error)?;
         Err(ProtocolError::new(
@@ -68,12 +59,27 @@ impl Invoker {
     }
 
     pub fn describe(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, ProtocolError> {
-        if let Some(builtin) = self.builtins.get(name) {
-            if version.is_none_or(|v| v == builtin.metadata.version) {
-                return Ok(builtin.metadata.clone());
-            }
+        match self.builtin(name, version)? {
+            Some(builtin) => Ok(builtin.metadata.clone()),
+            None => self.registry.get(name, version).map_err(protocol_error),
         }
-        self.registry.get(name, version).map_err(protocol_error)
+    }
+
+    /// The built-in of that name, if any; built-ins have exactly one version.
+    fn builtin(&self, name: &FunctionName, version: Option<u64>) -> Result<Option<&Builtin>, ProtocolError> {
+        let Some(builtin) = self.builtins.get(name) else {
+            return Ok(None);
+        };
+        match version {
+            Some(v) if v != builtin.metadata.version => Err(ProtocolError::new(
+                ErrorCode::VersionNotFound,
+                format!(
+                    "\"{name}\" is a built-in function and has no version {v}, only version {}; omit \"version\" or use it",
+                    builtin.metadata.version
+                ),
+            )),
+            _ => Ok(Some(builtin)),
+        }
     }
 
     pub fn list(&self) -> Vec<FunctionSummary> {
@@ -130,8 +136,17 @@ impl Invoker {
         let execution = AssertUnwindSafe(function.execute(event, ctx))
             .catch_unwind()
             .instrument(span.clone());
+        // Shutdown is checked first: a function reacting to its cancelled context must
+        // not turn the runtime's `unavailable` into its own error.
         let result = tokio::select! {
             biased;
+            () = abort.cancelled() => {
+                cancellation.cancel();
+                Err(ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "the runtime shut down before the function finished; retry, another instance will take it",
+                ))
+            }
             outcome = tokio::time::timeout(timeout, execution) => match outcome {
                 Ok(Ok(Ok(events))) => Ok(events),
                 Ok(Ok(Err(error))) => {
@@ -152,13 +167,6 @@ impl Invoker {
                     ))
                 }
             },
-            () = abort.cancelled() => {
-                cancellation.cancel();
-                Err(ProtocolError::new(
-                    ErrorCode::Unavailable,
-                    "the runtime shut down before the function finished; retry, another instance will take it",
-                ))
-            }
         };
         let outcome = match &result {
             Ok(_) => Outcome::Success,

@@ -16,6 +16,7 @@
 mod builtins;
 mod config;
 mod invoker;
+mod micro;
 pub mod presets;
 mod server;
 
@@ -183,15 +184,6 @@ impl Runtime {
     pub async fn start(self) -> Result<RuntimeHandle, StartError> {
         let Runtime { client, invoker, config } = self;
         let subscribe_error = |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
-        use async_nats::service::ServiceExt;
-        let service = client
-            .service_builder()
-            .description("Mycelium serverless function runtime")
-            .queue_group(&config.queue_group)
-            .metadata(HashMap::from([("subject_prefix".to_string(), config.subject_prefix.clone())]))
-            .start(&config.service_name, VERSION)
-            .await
-            .map_err(|e| subscribe_error("registering with the NATS services API", e))?;
         let subjects = Subjects::new(&config.subject_prefix);
         let endpoints = [
             ("invoke", subjects.invoke.clone(), EndpointKind::Invoke),
@@ -200,15 +192,34 @@ impl Runtime {
             ("describe", subjects.describe.clone(), EndpointKind::Describe),
         ];
         let mut subscribed = Vec::with_capacity(endpoints.len());
+        let mut entries = Vec::with_capacity(endpoints.len());
         for (name, subject, kind) in endpoints {
-            let endpoint = service
-                .endpoint_builder()
-                .name(name)
-                .add(subject.clone())
+            let subscriber = client
+                .queue_subscribe(subject.clone(), config.queue_group.clone())
                 .await
                 .map_err(|e| subscribe_error(&format!("subscribing to {subject}"), e))?;
-            subscribed.push((endpoint, kind));
+            let stats = Arc::new(micro::EndpointStats::default());
+            entries.push(micro::EndpointEntry {
+                info: async_nats::service::endpoint::Info {
+                    name: name.into(),
+                    subject,
+                    queue_group: config.queue_group.clone(),
+                    metadata: HashMap::new(),
+                },
+                stats: stats.clone(),
+            });
+            subscribed.push((subscriber, kind, stats));
         }
+        let service = micro::MicroService::start(
+            client.clone(),
+            &config.service_name,
+            VERSION,
+            "Mycelium serverless function runtime",
+            HashMap::from([("subject_prefix".to_string(), config.subject_prefix.clone())]),
+            entries,
+        )
+        .await
+        .map_err(|e| subscribe_error("registering with the NATS services API", e))?;
         // The subscriptions must reach the server before we report ready, or a request
         // sent right after start() returns could find no responder.
         client
@@ -228,7 +239,7 @@ impl Runtime {
         });
         let endpoint_tasks = subscribed
             .into_iter()
-            .map(|(endpoint, kind)| tokio::spawn(serve_endpoint(shared.clone(), endpoint, kind)))
+            .map(|(subscriber, kind, stats)| tokio::spawn(serve_endpoint(shared.clone(), subscriber, kind, stats)))
             .collect();
         tracing::info!(
             subject = %shared.subjects.invoke,
@@ -247,7 +258,7 @@ impl Runtime {
 /// it stops nothing (the endpoint tasks keep serving).
 pub struct RuntimeHandle {
     shared: Arc<Shared>,
-    service: async_nats::service::Service,
+    service: micro::MicroService,
     endpoint_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -294,7 +305,7 @@ impl RuntimeHandle {
             shared.abort.cancel();
             shared.tracker.wait().await;
         }
-        let _ = self.service.stop().await;
+        drop(self.service);
         if let Err(error) = shared.client.flush().await {
             tracing::warn!(%error, "flushing the last replies failed");
         }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use async_nats::{service::Request, HeaderMap};
+use std::time::Instant;
+
+use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mycelium_core::{
@@ -13,7 +15,7 @@ use mycelium_core::{
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Subjects, invoker::Invoker, RuntimeConfig};
+use crate::{config::Subjects, invoker::Invoker, micro::EndpointStats, RuntimeConfig};
 
 /// What the endpoint loops share.
 pub(crate) struct Shared {
@@ -37,25 +39,40 @@ pub(crate) enum EndpointKind {
     Describe,
 }
 
-/// Serves one endpoint until the runtime stops, then drains what was already delivered.
-pub(crate) async fn serve_endpoint(shared: Arc<Shared>, mut endpoint: async_nats::service::endpoint::Endpoint, kind: EndpointKind) {
+/// A request being served: the message, when it arrived, and its endpoint's counters.
+pub(crate) struct Request {
+    message: Message,
+    received: Instant,
+    stats: Arc<EndpointStats>,
+}
+
+/// Serves one endpoint until the runtime stops, then drains: the server stops routing
+/// requests here, and every request it had already routed is still answered.
+pub(crate) async fn serve_endpoint(shared: Arc<Shared>, mut subscriber: Subscriber, kind: EndpointKind, stats: Arc<EndpointStats>) {
+    let mut draining = false;
     loop {
-        let request = tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => break,
-            request = endpoint.next() => request,
+        let message = if draining {
+            subscriber.next().await
+        } else {
+            tokio::select! {
+                biased;
+                () = shared.stop.cancelled() => {
+                    if let Err(error) = subscriber.drain().await {
+                        tracing::warn!(%error, "draining an endpoint failed");
+                        return;
+                    }
+                    draining = true;
+                    continue;
+                }
+                message = subscriber.next() => message,
+            }
         };
-        match request {
-            Some(request) => dispatch(&shared, request, kind).await,
-            None => return,
-        }
-    }
-    // Unsubscribing first means no new request is routed here; the ones already
-    // buffered in the subscription are still answered.
-    if let Err(error) = endpoint.stop().await {
-        tracing::warn!(%error, "unsubscribing an endpoint failed");
-    }
-    while let Ok(Some(request)) = tokio::time::timeout(shared.config.shutdown_grace, endpoint.next()).await {
+        let Some(message) = message else { return };
+        let request = Request {
+            message,
+            received: Instant::now(),
+            stats: stats.clone(),
+        };
         dispatch(&shared, request, kind).await;
     }
 }
@@ -212,6 +229,7 @@ async fn respond(shared: &Shared, request: &Request, reply: Result<Bytes, Protoc
         other => other,
     };
     let mut headers = HeaderMap::new();
+    let mut error_status = None;
     let body = match reply {
         Ok(body) => {
             if let Some(content_type) = content_type {
@@ -223,10 +241,18 @@ async fn respond(shared: &Shared, request: &Request, reply: Result<Bytes, Protoc
             headers.insert(envelope::SERVICE_ERROR_CODE_HEADER, error.code.status().to_string().as_str());
             headers.insert(envelope::SERVICE_ERROR_HEADER, error_header_text(&error).as_str());
             headers.insert("Content-Type", "application/json");
+            error_status = Some((error.code.status(), error.code.as_str()));
             envelope::encode_error(&error).into()
         }
     };
-    if let Err(error) = request.respond_with_headers(Ok(body), headers).await {
+    let Some(reply_to) = request.message.reply.clone() else { return };
+    let sent = if headers.is_empty() {
+        shared.client.publish(reply_to, body).await
+    } else {
+        shared.client.publish_with_headers(reply_to, headers, body).await
+    };
+    request.stats.record(request.received.elapsed(), error_status);
+    if let Err(error) = sent {
         tracing::warn!(%error, "sending a reply failed");
     }
 }

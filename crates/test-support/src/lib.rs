@@ -80,9 +80,25 @@ impl NatsServer {
 }
 
 fn spawn(options: &ServerOptions) -> mycelium_natsd::NatsServer {
-    mycelium_natsd::NatsServer::spawn(options).unwrap_or_else(|e| {
+    let mut options = options.clone();
+    options.binary = options.binary.or_else(workspace_tools_binary);
+    mycelium_natsd::NatsServer::spawn(&options).unwrap_or_else(|e| {
         panic!("starting a test nats-server failed: {e}\n(hint: run the test suite with `./dev test`, which installs nats-server)")
     })
+}
+
+/// The nats-server `./dev` installs under `.tools/`, so that a plain `cargo test` finds it
+/// after one `./dev test`. `MYCELIUM_NATS_SERVER` still wins.
+fn workspace_tools_binary() -> Option<std::path::PathBuf> {
+    if std::env::var_os(mycelium_natsd::BINARY_ENV).is_some() {
+        return None;
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools");
+    std::fs::read_dir(tools)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("bin/nats-server"))
+        .find(|candidate| candidate.is_file())
 }
 
 /// A cluster of nats-servers with JetStream, routed to each other.
@@ -162,5 +178,121 @@ where
         }
         assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Functions with controlled behaviour, for exercising the runtime's limits.
+pub mod functions {
+    use std::sync::Arc;
+
+    use mycelium_core::{
+        cloudevents::event::Data, Event, Function, FunctionError, InvocationContext,
+    };
+    use tokio::sync::{mpsc, Semaphore};
+
+    /// Panics on every call.
+    pub struct Panics;
+
+    #[async_trait::async_trait]
+    impl Function for Panics {
+        async fn execute(&self, _: Event, _: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+            panic!("deliberate test panic")
+        }
+    }
+
+    /// Returns an error on every call.
+    pub struct Fails;
+
+    #[async_trait::async_trait]
+    impl Function for Fails {
+        async fn execute(&self, _: Event, _: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+            Err(FunctionError::new("deliberate test failure"))
+        }
+    }
+
+    /// Sleeps for the event's `{"ms": n}`. Reports each invocation whose cancellation
+    /// signal fired, from a detached task: the runtime drops the function's own future on
+    /// timeout, so the signal is what reaches work a function spawned.
+    pub struct Sleeps {
+        cancelled: mpsc::UnboundedSender<String>,
+    }
+
+    impl Sleeps {
+        /// The function and the receiver of cancelled invocation ids.
+        pub fn new() -> (Self, mpsc::UnboundedReceiver<String>) {
+            let (cancelled, rx) = mpsc::unbounded_channel();
+            (Self { cancelled }, rx)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Function for Sleeps {
+        async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+            let ms = match event.data() {
+                Some(Data::Json(v)) => v.get("ms").and_then(|ms| ms.as_u64()).unwrap_or(0),
+                _ => 0,
+            };
+            let token = ctx.cancellation().clone();
+            let report = self.cancelled.clone();
+            let id = ctx.invocation_id().to_owned();
+            tokio::spawn(async move {
+                token.cancelled().await;
+                let _ = report.send(id);
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            Ok(vec![event])
+        }
+    }
+
+    /// Holds every invocation until the test releases it.
+    pub struct Gate {
+        entered: mpsc::UnboundedSender<()>,
+        release: Arc<Semaphore>,
+    }
+
+    /// The test's side of a [`Gate`].
+    pub struct GateControl {
+        entered: mpsc::UnboundedReceiver<()>,
+        release: Arc<Semaphore>,
+    }
+
+    impl Gate {
+        /// A closed gate and its control.
+        pub fn new() -> (Self, GateControl) {
+            let (entered, entered_rx) = mpsc::unbounded_channel();
+            let release = Arc::new(Semaphore::new(0));
+            (
+                Self { entered, release: release.clone() },
+                GateControl { entered: entered_rx, release },
+            )
+        }
+    }
+
+    impl GateControl {
+        /// Waits until `n` more invocations are inside the gate.
+        pub async fn entered(&mut self, n: usize) {
+            for _ in 0..n {
+                self.entered.recv().await.expect("gate function dropped");
+            }
+        }
+
+        /// Lets `n` invocations through.
+        pub fn release(&self, n: usize) {
+            self.release.add_permits(n);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Function for Gate {
+        async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+            let _ = self.entered.send(());
+            tokio::select! {
+                permit = self.release.acquire() => {
+                    permit.map_err(|e| FunctionError::with_source("gate closed", e))?.forget();
+                    Ok(vec![event])
+                }
+                () = ctx.cancelled() => Err(FunctionError::new("cancelled at the gate")),
+            }
+        }
     }
 }

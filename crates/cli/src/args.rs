@@ -1,0 +1,202 @@
+//! Command-line arguments.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Mycelium: serverless functions on NATS.
+#[derive(Debug, Parser)]
+#[command(name = "mycelium", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Log output format (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, global = true, env = "MYCELIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where NATS is and how to authenticate.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS user (with --password).
+    #[arg(long, global = true, env = "NATS_USER", requires = "password")]
+    pub user: Option<String>,
+    /// NATS password (with --user).
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true, requires = "user")]
+    pub password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// NATS credentials file (.creds).
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for TLS to NATS.
+    #[arg(long, global = true, env = "NATS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// First token of Mycelium's subjects.
+    #[arg(long, global = true, env = "MYCELIUM_SUBJECT_PREFIX", default_value = "function")]
+    pub subject_prefix: String,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a nats-server and a runtime with the built-in functions, all in one.
+    Up(UpArgs),
+    /// Run a runtime against an existing NATS (the production shape).
+    Serve(ServeArgs),
+    /// Invoke a function with a CloudEvent and print its reply.
+    Invoke(InvokeArgs),
+    /// List the functions.
+    List(ListArgs),
+    /// Show one function's metadata.
+    Describe(DescribeArgs),
+}
+
+/// `mycelium up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the embedded NATS keeps its JetStream store and log.
+    #[arg(long, env = "MYCELIUM_DATA_DIR", default_value = ".mycelium")]
+    pub data_dir: PathBuf,
+    /// Address the embedded NATS listens on.
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `mycelium serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Settings of a runtime.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// Invocations executing at once; beyond it requests are answered `overloaded`.
+    #[arg(long, env = "MYCELIUM_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Largest accepted request, in bytes.
+    #[arg(long, env = "MYCELIUM_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
+    pub max_payload: usize,
+    /// Timeout of functions that set none (e.g. 30s, 500ms, 2m).
+    #[arg(long, env = "MYCELIUM_DEFAULT_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub default_timeout: Duration,
+    /// On shutdown, how long in-flight invocations may take to finish.
+    #[arg(long, env = "MYCELIUM_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+    /// Queue group shared by the runtime instances.
+    #[arg(long, env = "MYCELIUM_QUEUE_GROUP", default_value = "mycelium")]
+    pub queue_group: String,
+}
+
+/// `mycelium invoke`.
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// The function to invoke.
+    pub name: String,
+    /// Event data: JSON text, @FILE to read a file, or - to read stdin.
+    #[arg(long, short)]
+    pub data: Option<String>,
+    /// Content type of the data (default application/json; anything else sends the data as text).
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// Event type.
+    #[arg(long = "type", default_value = "com.example.test")]
+    pub event_type: String,
+    /// Event source.
+    #[arg(long, default_value = "mycelium-cli")]
+    pub source: String,
+    /// Event id (generated when absent).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Invoke this version instead of the active one.
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// How long the function may run (e.g. 5s, 250ms).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub timeout: Duration,
+}
+
+/// `mycelium list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mycelium describe`.
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// The function to describe.
+    pub name: String,
+    /// A specific version instead of the active one.
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Print JSON instead of a listing.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; use e.g. 250ms, 5s, 2m"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "" | "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, m or h")),
+    };
+    if duration.is_zero() {
+        return Err("a duration must be positive".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

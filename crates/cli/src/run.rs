@@ -1,0 +1,287 @@
+//! The subcommands.
+
+use std::{io::Read, path::Path, time::Duration};
+
+use mycelium_client::{Client, ConnectOptions, InvokeOptions};
+use mycelium_core::{
+    cloudevents::{EventBuilder, EventBuilderV10},
+    envelope, Event,
+};
+use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
+use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
+
+use crate::{
+    args::{Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RuntimeArgs, ServeArgs, UpArgs},
+    output::{error_chain, Failure, EXIT_INTERNAL, EXIT_UNREACHABLE},
+};
+
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Up(args) => up(&cli.connection, args).await,
+        Command::Serve(args) => serve(&cli.connection, args).await,
+        Command::Invoke(args) => invoke(&cli.connection, args).await,
+        Command::List(args) => list(&cli.connection, args).await,
+        Command::Describe(args) => describe(&cli.connection, args).await,
+    }
+}
+
+fn connect_options(connection: &ConnectionArgs) -> ConnectOptions {
+    let mut options = ConnectOptions::new(&connection.nats_url);
+    options.user_password = connection.user.clone().zip(connection.password.clone());
+    options.token = connection.token.clone();
+    options.credentials_file = connection.creds.clone();
+    options.tls_ca = connection.tls_ca.clone();
+    options.subject_prefix = connection.subject_prefix.clone();
+    options
+}
+
+fn runtime_config(connection: &ConnectionArgs, args: &RuntimeArgs) -> RuntimeConfig {
+    RuntimeConfig {
+        subject_prefix: connection.subject_prefix.clone(),
+        queue_group: args.queue_group.clone(),
+        max_in_flight: args.max_in_flight,
+        max_payload: args.max_payload,
+        default_timeout: args.default_timeout,
+        shutdown_grace: args.shutdown_grace,
+        ..RuntimeConfig::default()
+    }
+}
+
+async fn start_runtime(nats: async_nats::Client, config: RuntimeConfig) -> Result<RuntimeHandle, Failure> {
+    Runtime::builder()
+        .config(config)
+        .standard_builtins()
+        .build(nats)
+        .and_then(|runtime| Ok(runtime))
+        .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
+        .start()
+        .await
+        .map_err(|e| Failure::new("start", error_chain(&e), EXIT_UNREACHABLE))
+}
+
+async fn up(connection: &ConnectionArgs, args: UpArgs) -> Result<(), Failure> {
+    let nats_dir = args.data_dir.join("nats");
+    let mut options = ServerOptions::new(&nats_dir);
+    options.host = args.listen.ip().to_string();
+    options.port = Some(args.listen.port());
+    let mut server = tokio::task::spawn_blocking(move || NatsServer::spawn(&options))
+        .await
+        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?
+        .map_err(|e| {
+            let mut message = error_chain(&e);
+            if e.kind() == SpawnErrorKind::Failed && message.contains("address already in use") {
+                message.push_str(&format!(
+                    "\n{} is taken: stop what uses it, or pick another address with --listen 127.0.0.1:<port>",
+                    args.listen
+                ));
+            }
+            Failure::new("nats_server", message, EXIT_UNREACHABLE)
+        })?;
+    let url = server.url().to_owned();
+
+    let mut options = connect_options(connection);
+    options.url = url.clone();
+    options.name = "mycelium-runtime".into();
+    let result = async {
+        let nats = options.connect_nats().await?;
+        start_runtime(nats, runtime_config(connection, &args.runtime)).await
+    }
+    .await;
+    let handle = match result {
+        Ok(handle) => handle,
+        Err(failure) => {
+            server.stop(Duration::from_secs(5));
+            return Err(failure);
+        }
+    };
+
+    print_welcome(&url, &args.data_dir, &connection.subject_prefix);
+    let stop_reason = tokio::select! {
+        signal = shutdown_signal() => signal,
+        () = watch_exit(&mut server) => "nats-server exited",
+    };
+    tracing::info!(reason = stop_reason, "stopping");
+    handle.shutdown().await;
+    tokio::task::spawn_blocking(move || server.stop(Duration::from_secs(10)))
+        .await
+        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+    if stop_reason == "nats-server exited" {
+        return Err(Failure::new(
+            "nats_server",
+            format!("the embedded nats-server stopped unexpectedly; see {}", nats_dir.join("nats-server.log").display()),
+            EXIT_UNREACHABLE,
+        ));
+    }
+    println!("Mycelium stopped.");
+    Ok(())
+}
+
+/// Resolves when the child nats-server has exited (checked twice a second: there is no
+/// exit notification for a std child we also need to signal).
+async fn watch_exit(server: &mut NatsServer) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if server.has_exited() {
+            return;
+        }
+    }
+}
+
+fn print_welcome(url: &str, data_dir: &Path, prefix: &str) {
+    let request = serde_json::json!({
+        "functionName": "example",
+        "event": {"id": "1", "source": "cli", "type": "com.example.test", "data": {"key": "value"}}
+    });
+    println!("Mycelium is up.");
+    println!("  NATS:      {url}");
+    println!("  Data:      {}", data_dir.display());
+    println!("  Functions: echo, example");
+    println!();
+    println!("Try it:");
+    println!("  mycelium invoke example --data '{{\"key\": \"value\"}}'");
+    println!("  nats --server {url} request {prefix}.invoke '{request}'");
+    println!();
+    println!("Press Ctrl-C to stop.");
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return "interrupt";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupt",
+        _ = terminate.recv() => "terminate",
+    }
+}
+
+async fn serve(connection: &ConnectionArgs, args: ServeArgs) -> Result<(), Failure> {
+    let mut options = connect_options(connection);
+    options.name = "mycelium-runtime".into();
+    let nats = options.connect_nats().await?;
+    let handle = start_runtime(nats, runtime_config(connection, &args.runtime)).await?;
+    tracing::info!(nats_url = %connection.nats_url, "serving; Ctrl-C or SIGTERM stops gracefully");
+    let reason = shutdown_signal().await;
+    tracing::info!(reason, "stopping");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn client(connection: &ConnectionArgs) -> Result<Client, Failure> {
+    Ok(connect_options(connection).connect().await?)
+}
+
+fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
+    let read_failed = |what: &str, e: std::io::Error| Failure::new("invalid_data", format!("reading {what}: {e}"), crate::output::EXIT_FAILED);
+    if data == "-" {
+        let mut buffer = Vec::new();
+        std::io::stdin().read_to_end(&mut buffer).map_err(|e| read_failed("stdin", e))?;
+        Ok(buffer)
+    } else if let Some(path) = data.strip_prefix('@') {
+        std::fs::read(path).map_err(|e| read_failed(path, e))
+    } else {
+        Ok(data.as_bytes().to_vec())
+    }
+}
+
+fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
+    let invalid = |message: String| Failure::new("invalid_event", message, crate::output::EXIT_FAILED);
+    let id = args.id.clone().unwrap_or_else(|| nuid_like_id());
+    let mut builder = EventBuilderV10::new().id(id).source(&args.source).ty(&args.event_type);
+    if let Some(data) = &args.data {
+        let bytes = read_data(data)?;
+        let content_type = args.content_type.as_deref().unwrap_or("application/json");
+        builder = if content_type.contains("json") {
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                invalid(format!("--data is not valid JSON ({e}); pass --content-type text/plain to send text"))
+            })?;
+            builder.data(content_type, value)
+        } else {
+            match String::from_utf8(bytes) {
+                Ok(text) => builder.data(content_type, text),
+                Err(e) => builder.data(content_type, e.into_bytes()),
+            }
+        };
+    }
+    builder.build().map_err(|e| invalid(format!("cannot build the event: {e}")))
+}
+
+/// A unique event id without another dependency: time and process id are enough for a CLI.
+fn nuid_like_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("cli-{nanos:x}-{:x}", std::process::id())
+}
+
+async fn invoke(connection: &ConnectionArgs, args: InvokeArgs) -> Result<(), Failure> {
+    let event = build_event(&args)?;
+    let client = client(connection).await?;
+    let options = InvokeOptions {
+        version: args.version,
+        timeout: Some(args.timeout),
+    };
+    let events = client.invoke_with(&args.name, &event, options).await?;
+    let reply: serde_json::Value = serde_json::from_slice(&envelope::encode_events(&events))
+        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+    print_json(&reply);
+    Ok(())
+}
+
+async fn list(connection: &ConnectionArgs, args: ListArgs) -> Result<(), Failure> {
+    let functions = client(connection).await?.list().await?;
+    if args.json {
+        print_json(&serde_json::json!({ "functions": functions }));
+        return Ok(());
+    }
+    if functions.is_empty() {
+        println!("No functions.");
+        return Ok(());
+    }
+    let width = functions.iter().map(|f| f.name.as_str().len()).max().unwrap_or(4).max(4);
+    println!("{:<width$}  {:>7}  {:<8}  DESCRIPTION", "NAME", "VERSION", "KIND");
+    for function in &functions {
+        println!(
+            "{:<width$}  {:>7}  {:<8}  {}",
+            function.name.as_str(),
+            function.version,
+            function.kind.to_string(),
+            function.description
+        );
+    }
+    Ok(())
+}
+
+async fn describe(connection: &ConnectionArgs, args: DescribeArgs) -> Result<(), Failure> {
+    let metadata = client(connection).await?.describe(&args.name, args.version).await?;
+    let value = serde_json::to_value(&metadata).map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+    if args.json {
+        print_json(&value);
+        return Ok(());
+    }
+    if let serde_json::Value::Object(fields) = value {
+        let width = fields.keys().map(String::len).max().unwrap_or(0);
+        for (key, value) in fields {
+            let shown = match value {
+                serde_json::Value::String(text) => text,
+                other => other.to_string(),
+            };
+            println!("{key:<width$}  {shown}");
+        }
+    }
+    Ok(())
+}
+
+fn print_json(value: &serde_json::Value) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(error) => eprintln!("error[internal]: {error}"),
+    }
+}
