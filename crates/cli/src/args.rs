@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Mycelium: serverless functions on NATS.
 #[derive(Debug, Parser)]
-#[command(name = "mycelium", version, about, propagate_version = true)]
+#[command(name = "mycelium", version, about)]
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
@@ -32,13 +32,24 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct ConnectionArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// NATS user (with --password).
     #[arg(long, global = true, env = "NATS_USER", requires = "password")]
     pub user: Option<String>,
     /// NATS password (with --user).
-    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true, requires = "user")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "user"
+    )]
     pub password: Option<String>,
     /// NATS authentication token.
     #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
@@ -50,7 +61,12 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, env = "NATS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// First token of Mycelium's subjects.
-    #[arg(long, global = true, env = "MYCELIUM_SUBJECT_PREFIX", default_value = "function")]
+    #[arg(
+        long,
+        global = true,
+        env = "MYCELIUM_SUBJECT_PREFIX",
+        default_value = "function"
+    )]
     pub subject_prefix: String,
 }
 
@@ -161,7 +177,9 @@ pub struct DescribeArgs {
 /// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -171,7 +189,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number * 60),
         "h" => Duration::from_secs(number * 3600),
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use ms, s, m or h"
+            ))
+        }
     };
     if duration.is_zero() {
         return Err("a duration must be positive".into());
@@ -190,7 +212,9 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(parse_duration("soon").is_err());
     }
 

@@ -11,7 +11,10 @@ use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 
 use crate::{
-    args::{Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RuntimeArgs, ServeArgs, UpArgs},
+    args::{
+        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RuntimeArgs, ServeArgs,
+        UpArgs,
+    },
     output::{error_chain, Failure, EXIT_INTERNAL, EXIT_UNREACHABLE},
 };
 
@@ -47,12 +50,14 @@ fn runtime_config(connection: &ConnectionArgs, args: &RuntimeArgs) -> RuntimeCon
     }
 }
 
-async fn start_runtime(nats: async_nats::Client, config: RuntimeConfig) -> Result<RuntimeHandle, Failure> {
+async fn start_runtime(
+    nats: mycelium_client::async_nats::Client,
+    config: RuntimeConfig,
+) -> Result<RuntimeHandle, Failure> {
     Runtime::builder()
         .config(config)
         .standard_builtins()
         .build(nats)
-        .and_then(|runtime| Ok(runtime))
         .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
         .start()
         .await
@@ -108,7 +113,10 @@ async fn up(connection: &ConnectionArgs, args: UpArgs) -> Result<(), Failure> {
     if stop_reason == "nats-server exited" {
         return Err(Failure::new(
             "nats_server",
-            format!("the embedded nats-server stopped unexpectedly; see {}", nats_dir.join("nats-server.log").display()),
+            format!(
+                "the embedded nats-server stopped unexpectedly; see {}",
+                nats_dir.join("nats-server.log").display()
+            ),
             EXIT_UNREACHABLE,
         ));
     }
@@ -139,7 +147,12 @@ fn print_welcome(url: &str, data_dir: &Path, prefix: &str) {
     println!("  Functions: echo, example");
     println!();
     println!("Try it:");
-    println!("  mycelium invoke example --data '{{\"key\": \"value\"}}'");
+    let url_flag = if url == "nats://127.0.0.1:4222" {
+        String::new()
+    } else {
+        format!(" --nats-url {url}")
+    };
+    println!("  mycelium{url_flag} invoke example --data '{{\"key\": \"value\"}}'");
     println!("  nats --server {url} request {prefix}.invoke '{request}'");
     println!();
     println!("Press Ctrl-C to stop.");
@@ -178,10 +191,18 @@ async fn client(connection: &ConnectionArgs) -> Result<Client, Failure> {
 }
 
 fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
-    let read_failed = |what: &str, e: std::io::Error| Failure::new("invalid_data", format!("reading {what}: {e}"), crate::output::EXIT_FAILED);
+    let read_failed = |what: &str, e: std::io::Error| {
+        Failure::new(
+            "invalid_data",
+            format!("reading {what}: {e}"),
+            crate::output::EXIT_FAILED,
+        )
+    };
     if data == "-" {
         let mut buffer = Vec::new();
-        std::io::stdin().read_to_end(&mut buffer).map_err(|e| read_failed("stdin", e))?;
+        std::io::stdin()
+            .read_to_end(&mut buffer)
+            .map_err(|e| read_failed("stdin", e))?;
         Ok(buffer)
     } else if let Some(path) = data.strip_prefix('@') {
         std::fs::read(path).map_err(|e| read_failed(path, e))
@@ -191,15 +212,21 @@ fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
 }
 
 fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
-    let invalid = |message: String| Failure::new("invalid_event", message, crate::output::EXIT_FAILED);
-    let id = args.id.clone().unwrap_or_else(|| nuid_like_id());
-    let mut builder = EventBuilderV10::new().id(id).source(&args.source).ty(&args.event_type);
+    let invalid =
+        |message: String| Failure::new("invalid_event", message, crate::output::EXIT_FAILED);
+    let id = args.id.clone().unwrap_or_else(nuid_like_id);
+    let mut builder = EventBuilderV10::new()
+        .id(id)
+        .source(&args.source)
+        .ty(&args.event_type);
     if let Some(data) = &args.data {
         let bytes = read_data(data)?;
         let content_type = args.content_type.as_deref().unwrap_or("application/json");
         builder = if content_type.contains("json") {
             let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-                invalid(format!("--data is not valid JSON ({e}); pass --content-type text/plain to send text"))
+                invalid(format!(
+                    "--data is not valid JSON ({e}); pass --content-type text/plain to send text"
+                ))
             })?;
             builder.data(content_type, value)
         } else {
@@ -209,7 +236,9 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
             }
         };
     }
-    builder.build().map_err(|e| invalid(format!("cannot build the event: {e}")))
+    builder
+        .build()
+        .map_err(|e| invalid(format!("cannot build the event: {e}")))
 }
 
 /// A unique event id without another dependency: time and process id are enough for a CLI.
@@ -245,8 +274,16 @@ async fn list(connection: &ConnectionArgs, args: ListArgs) -> Result<(), Failure
         println!("No functions.");
         return Ok(());
     }
-    let width = functions.iter().map(|f| f.name.as_str().len()).max().unwrap_or(4).max(4);
-    println!("{:<width$}  {:>7}  {:<8}  DESCRIPTION", "NAME", "VERSION", "KIND");
+    let width = functions
+        .iter()
+        .map(|f| f.name.as_str().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:>7}  {:<8}  DESCRIPTION",
+        "NAME", "VERSION", "KIND"
+    );
     for function in &functions {
         println!(
             "{:<width$}  {:>7}  {:<8}  {}",
@@ -260,8 +297,12 @@ async fn list(connection: &ConnectionArgs, args: ListArgs) -> Result<(), Failure
 }
 
 async fn describe(connection: &ConnectionArgs, args: DescribeArgs) -> Result<(), Failure> {
-    let metadata = client(connection).await?.describe(&args.name, args.version).await?;
-    let value = serde_json::to_value(&metadata).map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+    let metadata = client(connection)
+        .await?
+        .describe(&args.name, args.version)
+        .await?;
+    let value = serde_json::to_value(&metadata)
+        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
     if args.json {
         print_json(&value);
         return Ok(());

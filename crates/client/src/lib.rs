@@ -21,6 +21,8 @@
 //! # }
 //! ```
 
+pub use async_nats;
+
 use std::{path::PathBuf, time::Duration};
 
 use bytes::Bytes;
@@ -118,7 +120,9 @@ impl ConnectOptions {
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
                     other => tracing::debug!(event = %other, "NATS connection event"),
                 }
             });
@@ -140,10 +144,20 @@ impl ConnectOptions {
         if let Some(ca) = &self.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
-        let urls: Vec<&str> = self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-        let addrs: Result<Vec<async_nats::ServerAddr>, _> = urls.iter().map(|u| u.parse()).collect();
+        let urls: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let addrs: Result<Vec<async_nats::ServerAddr>, _> =
+            urls.iter().map(|u| u.parse()).collect();
         let addrs = addrs.map_err(|e| {
-            ConnectError::with_source(ConnectErrorKind::Connect, format!("{:?} is not a NATS URL", self.url), e)
+            ConnectError::with_source(
+                ConnectErrorKind::Connect,
+                format!("{:?} is not a NATS URL", self.url),
+                e,
+            )
         })?;
         options.connect(addrs).await.map_err(|e| {
             ConnectError::with_source(
@@ -209,7 +223,8 @@ impl Client {
 
     /// Invokes the active version of `function` with `event` and returns its events.
     pub async fn invoke(&self, function: &str, event: Event) -> Result<Vec<Event>, RequestError> {
-        self.invoke_with(function, &event, InvokeOptions::default()).await
+        self.invoke_with(function, &event, InvokeOptions::default())
+            .await
     }
 
     /// Invokes `function` with per-call options.
@@ -220,7 +235,7 @@ impl Client {
         options: InvokeOptions,
     ) -> Result<Vec<Event>, RequestError> {
         let name = FunctionName::new(function)
-            .map_err(|e| RequestError::with_source(RequestErrorKind::InvalidName, "not sent", e))?;
+            .map_err(|e| RequestError::new(RequestErrorKind::InvalidName, e.to_string()))?;
         let timeout = options.timeout.unwrap_or(DEFAULT_INVOKE_TIMEOUT);
         let body = envelope::encode_invoke_request(&name, event, options.version, Some(timeout));
         let reply = self
@@ -246,9 +261,13 @@ impl Client {
     }
 
     /// The metadata of `function` (its active version, or `version`).
-    pub async fn describe(&self, function: &str, version: Option<u64>) -> Result<FunctionMetadata, RequestError> {
+    pub async fn describe(
+        &self,
+        function: &str,
+        version: Option<u64>,
+    ) -> Result<FunctionMetadata, RequestError> {
         let name = FunctionName::new(function)
-            .map_err(|e| RequestError::with_source(RequestErrorKind::InvalidName, "not sent", e))?;
+            .map_err(|e| RequestError::new(RequestErrorKind::InvalidName, e.to_string()))?;
         let body = Bytes::from(envelope::encode_describe_request(&DescribeRequest {
             function_name: name.to_string(),
             version,
@@ -263,7 +282,12 @@ impl Client {
         }
     }
 
-    async fn request(&self, subject: &str, body: Bytes, wait: Duration) -> Result<async_nats::Message, RequestError> {
+    async fn request(
+        &self,
+        subject: &str,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<async_nats::Message, RequestError> {
         let request = async_nats::Request::new().payload(body).timeout(Some(wait));
         self.nats
             .send_request(subject.to_owned(), request)
@@ -298,7 +322,10 @@ fn invalid_reply(reply: &async_nats::Message, problem: String) -> RequestError {
     // A service error without a Mycelium body (another responder on our subject).
     if let Some(headers) = &reply.headers {
         if let Some(text) = headers.get(envelope::SERVICE_ERROR_HEADER) {
-            return RequestError::new(RequestErrorKind::Remote(ErrorCode::Unknown), text.to_string());
+            return RequestError::new(
+                RequestErrorKind::Remote(ErrorCode::Unknown),
+                text.to_string(),
+            );
         }
     }
     RequestError::new(RequestErrorKind::InvalidReply, problem)

@@ -159,7 +159,9 @@ pub fn decode_invoke_reply(body: &[u8]) -> Result<Result<Vec<Event>, ProtocolErr
     match serde_json::from_slice::<ReplyIn>(body) {
         Ok(ReplyIn::Events { events }) => Ok(Ok(events)),
         Ok(ReplyIn::Error { error }) => Ok(Err(error)),
-        Err(e) => Err(format!("reply is neither {{\"events\"}} nor {{\"error\"}}: {e}")),
+        Err(e) => Err(format!(
+            "reply is neither {{\"events\"}} nor {{\"error\"}}: {e}"
+        )),
     }
 }
 
@@ -167,7 +169,8 @@ pub fn decode_invoke_reply(body: &[u8]) -> Result<Result<Vec<Event>, ProtocolErr
 pub fn decode_reply<T: for<'de> Deserialize<'de>>(
     body: &[u8],
 ) -> Result<Result<T, ProtocolError>, String> {
-    if let Ok(ErrorEnvelope { error }) = serde_json::from_slice::<ErrorEnvelope<ProtocolError>>(body)
+    if let Ok(ErrorEnvelope { error }) =
+        serde_json::from_slice::<ErrorEnvelope<ProtocolError>>(body)
     {
         return Ok(Err(error));
     }
@@ -274,24 +277,89 @@ mod tests {
     fn classifies_every_bad_request() {
         let event = json!({"id": "1", "source": "s", "type": "t"});
         let cases: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
-            (b"not json".to_vec(), ErrorCode::InvalidRequest, "not valid JSON"),
-            (b"{\"functionName\": \"x\", ".to_vec(), ErrorCode::InvalidRequest, "not valid JSON"),
+            (
+                b"not json".to_vec(),
+                ErrorCode::InvalidRequest,
+                "not valid JSON",
+            ),
+            (
+                b"{\"functionName\": \"x\", ".to_vec(),
+                ErrorCode::InvalidRequest,
+                "not valid JSON",
+            ),
             (b"[]".to_vec(), ErrorCode::InvalidRequest, "wrong shape"),
-            (serde_json::to_vec(&json!({"event": event})).unwrap(), ErrorCode::InvalidRequest, "functionName"),
-            (serde_json::to_vec(&json!({"functionName": "x"})).unwrap(), ErrorCode::InvalidRequest, "event"),
-            (serde_json::to_vec(&json!({"functionName": 5, "event": event})).unwrap(), ErrorCode::InvalidRequest, "wrong shape"),
-            (serde_json::to_vec(&json!({"functionName": "x", "event": "e"})).unwrap(), ErrorCode::InvalidRequest, "wrong shape"),
-            (serde_json::to_vec(&json!({"functionName": "x", "event": event, "version": "2"})).unwrap(), ErrorCode::InvalidRequest, "wrong shape"),
-            (serde_json::to_vec(&json!({"functionName": "x", "event": event, "timeoutMs": -1})).unwrap(), ErrorCode::InvalidRequest, "wrong shape"),
-            (serde_json::to_vec(&json!({"functionName": "x", "event": event, "timeoutMs": 0})).unwrap(), ErrorCode::InvalidRequest, "positive"),
-            (serde_json::to_vec(&json!({"functionName": "a.>", "event": event})).unwrap(), ErrorCode::InvalidFunctionName, "a-z"),
-            (serde_json::to_vec(&json!({"functionName": "", "event": event})).unwrap(), ErrorCode::InvalidFunctionName, "empty"),
-            (serde_json::to_vec(&json!({"functionName": "x", "event": {"id": "1", "source": "s"}})).unwrap(), ErrorCode::InvalidEvent, "`type`"),
+            (
+                serde_json::to_vec(&json!({"event": event})).unwrap(),
+                ErrorCode::InvalidRequest,
+                "functionName",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "x"})).unwrap(),
+                ErrorCode::InvalidRequest,
+                "event",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": 5, "event": event})).unwrap(),
+                ErrorCode::InvalidRequest,
+                "wrong shape",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "x", "event": "e"})).unwrap(),
+                ErrorCode::InvalidRequest,
+                "wrong shape",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "x", "event": event, "version": "2"}))
+                    .unwrap(),
+                ErrorCode::InvalidRequest,
+                "wrong shape",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "x", "event": event, "timeoutMs": -1}))
+                    .unwrap(),
+                ErrorCode::InvalidRequest,
+                "wrong shape",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "x", "event": event, "timeoutMs": 0}))
+                    .unwrap(),
+                ErrorCode::InvalidRequest,
+                "positive",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "a.>", "event": event})).unwrap(),
+                ErrorCode::InvalidFunctionName,
+                "a-z",
+            ),
+            (
+                serde_json::to_vec(&json!({"functionName": "", "event": event})).unwrap(),
+                ErrorCode::InvalidFunctionName,
+                "empty",
+            ),
+            (
+                serde_json::to_vec(
+                    &json!({"functionName": "x", "event": {"id": "1", "source": "s"}}),
+                )
+                .unwrap(),
+                ErrorCode::InvalidEvent,
+                "`type`",
+            ),
         ];
         for (body, code, needle) in cases {
             let err = decode_invoke_request(&body).unwrap_err();
-            assert_eq!(err.code, code, "{}: {}", String::from_utf8_lossy(&body), err.message);
-            assert!(err.message.contains(needle), "{}: {}", String::from_utf8_lossy(&body), err.message);
+            assert_eq!(
+                err.code,
+                code,
+                "{}: {}",
+                String::from_utf8_lossy(&body),
+                err.message
+            );
+            assert!(
+                err.message.contains(needle),
+                "{}: {}",
+                String::from_utf8_lossy(&body),
+                err.message
+            );
         }
     }
 
@@ -302,7 +370,12 @@ mod tests {
             "event": {"id": "1", "source": "s", "type": "t", "data": {"a": 1}}
         }))
         .unwrap();
-        let body = encode_invoke_request(&request.function, &request.event, Some(2), Some(Duration::from_millis(10)));
+        let body = encode_invoke_request(
+            &request.function,
+            &request.event,
+            Some(2),
+            Some(Duration::from_millis(10)),
+        );
         let again = decode_invoke_request(&body).unwrap();
         assert_eq!(again.event, request.event);
         assert_eq!(again.version, Some(2));
@@ -311,13 +384,21 @@ mod tests {
 
     #[test]
     fn replies_have_the_contract_shape() {
-        let event = decode(json!({"functionName": "e", "event": {"id": "1", "source": "s", "type": "t"}}))
-            .unwrap()
-            .event;
-        let events: Value = serde_json::from_slice(&encode_events(std::slice::from_ref(&event))).unwrap();
-        assert_eq!(events, json!({"events": [{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}]}));
+        let event =
+            decode(json!({"functionName": "e", "event": {"id": "1", "source": "s", "type": "t"}}))
+                .unwrap()
+                .event;
+        let events: Value =
+            serde_json::from_slice(&encode_events(std::slice::from_ref(&event))).unwrap();
+        assert_eq!(
+            events,
+            json!({"events": [{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}]})
+        );
         let batch: Value = serde_json::from_slice(&encode_batch(&[event.clone()])).unwrap();
-        assert_eq!(batch, json!([{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}]));
+        assert_eq!(
+            batch,
+            json!([{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}])
+        );
 
         let error = ProtocolError::new(ErrorCode::Timeout, "took too long");
         let body = encode_error(&error);
@@ -326,7 +407,10 @@ mod tests {
             json!({"error": {"code": "timeout", "message": "took too long"}})
         );
         assert_eq!(decode_invoke_reply(&body).unwrap(), Err(error));
-        assert_eq!(decode_invoke_reply(&encode_events(&[event.clone()])).unwrap(), Ok(vec![event]));
+        assert_eq!(
+            decode_invoke_reply(&encode_events(&[event.clone()])).unwrap(),
+            Ok(vec![event])
+        );
         assert!(decode_invoke_reply(b"{}").is_err());
     }
 
@@ -336,7 +420,15 @@ mod tests {
             decode_describe_request(br#"{"functionName":"echo","version":2}"#).unwrap(),
             ("echo".parse().unwrap(), Some(2))
         );
-        assert_eq!(decode_describe_request(br#"{"functionName":"E"}"#).unwrap_err().code, ErrorCode::InvalidFunctionName);
-        assert_eq!(decode_describe_request(b"{}").unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            decode_describe_request(br#"{"functionName":"E"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidFunctionName
+        );
+        assert_eq!(
+            decode_describe_request(b"{}").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
     }
 }

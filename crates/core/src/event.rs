@@ -138,10 +138,15 @@ pub fn event_from_binary<'a>(
 
 fn data_from_body(content_type: &str, body: &[u8]) -> Result<Data, ProtocolError> {
     let essence = content_type.split(';').next().unwrap_or("").trim();
-    if essence.starts_with("application/json") || essence.starts_with("text/json") || essence.ends_with("+json") {
-        return serde_json::from_slice(body)
-            .map(Data::Json)
-            .map_err(|e| invalid(format!("event data is declared as {content_type:?} but is not valid JSON: {e}")));
+    if essence.starts_with("application/json")
+        || essence.starts_with("text/json")
+        || essence.ends_with("+json")
+    {
+        return serde_json::from_slice(body).map(Data::Json).map_err(|e| {
+            invalid(format!(
+                "event data is declared as {content_type:?} but is not valid JSON: {e}"
+            ))
+        });
     }
     if essence.starts_with("text/") {
         if let Ok(text) = std::str::from_utf8(body) {
@@ -153,11 +158,15 @@ fn data_from_body(content_type: &str, body: &[u8]) -> Result<Data, ProtocolError
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
 }
 
 fn is_extension_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -194,7 +203,11 @@ mod tests {
             missing.remove(attribute);
             let err = event_from_json_object(missing).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidEvent);
-            assert!(err.message.contains(&format!("`{attribute}`")), "{}", err.message);
+            assert!(
+                err.message.contains(&format!("`{attribute}`")),
+                "{}",
+                err.message
+            );
 
             let mut wrong = object(base.clone());
             wrong.insert(attribute.into(), json!(7));
@@ -203,11 +216,17 @@ mod tests {
 
             let mut empty = object(base.clone());
             empty.insert(attribute.into(), json!(""));
-            assert_eq!(event_from_json_object(empty).unwrap_err().code, ErrorCode::InvalidEvent);
+            assert_eq!(
+                event_from_json_object(empty).unwrap_err().code,
+                ErrorCode::InvalidEvent
+            );
         }
         let mut bad_version = object(base);
         bad_version.insert("specversion".into(), json!("9.9"));
-        assert_eq!(event_from_json_object(bad_version).unwrap_err().code, ErrorCode::InvalidEvent);
+        assert_eq!(
+            event_from_json_object(bad_version).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
     }
 
     #[test]
@@ -228,7 +247,10 @@ mod tests {
         assert_eq!(event.subject(), Some("temp"));
         assert_eq!(event.datacontenttype(), Some("application/json"));
         assert_eq!(event.data(), Some(&Data::Json(json!({"c": 21}))));
-        assert_eq!(event.extension("traceparent").unwrap().to_string(), "00-abc");
+        assert_eq!(
+            event.extension("traceparent").unwrap().to_string(),
+            "00-abc"
+        );
     }
 
     #[test]
@@ -256,8 +278,14 @@ mod tests {
 
     #[test]
     fn structured_body_must_be_an_object() {
-        assert_eq!(event_from_json_slice(b"[1]").unwrap_err().code, ErrorCode::InvalidRequest);
-        assert_eq!(event_from_json_slice(b"nope").unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            event_from_json_slice(b"[1]").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            event_from_json_slice(b"nope").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
         let event = event_from_json_slice(br#"{"id":"1","source":"s","type":"t"}"#).unwrap();
         assert_eq!(event.id(), "1");
     }

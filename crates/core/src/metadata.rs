@@ -151,6 +151,9 @@ mod tests {
                 "description": "returns its input", "timeoutMs": 2500, "maxConcurrency": 4
             })
         );
-        assert_eq!(serde_json::from_value::<FunctionMetadata>(json).unwrap(), meta);
+        assert_eq!(
+            serde_json::from_value::<FunctionMetadata>(json).unwrap(),
+            meta
+        );
     }
 }

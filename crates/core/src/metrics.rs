@@ -2,11 +2,7 @@
 //! OpenTelemetry) implement [`MetricsCollector`]; [`InMemoryMetrics`] serves tests and
 //! embedding.
 
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use crate::{ErrorCode, FunctionName};
 
@@ -141,16 +137,29 @@ mod tests {
         metrics.invocation_started(&echo);
         assert_eq!(metrics.in_flight("echo"), 2);
         metrics.invocation_finished(&echo, Outcome::Success, Duration::from_millis(3));
-        metrics.invocation_finished(&echo, Outcome::Failure(ErrorCode::Timeout), Duration::from_millis(5));
+        metrics.invocation_finished(
+            &echo,
+            Outcome::Failure(ErrorCode::Timeout),
+            Duration::from_millis(5),
+        );
         metrics.request_rejected(Some(&echo), ErrorCode::Overloaded);
         metrics.request_rejected(None, ErrorCode::InvalidRequest);
         assert_eq!(metrics.in_flight("echo"), 0);
         assert_eq!(
             metrics.stats("echo", Outcome::Success),
-            OutcomeStats { count: 1, total_duration: Duration::from_millis(3) }
+            OutcomeStats {
+                count: 1,
+                total_duration: Duration::from_millis(3)
+            }
         );
-        assert_eq!(metrics.count("echo", Outcome::Failure(ErrorCode::Timeout)), 1);
-        assert_eq!(metrics.count("echo", Outcome::Failure(ErrorCode::Overloaded)), 1);
+        assert_eq!(
+            metrics.count("echo", Outcome::Failure(ErrorCode::Timeout)),
+            1
+        );
+        assert_eq!(
+            metrics.count("echo", Outcome::Failure(ErrorCode::Overloaded)),
+            1
+        );
         assert_eq!(metrics.rejected(ErrorCode::InvalidRequest), 1);
         assert_eq!(metrics.count("other", Outcome::Success), 0);
     }

@@ -122,7 +122,18 @@ mod tests {
     #[test]
     fn rejects_everything_that_could_touch_a_subject() {
         for bad in [
-            "", "Echo", "a.b", "a*", ">", "a b", "a\tb", "é", "a/b", "a\0", "ab.>", &"x".repeat(65),
+            "",
+            "Echo",
+            "a.b",
+            "a*",
+            ">",
+            "a b",
+            "a\tb",
+            "é",
+            "a/b",
+            "a\0",
+            "ab.>",
+            &"x".repeat(65),
         ] {
             let err = FunctionName::new(bad).unwrap_err();
             assert!(err.to_string().contains("a-z, 0-9"), "{bad:?}: {err}");
@@ -131,7 +142,9 @@ mod tests {
 
     #[test]
     fn error_message_truncates_long_names() {
-        let err = FunctionName::new(&"Y".repeat(10_000)).unwrap_err().to_string();
+        let err = FunctionName::new(&"Y".repeat(10_000))
+            .unwrap_err()
+            .to_string();
         assert!(err.len() < 300, "{err}");
         assert!(err.contains("longer than 64"));
     }

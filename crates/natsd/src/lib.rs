@@ -6,9 +6,9 @@
 //! once its listeners are open (`--ports_file_dir`), and we wait for that file.
 
 use std::{
-    os::unix::process::CommandExt,
     fs::File,
     io::{Read, Seek, SeekFrom},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -46,7 +46,10 @@ pub fn find_binary() -> Result<PathBuf, SpawnError> {
         } else {
             Err(SpawnError::new(
                 SpawnErrorKind::NotFound,
-                format!("{BINARY_ENV} is set to {}, which is not a file; {INSTALL_HINT}", path.display()),
+                format!(
+                    "{BINARY_ENV} is set to {}, which is not a file; {INSTALL_HINT}",
+                    path.display()
+                ),
             ))
         };
     }
@@ -161,7 +164,10 @@ impl NatsServer {
             .arg("--ports_file_dir")
             .arg(&ports_dir);
         if options.jetstream {
-            command.arg("-js").arg("-sd").arg(options.dir.join("jetstream"));
+            command
+                .arg("-js")
+                .arg("-sd")
+                .arg(options.dir.join("jetstream"));
         }
         if let Some(cluster) = &options.cluster {
             command
@@ -170,7 +176,10 @@ impl NatsServer {
                 .arg("--cluster_name")
                 .arg(&cluster.name)
                 .arg("--cluster")
-                .arg(format!("nats://127.0.0.1:{}", cluster.port.map_or(-1, i32::from)));
+                .arg(format!(
+                    "nats://127.0.0.1:{}",
+                    cluster.port.map_or(-1, i32::from)
+                ));
             if !cluster.routes.is_empty() {
                 command.arg("--routes").arg(cluster.routes.join(","));
             }
@@ -178,8 +187,11 @@ impl NatsServer {
         command
             .args(&options.extra_args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.try_clone().map_err(|e| failed("duplicating the log file", e))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| failed("duplicating the log file", e))?,
+            )
+            .stderr(log)
             // Own process group: a Ctrl-C at the terminal reaches us, and we stop the
             // server after the runtime has drained, not at the same instant.
             .process_group(0);
@@ -189,7 +201,10 @@ impl NatsServer {
 
         let ports_file = ports_dir.join(format!(
             "{}_{}.ports",
-            binary.file_name().and_then(|n| n.to_str()).unwrap_or("nats-server"),
+            binary
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("nats-server"),
             child.id()
         ));
         let deadline = Instant::now() + options.ready_timeout;
@@ -223,7 +238,10 @@ impl NatsServer {
         let _ = std::fs::remove_file(&ports_file);
         let client_url = ports.nats.first().cloned().unwrap_or_default();
         let port = port_of(&client_url).ok_or_else(|| {
-            SpawnError::new(SpawnErrorKind::Failed, format!("nats-server reported no client port (got {client_url:?})"))
+            SpawnError::new(
+                SpawnErrorKind::Failed,
+                format!("nats-server reported no client port (got {client_url:?})"),
+            )
         })?;
         let cluster_port = ports.cluster.first().and_then(|url| port_of(url));
         Ok(Self {
@@ -296,7 +314,9 @@ impl Drop for NatsServer {
 
 #[allow(unsafe_code)]
 fn signal_terminate(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own live child,
     // not yet reaped, so the id cannot have been reused.
     unsafe {

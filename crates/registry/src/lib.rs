@@ -10,7 +10,9 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use mycelium_core::{Error, ErrorCode, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError};
+use mycelium_core::{
+    Error, ErrorCode, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
+};
 
 /// Why a lookup found nothing to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +43,11 @@ pub fn protocol_error(err: LookupError) -> ProtocolError {
 /// A catalogue of function versions and which one of each is active.
 pub trait Registry: Send + Sync + 'static {
     /// The metadata of `name` at `version`, or at its active version when `None`.
-    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError>;
+    fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError>;
 
     /// Every function at its active version, sorted by name.
     fn list(&self) -> Vec<FunctionSummary>;
@@ -56,7 +62,11 @@ pub fn not_found(name: &FunctionName) -> LookupError {
 }
 
 /// The error for a version that is not (or no longer) kept.
-pub fn version_not_found(name: &FunctionName, version: u64, kept: impl Iterator<Item = u64>) -> LookupError {
+pub fn version_not_found(
+    name: &FunctionName,
+    version: u64,
+    kept: impl Iterator<Item = u64>,
+) -> LookupError {
     let kept: Vec<String> = kept.map(|v| v.to_string()).collect();
     LookupError::new(
         LookupErrorKind::VersionNotFound,
@@ -89,10 +99,12 @@ impl MemoryRegistry {
     pub fn insert(&self, metadata: FunctionMetadata) {
         let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
         let version = metadata.version;
-        let entry = functions.entry(metadata.name.clone()).or_insert_with(|| Entry {
-            versions: BTreeMap::new(),
-            active: version,
-        });
+        let entry = functions
+            .entry(metadata.name.clone())
+            .or_insert_with(|| Entry {
+                versions: BTreeMap::new(),
+                active: version,
+            });
         entry.versions.insert(version, Arc::new(metadata));
         entry.active = version;
     }
@@ -102,7 +114,11 @@ impl MemoryRegistry {
         let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
         let entry = functions.get_mut(name).ok_or_else(|| not_found(name))?;
         if !entry.versions.contains_key(&version) {
-            return Err(version_not_found(name, version, entry.versions.keys().copied()));
+            return Err(version_not_found(
+                name,
+                version,
+                entry.versions.keys().copied(),
+            ));
         }
         entry.active = version;
         Ok(())
@@ -116,7 +132,11 @@ impl MemoryRegistry {
 }
 
 impl Registry for MemoryRegistry {
-    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError> {
+    fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError> {
         let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
         let entry = functions.get(name).ok_or_else(|| not_found(name))?;
         let version = version.unwrap_or(entry.active);
@@ -166,7 +186,10 @@ mod tests {
         let err = registry.get(&name, Some(9)).unwrap_err();
         assert_eq!(err.kind(), LookupErrorKind::VersionNotFound);
         assert!(err.to_string().contains("kept versions: 1, 2"), "{err}");
-        assert_eq!(registry.activate(&name, 9).unwrap_err().kind(), LookupErrorKind::VersionNotFound);
+        assert_eq!(
+            registry.activate(&name, 9).unwrap_err().kind(),
+            LookupErrorKind::VersionNotFound
+        );
         assert_eq!(protocol_error(err).code, ErrorCode::VersionNotFound);
     }
 
@@ -185,7 +208,10 @@ mod tests {
     fn missing_and_removed_functions() {
         let registry = MemoryRegistry::new();
         let name: FunctionName = "gone".parse().unwrap();
-        assert_eq!(registry.get(&name, None).unwrap_err().kind(), LookupErrorKind::FunctionNotFound);
+        assert_eq!(
+            registry.get(&name, None).unwrap_err().kind(),
+            LookupErrorKind::FunctionNotFound
+        );
         registry.insert(meta("gone", 1));
         assert!(registry.remove(&name));
         assert!(!registry.remove(&name));

@@ -9,7 +9,11 @@ pub struct Example;
 
 #[async_trait::async_trait]
 impl Function for Example {
-    async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+    async fn execute(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+    ) -> Result<Vec<Event>, FunctionError> {
         let response = EventBuilderV10::new()
             .id(format!("response-{}", event.id()))
             .source("example-function")
@@ -29,7 +33,11 @@ pub struct Echo;
 
 #[async_trait::async_trait]
 impl Function for Echo {
-    async fn execute(&self, event: Event, _ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+    async fn execute(
+        &self,
+        event: Event,
+        _ctx: InvocationContext,
+    ) -> Result<Vec<Event>, FunctionError> {
         Ok(vec![event])
     }
 }

@@ -10,9 +10,9 @@ use std::{
 
 use futures_util::FutureExt;
 use mycelium_core::{
-    cloudevents::AttributesReader, envelope::InvokeRequest, ErrorCode, Event, Function, FunctionKind,
-    FunctionMetadata, FunctionName, FunctionSummary, InvocationContext, MetricsCollector, Outcome,
-    ProtocolError,
+    cloudevents::AttributesReader, envelope::InvokeRequest, ErrorCode, Event, Function,
+    FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, InvocationContext,
+    MetricsCollector, Outcome, ProtocolError,
 };
 use mycelium_registry::{protocol_error, Registry};
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,11 @@ impl Invoker {
         ))
     }
 
-    pub fn describe(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, ProtocolError> {
+    pub fn describe(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, ProtocolError> {
         match self.builtin(name, version)? {
             Some(builtin) => Ok(builtin.metadata.clone()),
             None => self.registry.get(name, version).map_err(protocol_error),
@@ -66,7 +70,11 @@ impl Invoker {
     }
 
     /// The built-in of that name, if any; built-ins have exactly one version.
-    fn builtin(&self, name: &FunctionName, version: Option<u64>) -> Result<Option<&Builtin>, ProtocolError> {
+    fn builtin(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Option<&Builtin>, ProtocolError> {
         let Some(builtin) = self.builtins.get(name) else {
             return Ok(None);
         };
@@ -96,7 +104,11 @@ impl Invoker {
 
     /// Runs one invocation to its end: result, error, timeout, panic or shutdown.
     /// `abort` fires when the runtime gives up on in-flight work.
-    pub async fn invoke(&self, request: InvokeRequest, abort: &CancellationToken) -> Result<Vec<Event>, ProtocolError> {
+    pub async fn invoke(
+        &self,
+        request: InvokeRequest,
+        abort: &CancellationToken,
+    ) -> Result<Vec<Event>, ProtocolError> {
         let InvokeRequest {
             function: name,
             event,
@@ -172,7 +184,8 @@ impl Invoker {
             Ok(_) => Outcome::Success,
             Err(e) => Outcome::Failure(e.code),
         };
-        self.metrics.invocation_finished(&name, outcome, started.elapsed());
+        self.metrics
+            .invocation_finished(&name, outcome, started.elapsed());
         result
     }
 }

@@ -22,7 +22,9 @@ mod server;
 
 use std::{collections::HashMap, sync::Arc};
 
-use mycelium_core::{Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics, MetricsCollector};
+use mycelium_core::{
+    Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics, MetricsCollector,
+};
 use mycelium_registry::{MemoryRegistry, Registry};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -137,10 +139,9 @@ impl RuntimeBuilder {
                 "max_in_flight and max_payload must be at least 1",
             ));
         }
-        let prefix_ok = config
-            .subject_prefix
-            .split('.')
-            .all(|token| !token.is_empty() && !token.contains(['*', '>']) && !token.contains(char::is_whitespace));
+        let prefix_ok = config.subject_prefix.split('.').all(|token| {
+            !token.is_empty() && !token.contains(['*', '>']) && !token.contains(char::is_whitespace)
+        });
         if !prefix_ok {
             return Err(StartError::new(
                 StartErrorKind::Config,
@@ -149,11 +150,19 @@ impl RuntimeBuilder {
         }
         let invoker = Invoker {
             builtins: self.builtins,
-            registry: self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::new())),
-            metrics: self.metrics.unwrap_or_else(|| Arc::new(InMemoryMetrics::new())),
+            registry: self
+                .registry
+                .unwrap_or_else(|| Arc::new(MemoryRegistry::new())),
+            metrics: self
+                .metrics
+                .unwrap_or_else(|| Arc::new(InMemoryMetrics::new())),
             default_timeout: config.default_timeout,
         };
-        Ok(Runtime { client, invoker, config })
+        Ok(Runtime {
+            client,
+            invoker,
+            config,
+        })
     }
 
     /// Connects to NATS at `url` and builds the runtime.
@@ -162,7 +171,13 @@ impl RuntimeBuilder {
             .name("mycelium-runtime")
             .connect(url)
             .await
-            .map_err(|e| StartError::with_source(StartErrorKind::Connect, format!("connecting to NATS at {url}"), e))?;
+            .map_err(|e| {
+                StartError::with_source(
+                    StartErrorKind::Connect,
+                    format!("connecting to NATS at {url}"),
+                    e,
+                )
+            })?;
         self.build(client)
     }
 }
@@ -182,14 +197,27 @@ impl Runtime {
 
     /// Registers with the NATS services API, subscribes, and serves until shut down.
     pub async fn start(self) -> Result<RuntimeHandle, StartError> {
-        let Runtime { client, invoker, config } = self;
-        let subscribe_error = |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
+        let Runtime {
+            client,
+            invoker,
+            config,
+        } = self;
+        let subscribe_error =
+            |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
         let subjects = Subjects::new(&config.subject_prefix);
         let endpoints = [
             ("invoke", subjects.invoke.clone(), EndpointKind::Invoke),
-            ("invoke-binding", subjects.binding.clone(), EndpointKind::Binding),
+            (
+                "invoke-binding",
+                subjects.binding.clone(),
+                EndpointKind::Binding,
+            ),
             ("list", subjects.list.clone(), EndpointKind::List),
-            ("describe", subjects.describe.clone(), EndpointKind::Describe),
+            (
+                "describe",
+                subjects.describe.clone(),
+                EndpointKind::Describe,
+            ),
         ];
         let mut subscribed = Vec::with_capacity(endpoints.len());
         let mut entries = Vec::with_capacity(endpoints.len());
@@ -222,10 +250,9 @@ impl Runtime {
         .map_err(|e| subscribe_error("registering with the NATS services API", e))?;
         // The subscriptions must reach the server before we report ready, or a request
         // sent right after start() returns could find no responder.
-        client
-            .flush()
-            .await
-            .map_err(|e| StartError::with_source(StartErrorKind::Subscribe, "flushing subscriptions", e))?;
+        client.flush().await.map_err(|e| {
+            StartError::with_source(StartErrorKind::Subscribe, "flushing subscriptions", e)
+        })?;
 
         let shared = Arc::new(Shared {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -239,7 +266,9 @@ impl Runtime {
         });
         let endpoint_tasks = subscribed
             .into_iter()
-            .map(|(subscriber, kind, stats)| tokio::spawn(serve_endpoint(shared.clone(), subscriber, kind, stats)))
+            .map(|(subscriber, kind, stats)| {
+                tokio::spawn(serve_endpoint(shared.clone(), subscriber, kind, stats))
+            })
             .collect();
         tracing::info!(
             subject = %shared.subjects.invoke,
@@ -301,7 +330,10 @@ impl RuntimeHandle {
             .is_err()
         {
             abandoned = shared.tracker.len();
-            tracing::warn!(abandoned, "grace period over; cancelling the invocations still running");
+            tracing::warn!(
+                abandoned,
+                "grace period over; cancelling the invocations still running"
+            );
             shared.abort.cancel();
             shared.tracker.wait().await;
         }

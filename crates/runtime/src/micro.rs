@@ -37,10 +37,11 @@ impl EndpointStats {
         self.processing_nanos.fetch_add(nanos, Ordering::Relaxed);
         if let Some((code, status)) = error {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(service::error::Error {
-                code: usize::from(code),
-                status: status.to_owned(),
-            });
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(service::error::Error {
+                    code: usize::from(code),
+                    status: status.to_owned(),
+                });
         }
     }
 
@@ -58,7 +59,11 @@ impl EndpointStats {
             } else {
                 processing_time / u32::try_from(requests).unwrap_or(u32::MAX)
             },
-            last_error: self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             data: None,
             queue_group: info.queue_group.clone(),
         }
@@ -137,7 +142,10 @@ impl MicroService {
                         id: info.id.clone(),
                         version: info.version.clone(),
                         started,
-                        endpoints: endpoints.iter().map(|e| e.stats.snapshot(&e.info)).collect(),
+                        endpoints: endpoints
+                            .iter()
+                            .map(|e| e.stats.snapshot(&e.info))
+                            .collect(),
                     })
                 };
                 match body {

@@ -48,7 +48,12 @@ pub(crate) struct Request {
 
 /// Serves one endpoint until the runtime stops, then drains: the server stops routing
 /// requests here, and every request it had already routed is still answered.
-pub(crate) async fn serve_endpoint(shared: Arc<Shared>, mut subscriber: Subscriber, kind: EndpointKind, stats: Arc<EndpointStats>) {
+pub(crate) async fn serve_endpoint(
+    shared: Arc<Shared>,
+    mut subscriber: Subscriber,
+    kind: EndpointKind,
+    stats: Arc<EndpointStats>,
+) {
     let mut draining = false;
     loop {
         let message = if draining {
@@ -80,7 +85,10 @@ pub(crate) async fn serve_endpoint(shared: Arc<Shared>, mut subscriber: Subscrib
 async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
     let size = request.message.payload.len();
     if size > shared.config.max_payload {
-        shared.invoker.metrics.request_rejected(None, ErrorCode::PayloadTooLarge);
+        shared
+            .invoker
+            .metrics
+            .request_rejected(None, ErrorCode::PayloadTooLarge);
         let error = ProtocolError::new(
             ErrorCode::PayloadTooLarge,
             format!(
@@ -104,7 +112,10 @@ async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
         }
         EndpointKind::Invoke | EndpointKind::Binding => {
             let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
-                shared.invoker.metrics.request_rejected(None, ErrorCode::Overloaded);
+                shared
+                    .invoker
+                    .metrics
+                    .request_rejected(None, ErrorCode::Overloaded);
                 let error = ProtocolError::new(
                     ErrorCode::Overloaded,
                     format!(
@@ -152,7 +163,10 @@ async fn handle_binding(shared: &Shared, request: &Request) {
 }
 
 /// Decodes a CloudEvents NATS protocol binding request on `<prefix>.invoke.<name>`.
-fn decode_binding_request(shared: &Shared, request: &Request) -> Result<InvokeRequest, ProtocolError> {
+fn decode_binding_request(
+    shared: &Shared,
+    request: &Request,
+) -> Result<InvokeRequest, ProtocolError> {
     let message = &request.message;
     let name = message
         .subject
@@ -188,14 +202,26 @@ fn decode_binding_request(shared: &Shared, request: &Request) -> Result<InvokeRe
     let version = find(envelope::VERSION_HEADER)
         .map(|v| {
             v.trim().parse::<u64>().map_err(|_| {
-                ProtocolError::new(ErrorCode::InvalidRequest, format!("header {} must be a version number, got {v:?}", envelope::VERSION_HEADER))
+                ProtocolError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "header {} must be a version number, got {v:?}",
+                        envelope::VERSION_HEADER
+                    ),
+                )
             })
         })
         .transpose()?;
     let timeout_ms = find(envelope::TIMEOUT_HEADER)
         .map(|v| {
             v.trim().parse::<u64>().map_err(|_| {
-                ProtocolError::new(ErrorCode::InvalidRequest, format!("header {} must be milliseconds, got {v:?}", envelope::TIMEOUT_HEADER))
+                ProtocolError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "header {} must be milliseconds, got {v:?}",
+                        envelope::TIMEOUT_HEADER
+                    ),
+                )
             })
         })
         .transpose()?;
@@ -210,7 +236,12 @@ fn decode_binding_request(shared: &Shared, request: &Request) -> Result<InvokeRe
 /// Sends a reply: the body, or the error envelope with the NATS services error headers.
 /// A reply larger than the server accepts becomes a `payload_too_large` error instead of
 /// being lost.
-async fn respond(shared: &Shared, request: &Request, reply: Result<Bytes, ProtocolError>, content_type: Option<&str>) {
+async fn respond(
+    shared: &Shared,
+    request: &Request,
+    reply: Result<Bytes, ProtocolError>,
+    content_type: Option<&str>,
+) {
     if request.message.reply.is_none() {
         if let Err(error) = &reply {
             tracing::debug!(%error, "request had no reply subject; the outcome is dropped");
@@ -238,20 +269,33 @@ async fn respond(shared: &Shared, request: &Request, reply: Result<Bytes, Protoc
             body
         }
         Err(error) => {
-            headers.insert(envelope::SERVICE_ERROR_CODE_HEADER, error.code.status().to_string().as_str());
-            headers.insert(envelope::SERVICE_ERROR_HEADER, error_header_text(&error).as_str());
+            headers.insert(
+                envelope::SERVICE_ERROR_CODE_HEADER,
+                error.code.status().to_string().as_str(),
+            );
+            headers.insert(
+                envelope::SERVICE_ERROR_HEADER,
+                error_header_text(&error).as_str(),
+            );
             headers.insert("Content-Type", "application/json");
             error_status = Some((error.code.status(), error.code.as_str()));
             envelope::encode_error(&error).into()
         }
     };
-    let Some(reply_to) = request.message.reply.clone() else { return };
+    let Some(reply_to) = request.message.reply.clone() else {
+        return;
+    };
     let sent = if headers.is_empty() {
         shared.client.publish(reply_to, body).await
     } else {
-        shared.client.publish_with_headers(reply_to, headers, body).await
+        shared
+            .client
+            .publish_with_headers(reply_to, headers, body)
+            .await
     };
-    request.stats.record(request.received.elapsed(), error_status);
+    request
+        .stats
+        .record(request.received.elapsed(), error_status);
     if let Err(error) = sent {
         tracing::warn!(%error, "sending a reply failed");
     }

@@ -38,7 +38,10 @@ async fn instances_share_the_load_through_the_queue_group() {
     while seen.len() < 2 {
         requests += 1;
         assert!(requests <= 500, "only {seen:?} answered in 500 requests");
-        let events = client.invoke("whoami", event("q", json!({}))).await.unwrap();
+        let events = client
+            .invoke("whoami", event("q", json!({})))
+            .await
+            .unwrap();
         assert_eq!(events.len(), 1);
         seen.insert(mycelium_core::cloudevents::AttributesReader::id(&events[0]).to_owned());
     }
@@ -48,8 +51,14 @@ async fn instances_share_the_load_through_the_queue_group() {
     let stopped = handles.remove(0).shutdown().await;
     assert_eq!(stopped, ShutdownReport { abandoned: 0 });
     for _ in 0..20 {
-        let events = client.invoke("whoami", event("q", json!({}))).await.unwrap();
-        assert_eq!(mycelium_core::cloudevents::AttributesReader::id(&events[0]), "b");
+        let events = client
+            .invoke("whoami", event("q", json!({})))
+            .await
+            .unwrap();
+        assert_eq!(
+            mycelium_core::cloudevents::AttributesReader::id(&events[0]),
+            "b"
+        );
     }
 }
 
@@ -80,7 +89,10 @@ async fn shutdown_finishes_in_flight_work_and_stops_taking_requests() {
     // inside async-nats (see ARCHITECTURE.md, "Graceful shutdown"), which only makes
     // that probe inconclusive.
     let nats = server.connect().await;
-    let probe = serde_json::to_vec(&json!({"functionName": "echo", "event": {"id": "late", "source": "s", "type": "t"}})).unwrap();
+    let probe = serde_json::to_vec(
+        &json!({"functionName": "echo", "event": {"id": "late", "source": "s", "type": "t"}}),
+    )
+    .unwrap();
     eventually(Duration::from_secs(10), || {
         let request = async_nats::Request::new()
             .payload(probe.clone().into())
@@ -98,7 +110,10 @@ async fn shutdown_finishes_in_flight_work_and_stops_taking_requests() {
 
     control.release(1);
     let events = in_flight.await.unwrap().unwrap();
-    assert_eq!(mycelium_core::cloudevents::AttributesReader::id(&events[0]), "held");
+    assert_eq!(
+        mycelium_core::cloudevents::AttributesReader::id(&events[0]),
+        "held"
+    );
     assert_eq!(shutdown.await.unwrap(), ShutdownReport { abandoned: 0 });
 }
 
@@ -127,7 +142,11 @@ async fn shutdown_cancels_what_outlives_the_grace_period() {
     control.entered(1).await;
     assert_eq!(handle.shutdown().await, ShutdownReport { abandoned: 1 });
     let err = in_flight.await.unwrap().unwrap_err();
-    assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::Unavailable), "{err}");
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::Unavailable),
+        "{err}"
+    );
     assert!(err.to_string().contains("shut down"), "{err}");
 }
 
@@ -143,7 +162,14 @@ async fn reconnects_after_the_server_restarts() {
         .await
         .unwrap();
     let client = Client::new(server.connect().await);
-    assert_eq!(client.invoke("echo", event("before", json!({}))).await.unwrap().len(), 1);
+    assert_eq!(
+        client
+            .invoke("echo", event("before", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     server.kill();
     server.resume();
@@ -154,6 +180,9 @@ async fn reconnects_after_the_server_restarts() {
         async move { client.invoke("echo", event("after", json!({}))).await.ok() }
     })
     .await;
-    assert_eq!(mycelium_core::cloudevents::AttributesReader::id(&events[0]), "after");
+    assert_eq!(
+        mycelium_core::cloudevents::AttributesReader::id(&events[0]),
+        "after"
+    );
     assert_eq!(handle.shutdown().await.abandoned, 0);
 }

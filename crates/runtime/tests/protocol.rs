@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::HeaderMap;
-use mycelium_core::{ErrorCode, FunctionKind, FunctionMetadata, FunctionName, InMemoryMetrics, Outcome};
+use mycelium_core::{
+    ErrorCode, FunctionKind, FunctionMetadata, FunctionName, InMemoryMetrics, Outcome,
+};
 use mycelium_registry::MemoryRegistry;
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use mycelium_test_support::{
@@ -62,14 +64,22 @@ async fn fixture(config: RuntimeConfig) -> Fixture {
 }
 
 /// Sends a raw request and returns the reply's headers and JSON body.
-async fn raw(nats: &async_nats::Client, subject: &str, body: impl Into<bytes::Bytes>) -> (Option<HeaderMap>, Value) {
+async fn raw(
+    nats: &async_nats::Client,
+    subject: &str,
+    body: impl Into<bytes::Bytes>,
+) -> (Option<HeaderMap>, Value) {
     let reply = nats.request(subject.to_owned(), body.into()).await.unwrap();
     let body = serde_json::from_slice(&reply.payload)
         .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", reply.payload));
     (reply.headers, body)
 }
 
-async fn raw_json(nats: &async_nats::Client, subject: &str, body: Value) -> (Option<HeaderMap>, Value) {
+async fn raw_json(
+    nats: &async_nats::Client,
+    subject: &str,
+    body: Value,
+) -> (Option<HeaderMap>, Value) {
     raw(nats, subject, serde_json::to_vec(&body).unwrap()).await
 }
 
@@ -79,7 +89,10 @@ fn assert_error(reply: &(Option<HeaderMap>, Value), code: ErrorCode, needle: &st
     let (headers, body) = reply;
     assert_eq!(body["error"]["code"], code.as_str(), "{body}");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains(needle), "message {message:?} lacks {needle:?}");
+    assert!(
+        message.contains(needle),
+        "message {message:?} lacks {needle:?}"
+    );
     assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
     let headers = headers.as_ref().expect("error replies carry headers");
     assert_eq!(
@@ -131,7 +144,12 @@ async fn echo_returns_the_event_with_its_extensions() {
         "subject": "s", "time": "2026-01-02T03:04:05Z", "traceparent": "00-1-2-01",
         "datacontenttype": "text/plain", "data": "hello"
     });
-    let (_, body) = raw_json(&f.nats, "function.invoke", json!({"functionName": "echo", "event": event})).await;
+    let (_, body) = raw_json(
+        &f.nats,
+        "function.invoke",
+        json!({"functionName": "echo", "event": event}),
+    )
+    .await;
     assert_eq!(body, json!({"events": [event]}));
 }
 
@@ -139,11 +157,18 @@ async fn echo_returns_the_event_with_its_extensions() {
 async fn binding_structured_mode() {
     let f = fixture(RuntimeConfig::default()).await;
     let mut headers = HeaderMap::new();
-    headers.insert("Content-Type", "application/cloudevents+json; charset=utf-8");
+    headers.insert(
+        "Content-Type",
+        "application/cloudevents+json; charset=utf-8",
+    );
     let event = json!({"id": "s-1", "source": "binding", "type": "t", "data": {"n": 1}});
     let reply = f
         .nats
-        .request_with_headers("function.invoke.echo", headers, serde_json::to_vec(&event).unwrap().into())
+        .request_with_headers(
+            "function.invoke.echo",
+            headers,
+            serde_json::to_vec(&event).unwrap().into(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -173,16 +198,29 @@ async fn binding_binary_mode() {
     }
     let reply = f
         .nats
-        .request_with_headers("function.invoke.example", headers, r#"{"celsius": 21}"#.into())
+        .request_with_headers(
+            "function.invoke.example",
+            headers,
+            r#"{"celsius": 21}"#.into(),
+        )
         .await
         .unwrap();
     let body: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(body[0]["id"], "response-b-7");
-    assert_eq!(body[0]["data"]["message"], "Processed event b-7 by function example");
+    assert_eq!(
+        body[0]["data"]["message"],
+        "Processed event b-7 by function example"
+    );
 
     // Echo shows that every binary-mode attribute arrived.
     let mut headers = HeaderMap::new();
-    for (k, v) in [("ce-id", "b-8"), ("ce-source", "s"), ("ce-type", "t"), ("ce-partitionkey", "p1"), ("Content-Type", "text/plain")] {
+    for (k, v) in [
+        ("ce-id", "b-8"),
+        ("ce-source", "s"),
+        ("ce-type", "t"),
+        ("ce-partitionkey", "p1"),
+        ("Content-Type", "text/plain"),
+    ] {
         headers.insert(k, v);
     }
     let reply = f
@@ -204,18 +242,43 @@ async fn binding_errors() {
     let mut headers = HeaderMap::new();
     headers.insert("ce-id", "1");
     headers.insert("ce-source", "s");
-    let reply = f.nats.request_with_headers("function.invoke.echo", headers, "".into()).await.unwrap();
-    let parsed = (reply.headers.clone(), serde_json::from_slice(&reply.payload).unwrap());
+    let reply = f
+        .nats
+        .request_with_headers("function.invoke.echo", headers, "".into())
+        .await
+        .unwrap();
+    let parsed = (
+        reply.headers.clone(),
+        serde_json::from_slice(&reply.payload).unwrap(),
+    );
     assert_error(&parsed, ErrorCode::InvalidEvent, "ce-type");
 
-    let reply = f.nats.request("function.invoke.Echo", "{}".into()).await.unwrap();
-    let parsed = (reply.headers.clone(), serde_json::from_slice(&reply.payload).unwrap());
+    let reply = f
+        .nats
+        .request("function.invoke.Echo", "{}".into())
+        .await
+        .unwrap();
+    let parsed = (
+        reply.headers.clone(),
+        serde_json::from_slice(&reply.payload).unwrap(),
+    );
     assert_error(&parsed, ErrorCode::InvalidFunctionName, "a-z");
 
     let mut headers = HeaderMap::new();
     headers.insert("Content-Type", "application/cloudevents+json");
-    let reply = f.nats.request_with_headers("function.invoke.nobody", headers, r#"{"id":"1","source":"s","type":"t"}"#.into()).await.unwrap();
-    let parsed = (reply.headers.clone(), serde_json::from_slice(&reply.payload).unwrap());
+    let reply = f
+        .nats
+        .request_with_headers(
+            "function.invoke.nobody",
+            headers,
+            r#"{"id":"1","source":"s","type":"t"}"#.into(),
+        )
+        .await
+        .unwrap();
+    let parsed = (
+        reply.headers.clone(),
+        serde_json::from_slice(&reply.payload).unwrap(),
+    );
     assert_error(&parsed, ErrorCode::FunctionNotFound, "nobody");
 }
 
@@ -224,31 +287,93 @@ async fn bad_requests_get_their_error_codes() {
     let f = fixture(RuntimeConfig::default()).await;
     let event = json!({"id": "1", "source": "s", "type": "t"});
     let cases: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
-        (b"{not json".to_vec(), ErrorCode::InvalidRequest, "not valid JSON"),
+        (
+            b"{not json".to_vec(),
+            ErrorCode::InvalidRequest,
+            "not valid JSON",
+        ),
         (b"".to_vec(), ErrorCode::InvalidRequest, "not valid JSON"),
-        (serde_json::to_vec(&json!({"functionName": ["echo"], "event": event})).unwrap(), ErrorCode::InvalidRequest, "functionName"),
-        (serde_json::to_vec(&json!({"functionName": "echo"})).unwrap(), ErrorCode::InvalidRequest, "missing field `event`"),
-        (serde_json::to_vec(&json!({"functionName": "echo", "event": event, "timeoutMs": "5"})).unwrap(), ErrorCode::InvalidRequest, "wrong shape"),
-        (serde_json::to_vec(&json!({"functionName": "echo", "event": {"id": "1", "type": "t"}})).unwrap(), ErrorCode::InvalidEvent, "`source`"),
-        (serde_json::to_vec(&json!({"functionName": "echo", "event": {"id": 1, "source": "s", "type": "t"}})).unwrap(), ErrorCode::InvalidEvent, "`id` must be a string"),
-        (serde_json::to_vec(&json!({"functionName": "ec.ho", "event": event})).unwrap(), ErrorCode::InvalidFunctionName, "a-z"),
-        (serde_json::to_vec(&json!({"functionName": "x".repeat(65), "event": event})).unwrap(), ErrorCode::InvalidFunctionName, "longer than 64"),
-        (serde_json::to_vec(&json!({"functionName": "nobody", "event": event})).unwrap(), ErrorCode::FunctionNotFound, "\"nobody\""),
-        (serde_json::to_vec(&json!({"functionName": "echo", "version": 7, "event": event})).unwrap(), ErrorCode::VersionNotFound, "version 1"),
-        (serde_json::to_vec(&json!({"functionName": "fails", "event": event})).unwrap(), ErrorCode::FunctionError, "deliberate test failure"),
-        (serde_json::to_vec(&json!({"functionName": "resize", "event": event})).unwrap(), ErrorCode::Unavailable, "plugin"),
+        (
+            serde_json::to_vec(&json!({"functionName": ["echo"], "event": event})).unwrap(),
+            ErrorCode::InvalidRequest,
+            "functionName",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "echo"})).unwrap(),
+            ErrorCode::InvalidRequest,
+            "missing field `event`",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "echo", "event": event, "timeoutMs": "5"}))
+                .unwrap(),
+            ErrorCode::InvalidRequest,
+            "wrong shape",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "echo", "event": {"id": "1", "type": "t"}}))
+                .unwrap(),
+            ErrorCode::InvalidEvent,
+            "`source`",
+        ),
+        (
+            serde_json::to_vec(
+                &json!({"functionName": "echo", "event": {"id": 1, "source": "s", "type": "t"}}),
+            )
+            .unwrap(),
+            ErrorCode::InvalidEvent,
+            "`id` must be a string",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "ec.ho", "event": event})).unwrap(),
+            ErrorCode::InvalidFunctionName,
+            "a-z",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "x".repeat(65), "event": event})).unwrap(),
+            ErrorCode::InvalidFunctionName,
+            "longer than 64",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "nobody", "event": event})).unwrap(),
+            ErrorCode::FunctionNotFound,
+            "\"nobody\"",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "echo", "version": 7, "event": event}))
+                .unwrap(),
+            ErrorCode::VersionNotFound,
+            "version 1",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "fails", "event": event})).unwrap(),
+            ErrorCode::FunctionError,
+            "deliberate test failure",
+        ),
+        (
+            serde_json::to_vec(&json!({"functionName": "resize", "event": event})).unwrap(),
+            ErrorCode::Unavailable,
+            "plugin",
+        ),
     ];
     for (body, code, needle) in cases {
         let reply = raw(&f.nats, "function.invoke", body).await;
         assert_error(&reply, code, needle);
     }
     assert_eq!(f.metrics.rejected(ErrorCode::InvalidRequest), 5);
-    assert_eq!(f.metrics.count("fails", Outcome::Failure(ErrorCode::FunctionError)), 1);
+    assert_eq!(
+        f.metrics
+            .count("fails", Outcome::Failure(ErrorCode::FunctionError)),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_requests_are_refused() {
-    let f = fixture(RuntimeConfig { max_payload: 2048, ..RuntimeConfig::default() }).await;
+    let f = fixture(RuntimeConfig {
+        max_payload: 2048,
+        ..RuntimeConfig::default()
+    })
+    .await;
     let request = json!({"functionName": "echo", "event": {"id": "1", "source": "s", "type": "t", "data": "x".repeat(4096)}});
     let reply = raw_json(&f.nats, "function.invoke", request).await;
     assert_error(&reply, ErrorCode::PayloadTooLarge, "limit of 2048 bytes");
@@ -270,7 +395,11 @@ async fn timeouts_answer_and_cancel_the_function() {
     // The function observed the cancellation signal.
     let cancelled = f.cancelled.recv().await.unwrap();
     assert!(!cancelled.is_empty());
-    assert_eq!(f.metrics.count("sleeps", Outcome::Failure(ErrorCode::Timeout)), 1);
+    assert_eq!(
+        f.metrics
+            .count("sleeps", Outcome::Failure(ErrorCode::Timeout)),
+        1
+    );
 
     // A function's own timeout caps what the request asks for.
     let mut config = RuntimeConfig::default();
@@ -285,20 +414,36 @@ async fn timeouts_answer_and_cancel_the_function() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_function_does_not_take_the_runtime_down() {
     let f = fixture(RuntimeConfig::default()).await;
-    let request = json!({"functionName": "panics", "event": {"id": "1", "source": "s", "type": "t"}});
+    let request =
+        json!({"functionName": "panics", "event": {"id": "1", "source": "s", "type": "t"}});
     for _ in 0..3 {
         let reply = raw_json(&f.nats, "function.invoke", request.clone()).await;
-        assert_error(&reply, ErrorCode::FunctionError, "panicked: deliberate test panic");
+        assert_error(
+            &reply,
+            ErrorCode::FunctionError,
+            "panicked: deliberate test panic",
+        );
     }
     let (_, body) = raw(&f.nats, "function.invoke", SEED_REQUEST).await;
     assert_eq!(body["events"][0]["id"], "response-123");
-    assert_eq!(f.metrics.count("panics", Outcome::Failure(ErrorCode::FunctionError)), 3);
+    assert_eq!(
+        f.metrics
+            .count("panics", Outcome::Failure(ErrorCode::FunctionError)),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_in_flight_limit_is_overloaded() {
-    let mut f = fixture(RuntimeConfig { max_in_flight: 2, ..RuntimeConfig::default() }).await;
-    let gate_request = serde_json::to_vec(&json!({"functionName": "gate", "event": {"id": "g", "source": "s", "type": "t"}})).unwrap();
+    let mut f = fixture(RuntimeConfig {
+        max_in_flight: 2,
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let gate_request = serde_json::to_vec(
+        &json!({"functionName": "gate", "event": {"id": "g", "source": "s", "type": "t"}}),
+    )
+    .unwrap();
     let held: Vec<_> = (0..2)
         .map(|_| {
             let nats = f.nats.clone();
@@ -330,8 +475,16 @@ async fn beyond_the_in_flight_limit_is_overloaded() {
 async fn list_and_describe() {
     let f = fixture(RuntimeConfig::default()).await;
     let (_, body) = raw(&f.nats, "function.list", "").await;
-    let names: Vec<&str> = body["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["echo", "example", "fails", "gate", "panics", "resize", "sleeps"]);
+    let names: Vec<&str> = body["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["echo", "example", "fails", "gate", "panics", "resize", "sleeps"]
+    );
     assert_eq!(
         body["functions"][1],
         json!({"name": "example", "version": 1, "kind": "builtin",
@@ -339,11 +492,29 @@ async fn list_and_describe() {
     );
     assert_eq!(body["functions"][5]["kind"], "plugin");
 
-    let (_, body) = raw_json(&f.nats, "function.describe", json!({"functionName": "echo"})).await;
-    assert_eq!(body, json!({"name": "echo", "version": 1, "kind": "builtin", "description": "returns the input event unchanged"}));
-    let reply = raw_json(&f.nats, "function.describe", json!({"functionName": "nobody"})).await;
+    let (_, body) = raw_json(
+        &f.nats,
+        "function.describe",
+        json!({"functionName": "echo"}),
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"name": "echo", "version": 1, "kind": "builtin", "description": "returns the input event unchanged"})
+    );
+    let reply = raw_json(
+        &f.nats,
+        "function.describe",
+        json!({"functionName": "nobody"}),
+    )
+    .await;
     assert_error(&reply, ErrorCode::FunctionNotFound, "nobody");
-    let reply = raw_json(&f.nats, "function.describe", json!({"functionName": "echo", "version": 2})).await;
+    let reply = raw_json(
+        &f.nats,
+        "function.describe",
+        json!({"functionName": "echo", "version": 2}),
+    )
+    .await;
     assert_error(&reply, ErrorCode::VersionNotFound, "no version 2");
     let reply = raw(&f.nats, "function.describe", "nope").await;
     assert_error(&reply, ErrorCode::InvalidRequest, "not valid JSON");
@@ -356,25 +527,55 @@ async fn registers_with_the_nats_services_api() {
     assert_eq!(info["type"], "io.nats.micro.v1.info_response");
     assert_eq!(info["name"], "mycelium");
     assert_eq!(info["version"], mycelium_runtime::VERSION);
-    let mut subjects: Vec<&str> = info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
+    let mut subjects: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
     subjects.sort();
-    assert_eq!(subjects, ["function.describe", "function.invoke", "function.invoke.*", "function.list"]);
-    assert!(info["endpoints"].as_array().unwrap().iter().all(|e| e["queue_group"] == "mycelium"));
+    assert_eq!(
+        subjects,
+        [
+            "function.describe",
+            "function.invoke",
+            "function.invoke.*",
+            "function.list"
+        ]
+    );
+    assert!(info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["queue_group"] == "mycelium"));
 
     let (_, ping) = raw(&f.nats, "$SRV.PING", "").await;
     assert_eq!(ping["name"], "mycelium");
 
     let _ = raw(&f.nats, "function.invoke", SEED_REQUEST).await;
     let (_, stats) = raw(&f.nats, "$SRV.STATS.mycelium", "").await;
-    let invoke = stats["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == "invoke").unwrap();
+    let invoke = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "invoke")
+        .unwrap();
     assert_eq!(invoke["num_requests"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_prefix_is_configurable() {
-    let f = fixture(RuntimeConfig { subject_prefix: "acme.fn".into(), ..RuntimeConfig::default() }).await;
+    let f = fixture(RuntimeConfig {
+        subject_prefix: "acme.fn".into(),
+        ..RuntimeConfig::default()
+    })
+    .await;
     let (_, body) = raw(&f.nats, "acme.fn.invoke", SEED_REQUEST).await;
     assert_eq!(body["events"][0]["id"], "response-123");
-    let err = f.nats.request("function.invoke", SEED_REQUEST.into()).await.unwrap_err();
+    let err = f
+        .nats
+        .request("function.invoke", SEED_REQUEST.into())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
 }

@@ -50,7 +50,9 @@ impl NatsServer {
 
     /// The client port (stable across restarts).
     pub fn port(&self) -> u16 {
-        self.options.port.expect("port is pinned after the first start")
+        self.options
+            .port
+            .expect("port is pinned after the first start")
     }
 
     /// The server's working directory (store, log).
@@ -87,6 +89,31 @@ fn spawn(options: &ServerOptions) -> mycelium_natsd::NatsServer {
     })
 }
 
+/// The nats-server binary tests use (for processes that start their own, like `mycelium up`).
+pub fn nats_server_binary() -> std::path::PathBuf {
+    workspace_tools_binary()
+        .map(Ok)
+        .unwrap_or_else(mycelium_natsd::find_binary)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends SIGTERM to a process, as `kill` or a service manager would.
+#[allow(unsafe_code)]
+pub fn terminate(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill({pid}, SIGTERM) failed");
+}
+
+/// A loopback port that was free a moment ago, for processes that must be told a port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding an ephemeral port")
+}
+
 /// The nats-server `./dev` installs under `.tools/`, so that a plain `cargo test` finds it
 /// after one `./dev test`. `MYCELIUM_NATS_SERVER` still wins.
 fn workspace_tools_binary() -> Option<std::path::PathBuf> {
@@ -107,37 +134,38 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` nodes (3 for JetStream R3) and returns once all accept clients.
+    /// Starts `size` nodes (3 for JetStream R3), each routed to all others, and returns
+    /// once all accept clients (the JetStream meta leader may still be electing).
     pub fn start(size: usize) -> Self {
         assert!(size >= 1, "a cluster needs a node");
-        let mut nodes: Vec<NatsServer> = Vec::with_capacity(size);
-        let mut routes = Vec::new();
-        for index in 0..size {
-            let dir = tempfile::Builder::new()
-                .prefix("mycelium-nats-cluster-")
-                .tempdir()
-                .expect("creating a temp dir for nats-server");
-            let mut options = ServerOptions::new(dir.path());
-            options.cluster = Some(ClusterOptions {
-                name: "mycelium-test".into(),
-                server_name: format!("n{index}"),
-                port: None,
-                routes: routes.clone(),
-            });
-            let node = NatsServer::start_with(options, dir);
-            let cluster_port = node
-                .process
-                .as_ref()
-                .and_then(|p| p.cluster_port())
-                .expect("a clustered nats-server reports its route port");
-            // Pin the route port too, so a restarted node rejoins on it.
-            let mut node = node;
-            if let Some(cluster) = node.options.cluster.as_mut() {
-                cluster.port = Some(cluster_port);
-            }
-            routes.push(format!("nats://127.0.0.1:{cluster_port}"));
-            nodes.push(node);
-        }
+        // JetStream clustering wants every node to know its routes up front.
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(index, &port)| {
+                let dir = tempfile::Builder::new()
+                    .prefix("mycelium-nats-cluster-")
+                    .tempdir()
+                    .expect("creating a temp dir for nats-server");
+                let mut options = ServerOptions::new(dir.path());
+                options.cluster = Some(ClusterOptions {
+                    name: "mycelium-test".into(),
+                    server_name: format!("n{index}"),
+                    port: Some(port),
+                    routes: routes
+                        .iter()
+                        .filter(|r| !r.ends_with(&format!(":{port}")))
+                        .cloned()
+                        .collect(),
+                });
+                NatsServer::start_with(options, dir)
+            })
+            .collect();
         Self { nodes }
     }
 
@@ -146,9 +174,25 @@ impl NatsCluster {
         &mut self.nodes
     }
 
-    /// A comma-separated URL list of every node.
+    /// A comma-separated URL list of every node (the form `--nats-url` takes).
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A NATS connection that knows every node.
+    pub async fn connect(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|node| node.url().parse().expect("a valid server URL"))
+            .collect();
+        async_nats::connect(addrs)
+            .await
+            .expect("connecting to the test cluster")
     }
 }
 
@@ -176,7 +220,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -195,7 +242,11 @@ pub mod functions {
 
     #[async_trait::async_trait]
     impl Function for Panics {
-        async fn execute(&self, _: Event, _: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        async fn execute(
+            &self,
+            _: Event,
+            _: InvocationContext,
+        ) -> Result<Vec<Event>, FunctionError> {
             panic!("deliberate test panic")
         }
     }
@@ -205,7 +256,11 @@ pub mod functions {
 
     #[async_trait::async_trait]
     impl Function for Fails {
-        async fn execute(&self, _: Event, _: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        async fn execute(
+            &self,
+            _: Event,
+            _: InvocationContext,
+        ) -> Result<Vec<Event>, FunctionError> {
             Err(FunctionError::new("deliberate test failure"))
         }
     }
@@ -227,7 +282,11 @@ pub mod functions {
 
     #[async_trait::async_trait]
     impl Function for Sleeps {
-        async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        async fn execute(
+            &self,
+            event: Event,
+            ctx: InvocationContext,
+        ) -> Result<Vec<Event>, FunctionError> {
             let ms = match event.data() {
                 Some(Data::Json(v)) => v.get("ms").and_then(|ms| ms.as_u64()).unwrap_or(0),
                 _ => 0,
@@ -262,8 +321,14 @@ pub mod functions {
             let (entered, entered_rx) = mpsc::unbounded_channel();
             let release = Arc::new(Semaphore::new(0));
             (
-                Self { entered, release: release.clone() },
-                GateControl { entered: entered_rx, release },
+                Self {
+                    entered,
+                    release: release.clone(),
+                },
+                GateControl {
+                    entered: entered_rx,
+                    release,
+                },
             )
         }
     }
@@ -284,7 +349,11 @@ pub mod functions {
 
     #[async_trait::async_trait]
     impl Function for Gate {
-        async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        async fn execute(
+            &self,
+            event: Event,
+            ctx: InvocationContext,
+        ) -> Result<Vec<Event>, FunctionError> {
             let _ = self.entered.send(());
             tokio::select! {
                 permit = self.release.acquire() => {

@@ -1,0 +1,204 @@
+//! The client crate against a real nats-server and runtime.
+
+use std::time::Duration;
+
+use mycelium_client::{Client, ConnectErrorKind, ConnectOptions, InvokeOptions, RequestErrorKind};
+use mycelium_core::{cloudevents::AttributesReader, ErrorCode, FunctionKind};
+use mycelium_natsd::ServerOptions;
+use mycelium_runtime::{Runtime, RuntimeHandle};
+use mycelium_test_support::{event, functions::Sleeps, NatsServer};
+use serde_json::json;
+
+async fn runtime(url: &str) -> RuntimeHandle {
+    let (sleeps, _cancelled) = Sleeps::new();
+    Runtime::builder()
+        .standard_builtins()
+        .builtin("sleeps".parse().unwrap(), "sleeps", sleeps)
+        .connect(url)
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_list_and_describe() {
+    let server = NatsServer::start();
+    let _runtime = runtime(&server.url()).await;
+    let client = ConnectOptions::new(server.url()).connect().await.unwrap();
+
+    let events = client
+        .invoke("example", event("123", json!({"key": "value"})))
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id(), "response-123");
+    assert_eq!(events[0].source().as_str(), "example-function");
+
+    let input = event("e-1", json!({"n": 1}));
+    assert_eq!(
+        client.invoke("echo", input.clone()).await.unwrap(),
+        vec![input.clone()]
+    );
+
+    let list = client.list().await.unwrap();
+    let names: Vec<&str> = list.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["echo", "example", "sleeps"]);
+    assert!(list
+        .iter()
+        .all(|f| f.kind == FunctionKind::Builtin && f.version == 1));
+
+    let echo = client.describe("echo", None).await.unwrap();
+    assert_eq!(echo.description, "returns the input event unchanged");
+
+    // Remote errors keep their protocol code and message.
+    let err = client.invoke("nobody", input.clone()).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::FunctionNotFound)
+    );
+    assert_eq!(
+        mycelium_client::remote_code(&err),
+        Some(ErrorCode::FunctionNotFound)
+    );
+    assert!(err.to_string().contains("\"nobody\""), "{err}");
+    let err = client
+        .invoke_with(
+            "echo",
+            &input,
+            InvokeOptions {
+                version: Some(2),
+                timeout: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::VersionNotFound)
+    );
+    let err = client.describe("nobody", None).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::FunctionNotFound)
+    );
+
+    // A bad name never leaves the process.
+    let err = client.invoke("Bad.Name", input.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::InvalidName);
+
+    // The per-call timeout reaches the runtime, which answers `timeout`.
+    let slow = event("slow", json!({"ms": 600_000}));
+    let err = client
+        .invoke_with(
+            "sleeps",
+            &slow,
+            InvokeOptions {
+                version: None,
+                timeout: Some(Duration::from_millis(100)),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::Timeout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_runtime_is_reported_as_such() {
+    let server = NatsServer::start();
+    let client = Client::new(server.connect().await);
+    let err = client
+        .invoke("echo", event("1", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders);
+    assert!(err.to_string().contains("mycelium up"), "{err}");
+    assert_eq!(
+        client.list().await.unwrap_err().kind(),
+        RequestErrorKind::NoResponders
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_subject_prefix() {
+    let server = NatsServer::start();
+    let _runtime = Runtime::builder()
+        .config(mycelium_runtime::RuntimeConfig {
+            subject_prefix: "team-a.fn".into(),
+            ..Default::default()
+        })
+        .standard_builtins()
+        .connect(&server.url())
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut options = ConnectOptions::new(server.url());
+    options.subject_prefix = "team-a.fn".into();
+    let client = options.connect().await.unwrap();
+    assert_eq!(
+        client
+            .invoke("echo", event("p", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+fn server_with_args(args: &[&str]) -> (mycelium_natsd::NatsServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(dir.path());
+    options.binary = Some(mycelium_test_support::nats_server_binary());
+    options.jetstream = false;
+    options.extra_args = args.iter().map(|a| a.to_string()).collect();
+    (mycelium_natsd::NatsServer::spawn(&options).unwrap(), dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_and_token_authentication() {
+    let (server, _dir) = server_with_args(&["--user", "alice", "--pass", "s3cret"]);
+    let mut options = ConnectOptions::new(server.url());
+    options.user_password = Some(("alice".into(), "s3cret".into()));
+    let client = options.connect().await.unwrap();
+    let _runtime = Runtime::builder()
+        .standard_builtins()
+        .build(client.nats().clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .invoke("echo", event("auth", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    options.user_password = Some(("alice".into(), "wrong".into()));
+    let err = options.connect().await.unwrap_err();
+    assert_eq!(err.kind(), ConnectErrorKind::Connect);
+
+    let (server, _dir) = server_with_args(&["--auth", "t0ken"]);
+    let mut options = ConnectOptions::new(server.url());
+    options.token = Some("t0ken".into());
+    options.connect().await.unwrap();
+    options.token = Some("nope".into());
+    assert_eq!(
+        options.connect().await.unwrap_err().kind(),
+        ConnectErrorKind::Connect
+    );
+}
+
+#[tokio::test]
+async fn unreadable_credentials_file_is_a_credentials_error() {
+    let mut options = ConnectOptions::new("nats://127.0.0.1:1");
+    options.credentials_file = Some("/nonexistent/user.creds".into());
+    let err = options.connect().await.unwrap_err();
+    assert_eq!(err.kind(), ConnectErrorKind::Credentials);
+    assert!(err.to_string().contains("/nonexistent/user.creds"), "{err}");
+}
