@@ -394,7 +394,7 @@ mod tests {
             events,
             json!({"events": [{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}]})
         );
-        let batch: Value = serde_json::from_slice(&encode_batch(&[event.clone()])).unwrap();
+        let batch: Value = serde_json::from_slice(&encode_batch(std::slice::from_ref(&event))).unwrap();
         assert_eq!(
             batch,
             json!([{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}])
@@ -408,7 +408,7 @@ mod tests {
         );
         assert_eq!(decode_invoke_reply(&body).unwrap(), Err(error));
         assert_eq!(
-            decode_invoke_reply(&encode_events(&[event.clone()])).unwrap(),
+            decode_invoke_reply(&encode_events(std::slice::from_ref(&event))).unwrap(),
             Ok(vec![event])
         );
         assert!(decode_invoke_reply(b"{}").is_err());

@@ -142,7 +142,7 @@ impl NatsServer {
             None => find_binary()?,
         };
         let failed = |what: &str, e: std::io::Error| {
-            SpawnError::with_source(SpawnErrorKind::Failed, format!("{what}"), e)
+            SpawnError::with_source(SpawnErrorKind::Failed, what.to_owned(), e)
         };
         let ports_dir = options.dir.join("ports");
         std::fs::create_dir_all(&ports_dir)

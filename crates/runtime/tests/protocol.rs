@@ -402,9 +402,11 @@ async fn timeouts_answer_and_cancel_the_function() {
     );
 
     // A function's own timeout caps what the request asks for.
-    let mut config = RuntimeConfig::default();
-    config.default_timeout = Duration::from_millis(50);
-    let f = fixture(config).await;
+    let f = fixture(RuntimeConfig {
+        default_timeout: Duration::from_millis(50),
+        ..RuntimeConfig::default()
+    })
+    .await;
     let request = json!({"functionName": "sleeps", "timeoutMs": 600_000,
                          "event": {"id": "1", "source": "s", "type": "t", "data": {"ms": 600_000}}});
     let reply = raw_json(&f.nats, "function.invoke", request).await;
