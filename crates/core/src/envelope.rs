@@ -394,7 +394,8 @@ mod tests {
             events,
             json!({"events": [{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}]})
         );
-        let batch: Value = serde_json::from_slice(&encode_batch(std::slice::from_ref(&event))).unwrap();
+        let batch: Value =
+            serde_json::from_slice(&encode_batch(std::slice::from_ref(&event))).unwrap();
         assert_eq!(
             batch,
             json!([{"specversion": "1.0", "id": "1", "source": "s", "type": "t"}])
