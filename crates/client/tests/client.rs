@@ -14,10 +14,7 @@ async fn runtime(url: &str) -> RuntimeHandle {
     Runtime::builder()
         .standard_builtins()
         .builtin("sleeps".parse().unwrap(), "sleeps", sleeps)
-        .connect(url)
-        .await
-        .unwrap()
-        .start()
+        .serve(url)
         .await
         .unwrap()
 }
@@ -129,10 +126,7 @@ async fn custom_subject_prefix() {
             ..Default::default()
         })
         .standard_builtins()
-        .connect(&server.url())
-        .await
-        .unwrap()
-        .start()
+        .serve(&server.url())
         .await
         .unwrap();
     let mut options = ConnectOptions::new(server.url());

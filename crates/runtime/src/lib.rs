@@ -165,6 +165,11 @@ impl RuntimeBuilder {
         })
     }
 
+    /// Connects to NATS at `url`, builds and starts the runtime: the one-call form.
+    pub async fn serve(self, url: &str) -> Result<RuntimeHandle, StartError> {
+        self.connect(url).await?.start().await
+    }
+
     /// Connects to NATS at `url` and builds the runtime.
     pub async fn connect(self, url: &str) -> Result<Runtime, StartError> {
         let client = async_nats::ConnectOptions::new()

@@ -128,38 +128,34 @@ async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
             };
             let shared = shared.clone();
             shared.tracker.clone().spawn(async move {
-                match kind {
-                    EndpointKind::Binding => handle_binding(&shared, &request).await,
-                    _ => handle_invoke(&shared, &request).await,
-                }
+                handle_invocation(&shared, &request, matches!(kind, EndpointKind::Binding)).await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn handle_invoke(shared: &Shared, request: &Request) {
-    let result = match envelope::decode_invoke_request(&request.message.payload) {
+/// Runs one invocation request, envelope or binding, and answers it in the same style.
+async fn handle_invocation(shared: &Shared, request: &Request, binding: bool) {
+    let decoded = if binding {
+        decode_binding_request(shared, request)
+    } else {
+        envelope::decode_invoke_request(&request.message.payload)
+    };
+    let result = match decoded {
         Ok(invoke) => shared.invoker.invoke(invoke, &shared.abort).await,
         Err(error) => {
             shared.invoker.metrics.request_rejected(None, error.code);
             Err(error)
         }
     };
-    let reply = result.map(|events| Bytes::from(envelope::encode_events(&events)));
-    respond(shared, request, reply, None).await;
-}
-
-async fn handle_binding(shared: &Shared, request: &Request) {
-    let result = match decode_binding_request(shared, request) {
-        Ok(invoke) => shared.invoker.invoke(invoke, &shared.abort).await,
-        Err(error) => {
-            shared.invoker.metrics.request_rejected(None, error.code);
-            Err(error)
-        }
-    };
-    let reply = result.map(|events: Vec<Event>| Bytes::from(envelope::encode_batch(&events)));
-    respond(shared, request, reply, Some(BATCH_CONTENT_TYPE)).await;
+    if binding {
+        let reply = result.map(|events: Vec<Event>| Bytes::from(envelope::encode_batch(&events)));
+        respond(shared, request, reply, Some(BATCH_CONTENT_TYPE)).await;
+    } else {
+        let reply = result.map(|events| Bytes::from(envelope::encode_events(&events)));
+        respond(shared, request, reply, None).await;
+    }
 }
 
 /// Decodes a CloudEvents NATS protocol binding request on `<prefix>.invoke.<name>`.
@@ -248,7 +244,7 @@ async fn respond(
         }
         return;
     }
-    let max_reply = shared.client.server_info().max_payload;
+    let max_reply = shared.client.max_payload();
     let reply = match reply {
         Ok(body) if max_reply > 0 && body.len() > max_reply => Err(ProtocolError::new(
             ErrorCode::PayloadTooLarge,

@@ -23,10 +23,7 @@ async fn instances_share_the_load_through_the_queue_group() {
         });
         let handle = Runtime::builder()
             .builtin(name("whoami"), "names the instance that answered", whoami)
-            .connect(&server.url())
-            .await
-            .unwrap()
-            .start()
+            .serve(&server.url())
             .await
             .unwrap();
         handles.push(handle);
@@ -69,10 +66,7 @@ async fn shutdown_finishes_in_flight_work_and_stops_taking_requests() {
     let handle = Runtime::builder()
         .standard_builtins()
         .builtin(name("gate"), "waits", gate)
-        .connect(&server.url())
-        .await
-        .unwrap()
-        .start()
+        .serve(&server.url())
         .await
         .unwrap();
     let client = Client::new(server.connect().await);
@@ -128,10 +122,7 @@ async fn shutdown_cancels_what_outlives_the_grace_period() {
     let handle = Runtime::builder()
         .config(config)
         .builtin(name("gate"), "waits", gate)
-        .connect(&server.url())
-        .await
-        .unwrap()
-        .start()
+        .serve(&server.url())
         .await
         .unwrap();
     let client = Client::new(server.connect().await);
@@ -155,10 +146,7 @@ async fn reconnects_after_the_server_restarts() {
     let mut server = NatsServer::start();
     let handle = Runtime::builder()
         .standard_builtins()
-        .connect(&server.url())
-        .await
-        .unwrap()
-        .start()
+        .serve(&server.url())
         .await
         .unwrap();
     let client = Client::new(server.connect().await);

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::HeaderMap;
 use mycelium_core::{
-    ErrorCode, FunctionKind, FunctionMetadata, FunctionName, InMemoryMetrics, Outcome,
+    from_fn, ErrorCode, FunctionKind, FunctionMetadata, FunctionName, InMemoryMetrics, Outcome,
 };
 use mycelium_registry::MemoryRegistry;
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
@@ -47,10 +47,16 @@ async fn fixture(config: RuntimeConfig) -> Fixture {
         .builtin(name("fails"), "fails", Fails)
         .builtin(name("sleeps"), "sleeps", sleeps)
         .builtin(name("gate"), "waits for the test", gate)
-        .connect(&server.url())
-        .await
-        .unwrap()
-        .start()
+        .builtin(
+            name("big"),
+            "replies with more than the server's max_payload",
+            from_fn(|event, _ctx| async move {
+                let mut big = event;
+                big.set_data("text/plain", "x".repeat(2 * 1024 * 1024));
+                Ok(vec![big])
+            }),
+        )
+        .serve(&server.url())
         .await
         .unwrap();
     Fixture {
@@ -360,6 +366,14 @@ async fn bad_requests_get_their_error_codes() {
         assert_error(&reply, code, needle);
     }
     assert_eq!(f.metrics.rejected(ErrorCode::InvalidRequest), 5);
+    // A reply the server would refuse becomes an error reply instead of silence.
+    let request = json!({"functionName": "big", "event": event});
+    let reply = raw_json(&f.nats, "function.invoke", request).await;
+    assert_error(
+        &reply,
+        ErrorCode::PayloadTooLarge,
+        "the function's reply is",
+    );
     assert_eq!(
         f.metrics
             .count("fails", Outcome::Failure(ErrorCode::FunctionError)),
@@ -485,14 +499,14 @@ async fn list_and_describe() {
         .collect();
     assert_eq!(
         names,
-        ["echo", "example", "fails", "gate", "panics", "resize", "sleeps"]
+        ["big", "echo", "example", "fails", "gate", "panics", "resize", "sleeps"]
     );
     assert_eq!(
-        body["functions"][1],
+        body["functions"][2],
         json!({"name": "example", "version": 1, "kind": "builtin",
                "description": "the seed's example: replies with one event response-<id>"})
     );
-    assert_eq!(body["functions"][5]["kind"], "plugin");
+    assert_eq!(body["functions"][6]["kind"], "plugin");
 
     let (_, body) = raw_json(
         &f.nats,
