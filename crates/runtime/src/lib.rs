@@ -350,3 +350,8 @@ impl RuntimeHandle {
         ShutdownReport { abandoned }
     }
 }
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;
