@@ -36,6 +36,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A fault inside Mycelium itself.
     Internal,
+    /// A function's stored binary does not match the digest its metadata pins; it was not run.
+    ArtifactCorrupt,
     /// A code this version of Mycelium does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -43,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         Self::InvalidRequest,
         Self::InvalidEvent,
         Self::InvalidFunctionName,
@@ -55,6 +57,7 @@ impl ErrorCode {
         Self::Overloaded,
         Self::Unavailable,
         Self::Internal,
+        Self::ArtifactCorrupt,
         Self::Unknown,
     ];
 
@@ -72,6 +75,7 @@ impl ErrorCode {
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::ArtifactCorrupt => "artifact_corrupt",
             Self::Unknown => "unknown",
         }
     }
@@ -85,7 +89,7 @@ impl ErrorCode {
             Self::Overloaded => 429,
             Self::Timeout => 504,
             Self::Unavailable => 503,
-            Self::FunctionError | Self::Internal | Self::Unknown => 500,
+            Self::FunctionError | Self::Internal | Self::ArtifactCorrupt | Self::Unknown => 500,
         }
     }
 

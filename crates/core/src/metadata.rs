@@ -71,6 +71,13 @@ pub struct FunctionMetadata {
     /// When this version was created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// What to run: for `builtin`, the name of the built-in implementation (a deployed
+    /// name can run a built-in with its own settings); for `plugin`, reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<String>,
+    /// The plugin protocol version the binary speaks (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
 }
 
 impl FunctionMetadata {
@@ -89,6 +96,8 @@ impl FunctionMetadata {
             digest: None,
             size: None,
             created_at: None,
+            entry_point: None,
+            protocol_version: None,
         }
     }
 

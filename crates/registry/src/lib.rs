@@ -1,18 +1,28 @@
-//! Where the runtime looks functions up.
+//! Where functions are registered, versioned and stored.
 //!
-//! [`Registry`] answers from memory: lookups sit on the invocation hot path, so an
-//! implementation backed by a remote store (the JetStream registry) keeps a watched local
-//! snapshot and never does I/O inside [`Registry::get`]. [`MemoryRegistry`] serves tests
-//! and embedding.
+//! - [`Registry`]: the read side the runtime uses on every invocation. It answers from
+//!   memory: a remote registry keeps a watched local snapshot, so [`Registry::get`] never
+//!   does I/O.
+//! - [`RegistryAdmin`]: deploy, versions, rollback, delete and artifact reads.
+//! - [`MemoryRegistry`]: everything in process memory, for tests and embedding.
+//! - [`NatsRegistry`]: metadata in a JetStream KV bucket, binaries content-addressed in an
+//!   Object Store bucket, kept current on every runtime by a KV watch.
+//! - [`ArtifactCache`]: the runtime host's local, verified, size-bounded binary cache.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
-};
+mod cache;
+mod catalog;
+pub mod digest;
+mod jetstream;
+mod memory;
 
-use mycelium_core::{
-    Error, ErrorCode, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
-};
+use std::{collections::BTreeMap, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use mycelium_core::{Error, ErrorCode, FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError};
+
+pub use cache::ArtifactCache;
+pub use jetstream::{NatsRegistry, NatsRegistryConfig, OpenError, OpenErrorKind};
+pub use memory::MemoryRegistry;
 
 /// Why a lookup found nothing to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,30 +40,24 @@ pub type LookupError = Error<LookupErrorKind>;
 
 /// The invocation protocol's answer to a failed lookup.
 pub fn protocol_error(err: LookupError) -> ProtocolError {
-    {
-        let code = match err.kind() {
-            LookupErrorKind::FunctionNotFound => ErrorCode::FunctionNotFound,
-            LookupErrorKind::VersionNotFound => ErrorCode::VersionNotFound,
-            LookupErrorKind::Unavailable => ErrorCode::Unavailable,
-        };
-        ProtocolError::new(code, err.to_string())
-    }
+    let code = match err.kind() {
+        LookupErrorKind::FunctionNotFound => ErrorCode::FunctionNotFound,
+        LookupErrorKind::VersionNotFound => ErrorCode::VersionNotFound,
+        LookupErrorKind::Unavailable => ErrorCode::Unavailable,
+    };
+    ProtocolError::new(code, err.to_string())
 }
 
 /// A catalogue of function versions and which one of each is active.
 pub trait Registry: Send + Sync + 'static {
     /// The metadata of `name` at `version`, or at its active version when `None`.
-    fn get(
-        &self,
-        name: &FunctionName,
-        version: Option<u64>,
-    ) -> Result<Arc<FunctionMetadata>, LookupError>;
+    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError>;
 
     /// Every function at its active version, sorted by name.
     fn list(&self) -> Vec<FunctionSummary>;
 }
 
-/// Builds the lookup errors every registry reports the same way.
+/// The error every registry reports for an unknown function.
 pub fn not_found(name: &FunctionName) -> LookupError {
     LookupError::new(
         LookupErrorKind::FunctionNotFound,
@@ -62,160 +66,327 @@ pub fn not_found(name: &FunctionName) -> LookupError {
 }
 
 /// The error for a version that is not (or no longer) kept.
-pub fn version_not_found(
-    name: &FunctionName,
-    version: u64,
-    kept: impl Iterator<Item = u64>,
-) -> LookupError {
+pub fn version_not_found(name: &FunctionName, version: u64, kept: impl Iterator<Item = u64>) -> LookupError {
     let kept: Vec<String> = kept.map(|v| v.to_string()).collect();
     LookupError::new(
         LookupErrorKind::VersionNotFound,
         format!(
-            "function \"{name}\" has no version {version}; kept versions: {}",
-            kept.join(", ")
+            "function \"{name}\" has no version {version}; kept versions: {} (`mycelium versions {name}`)",
+            if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
         ),
     )
 }
 
-/// A registry held in process memory; nothing survives a restart.
-#[derive(Debug, Default)]
-pub struct MemoryRegistry {
-    functions: RwLock<HashMap<FunctionName, Entry>>,
+/// Reports upload progress: bytes done and bytes in all.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Where a deployed binary comes from.
+#[derive(Clone)]
+pub enum ArtifactSource {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// A file, streamed (never read into memory whole).
+    File(PathBuf),
 }
 
-#[derive(Debug)]
-struct Entry {
-    versions: BTreeMap<u64, Arc<FunctionMetadata>>,
-    active: u64,
+/// What to deploy: a new version of a function.
+#[derive(Clone)]
+pub struct DeploySpec {
+    /// The function.
+    pub name: FunctionName,
+    /// How it runs.
+    pub kind: FunctionKind,
+    /// The binary (required for plugins, absent for built-ins).
+    pub artifact: Option<ArtifactSource>,
+    /// For built-ins: which built-in implementation runs under this name.
+    pub entry_point: Option<String>,
+    /// One line for people.
+    pub description: String,
+    /// Longest an invocation may run.
+    pub timeout: Option<Duration>,
+    /// Memory limit for plugin processes, in MiB.
+    pub memory_mb: Option<u64>,
+    /// Invocations allowed in flight per runtime.
+    pub max_concurrency: Option<u32>,
+    /// Environment of plugin processes.
+    pub env: BTreeMap<String, String>,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Plugin protocol version.
+    pub protocol_version: Option<u32>,
+    /// Called as the binary uploads.
+    pub progress: Option<Progress>,
 }
 
-impl MemoryRegistry {
-    /// An empty registry.
-    pub fn new() -> Self {
-        Self::default()
+impl DeploySpec {
+    /// A plugin deployment of `artifact` with default settings.
+    pub fn plugin(name: FunctionName, artifact: ArtifactSource) -> Self {
+        Self::new(name, FunctionKind::Plugin, Some(artifact), None)
     }
 
-    /// Adds (or replaces) the version `metadata.version` of a function and makes it active.
-    pub fn insert(&self, metadata: FunctionMetadata) {
-        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        let version = metadata.version;
-        let entry = functions
-            .entry(metadata.name.clone())
-            .or_insert_with(|| Entry {
-                versions: BTreeMap::new(),
-                active: version,
-            });
-        entry.versions.insert(version, Arc::new(metadata));
-        entry.active = version;
+    /// A deployment that runs the built-in `entry_point` under `name`.
+    pub fn builtin(name: FunctionName, entry_point: &str) -> Self {
+        Self::new(name, FunctionKind::Builtin, None, Some(entry_point.to_owned()))
     }
 
-    /// Makes a kept version the active one.
-    pub fn activate(&self, name: &FunctionName, version: u64) -> Result<(), LookupError> {
-        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        let entry = functions.get_mut(name).ok_or_else(|| not_found(name))?;
-        if !entry.versions.contains_key(&version) {
-            return Err(version_not_found(
-                name,
-                version,
-                entry.versions.keys().copied(),
-            ));
+    fn new(name: FunctionName, kind: FunctionKind, artifact: Option<ArtifactSource>, entry_point: Option<String>) -> Self {
+        Self {
+            name,
+            kind,
+            artifact,
+            entry_point,
+            description: String::new(),
+            timeout: None,
+            memory_mb: None,
+            max_concurrency: None,
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            protocol_version: None,
+            progress: None,
         }
-        entry.active = version;
-        Ok(())
     }
 
-    /// Removes a function and all its versions; returns whether it existed.
-    pub fn remove(&self, name: &FunctionName) -> bool {
-        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        functions.remove(name).is_some()
+    /// The metadata record of this spec at `version`, with the artifact's pin.
+    pub(crate) fn metadata(&self, version: u64, artifact: Option<&PreparedArtifact>) -> FunctionMetadata {
+        FunctionMetadata {
+            name: self.name.clone(),
+            version,
+            kind: self.kind,
+            description: self.description.clone(),
+            timeout: self.timeout,
+            max_concurrency: self.max_concurrency,
+            memory_mb: self.memory_mb,
+            env: self.env.clone(),
+            labels: self.labels.clone(),
+            digest: artifact.map(|a| a.digest.clone()),
+            size: artifact.map(|a| a.size),
+            created_at: Some(chrono::Utc::now()),
+            entry_point: self.entry_point.clone(),
+            protocol_version: self.protocol_version,
+        }
     }
 }
 
-impl Registry for MemoryRegistry {
-    fn get(
-        &self,
-        name: &FunctionName,
-        version: Option<u64>,
-    ) -> Result<Arc<FunctionMetadata>, LookupError> {
-        let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-        let entry = functions.get(name).ok_or_else(|| not_found(name))?;
-        let version = version.unwrap_or(entry.active);
-        entry
-            .versions
-            .get(&version)
-            .cloned()
-            .ok_or_else(|| version_not_found(name, version, entry.versions.keys().copied()))
-    }
+/// Why a deploy failed. Nothing is left pointing at a half-written artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployErrorKind {
+    /// The spec is inconsistent (a plugin without a binary, a built-in with one, ...).
+    InvalidSpec,
+    /// The binary could not be read.
+    ArtifactUnreadable,
+    /// The binary is empty.
+    ArtifactEmpty,
+    /// The binary is larger than the registry accepts.
+    ArtifactTooLarge,
+    /// The store failed or is unreachable.
+    Storage,
+}
 
-    fn list(&self) -> Vec<FunctionSummary> {
-        let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-        let mut list: Vec<FunctionSummary> = functions
-            .values()
-            .filter_map(|entry| entry.versions.get(&entry.active))
-            .map(|meta| meta.summary())
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
+/// A failed [`RegistryAdmin::deploy`].
+pub type DeployError = Error<DeployErrorKind>;
+
+/// Why a rollback failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackErrorKind {
+    /// No such function.
+    FunctionNotFound,
+    /// No such kept version.
+    VersionNotFound,
+    /// The store failed.
+    Storage,
+}
+
+/// A failed [`RegistryAdmin::rollback`].
+pub type RollbackError = Error<RollbackErrorKind>;
+
+/// Why a delete failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteErrorKind {
+    /// No such function.
+    FunctionNotFound,
+    /// The store failed.
+    Storage,
+}
+
+/// A failed [`RegistryAdmin::delete`].
+pub type DeleteError = Error<DeleteErrorKind>;
+
+/// Why a binary could not be fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchErrorKind {
+    /// The version has no binary (a built-in).
+    NoArtifact,
+    /// The binary is gone from the store.
+    Missing,
+    /// The binary does not match the pinned digest or size: it is never used.
+    Corrupt,
+    /// The store or the local cache failed.
+    Storage,
+}
+
+/// A failed artifact fetch.
+pub type FetchError = Error<FetchErrorKind>;
+
+/// The invocation protocol's answer when a function cannot run because of its binary.
+pub fn fetch_protocol_error(error: &FetchError) -> ProtocolError {
+    let code = match error.kind() {
+        FetchErrorKind::Corrupt => ErrorCode::ArtifactCorrupt,
+        _ => ErrorCode::Unavailable,
+    };
+    ProtocolError::new(code, error.to_string())
+}
+
+/// A function's kept versions and which one is active.
+#[derive(Debug, Clone)]
+pub struct Versions {
+    /// Kept versions, oldest first.
+    pub versions: Vec<Arc<FunctionMetadata>>,
+    /// The active version, if any.
+    pub active: Option<u64>,
+}
+
+/// A stream of an artifact's bytes.
+pub type ArtifactReader = Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+
+/// The write side of a registry, and artifact reads.
+#[async_trait::async_trait]
+pub trait RegistryAdmin: Registry {
+    /// Stores a new, immutable version (the next number for the name, never reused) and
+    /// makes it active unless a newer version is already active.
+    async fn deploy(&self, spec: DeploySpec) -> Result<Arc<FunctionMetadata>, DeployError>;
+
+    /// The kept versions of `name`.
+    fn versions(&self, name: &FunctionName) -> Result<Versions, LookupError>;
+
+    /// Makes a kept version active again.
+    async fn rollback(&self, name: &FunctionName, version: u64) -> Result<Arc<FunctionMetadata>, RollbackError>;
+
+    /// Removes the function and its versions. Version numbers are not reused afterwards.
+    async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError>;
+
+    /// The stored bytes of the binary `metadata` pins, unverified: callers verify against
+    /// the pin ([`ArtifactCache::fetch`] does).
+    async fn read_artifact(&self, metadata: &FunctionMetadata) -> Result<ArtifactReader, FetchError>;
+}
+
+/// A binary measured before it is stored.
+pub(crate) struct PreparedArtifact {
+    pub digest: String,
+    pub size: u64,
+    pub source: ArtifactSource,
+}
+
+/// Checks the spec and measures the binary (streaming files through SHA-256).
+pub(crate) async fn prepare(spec: &DeploySpec, max_size: u64) -> Result<Option<PreparedArtifact>, DeployError> {
+    let invalid = |message: String| DeployError::new(DeployErrorKind::InvalidSpec, message);
+    match (spec.kind, &spec.artifact, &spec.entry_point) {
+        (FunctionKind::Plugin, None, _) => return Err(invalid(format!("plugin \"{}\" needs a binary to deploy", spec.name))),
+        (FunctionKind::Builtin, Some(_), _) => {
+            return Err(invalid("a built-in function runs code compiled into the runtime; deploy it without a binary".into()))
+        }
+        (FunctionKind::Builtin, None, None) => {
+            return Err(invalid("a built-in deployment needs an entry point: the built-in to run".into()))
+        }
+        _ => {}
     }
+    if let Some(entry) = &spec.entry_point {
+        if FunctionName::new(entry).is_err() {
+            return Err(invalid(format!("entry point {entry:?} is not a valid function name")));
+        }
+    }
+    for key in spec.env.keys() {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(invalid(format!("environment variable name {key:?} is not valid")));
+        }
+    }
+    let Some(source) = &spec.artifact else { return Ok(None) };
+    let (digest, size) = match source {
+        ArtifactSource::Bytes(bytes) => {
+            check_size(bytes.len() as u64, max_size, &spec.name)?;
+            (digest::digest_of(bytes), bytes.len() as u64)
+        }
+        ArtifactSource::File(path) => hash_file(path, max_size, &spec.name).await?,
+    };
+    Ok(Some(PreparedArtifact {
+        digest,
+        size,
+        source: source.clone(),
+    }))
+}
+
+fn check_size(size: u64, max_size: u64, name: &FunctionName) -> Result<(), DeployError> {
+    if size == 0 {
+        return Err(DeployError::new(
+            DeployErrorKind::ArtifactEmpty,
+            format!("the binary for \"{name}\" is empty; build it first"),
+        ));
+    }
+    if size > max_size {
+        return Err(DeployError::new(
+            DeployErrorKind::ArtifactTooLarge,
+            format!("the binary for \"{name}\" is {size} bytes, more than the registry's limit of {max_size} bytes; strip it or raise the limit"),
+        ));
+    }
+    Ok(())
+}
+
+async fn hash_file(path: &std::path::Path, max_size: u64, name: &FunctionName) -> Result<(String, u64), DeployError> {
+    use tokio::io::AsyncReadExt;
+    let unreadable = |e: std::io::Error| {
+        DeployError::with_source(DeployErrorKind::ArtifactUnreadable, format!("cannot read the binary {}", path.display()), e)
+    };
+    let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+    let meta = file.metadata().await.map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(DeployError::new(
+            DeployErrorKind::ArtifactUnreadable,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    check_size(meta.len(), max_size, name)?;
+    let mut hasher = digest::Hasher::new();
+    let mut buffer = vec![0; 256 * 1024];
+    loop {
+        let read = file.read(&mut buffer).await.map_err(unreadable)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    let (digest, size) = hasher.finish();
+    // The file changed while we read it: refuse rather than pin a digest of nothing stable.
+    check_size(size, max_size, name)?;
+    Ok((digest, size))
+}
+
+/// Opens the source of a prepared artifact for reading.
+pub(crate) async fn open_source(artifact: &PreparedArtifact) -> Result<ArtifactReader, DeployError> {
+    match &artifact.source {
+        ArtifactSource::Bytes(bytes) => Ok(Box::pin(std::io::Cursor::new(bytes.clone()))),
+        ArtifactSource::File(path) => tokio::fs::File::open(path)
+            .await
+            .map(|f| Box::pin(f) as ArtifactReader)
+            .map_err(|e| DeployError::with_source(DeployErrorKind::ArtifactUnreadable, format!("cannot read the binary {}", path.display()), e)),
+    }
+}
+
+/// Which versions to drop after a deploy: all but the newest `keep`, never the active one.
+pub(crate) fn versions_to_prune(versions: &[u64], active: Option<u64>, keep: usize) -> Vec<u64> {
+    let mut sorted = versions.to_vec();
+    sorted.sort_unstable();
+    let cut = sorted.len().saturating_sub(keep.max(1));
+    sorted[..cut].iter().copied().filter(|v| Some(*v) != active).collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use mycelium_core::FunctionKind;
-
     use super::*;
 
-    fn meta(name: &str, version: u64) -> FunctionMetadata {
-        let mut m = FunctionMetadata::builtin(name.parse().unwrap(), format!("{name} v{version}"));
-        m.version = version;
-        m.kind = FunctionKind::Plugin;
-        m
-    }
-
     #[test]
-    fn versions_and_active_pointer() {
-        let registry = MemoryRegistry::new();
-        let name: FunctionName = "resize".parse().unwrap();
-        registry.insert(meta("resize", 1));
-        registry.insert(meta("resize", 2));
-        assert_eq!(registry.get(&name, None).unwrap().version, 2);
-        assert_eq!(registry.get(&name, Some(1)).unwrap().version, 1);
-        registry.activate(&name, 1).unwrap();
-        assert_eq!(registry.get(&name, None).unwrap().version, 1);
-
-        let err = registry.get(&name, Some(9)).unwrap_err();
-        assert_eq!(err.kind(), LookupErrorKind::VersionNotFound);
-        assert!(err.to_string().contains("kept versions: 1, 2"), "{err}");
-        assert_eq!(
-            registry.activate(&name, 9).unwrap_err().kind(),
-            LookupErrorKind::VersionNotFound
-        );
-        assert_eq!(protocol_error(err).code, ErrorCode::VersionNotFound);
-    }
-
-    #[test]
-    fn list_is_sorted_and_shows_active_versions() {
-        let registry = MemoryRegistry::new();
-        registry.insert(meta("zeta", 1));
-        registry.insert(meta("alpha", 1));
-        registry.insert(meta("alpha", 2));
-        let list = registry.list();
-        let rows: Vec<(&str, u64)> = list.iter().map(|s| (s.name.as_str(), s.version)).collect();
-        assert_eq!(rows, [("alpha", 2), ("zeta", 1)]);
-    }
-
-    #[test]
-    fn missing_and_removed_functions() {
-        let registry = MemoryRegistry::new();
-        let name: FunctionName = "gone".parse().unwrap();
-        assert_eq!(
-            registry.get(&name, None).unwrap_err().kind(),
-            LookupErrorKind::FunctionNotFound
-        );
-        registry.insert(meta("gone", 1));
-        assert!(registry.remove(&name));
-        assert!(!registry.remove(&name));
-        let err = registry.get(&name, None).unwrap_err();
-        assert_eq!(protocol_error(err).code, ErrorCode::FunctionNotFound);
+    fn pruning_keeps_the_newest_and_the_active() {
+        assert_eq!(versions_to_prune(&[1, 2, 3, 4, 5], Some(5), 3), [1, 2]);
+        assert_eq!(versions_to_prune(&[5, 1, 3, 2, 4], Some(1), 3), [2]);
+        assert_eq!(versions_to_prune(&[1, 2], Some(2), 10), Vec::<u64>::new());
+        assert_eq!(versions_to_prune(&[1, 2, 3], None, 0), [1, 2]);
     }
 }

@@ -1,0 +1,523 @@
+//! The production registry: metadata in a JetStream KV bucket, binaries content-addressed in
+//! an Object Store bucket. Every instance keeps a local [`Catalog`] current from a KV watch,
+//! so lookups never leave the process and deploys reach every runtime within milliseconds.
+//!
+//! KV layout (bucket `mycelium_functions` by default), all values JSON:
+//! - `fn.<name>.v.<version>`: the [`FunctionMetadata`] of one immutable version;
+//! - `fn.<name>.active`: `{"version": n}`, the active version;
+//! - `seq.<name>`: `{"last": n}`, the last version number handed out (kept after delete, so
+//!   numbers are never reused).
+//!
+//! Objects (bucket `mycelium_artifacts`): `sha256-<hex>`, shared by every version that pins it.
+
+use std::{
+    sync::{Arc, RwLock},
+    task::Poll,
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, kv, object_store};
+use futures_util::StreamExt;
+use mycelium_core::{Error, FunctionMetadata, FunctionName, FunctionSummary};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    catalog::Catalog,
+    digest,
+    memory::{DEFAULT_KEEP_VERSIONS, DEFAULT_MAX_ARTIFACT_SIZE},
+    not_found, open_source, prepare, versions_to_prune, ArtifactReader, DeleteError, DeleteErrorKind, DeployError,
+    DeployErrorKind, DeploySpec, FetchError, FetchErrorKind, LookupError, PreparedArtifact, Progress, Registry,
+    RegistryAdmin, RollbackError, RollbackErrorKind, Versions,
+};
+
+/// Where and how the JetStream registry stores things.
+#[derive(Debug, Clone)]
+pub struct NatsRegistryConfig {
+    /// KV bucket of metadata.
+    pub functions_bucket: String,
+    /// Object Store bucket of binaries.
+    pub artifacts_bucket: String,
+    /// Replicas of both buckets (3 on a 3-node cluster for R3). Used when creating them.
+    pub replicas: usize,
+    /// Versions kept per function (the active one is always kept).
+    pub keep_versions: usize,
+    /// Largest binary accepted, in bytes.
+    pub max_artifact_size: u64,
+}
+
+impl Default for NatsRegistryConfig {
+    fn default() -> Self {
+        Self {
+            functions_bucket: "mycelium_functions".into(),
+            artifacts_bucket: "mycelium_artifacts".into(),
+            replicas: 1,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
+        }
+    }
+}
+
+/// Why the registry could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenErrorKind {
+    /// The NATS server has no JetStream.
+    NoJetStream,
+    /// Creating or reading the buckets failed.
+    Storage,
+}
+
+/// A failed [`NatsRegistry::open`].
+pub type OpenError = Error<OpenErrorKind>;
+
+/// The JetStream-backed registry.
+pub struct NatsRegistry {
+    kv: kv::Store,
+    objects: object_store::ObjectStore,
+    catalog: Arc<RwLock<Catalog>>,
+    config: NatsRegistryConfig,
+    applied: watch::Receiver<u64>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatsRegistry {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ActivePointer {
+    version: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Counter {
+    last: u64,
+}
+
+fn version_key(name: &FunctionName, version: u64) -> String {
+    format!("fn.{name}.v.{version}")
+}
+
+fn active_key(name: &FunctionName) -> String {
+    format!("fn.{name}.active")
+}
+
+fn counter_key(name: &FunctionName) -> String {
+    format!("seq.{name}")
+}
+
+/// What a KV key means.
+enum Key {
+    Version(FunctionName, u64),
+    Active(FunctionName),
+}
+
+fn parse_key(key: &str) -> Option<Key> {
+    let rest = key.strip_prefix("fn.")?;
+    let (name, tail) = rest.split_once('.')?;
+    let name = FunctionName::new(name).ok()?;
+    match tail {
+        "active" => Some(Key::Active(name)),
+        _ => tail.strip_prefix("v.")?.parse().ok().map(|v| Key::Version(name, v)),
+    }
+}
+
+fn storage<K: Clone>(kind: K, what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error<K> {
+    Error::with_source(kind, what, e)
+}
+
+/// Applies one KV entry to the catalog; unknown keys and malformed values are skipped.
+fn apply(catalog: &RwLock<Catalog>, entry: &kv::Entry) {
+    let Some(key) = parse_key(&entry.key) else { return };
+    let mut catalog = catalog.write().unwrap_or_else(|e| e.into_inner());
+    let removed = matches!(entry.operation, kv::Operation::Delete | kv::Operation::Purge);
+    match key {
+        Key::Version(name, version) if removed => catalog.remove_version(&name, version),
+        Key::Version(name, version) => match serde_json::from_slice::<FunctionMetadata>(&entry.value) {
+            Ok(meta) if meta.name == name && meta.version == version => catalog.insert_version(Arc::new(meta)),
+            Ok(_) => tracing::warn!(key = %entry.key, "metadata does not match its key; ignored"),
+            Err(error) => tracing::warn!(key = %entry.key, %error, "unreadable metadata; ignored"),
+        },
+        Key::Active(name) if removed => catalog.set_active(&name, None),
+        Key::Active(name) => match serde_json::from_slice::<ActivePointer>(&entry.value) {
+            Ok(pointer) => catalog.set_active(&name, Some(pointer.version)),
+            Err(error) => tracing::warn!(key = %entry.key, %error, "unreadable active pointer; ignored"),
+        },
+    }
+}
+
+impl NatsRegistry {
+    /// Opens (creating on first use) the buckets, loads the catalog, and keeps it current.
+    pub async fn open(client: async_nats::Client, config: NatsRegistryConfig) -> Result<Self, OpenError> {
+        let js = jetstream::new(client);
+        if let Err(error) = js.query_account().await {
+            return Err(OpenError::with_source(
+                OpenErrorKind::NoJetStream,
+                "the NATS server has no JetStream, which the registry needs; start nats-server with -js \
+                 (mycelium up does), or run the runtime with --registry memory",
+                error,
+            ));
+        }
+        let kv = match js.get_key_value(&config.functions_bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: config.functions_bucket.clone(),
+                    description: "Mycelium function metadata".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: config.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| storage(OpenErrorKind::Storage, format!("creating the KV bucket {}", config.functions_bucket), e))?,
+        };
+        let objects = match js.get_object_store(&config.artifacts_bucket).await {
+            Ok(objects) => objects,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: config.artifacts_bucket.clone(),
+                    description: Some("Mycelium function binaries, by SHA-256".into()),
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: config.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    storage(OpenErrorKind::Storage, format!("creating the Object Store bucket {}", config.artifacts_bucket), e)
+                })?,
+        };
+
+        let catalog = Arc::new(RwLock::new(Catalog::default()));
+        let (applied_tx, applied) = watch::channel(0);
+        let last = load(&kv, &catalog).await.map_err(|e| {
+            OpenError::with_source(OpenErrorKind::Storage, format!("loading the registry from {}", config.functions_bucket), e)
+        })?;
+        applied_tx.send_replace(last);
+        let watcher = tokio::spawn(follow(kv.clone(), catalog.clone(), applied_tx, last));
+        Ok(Self {
+            kv,
+            objects,
+            catalog,
+            config,
+            applied,
+            watcher,
+        })
+    }
+
+    /// The KV revision the local catalog has applied; it rises as changes arrive.
+    pub fn applied_revision(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &NatsRegistryConfig {
+        &self.config
+    }
+
+    fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn next_version(&self, name: &FunctionName) -> Result<u64, DeployError> {
+        let key = counter_key(name);
+        let failed = |e: &dyn std::fmt::Display| {
+            DeployError::new(DeployErrorKind::Storage, format!("allocating a version for \"{name}\": {e}"))
+        };
+        // Compare-and-set on the counter's revision: racing deploys each get their own number.
+        for _ in 0..100 {
+            match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    let last = serde_json::from_slice::<Counter>(&entry.value).map_err(|e| failed(&e))?.last;
+                    let next = json(&Counter { last: last + 1 });
+                    match self.kv.update(key.as_str(), next, entry.revision).await {
+                        Ok(_) => return Ok(last + 1),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(failed(&e)),
+                    }
+                }
+                _ => match self.kv.create(key.as_str(), json(&Counter { last: 1 })).await {
+                    Ok(_) => return Ok(1),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(failed(&e)),
+                },
+            }
+        }
+        Err(failed(&"too many concurrent deploys of the same name; retry"))
+    }
+
+    /// Moves the active pointer to `version` unless a newer version is already active.
+    async fn advance_active(&self, name: &FunctionName, version: u64) -> Result<(), DeployError> {
+        let key = active_key(name);
+        let failed = |e: &dyn std::fmt::Display| {
+            DeployError::new(DeployErrorKind::Storage, format!("activating \"{name}\" v{version}: {e}"))
+        };
+        for _ in 0..100 {
+            let value = json(&ActivePointer { version });
+            let written = match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    let current = serde_json::from_slice::<ActivePointer>(&entry.value).map(|p| p.version).unwrap_or(0);
+                    if current >= version {
+                        return Ok(());
+                    }
+                    self.kv.update(key.as_str(), value, entry.revision).await.map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
+                }
+                _ => self.kv.create(key.as_str(), value).await.map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(true) => continue,
+                Err(false) => return Err(failed(&"the KV write failed")),
+            }
+        }
+        Err(failed(&"too many concurrent changes; retry"))
+    }
+
+    /// Uploads the binary unless an object with its digest is already stored.
+    async fn store_artifact(&self, artifact: &PreparedArtifact, progress: Option<&Progress>) -> Result<(), DeployError> {
+        let name = digest::object_name(&artifact.digest).expect("digests we compute are well-formed");
+        if let Ok(info) = self.objects.info(&name).await {
+            if !info.deleted && info.size as u64 == artifact.size {
+                if let Some(progress) = progress {
+                    progress(artifact.size, artifact.size);
+                }
+                return Ok(());
+            }
+        }
+        let reader = open_source(artifact).await?;
+        let mut reader = ProgressReader {
+            inner: reader,
+            done: 0,
+            total: artifact.size,
+            progress: progress.cloned(),
+        };
+        let info = self
+            .objects
+            .put(name.as_str(), &mut reader)
+            .await
+            .map_err(|e| storage(DeployErrorKind::Storage, format!("uploading the binary to {}", self.config.artifacts_bucket), e))?;
+        if info.size as u64 != artifact.size {
+            let _ = self.objects.delete(&name).await;
+            return Err(DeployError::new(
+                DeployErrorKind::ArtifactUnreadable,
+                format!("the binary changed while uploading ({} bytes stored, {} expected); deploy again", info.size, artifact.size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes stored binaries no kept version pins any more.
+    async fn collect_garbage(&self, digests: impl IntoIterator<Item = String>) {
+        for digest in digests {
+            if self.catalog().references(&digest) {
+                continue;
+            }
+            if let Some(name) = digest::object_name(&digest) {
+                match self.objects.delete(&name).await {
+                    Ok(()) => tracing::debug!(%digest, "deleted an unreferenced binary"),
+                    Err(error) => tracing::debug!(%digest, %error, "could not delete an unreferenced binary"),
+                }
+            }
+        }
+    }
+}
+
+fn json(value: &impl Serialize) -> bytes::Bytes {
+    serde_json::to_vec(value).expect("registry records serialize").into()
+}
+
+/// Loads every current key into the catalog; returns the last revision seen.
+async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_nats::Error> {
+    let status = kv.status().await?;
+    if status.values() == 0 {
+        return Ok(0);
+    }
+    let mut entries = kv.watch_with_history(">").await?;
+    let mut last = 0;
+    while let Some(entry) = entries.next().await {
+        let entry = entry?;
+        apply(catalog, &entry);
+        last = last.max(entry.revision);
+        if entry.delta == 0 || entry.seen_current {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+/// Applies every change after `from`, resuming the watch if it breaks.
+async fn follow(kv: kv::Store, catalog: Arc<RwLock<Catalog>>, applied: watch::Sender<u64>, mut from: u64) {
+    loop {
+        match kv.watch_all_from_revision(from + 1).await {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    match entry {
+                        Ok(entry) => {
+                            apply(&catalog, &entry);
+                            from = from.max(entry.revision);
+                            applied.send_replace(from);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "registry watch interrupted; resuming");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot watch the registry; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl Registry for NatsRegistry {
+    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError> {
+        self.catalog().get(name, version)
+    }
+
+    fn list(&self) -> Vec<FunctionSummary> {
+        self.catalog().list()
+    }
+}
+
+#[async_trait::async_trait]
+impl RegistryAdmin for NatsRegistry {
+    async fn deploy(&self, spec: DeploySpec) -> Result<Arc<FunctionMetadata>, DeployError> {
+        let artifact = prepare(&spec, self.config.max_artifact_size).await?;
+        if let Some(artifact) = &artifact {
+            self.store_artifact(artifact, spec.progress.as_ref()).await?;
+        }
+        // Only now, with the binary stored, does anything point at it.
+        let version = self.next_version(&spec.name).await?;
+        let metadata = Arc::new(spec.metadata(version, artifact.as_ref()));
+        self.kv
+            .put(version_key(&spec.name, version), json(&*metadata))
+            .await
+            .map_err(|e| storage(DeployErrorKind::Storage, format!("writing the metadata of \"{}\" v{version}", spec.name), e))?;
+        // A concurrent delete elsewhere may have collected the object between upload and
+        // metadata; store it again so the version we publish is always runnable.
+        if let Some(artifact) = &artifact {
+            self.store_artifact(artifact, None).await?;
+        }
+        self.advance_active(&spec.name, version).await?;
+
+        let (kept, active) = {
+            let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+            catalog.insert_version(metadata.clone());
+            let active = catalog.get(&spec.name, None).map(|m| m.version).unwrap_or(version).max(version);
+            catalog.set_active(&spec.name, Some(active));
+            let kept: Vec<Arc<FunctionMetadata>> = catalog.versions(&spec.name).map(|(v, _)| v).unwrap_or_default();
+            (kept, active)
+        };
+        let numbers: Vec<u64> = kept.iter().map(|m| m.version).collect();
+        let mut dropped_digests = Vec::new();
+        for old in versions_to_prune(&numbers, Some(active), self.config.keep_versions) {
+            if let Err(error) = self.kv.purge(version_key(&spec.name, old)).await {
+                tracing::warn!(%error, function = %spec.name, version = old, "could not drop an old version");
+                continue;
+            }
+            let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+            catalog.remove_version(&spec.name, old);
+            dropped_digests.extend(kept.iter().filter(|m| m.version == old).filter_map(|m| m.digest.clone()));
+        }
+        self.collect_garbage(dropped_digests).await;
+        Ok(metadata)
+    }
+
+    fn versions(&self, name: &FunctionName) -> Result<Versions, LookupError> {
+        let (versions, active) = self.catalog().versions(name).ok_or_else(|| not_found(name))?;
+        Ok(Versions { versions, active })
+    }
+
+    async fn rollback(&self, name: &FunctionName, version: u64) -> Result<Arc<FunctionMetadata>, RollbackError> {
+        let failed = |e: &dyn std::fmt::Display| RollbackError::new(RollbackErrorKind::Storage, format!("rolling back \"{name}\": {e}"));
+        // Read the store, not the snapshot: the version must exist now, wherever it was written.
+        let stored = self.kv.get(version_key(name, version)).await.map_err(|e| failed(&e))?;
+        let Some(stored) = stored else {
+            let known = self.kv.get(counter_key(name)).await.map_err(|e| failed(&e))?.is_some()
+                && self.catalog().versions(name).is_some();
+            return Err(if known {
+                let kept = self.catalog().versions(name).map(|(v, _)| v).unwrap_or_default();
+                RollbackError::new(
+                    RollbackErrorKind::VersionNotFound,
+                    crate::version_not_found(name, version, kept.iter().map(|m| m.version)).to_string(),
+                )
+            } else {
+                RollbackError::new(RollbackErrorKind::FunctionNotFound, not_found(name).to_string())
+            });
+        };
+        let metadata: FunctionMetadata = serde_json::from_slice(&stored).map_err(|e| failed(&e))?;
+        self.kv
+            .put(active_key(name), json(&ActivePointer { version }))
+            .await
+            .map_err(|e| failed(&e))?;
+        let metadata = Arc::new(metadata);
+        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        catalog.insert_version(metadata.clone());
+        catalog.set_active(name, Some(version));
+        Ok(metadata)
+    }
+
+    async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError> {
+        let failed = |e: &dyn std::fmt::Display| DeleteError::new(DeleteErrorKind::Storage, format!("deleting \"{name}\": {e}"));
+        let active = self.kv.get(active_key(name)).await.map_err(|e| failed(&e))?;
+        let kept = self.catalog().versions(name).map(|(v, _)| v).unwrap_or_default();
+        if active.is_none() && kept.is_empty() {
+            return Err(DeleteError::new(DeleteErrorKind::FunctionNotFound, not_found(name).to_string()));
+        }
+        // The pointer goes first: from then on nobody resolves the function.
+        self.kv.purge(active_key(name)).await.map_err(|e| failed(&e))?;
+        for meta in &kept {
+            self.kv.purge(version_key(name, meta.version)).await.map_err(|e| failed(&e))?;
+        }
+        self.catalog.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let digests: Vec<String> = kept.iter().filter_map(|m| m.digest.clone()).collect();
+        self.collect_garbage(digests).await;
+        Ok(())
+    }
+
+    async fn read_artifact(&self, metadata: &FunctionMetadata) -> Result<ArtifactReader, FetchError> {
+        let digest = metadata.digest.as_deref().ok_or_else(|| {
+            FetchError::new(FetchErrorKind::NoArtifact, format!("\"{}\" v{} has no binary", metadata.name, metadata.version))
+        })?;
+        let name = digest::object_name(digest)
+            .ok_or_else(|| FetchError::new(FetchErrorKind::Corrupt, format!("malformed digest {digest:?}")))?;
+        match self.objects.get(&name).await {
+            Ok(object) => Ok(Box::pin(object)),
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => Err(FetchError::new(
+                FetchErrorKind::Missing,
+                format!("the binary {digest} of \"{}\" v{} is missing from {}; deploy it again", metadata.name, metadata.version, self.config.artifacts_bucket),
+            )),
+            Err(e) => Err(storage(FetchErrorKind::Storage, format!("downloading {name}"), e)),
+        }
+    }
+}
+
+/// Reports upload progress as the Object Store reads the binary.
+struct ProgressReader {
+    inner: ArtifactReader,
+    done: u64,
+    total: u64,
+    progress: Option<Progress>,
+}
+
+impl tokio::io::AsyncRead for ProgressReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = self.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let read = (buf.filled().len() - before) as u64;
+            self.done += read;
+            if let Some(progress) = &self.progress {
+                progress(self.done, self.total);
+            }
+        }
+        result
+    }
+}
