@@ -27,6 +27,8 @@ pub(crate) struct Builtin {
 
 pub(crate) struct Invoker {
     pub builtins: HashMap<FunctionName, Builtin>,
+    /// Per-version limits of functions that set `maxConcurrency`; created on first use.
+    pub function_limits: std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
     pub registry: Arc<dyn Registry>,
     pub metrics: Arc<dyn MetricsCollector>,
     pub default_timeout: Duration,
@@ -43,19 +45,28 @@ impl Invoker {
             return Ok((builtin.metadata.clone(), builtin.function.clone()));
         }
         let metadata = self.registry.get(name, version).map_err(protocol_error)?;
-        Err(ProtocolError::new(
-            ErrorCode::Unavailable,
-            match metadata.kind {
-                FunctionKind::Builtin => format!(
-                    "\"{name}\" is registered as a built-in function, but this runtime does not have it; \
-                     run a runtime build that includes it"
-                ),
-                kind => format!(
-                    "\"{name}\" is a {kind} function and this runtime has no {kind} executor; \
-                     run a runtime with {kind} support"
-                ),
-            },
-        ))
+        match metadata.kind {
+            FunctionKind::Builtin => {
+                // A deployed name running a built-in implementation with its own settings.
+                let entry = metadata.entry_point.as_deref().unwrap_or(name.as_str());
+                let builtin = FunctionName::new(entry).ok().and_then(|entry| self.builtins.get(&entry));
+                match builtin {
+                    Some(builtin) => Ok((metadata, builtin.function.clone())),
+                    None => Err(ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "\"{name}\" v{} runs the built-in \"{entry}\", which this runtime does not have; \
+                             deploy it with an entry point this runtime lists, or run a runtime that includes it",
+                            metadata.version
+                        ),
+                    )),
+                }
+            }
+            kind => Err(ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!("\"{name}\" is a {kind} function and this runtime has no {kind} executor; run a runtime with {kind} support"),
+            )),
+        }
     }
 
     pub fn describe(
@@ -117,6 +128,13 @@ impl Invoker {
         } = request;
         let (metadata, function) = match self.resolve(&name, version) {
             Ok(found) => found,
+            Err(err) => {
+                self.metrics.request_rejected(Some(&name), err.code);
+                return Err(err);
+            }
+        };
+        let _function_permit = match self.function_permit(&metadata) {
+            Ok(permit) => permit,
             Err(err) => {
                 self.metrics.request_rejected(Some(&name), err.code);
                 return Err(err);
@@ -187,6 +205,29 @@ impl Invoker {
         self.metrics
             .invocation_finished(&name, outcome, started.elapsed());
         result
+    }
+}
+
+impl Invoker {
+    /// Takes one of the function's own concurrency slots, if it limits itself.
+    fn function_permit(&self, metadata: &FunctionMetadata) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ProtocolError> {
+        let Some(max) = metadata.max_concurrency else { return Ok(None) };
+        let semaphore = {
+            let mut limits = self.function_limits.lock().unwrap_or_else(|e| e.into_inner());
+            limits
+                .entry((metadata.name.clone(), metadata.version))
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max as usize)))
+                .clone()
+        };
+        semaphore.try_acquire_owned().map(Some).map_err(|_| {
+            ProtocolError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "function \"{}\" is running its limit of {max} concurrent invocations (maxConcurrency); retry with backoff",
+                    metadata.name
+                ),
+            )
+        })
     }
 }
 

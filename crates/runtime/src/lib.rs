@@ -150,6 +150,7 @@ impl RuntimeBuilder {
         }
         let invoker = Invoker {
             builtins: self.builtins,
+            function_limits: std::sync::Mutex::default(),
             registry: self
                 .registry
                 .unwrap_or_else(|| Arc::new(MemoryRegistry::new())),
