@@ -11,6 +11,9 @@ pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
 
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
     /// Log output format (logs go to stderr; filter with RUST_LOG).
     #[arg(long, global = true, env = "MYCELIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -70,6 +73,35 @@ pub struct ConnectionArgs {
     pub subject_prefix: String,
 }
 
+/// Where the JetStream registry keeps things.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// KV bucket of function metadata.
+    #[arg(long, global = true, env = "MYCELIUM_FUNCTIONS_BUCKET", default_value = "mycelium_functions")]
+    pub functions_bucket: String,
+    /// Object Store bucket of function binaries.
+    #[arg(long, global = true, env = "MYCELIUM_ARTIFACTS_BUCKET", default_value = "mycelium_artifacts")]
+    pub artifacts_bucket: String,
+    /// Replicas of the buckets when they are created (3 on a 3-node cluster).
+    #[arg(long, global = true, env = "MYCELIUM_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// Versions kept per function (the active one is always kept).
+    #[arg(long, global = true, env = "MYCELIUM_KEEP_VERSIONS", default_value_t = 10)]
+    pub keep_versions: usize,
+    /// Largest binary accepted by deploy, in bytes.
+    #[arg(long, global = true, env = "MYCELIUM_MAX_ARTIFACT_SIZE", default_value_t = 256 * 1024 * 1024)]
+    pub max_artifact_size: u64,
+}
+
+/// Which registry a runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegistryKind {
+    /// Versioned metadata in JetStream KV, binaries in the Object Store; survives restarts.
+    Jetstream,
+    /// In process memory: the built-ins only, nothing deployed survives.
+    Memory,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -83,6 +115,83 @@ pub enum Command {
     List(ListArgs),
     /// Show one function's metadata.
     Describe(DescribeArgs),
+    /// Deploy a new version of a function: a plugin binary, or a built-in under a new name.
+    Deploy(DeployArgs),
+    /// List a function's kept versions.
+    Versions(VersionsArgs),
+    /// Make an earlier version active again.
+    Rollback(RollbackArgs),
+    /// Remove a function and all its versions.
+    Delete(DeleteArgs),
+}
+
+/// `mycelium deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The function's name.
+    pub name: String,
+    /// The plugin binary to upload.
+    #[arg(required_unless_present = "builtin", conflicts_with = "builtin")]
+    pub path: Option<PathBuf>,
+    /// Run this built-in under NAME instead of uploading a binary.
+    #[arg(long, value_name = "BUILTIN")]
+    pub builtin: Option<String>,
+    /// One line for people.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Longest an invocation may run (e.g. 30s).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Memory limit of the plugin process, in MiB.
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Invocations allowed in flight per runtime.
+    #[arg(long)]
+    pub max_concurrency: Option<u32>,
+    /// Environment variable for the plugin process (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Label (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Print the new version's metadata as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mycelium versions`.
+#[derive(Debug, Args)]
+pub struct VersionsArgs {
+    /// The function.
+    pub name: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mycelium rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The function.
+    pub name: String,
+    /// The version to make active.
+    #[arg(long)]
+    pub to: u64,
+}
+
+/// `mycelium delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The function.
+    pub name: String,
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 /// `mycelium up`.
@@ -108,6 +217,9 @@ pub struct ServeArgs {
 /// Settings of a runtime.
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
+    /// Where deployed functions are looked up.
+    #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
+    pub registry: RegistryKind,
     /// Invocations executing at once; beyond it requests are answered `overloaded`.
     #[arg(long, env = "MYCELIUM_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -216,6 +328,9 @@ mod tests {
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_key_value("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_key_value("=x").is_err());
+        assert!(parse_key_value("nothing").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod args;
 mod output;
+mod registry_commands;
 mod run;
 
 use std::process::ExitCode;

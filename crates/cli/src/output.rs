@@ -56,6 +56,28 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// `10.0 MiB`, or `-` for none.
+pub fn human_size(size: Option<u64>) -> String {
+    let Some(size) = size else { return "-".into() };
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = size as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{size} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `sha256:0123456789ab`, or `-` for none.
+pub fn short_digest(digest: Option<&str>) -> String {
+    digest.map_or_else(|| "-".into(), |d| d.chars().take(19).collect())
+}
+
 /// An error and its sources on one line.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -84,5 +106,19 @@ pub fn init_logging(cli: &Cli) {
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_digests_for_people() {
+        assert_eq!(human_size(None), "-");
+        assert_eq!(human_size(Some(512)), "512 B");
+        assert_eq!(human_size(Some(10 * 1024 * 1024)), "10.0 MiB");
+        assert_eq!(short_digest(Some("sha256:0123456789abcdef0123")), "sha256:0123456789ab");
+        assert_eq!(short_digest(None), "-");
     }
 }

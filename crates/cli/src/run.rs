@@ -2,7 +2,7 @@
 
 use std::{io::Read, path::Path, time::Duration};
 
-use mycelium_client::{Client, ConnectOptions, InvokeOptions};
+use mycelium_client::{Client, ConnectOptions, InvokeOptions, NatsRegistryConfig};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
     envelope, Event,
@@ -12,33 +12,62 @@ use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 
 use crate::{
     args::{
-        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RuntimeArgs, ServeArgs,
-        UpArgs,
+        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RegistryArgs, RegistryKind, RuntimeArgs,
+        ServeArgs, UpArgs,
     },
     output::{error_chain, Failure, EXIT_INTERNAL, EXIT_UNREACHABLE},
+    registry_commands,
 };
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let connection = Connection {
+        args: &cli.connection,
+        registry: registry_config(&cli.registry),
+    };
     match cli.command {
-        Command::Up(args) => up(&cli.connection, args).await,
-        Command::Serve(args) => serve(&cli.connection, args).await,
-        Command::Invoke(args) => invoke(&cli.connection, args).await,
-        Command::List(args) => list(&cli.connection, args).await,
-        Command::Describe(args) => describe(&cli.connection, args).await,
+        Command::Up(args) => up(&connection, args).await,
+        Command::Serve(args) => serve(&connection, args).await,
+        Command::Invoke(args) => invoke(&connection, args).await,
+        Command::List(args) => list(&connection, args).await,
+        Command::Describe(args) => describe(&connection, args).await,
+        Command::Deploy(args) => registry_commands::deploy(&client(&connection).await?, args).await,
+        Command::Versions(args) => registry_commands::versions(&client(&connection).await?, args).await,
+        Command::Rollback(args) => registry_commands::rollback(&client(&connection).await?, args).await,
+        Command::Delete(args) => registry_commands::delete(&client(&connection).await?, args).await,
     }
 }
 
-fn connect_options(connection: &ConnectionArgs) -> ConnectOptions {
+/// Everything a command needs to reach NATS and the registry.
+pub struct Connection<'a> {
+    args: &'a ConnectionArgs,
+    registry: NatsRegistryConfig,
+}
+
+fn registry_config(args: &RegistryArgs) -> NatsRegistryConfig {
+    NatsRegistryConfig {
+        functions_bucket: args.functions_bucket.clone(),
+        artifacts_bucket: args.artifacts_bucket.clone(),
+        replicas: args.replicas,
+        keep_versions: args.keep_versions,
+        max_artifact_size: args.max_artifact_size,
+    }
+}
+
+fn connect_options(connection: &Connection<'_>) -> ConnectOptions {
+    let registry = connection.registry.clone();
+    let connection = connection.args;
     let mut options = ConnectOptions::new(&connection.nats_url);
     options.user_password = connection.user.clone().zip(connection.password.clone());
     options.token = connection.token.clone();
     options.credentials_file = connection.creds.clone();
     options.tls_ca = connection.tls_ca.clone();
     options.subject_prefix = connection.subject_prefix.clone();
+    options.registry = registry;
     options
 }
 
-fn runtime_config(connection: &ConnectionArgs, args: &RuntimeArgs) -> RuntimeConfig {
+fn runtime_config(connection: &Connection<'_>, args: &RuntimeArgs) -> RuntimeConfig {
+    let connection = connection.args;
     RuntimeConfig {
         subject_prefix: connection.subject_prefix.clone(),
         queue_group: args.queue_group.clone(),
@@ -52,11 +81,19 @@ fn runtime_config(connection: &ConnectionArgs, args: &RuntimeArgs) -> RuntimeCon
 
 async fn start_runtime(
     nats: mycelium_client::async_nats::Client,
-    config: RuntimeConfig,
+    connection: &Connection<'_>,
+    args: &RuntimeArgs,
 ) -> Result<RuntimeHandle, Failure> {
-    Runtime::builder()
-        .config(config)
-        .standard_builtins()
+    let mut builder = Runtime::builder()
+        .config(runtime_config(connection, args))
+        .standard_builtins();
+    if args.registry == RegistryKind::Jetstream {
+        let registry = mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
+            .await
+            .map_err(|e| Failure::new("registry", error_chain(&e), EXIT_UNREACHABLE))?;
+        builder = builder.registry(registry);
+    }
+    builder
         .build(nats)
         .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
         .start()
@@ -64,7 +101,7 @@ async fn start_runtime(
         .map_err(|e| Failure::new("start", error_chain(&e), EXIT_UNREACHABLE))
 }
 
-async fn up(connection: &ConnectionArgs, args: UpArgs) -> Result<(), Failure> {
+async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     let nats_dir = args.data_dir.join("nats");
     let mut options = ServerOptions::new(&nats_dir);
     options.host = args.listen.ip().to_string();
@@ -89,7 +126,7 @@ async fn up(connection: &ConnectionArgs, args: UpArgs) -> Result<(), Failure> {
     options.name = "mycelium-runtime".into();
     let result = async {
         let nats = options.connect_nats().await?;
-        start_runtime(nats, runtime_config(connection, &args.runtime)).await
+        start_runtime(nats, connection, &args.runtime).await
     }
     .await;
     let handle = match result {
@@ -100,7 +137,7 @@ async fn up(connection: &ConnectionArgs, args: UpArgs) -> Result<(), Failure> {
         }
     };
 
-    print_welcome(&url, &args.data_dir, &connection.subject_prefix);
+    print_welcome(&url, &args.data_dir, &connection.args.subject_prefix);
     let stop_reason = tokio::select! {
         signal = shutdown_signal() => signal,
         () = watch_exit(&mut server) => "nats-server exited",
@@ -174,19 +211,19 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn serve(connection: &ConnectionArgs, args: ServeArgs) -> Result<(), Failure> {
+async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failure> {
     let mut options = connect_options(connection);
     options.name = "mycelium-runtime".into();
     let nats = options.connect_nats().await?;
-    let handle = start_runtime(nats, runtime_config(connection, &args.runtime)).await?;
-    tracing::info!(nats_url = %connection.nats_url, "serving; Ctrl-C or SIGTERM stops gracefully");
+    let handle = start_runtime(nats, connection, &args.runtime).await?;
+    tracing::info!(nats_url = %connection.args.nats_url, "serving; Ctrl-C or SIGTERM stops gracefully");
     let reason = shutdown_signal().await;
     tracing::info!(reason, "stopping");
     handle.shutdown().await;
     Ok(())
 }
 
-async fn client(connection: &ConnectionArgs) -> Result<Client, Failure> {
+async fn client(connection: &Connection<'_>) -> Result<Client, Failure> {
     Ok(connect_options(connection).connect().await?)
 }
 
@@ -250,7 +287,7 @@ fn nuid_like_id() -> String {
     format!("cli-{nanos:x}-{:x}", std::process::id())
 }
 
-async fn invoke(connection: &ConnectionArgs, args: InvokeArgs) -> Result<(), Failure> {
+async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Failure> {
     let event = build_event(&args)?;
     let client = client(connection).await?;
     let options = InvokeOptions {
@@ -264,7 +301,7 @@ async fn invoke(connection: &ConnectionArgs, args: InvokeArgs) -> Result<(), Fai
     Ok(())
 }
 
-async fn list(connection: &ConnectionArgs, args: ListArgs) -> Result<(), Failure> {
+async fn list(connection: &Connection<'_>, args: ListArgs) -> Result<(), Failure> {
     let functions = client(connection).await?.list().await?;
     if args.json {
         print_json(&serde_json::json!({ "functions": functions }));
@@ -281,22 +318,24 @@ async fn list(connection: &ConnectionArgs, args: ListArgs) -> Result<(), Failure
         .unwrap_or(4)
         .max(4);
     println!(
-        "{:<width$}  {:>7}  {:<8}  DESCRIPTION",
-        "NAME", "VERSION", "KIND"
+        "{:<width$}  {:>7}  {:<8}  {:>9}  {:<19}  DESCRIPTION",
+        "NAME", "VERSION", "KIND", "SIZE", "DIGEST"
     );
     for function in &functions {
         println!(
-            "{:<width$}  {:>7}  {:<8}  {}",
+            "{:<width$}  {:>7}  {:<8}  {:>9}  {:<19}  {}",
             function.name.as_str(),
             function.version,
             function.kind.to_string(),
+            crate::output::human_size(function.size),
+            crate::output::short_digest(function.digest.as_deref()),
             function.description
         );
     }
     Ok(())
 }
 
-async fn describe(connection: &ConnectionArgs, args: DescribeArgs) -> Result<(), Failure> {
+async fn describe(connection: &Connection<'_>, args: DescribeArgs) -> Result<(), Failure> {
     let metadata = client(connection)
         .await?
         .describe(&args.name, args.version)
@@ -320,7 +359,7 @@ async fn describe(connection: &ConnectionArgs, args: DescribeArgs) -> Result<(),
     Ok(())
 }
 
-fn print_json(value: &serde_json::Value) {
+pub fn print_json(value: &serde_json::Value) {
     match serde_json::to_string_pretty(value) {
         Ok(text) => println!("{text}"),
         Err(error) => eprintln!("error[internal]: {error}"),

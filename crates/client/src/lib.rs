@@ -22,6 +22,10 @@
 //! ```
 
 pub use async_nats;
+pub use mycelium_registry::{
+    ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig, OpenErrorKind,
+    Registry, RegistryAdmin, RollbackErrorKind, Versions,
+};
 
 use std::{path::PathBuf, time::Duration};
 
@@ -96,6 +100,8 @@ pub struct ConnectOptions {
     pub name: String,
     /// First token of the Mycelium subjects.
     pub subject_prefix: String,
+    /// Where the JetStream registry lives (for deploy, versions, rollback, delete).
+    pub registry: NatsRegistryConfig,
 }
 
 impl ConnectOptions {
@@ -109,6 +115,7 @@ impl ConnectOptions {
             tls_ca: None,
             name: "mycelium-client".into(),
             subject_prefix: "function".into(),
+            registry: NatsRegistryConfig::default(),
         }
     }
 
@@ -174,7 +181,9 @@ impl ConnectOptions {
     /// Connects and returns a Mycelium [`Client`].
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         let nats = self.connect_nats().await?;
-        Ok(Client::new(nats).with_subject_prefix(&self.subject_prefix))
+        Ok(Client::new(nats)
+            .with_subject_prefix(&self.subject_prefix)
+            .with_registry_config(self.registry.clone()))
     }
 }
 
@@ -188,12 +197,23 @@ pub struct InvokeOptions {
 }
 
 /// Invokes and discovers functions. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     nats: async_nats::Client,
     invoke_subject: String,
     list_subject: String,
     describe_subject: String,
+    registry_config: NatsRegistryConfig,
+    registry: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<NatsRegistry>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("invoke_subject", &self.invoke_subject)
+            .field("registry", &self.registry_config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -204,8 +224,42 @@ impl Client {
             invoke_subject: String::new(),
             list_subject: String::new(),
             describe_subject: String::new(),
+            registry_config: NatsRegistryConfig::default(),
+            registry: Default::default(),
         }
         .with_subject_prefix("function")
+    }
+
+    /// Uses these buckets and limits for the registry operations.
+    pub fn with_registry_config(mut self, config: NatsRegistryConfig) -> Self {
+        self.registry_config = config;
+        self.registry = Default::default();
+        self
+    }
+
+    /// The JetStream registry, opened on first use (creating its buckets if needed): deploy,
+    /// versions, rollback and delete go through it, straight to JetStream.
+    ///
+    /// ```no_run
+    /// use mycelium_client::{ArtifactSource, ConnectOptions, DeploySpec, RegistryAdmin};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = ConnectOptions::new("nats://127.0.0.1:4222").connect().await?;
+    /// let registry = client.registry().await?;
+    /// let spec = DeploySpec::plugin("resize".parse()?, ArtifactSource::File("target/release/resize".into()));
+    /// let deployed = registry.deploy(spec).await?;
+    /// registry.rollback(&deployed.name, 1).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn registry(&self) -> Result<std::sync::Arc<NatsRegistry>, mycelium_registry::OpenError> {
+        self.registry
+            .get_or_try_init(|| async {
+                NatsRegistry::open(self.nats.clone(), self.registry_config.clone())
+                    .await
+                    .map(std::sync::Arc::new)
+            })
+            .await
+            .cloned()
     }
 
     /// Uses `prefix` instead of `function` for all subjects.

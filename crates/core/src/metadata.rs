@@ -108,6 +108,8 @@ impl FunctionMetadata {
             version: self.version,
             kind: self.kind,
             description: self.description.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
         }
     }
 }
@@ -124,6 +126,12 @@ pub struct FunctionSummary {
     /// One line for people.
     #[serde(default)]
     pub description: String,
+    /// SHA-256 of the binary (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Size of the binary in bytes (plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 mod duration_ms {

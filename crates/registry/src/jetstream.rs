@@ -347,28 +347,33 @@ async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_na
     Ok(last)
 }
 
-/// Applies every change after `from`, resuming the watch if it breaks.
+/// Applies every change after `from`, resuming the watch if it breaks. A single failure is
+/// routine (a reconnect, the process shutting down); only repeated ones are warned about.
 async fn follow(kv: kv::Store, catalog: Arc<RwLock<Catalog>>, applied: watch::Sender<u64>, mut from: u64) {
+    let mut failures = 0u32;
     loop {
-        match kv.watch_all_from_revision(from + 1).await {
-            Ok(mut entries) => {
-                while let Some(entry) = entries.next().await {
-                    match entry {
-                        Ok(entry) => {
-                            apply(&catalog, &entry);
-                            from = from.max(entry.revision);
-                            applied.send_replace(from);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "registry watch interrupted; resuming");
-                            break;
-                        }
+        let error = match kv.watch_all_from_revision(from + 1).await {
+            Ok(mut entries) => loop {
+                match entries.next().await {
+                    Some(Ok(entry)) => {
+                        failures = 0;
+                        apply(&catalog, &entry);
+                        from = from.max(entry.revision);
+                        applied.send_replace(from);
                     }
+                    Some(Err(error)) => break error.to_string(),
+                    None => break "the watch ended".to_string(),
                 }
-            }
-            Err(error) => tracing::warn!(%error, "cannot watch the registry; retrying"),
+            },
+            Err(error) => error.to_string(),
+        };
+        failures += 1;
+        if failures >= 3 {
+            tracing::warn!(%error, failures, "the registry watch keeps failing; deployments may not reach this runtime");
+        } else {
+            tracing::debug!(%error, "registry watch interrupted; resuming");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250 * u64::from(failures.min(8)))).await;
     }
 }
 

@@ -50,6 +50,8 @@ pub enum StartErrorKind {
     Subscribe,
     /// The configuration is unusable.
     Config,
+    /// The registry could not be opened.
+    Registry,
 }
 
 /// A failed [`RuntimeBuilder::connect`] or [`Runtime::start`].
@@ -186,6 +188,14 @@ impl RuntimeBuilder {
             })?;
         self.build(client)
     }
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client, StartError> {
+    async_nats::ConnectOptions::new()
+        .name("mycelium-runtime")
+        .connect(url)
+        .await
+        .map_err(|e| StartError::with_source(StartErrorKind::Connect, format!("connecting to NATS at {url}"), e))
 }
 
 /// A runtime ready to start.

@@ -1,0 +1,148 @@
+//! `deploy`, `versions`, `rollback`, `delete`: straight to the JetStream registry.
+
+use std::{collections::BTreeMap, io::IsTerminal, sync::Arc, time::Instant};
+
+use mycelium_client::{
+    ArtifactSource, Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, OpenErrorKind, RegistryAdmin,
+    RollbackErrorKind,
+};
+use mycelium_core::{FunctionKind, FunctionName};
+
+use crate::{
+    args::{DeleteArgs, DeployArgs, RollbackArgs, VersionsArgs},
+    output::{error_chain, human_size, short_digest, Failure, EXIT_FAILED, EXIT_UNREACHABLE},
+    run::print_json,
+};
+
+async fn registry(client: &Client) -> Result<Arc<NatsRegistry>, Failure> {
+    client.registry().await.map_err(|e| {
+        let code = match e.kind() {
+            OpenErrorKind::NoJetStream => "no_jetstream",
+            OpenErrorKind::Storage => "registry",
+        };
+        Failure::new(code, error_chain(&e), EXIT_UNREACHABLE)
+    })
+}
+
+fn function_name(text: &str) -> Result<FunctionName, Failure> {
+    FunctionName::new(text).map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))
+}
+
+fn json_value(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
+    let name = function_name(&args.name)?;
+    let mut spec = match (&args.path, &args.builtin) {
+        (Some(path), _) => DeploySpec::plugin(name, ArtifactSource::File(path.clone())),
+        (None, Some(entry)) => DeploySpec::builtin(name, entry),
+        (None, None) => unreachable!("clap requires PATH or --builtin"),
+    };
+    spec.description = args.description;
+    spec.timeout = args.timeout;
+    spec.memory_mb = args.memory_mb;
+    spec.max_concurrency = args.max_concurrency;
+    spec.env = args.env.into_iter().collect::<BTreeMap<_, _>>();
+    spec.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+
+    // A progress bar only for a person watching; piped output stays clean.
+    let bar = (spec.kind == FunctionKind::Plugin && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_message("uploading");
+        bar
+    });
+    if let Some(bar) = &bar {
+        let bar = bar.clone();
+        spec.progress = Some(Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }));
+    }
+
+    let registry = registry(client).await?;
+    let started = Instant::now();
+    let result = registry.deploy(spec).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let metadata = result.map_err(|e| {
+        let code = match e.kind() {
+            DeployErrorKind::InvalidSpec => "invalid_request",
+            DeployErrorKind::ArtifactUnreadable => "artifact_unreadable",
+            DeployErrorKind::ArtifactEmpty => "artifact_empty",
+            DeployErrorKind::ArtifactTooLarge => "payload_too_large",
+            DeployErrorKind::Storage => "registry",
+        };
+        Failure::new(code, error_chain(&e), EXIT_FAILED)
+    })?;
+    if args.json {
+        print_json(&json_value(&*metadata));
+    } else {
+        println!(
+            "deployed {} v{} ({}, {}) in {:.2}s",
+            metadata.name,
+            metadata.version,
+            metadata.entry_point.as_deref().map_or_else(|| short_digest(metadata.digest.as_deref()), |e| format!("built-in {e}")),
+            human_size(metadata.size),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub async fn versions(client: &Client, args: VersionsArgs) -> Result<(), Failure> {
+    let name = function_name(&args.name)?;
+    let registry = registry(client).await?;
+    let versions = registry
+        .versions(&name)
+        .map_err(|e| Failure::new("function_not_found", e.to_string(), EXIT_FAILED))?;
+    if args.json {
+        let list: Vec<serde_json::Value> = versions.versions.iter().map(|m| json_value(&**m)).collect();
+        print_json(&serde_json::json!({"name": name, "active": versions.active, "versions": list}));
+        return Ok(());
+    }
+    println!("{:>7}  {:<6}  {:<8}  {:>9}  {:<19}  {:<20}  DESCRIPTION", "VERSION", "ACTIVE", "KIND", "SIZE", "DIGEST", "CREATED");
+    for meta in versions.versions.iter().rev() {
+        println!(
+            "{:>7}  {:<6}  {:<8}  {:>9}  {:<19}  {:<20}  {}",
+            meta.version,
+            if Some(meta.version) == versions.active { "*" } else { "" },
+            meta.kind.to_string(),
+            human_size(meta.size),
+            short_digest(meta.digest.as_deref()),
+            meta.created_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+            meta.description
+        );
+    }
+    Ok(())
+}
+
+pub async fn rollback(client: &Client, args: RollbackArgs) -> Result<(), Failure> {
+    let name = function_name(&args.name)?;
+    let registry = registry(client).await?;
+    let metadata = registry.rollback(&name, args.to).await.map_err(|e| {
+        let code = match e.kind() {
+            RollbackErrorKind::FunctionNotFound => "function_not_found",
+            RollbackErrorKind::VersionNotFound => "version_not_found",
+            RollbackErrorKind::Storage => "registry",
+        };
+        Failure::new(code, error_chain(&e), EXIT_FAILED)
+    })?;
+    println!("{} now runs version {}", metadata.name, metadata.version);
+    Ok(())
+}
+
+pub async fn delete(client: &Client, args: DeleteArgs) -> Result<(), Failure> {
+    let name = function_name(&args.name)?;
+    let registry = registry(client).await?;
+    registry.delete(&name).await.map_err(|e| {
+        let code = match e.kind() {
+            DeleteErrorKind::FunctionNotFound => "function_not_found",
+            DeleteErrorKind::Storage => "registry",
+        };
+        Failure::new(code, error_chain(&e), EXIT_FAILED)
+    })?;
+    println!("deleted {name}");
+    Ok(())
+}
