@@ -77,16 +77,31 @@ pub struct ConnectionArgs {
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
     /// KV bucket of function metadata.
-    #[arg(long, global = true, env = "MYCELIUM_FUNCTIONS_BUCKET", default_value = "mycelium_functions")]
+    #[arg(
+        long,
+        global = true,
+        env = "MYCELIUM_FUNCTIONS_BUCKET",
+        default_value = "mycelium_functions"
+    )]
     pub functions_bucket: String,
     /// Object Store bucket of function binaries.
-    #[arg(long, global = true, env = "MYCELIUM_ARTIFACTS_BUCKET", default_value = "mycelium_artifacts")]
+    #[arg(
+        long,
+        global = true,
+        env = "MYCELIUM_ARTIFACTS_BUCKET",
+        default_value = "mycelium_artifacts"
+    )]
     pub artifacts_bucket: String,
     /// Replicas of the buckets when they are created (3 on a 3-node cluster).
     #[arg(long, global = true, env = "MYCELIUM_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
     /// Versions kept per function (the active one is always kept).
-    #[arg(long, global = true, env = "MYCELIUM_KEEP_VERSIONS", default_value_t = 10)]
+    #[arg(
+        long,
+        global = true,
+        env = "MYCELIUM_KEEP_VERSIONS",
+        default_value_t = 10
+    )]
     pub keep_versions: usize,
     /// Largest binary accepted by deploy, in bytes.
     #[arg(long, global = true, env = "MYCELIUM_MAX_ARTIFACT_SIZE", default_value_t = 256 * 1024 * 1024)]

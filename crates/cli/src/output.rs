@@ -118,7 +118,10 @@ mod tests {
         assert_eq!(human_size(None), "-");
         assert_eq!(human_size(Some(512)), "512 B");
         assert_eq!(human_size(Some(10 * 1024 * 1024)), "10.0 MiB");
-        assert_eq!(short_digest(Some("sha256:0123456789abcdef0123")), "sha256:0123456789ab");
+        assert_eq!(
+            short_digest(Some("sha256:0123456789abcdef0123")),
+            "sha256:0123456789ab"
+        );
         assert_eq!(short_digest(None), "-");
     }
 }

@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, io::IsTerminal, sync::Arc, time::Instant};
 
 use mycelium_client::{
-    ArtifactSource, Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, OpenErrorKind, RegistryAdmin,
-    RollbackErrorKind,
+    ArtifactSource, Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry,
+    OpenErrorKind, RegistryAdmin, RollbackErrorKind,
 };
 use mycelium_core::{FunctionKind, FunctionName};
 
@@ -25,7 +25,8 @@ async fn registry(client: &Client) -> Result<Arc<NatsRegistry>, Failure> {
 }
 
 fn function_name(text: &str) -> Result<FunctionName, Failure> {
-    FunctionName::new(text).map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))
+    FunctionName::new(text)
+        .map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))
 }
 
 fn json_value(value: &impl serde::Serialize) -> serde_json::Value {
@@ -83,7 +84,10 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
             "deployed {} v{} ({}, {}) in {:.2}s",
             metadata.name,
             metadata.version,
-            metadata.entry_point.as_deref().map_or_else(|| short_digest(metadata.digest.as_deref()), |e| format!("built-in {e}")),
+            metadata.entry_point.as_deref().map_or_else(
+                || short_digest(metadata.digest.as_deref()),
+                |e| format!("built-in {e}")
+            ),
             human_size(metadata.size),
             started.elapsed().as_secs_f64()
         );
@@ -98,20 +102,30 @@ pub async fn versions(client: &Client, args: VersionsArgs) -> Result<(), Failure
         .versions(&name)
         .map_err(|e| Failure::new("function_not_found", e.to_string(), EXIT_FAILED))?;
     if args.json {
-        let list: Vec<serde_json::Value> = versions.versions.iter().map(|m| json_value(&**m)).collect();
+        let list: Vec<serde_json::Value> =
+            versions.versions.iter().map(|m| json_value(&**m)).collect();
         print_json(&serde_json::json!({"name": name, "active": versions.active, "versions": list}));
         return Ok(());
     }
-    println!("{:>7}  {:<6}  {:<8}  {:>9}  {:<19}  {:<20}  DESCRIPTION", "VERSION", "ACTIVE", "KIND", "SIZE", "DIGEST", "CREATED");
+    println!(
+        "{:>7}  {:<6}  {:<8}  {:>9}  {:<19}  {:<20}  DESCRIPTION",
+        "VERSION", "ACTIVE", "KIND", "SIZE", "DIGEST", "CREATED"
+    );
     for meta in versions.versions.iter().rev() {
         println!(
             "{:>7}  {:<6}  {:<8}  {:>9}  {:<19}  {:<20}  {}",
             meta.version,
-            if Some(meta.version) == versions.active { "*" } else { "" },
+            if Some(meta.version) == versions.active {
+                "*"
+            } else {
+                ""
+            },
             meta.kind.to_string(),
             human_size(meta.size),
             short_digest(meta.digest.as_deref()),
-            meta.created_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+            meta.created_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
             meta.description
         );
     }

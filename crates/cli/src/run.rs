@@ -12,8 +12,8 @@ use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 
 use crate::{
     args::{
-        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RegistryArgs, RegistryKind, RuntimeArgs,
-        ServeArgs, UpArgs,
+        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RegistryArgs,
+        RegistryKind, RuntimeArgs, ServeArgs, UpArgs,
     },
     output::{error_chain, Failure, EXIT_INTERNAL, EXIT_UNREACHABLE},
     registry_commands,
@@ -31,8 +31,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::List(args) => list(&connection, args).await,
         Command::Describe(args) => describe(&connection, args).await,
         Command::Deploy(args) => registry_commands::deploy(&client(&connection).await?, args).await,
-        Command::Versions(args) => registry_commands::versions(&client(&connection).await?, args).await,
-        Command::Rollback(args) => registry_commands::rollback(&client(&connection).await?, args).await,
+        Command::Versions(args) => {
+            registry_commands::versions(&client(&connection).await?, args).await
+        }
+        Command::Rollback(args) => {
+            registry_commands::rollback(&client(&connection).await?, args).await
+        }
         Command::Delete(args) => registry_commands::delete(&client(&connection).await?, args).await,
     }
 }
@@ -88,9 +92,10 @@ async fn start_runtime(
         .config(runtime_config(connection, args))
         .standard_builtins();
     if args.registry == RegistryKind::Jetstream {
-        let registry = mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
-            .await
-            .map_err(|e| Failure::new("registry", error_chain(&e), EXIT_UNREACHABLE))?;
+        let registry =
+            mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
+                .await
+                .map_err(|e| Failure::new("registry", error_chain(&e), EXIT_UNREACHABLE))?;
         builder = builder.registry(registry);
     }
     builder

@@ -36,12 +36,22 @@ fn stdout_json(output: &Output) -> Value {
     })
 }
 
-/// Kills a child process on drop, so a failing test leaves nothing running.
+/// Stops a child process on drop (SIGTERM, so `mycelium up` also stops its nats-server),
+/// so a failing test leaves nothing running.
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        if let Ok(None) = self.0.try_wait() {
+            terminate(self.0.id());
+            for _ in 0..500 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
@@ -243,5 +253,214 @@ fn unreachable_nats_is_a_clear_error() {
     assert!(
         stderr.starts_with("error[connection]: cannot connect to NATS"),
         "{stderr}"
+    );
+}
+
+/// `mycelium up` in the background, killed on drop; returns its NATS URL once ready.
+fn start_up(data_dir: &std::path::Path) -> (Running, String) {
+    let port = free_port();
+    let mut up = Running(
+        mycelium()
+            .args([
+                "up",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Press Ctrl-C") {
+        assert!(
+            stdout.read_line(&mut banner).unwrap() > 0,
+            "mycelium up exited early:\n{banner}"
+        );
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (up, format!("nats://127.0.0.1:{port}"))
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn deploy_versions_rollback_delete_through_the_cli() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (up, url) = start_up(data_dir.path());
+    let cli = |args: &[&str]| {
+        let mut full = vec!["--nats-url", url.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    };
+
+    let binary = data_dir.path().join("plugin.bin");
+    std::fs::write(&binary, vec![42u8; 4096]).unwrap();
+    let v1 = stdout_json(&cli(&[
+        "deploy",
+        "resize",
+        binary.to_str().unwrap(),
+        "--description",
+        "resizes",
+        "--timeout",
+        "5s",
+        "--env",
+        "MODE=fast",
+        "--label",
+        "team=media",
+        "--max-concurrency",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["kind"], "plugin");
+    assert_eq!(v1["size"], 4096);
+    assert_eq!(v1["timeoutMs"], 5000);
+    assert_eq!(v1["env"], json!({"MODE": "fast"}));
+    assert!(v1["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let human = cli(&["deploy", "resize", binary.to_str().unwrap()]);
+    assert!(human.status.success(), "{}", stderr_of(&human));
+    assert!(String::from_utf8_lossy(&human.stdout).starts_with("deployed resize v2 (sha256:"));
+
+    let alias = stdout_json(&cli(&["deploy", "hello", "--builtin", "example", "--json"]));
+    assert_eq!(alias["entryPoint"], "example");
+    let reply = stdout_json(&cli(&["invoke", "hello", "--id", "9"]));
+    assert_eq!(
+        reply["events"][0]["data"]["message"],
+        "Processed event 9 by function hello"
+    );
+
+    let versions = stdout_json(&cli(&["versions", "resize", "--json"]));
+    assert_eq!(versions["active"], 2);
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 2);
+    let table = String::from_utf8(cli(&["versions", "resize"]).stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim_start()
+            .starts_with("2  *"),
+        "{table}"
+    );
+
+    let list = stdout_json(&cli(&["list", "--json"]));
+    let resize = list["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "resize")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (resize["version"].clone(), resize["size"].clone()),
+        (json!(2), json!(4096))
+    );
+
+    let rolled = cli(&["rollback", "resize", "--to", "1"]);
+    assert_eq!(
+        String::from_utf8_lossy(&rolled.stdout).trim(),
+        "resize now runs version 1"
+    );
+    let described = stdout_json(&cli(&["describe", "resize", "--json"]));
+    assert_eq!(described["version"], 1);
+
+    let missing = cli(&["rollback", "resize", "--to", "7"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr_of(&missing).starts_with("error[version_not_found]"),
+        "{}",
+        stderr_of(&missing)
+    );
+
+    // Bad input is refused before anything is written.
+    let empty = data_dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    for (args, code) in [
+        (
+            vec!["deploy", "ghost", "/nonexistent/plugin"],
+            "artifact_unreadable",
+        ),
+        (
+            vec!["deploy", "ghost", empty.to_str().unwrap()],
+            "artifact_empty",
+        ),
+        (
+            vec!["deploy", "Ghost.Name", binary.to_str().unwrap()],
+            "invalid_function_name",
+        ),
+        (
+            vec![
+                "--max-artifact-size",
+                "100",
+                "deploy",
+                "ghost",
+                binary.to_str().unwrap(),
+            ],
+            "payload_too_large",
+        ),
+    ] {
+        let output = cli(&args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr_of(&output).starts_with(&format!("error[{code}]")),
+            "{args:?}: {}",
+            stderr_of(&output)
+        );
+    }
+    assert!(stderr_of(&cli(&["versions", "ghost"])).starts_with("error[function_not_found]"));
+
+    let deleted = cli(&["delete", "resize"]);
+    assert_eq!(
+        String::from_utf8_lossy(&deleted.stdout).trim(),
+        "deleted resize"
+    );
+    assert!(stderr_of(&cli(&["delete", "resize"])).starts_with("error[function_not_found]"));
+
+    // Deployments survive a restart of `mycelium up`: the store is in the data dir.
+    drop(up);
+    let (_up, url) = start_up(data_dir.path());
+    let list = run(&["--nats-url", &url, "list", "--json"]);
+    let names: Vec<String> = stdout_json(&list)["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["echo", "example", "hello"]);
+    let reply = stdout_json(&run(&["--nats-url", &url, "invoke", "hello", "--id", "10"]));
+    assert_eq!(reply["events"][0]["id"], "response-10");
+}
+
+#[test]
+fn registry_commands_need_jetstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = mycelium_natsd::ServerOptions::new(dir.path());
+    options.binary = Some(nats_server_binary());
+    options.jetstream = false;
+    let server = mycelium_natsd::NatsServer::spawn(&options).unwrap();
+    let output = run(&["--nats-url", server.url(), "versions", "anything"]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = stderr_of(&output);
+    assert!(stderr.starts_with("error[no_jetstream]"), "{stderr}");
+    assert!(stderr.contains("-js"), "{stderr}");
+    // A runtime on such a server can still serve the built-ins from memory.
+    let serve = mycelium()
+        .args(["--nats-url", server.url(), "serve"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(3));
+    assert!(
+        stderr_of(&serve).contains("--registry memory"),
+        "{}",
+        stderr_of(&serve)
     );
 }

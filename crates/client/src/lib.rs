@@ -23,8 +23,8 @@
 
 pub use async_nats;
 pub use mycelium_registry::{
-    ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig, OpenErrorKind,
-    Registry, RegistryAdmin, RollbackErrorKind, Versions,
+    ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
+    OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, Versions,
 };
 
 use std::{path::PathBuf, time::Duration};
@@ -251,7 +251,9 @@ impl Client {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn registry(&self) -> Result<std::sync::Arc<NatsRegistry>, mycelium_registry::OpenError> {
+    pub async fn registry(
+        &self,
+    ) -> Result<std::sync::Arc<NatsRegistry>, mycelium_registry::OpenError> {
         self.registry
             .get_or_try_init(|| async {
                 NatsRegistry::open(self.nats.clone(), self.registry_config.clone())

@@ -40,7 +40,11 @@ impl ArtifactCache {
     /// when present (warm), else downloaded from `registry`, checked against the pinned
     /// digest and size, and only then made visible. A mismatch is [`FetchErrorKind::Corrupt`]
     /// and leaves nothing behind.
-    pub async fn fetch(&self, registry: &dyn RegistryAdmin, metadata: &FunctionMetadata) -> Result<PathBuf, FetchError> {
+    pub async fn fetch(
+        &self,
+        registry: &dyn RegistryAdmin,
+        metadata: &FunctionMetadata,
+    ) -> Result<PathBuf, FetchError> {
         let (Some(pinned), Some(size)) = (metadata.digest.as_deref(), metadata.size) else {
             return Err(FetchError::new(
                 FetchErrorKind::NoArtifact,
@@ -48,7 +52,13 @@ impl ArtifactCache {
             ));
         };
         let object = digest::object_name(pinned).ok_or_else(|| {
-            FetchError::new(FetchErrorKind::Corrupt, format!("\"{}\" v{} pins a malformed digest {pinned:?}", metadata.name, metadata.version))
+            FetchError::new(
+                FetchErrorKind::Corrupt,
+                format!(
+                    "\"{}\" v{} pins a malformed digest {pinned:?}",
+                    metadata.name, metadata.version
+                ),
+            )
         })?;
         let path = self.dir.join(&object);
         if let Ok(existing) = tokio::fs::metadata(&path).await {
@@ -60,8 +70,12 @@ impl ArtifactCache {
             let _ = tokio::fs::remove_file(&path).await;
         }
 
-        let partial = self.dir.join(format!(".partial-{object}-{}", std::process::id()));
-        let result = self.download(registry, metadata, pinned, size, &partial).await;
+        let partial = self
+            .dir
+            .join(format!(".partial-{object}-{}", std::process::id()));
+        let result = self
+            .download(registry, metadata, pinned, size, &partial)
+            .await;
         if let Err(error) = result {
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(error);
@@ -88,10 +102,9 @@ impl ArtifactCache {
         let mut hasher = digest::Hasher::new();
         let mut buffer = vec![0; 256 * 1024];
         loop {
-            let read = reader
-                .read(&mut buffer)
-                .await
-                .map_err(|e| FetchError::with_source(FetchErrorKind::Storage, "downloading the binary", e))?;
+            let read = reader.read(&mut buffer).await.map_err(|e| {
+                FetchError::with_source(FetchErrorKind::Storage, "downloading the binary", e)
+            })?;
             if read == 0 {
                 break;
             }
@@ -111,17 +124,28 @@ impl ArtifactCache {
                 ),
             ));
         }
-        file.flush().await.map_err(|e| storage("flushing the binary".into(), e))?;
-        file.sync_all().await.map_err(|e| storage("syncing the binary".into(), e))?;
-        set_executable(partial).map_err(|e| storage(format!("making {} executable", partial.display()), e))
+        file.flush()
+            .await
+            .map_err(|e| storage("flushing the binary".into(), e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| storage("syncing the binary".into(), e))?;
+        set_executable(partial)
+            .map_err(|e| storage(format!("making {} executable", partial.display()), e))
     }
 
     /// Removes least-recently-used entries until the cache fits, never `keep`.
     fn evict(&self, keep: &Path) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
         let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("sha256-")))
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("sha256-"))
+            })
             .filter_map(|e| {
                 let meta = e.metadata().ok()?;
                 Some((meta.modified().ok()?, meta.len(), e.path()))

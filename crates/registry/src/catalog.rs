@@ -22,7 +22,11 @@ struct Entry {
 }
 
 impl Catalog {
-    pub fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError> {
+    pub fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError> {
         let entry = self.functions.get(name).ok_or_else(|| not_found(name))?;
         let version = match version.or(entry.active) {
             Some(version) => version,
@@ -47,7 +51,10 @@ impl Catalog {
     }
 
     /// Every kept version of `name` (oldest first) and the active one.
-    pub fn versions(&self, name: &FunctionName) -> Option<(Vec<Arc<FunctionMetadata>>, Option<u64>)> {
+    pub fn versions(
+        &self,
+        name: &FunctionName,
+    ) -> Option<(Vec<Arc<FunctionMetadata>>, Option<u64>)> {
         let entry = self.functions.get(name)?;
         if entry.active.is_none() && entry.versions.is_empty() {
             return None;

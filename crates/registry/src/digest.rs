@@ -47,8 +47,11 @@ pub fn digest_of(bytes: &[u8]) -> String {
 /// name and a file name. `None` for text that is not a Mycelium digest.
 pub fn object_name(digest: &str) -> Option<String> {
     let hex = digest.strip_prefix(DIGEST_PREFIX)?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| format!("sha256-{hex}"))
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| format!("sha256-{hex}"))
 }
 
 #[cfg(test)]
@@ -58,7 +61,10 @@ mod tests {
     #[test]
     fn known_digest_and_object_name() {
         let digest = digest_of(b"abc");
-        assert_eq!(digest, "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            digest,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(
             object_name(&digest).unwrap(),
             "sha256-ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

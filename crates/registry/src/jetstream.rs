@@ -26,9 +26,10 @@ use crate::{
     catalog::Catalog,
     digest,
     memory::{DEFAULT_KEEP_VERSIONS, DEFAULT_MAX_ARTIFACT_SIZE},
-    not_found, open_source, prepare, versions_to_prune, ArtifactReader, DeleteError, DeleteErrorKind, DeployError,
-    DeployErrorKind, DeploySpec, FetchError, FetchErrorKind, LookupError, PreparedArtifact, Progress, Registry,
-    RegistryAdmin, RollbackError, RollbackErrorKind, Versions,
+    not_found, open_source, prepare, versions_to_prune, ArtifactReader, DeleteError,
+    DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, FetchError, FetchErrorKind,
+    LookupError, PreparedArtifact, Progress, Registry, RegistryAdmin, RollbackError,
+    RollbackErrorKind, Versions,
 };
 
 /// Where and how the JetStream registry stores things.
@@ -120,37 +121,63 @@ fn parse_key(key: &str) -> Option<Key> {
     let name = FunctionName::new(name).ok()?;
     match tail {
         "active" => Some(Key::Active(name)),
-        _ => tail.strip_prefix("v.")?.parse().ok().map(|v| Key::Version(name, v)),
+        _ => tail
+            .strip_prefix("v.")?
+            .parse()
+            .ok()
+            .map(|v| Key::Version(name, v)),
     }
 }
 
-fn storage<K: Clone>(kind: K, what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error<K> {
+fn storage<K: Clone>(
+    kind: K,
+    what: String,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error<K> {
     Error::with_source(kind, what, e)
 }
 
 /// Applies one KV entry to the catalog; unknown keys and malformed values are skipped.
 fn apply(catalog: &RwLock<Catalog>, entry: &kv::Entry) {
-    let Some(key) = parse_key(&entry.key) else { return };
+    let Some(key) = parse_key(&entry.key) else {
+        return;
+    };
     let mut catalog = catalog.write().unwrap_or_else(|e| e.into_inner());
-    let removed = matches!(entry.operation, kv::Operation::Delete | kv::Operation::Purge);
+    let removed = matches!(
+        entry.operation,
+        kv::Operation::Delete | kv::Operation::Purge
+    );
     match key {
         Key::Version(name, version) if removed => catalog.remove_version(&name, version),
-        Key::Version(name, version) => match serde_json::from_slice::<FunctionMetadata>(&entry.value) {
-            Ok(meta) if meta.name == name && meta.version == version => catalog.insert_version(Arc::new(meta)),
-            Ok(_) => tracing::warn!(key = %entry.key, "metadata does not match its key; ignored"),
-            Err(error) => tracing::warn!(key = %entry.key, %error, "unreadable metadata; ignored"),
-        },
+        Key::Version(name, version) => {
+            match serde_json::from_slice::<FunctionMetadata>(&entry.value) {
+                Ok(meta) if meta.name == name && meta.version == version => {
+                    catalog.insert_version(Arc::new(meta))
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %entry.key, "metadata does not match its key; ignored")
+                }
+                Err(error) => {
+                    tracing::warn!(key = %entry.key, %error, "unreadable metadata; ignored")
+                }
+            }
+        }
         Key::Active(name) if removed => catalog.set_active(&name, None),
         Key::Active(name) => match serde_json::from_slice::<ActivePointer>(&entry.value) {
             Ok(pointer) => catalog.set_active(&name, Some(pointer.version)),
-            Err(error) => tracing::warn!(key = %entry.key, %error, "unreadable active pointer; ignored"),
+            Err(error) => {
+                tracing::warn!(key = %entry.key, %error, "unreadable active pointer; ignored")
+            }
         },
     }
 }
 
 impl NatsRegistry {
     /// Opens (creating on first use) the buckets, loads the catalog, and keeps it current.
-    pub async fn open(client: async_nats::Client, config: NatsRegistryConfig) -> Result<Self, OpenError> {
+    pub async fn open(
+        client: async_nats::Client,
+        config: NatsRegistryConfig,
+    ) -> Result<Self, OpenError> {
         let js = jetstream::new(client);
         if let Err(error) = js.query_account().await {
             return Err(OpenError::with_source(
@@ -172,7 +199,13 @@ impl NatsRegistry {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| storage(OpenErrorKind::Storage, format!("creating the KV bucket {}", config.functions_bucket), e))?,
+                .map_err(|e| {
+                    storage(
+                        OpenErrorKind::Storage,
+                        format!("creating the KV bucket {}", config.functions_bucket),
+                        e,
+                    )
+                })?,
         };
         let objects = match js.get_object_store(&config.artifacts_bucket).await {
             Ok(objects) => objects,
@@ -186,14 +219,25 @@ impl NatsRegistry {
                 })
                 .await
                 .map_err(|e| {
-                    storage(OpenErrorKind::Storage, format!("creating the Object Store bucket {}", config.artifacts_bucket), e)
+                    storage(
+                        OpenErrorKind::Storage,
+                        format!(
+                            "creating the Object Store bucket {}",
+                            config.artifacts_bucket
+                        ),
+                        e,
+                    )
                 })?,
         };
 
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let (applied_tx, applied) = watch::channel(0);
         let last = load(&kv, &catalog).await.map_err(|e| {
-            OpenError::with_source(OpenErrorKind::Storage, format!("loading the registry from {}", config.functions_bucket), e)
+            OpenError::with_source(
+                OpenErrorKind::Storage,
+                format!("loading the registry from {}", config.functions_bucket),
+                e,
+            )
         })?;
         applied_tx.send_replace(last);
         let watcher = tokio::spawn(follow(kv.clone(), catalog.clone(), applied_tx, last));
@@ -224,13 +268,18 @@ impl NatsRegistry {
     async fn next_version(&self, name: &FunctionName) -> Result<u64, DeployError> {
         let key = counter_key(name);
         let failed = |e: &dyn std::fmt::Display| {
-            DeployError::new(DeployErrorKind::Storage, format!("allocating a version for \"{name}\": {e}"))
+            DeployError::new(
+                DeployErrorKind::Storage,
+                format!("allocating a version for \"{name}\": {e}"),
+            )
         };
         // Compare-and-set on the counter's revision: racing deploys each get their own number.
         for _ in 0..100 {
             match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
                 Some(entry) if entry.operation == kv::Operation::Put => {
-                    let last = serde_json::from_slice::<Counter>(&entry.value).map_err(|e| failed(&e))?.last;
+                    let last = serde_json::from_slice::<Counter>(&entry.value)
+                        .map_err(|e| failed(&e))?
+                        .last;
                     let next = json(&Counter { last: last + 1 });
                     match self.kv.update(key.as_str(), next, entry.revision).await {
                         Ok(_) => return Ok(last + 1),
@@ -238,33 +287,51 @@ impl NatsRegistry {
                         Err(e) => return Err(failed(&e)),
                     }
                 }
-                _ => match self.kv.create(key.as_str(), json(&Counter { last: 1 })).await {
+                _ => match self
+                    .kv
+                    .create(key.as_str(), json(&Counter { last: 1 }))
+                    .await
+                {
                     Ok(_) => return Ok(1),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                     Err(e) => return Err(failed(&e)),
                 },
             }
         }
-        Err(failed(&"too many concurrent deploys of the same name; retry"))
+        Err(failed(
+            &"too many concurrent deploys of the same name; retry",
+        ))
     }
 
     /// Moves the active pointer to `version` unless a newer version is already active.
     async fn advance_active(&self, name: &FunctionName, version: u64) -> Result<(), DeployError> {
         let key = active_key(name);
         let failed = |e: &dyn std::fmt::Display| {
-            DeployError::new(DeployErrorKind::Storage, format!("activating \"{name}\" v{version}: {e}"))
+            DeployError::new(
+                DeployErrorKind::Storage,
+                format!("activating \"{name}\" v{version}: {e}"),
+            )
         };
         for _ in 0..100 {
             let value = json(&ActivePointer { version });
             let written = match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
                 Some(entry) if entry.operation == kv::Operation::Put => {
-                    let current = serde_json::from_slice::<ActivePointer>(&entry.value).map(|p| p.version).unwrap_or(0);
+                    let current = serde_json::from_slice::<ActivePointer>(&entry.value)
+                        .map(|p| p.version)
+                        .unwrap_or(0);
                     if current >= version {
                         return Ok(());
                     }
-                    self.kv.update(key.as_str(), value, entry.revision).await.map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
+                    self.kv
+                        .update(key.as_str(), value, entry.revision)
+                        .await
+                        .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
                 }
-                _ => self.kv.create(key.as_str(), value).await.map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+                _ => self
+                    .kv
+                    .create(key.as_str(), value)
+                    .await
+                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
             };
             match written {
                 Ok(_) => return Ok(()),
@@ -276,8 +343,13 @@ impl NatsRegistry {
     }
 
     /// Uploads the binary unless an object with its digest is already stored.
-    async fn store_artifact(&self, artifact: &PreparedArtifact, progress: Option<&Progress>) -> Result<(), DeployError> {
-        let name = digest::object_name(&artifact.digest).expect("digests we compute are well-formed");
+    async fn store_artifact(
+        &self,
+        artifact: &PreparedArtifact,
+        progress: Option<&Progress>,
+    ) -> Result<(), DeployError> {
+        let name =
+            digest::object_name(&artifact.digest).expect("digests we compute are well-formed");
         if let Ok(info) = self.objects.info(&name).await {
             if !info.deleted && info.size as u64 == artifact.size {
                 if let Some(progress) = progress {
@@ -297,7 +369,13 @@ impl NatsRegistry {
             .objects
             .put(name.as_str(), &mut reader)
             .await
-            .map_err(|e| storage(DeployErrorKind::Storage, format!("uploading the binary to {}", self.config.artifacts_bucket), e))?;
+            .map_err(|e| {
+                storage(
+                    DeployErrorKind::Storage,
+                    format!("uploading the binary to {}", self.config.artifacts_bucket),
+                    e,
+                )
+            })?;
         if info.size as u64 != artifact.size {
             let _ = self.objects.delete(&name).await;
             return Err(DeployError::new(
@@ -317,7 +395,9 @@ impl NatsRegistry {
             if let Some(name) = digest::object_name(&digest) {
                 match self.objects.delete(&name).await {
                     Ok(()) => tracing::debug!(%digest, "deleted an unreferenced binary"),
-                    Err(error) => tracing::debug!(%digest, %error, "could not delete an unreferenced binary"),
+                    Err(error) => {
+                        tracing::debug!(%digest, %error, "could not delete an unreferenced binary")
+                    }
                 }
             }
         }
@@ -325,7 +405,9 @@ impl NatsRegistry {
 }
 
 fn json(value: &impl Serialize) -> bytes::Bytes {
-    serde_json::to_vec(value).expect("registry records serialize").into()
+    serde_json::to_vec(value)
+        .expect("registry records serialize")
+        .into()
 }
 
 /// Loads every current key into the catalog; returns the last revision seen.
@@ -349,7 +431,12 @@ async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_na
 
 /// Applies every change after `from`, resuming the watch if it breaks. A single failure is
 /// routine (a reconnect, the process shutting down); only repeated ones are warned about.
-async fn follow(kv: kv::Store, catalog: Arc<RwLock<Catalog>>, applied: watch::Sender<u64>, mut from: u64) {
+async fn follow(
+    kv: kv::Store,
+    catalog: Arc<RwLock<Catalog>>,
+    applied: watch::Sender<u64>,
+    mut from: u64,
+) {
     let mut failures = 0u32;
     loop {
         let error = match kv.watch_all_from_revision(from + 1).await {
@@ -378,7 +465,11 @@ async fn follow(kv: kv::Store, catalog: Arc<RwLock<Catalog>>, applied: watch::Se
 }
 
 impl Registry for NatsRegistry {
-    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError> {
+    fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError> {
         self.catalog().get(name, version)
     }
 
@@ -392,7 +483,8 @@ impl RegistryAdmin for NatsRegistry {
     async fn deploy(&self, spec: DeploySpec) -> Result<Arc<FunctionMetadata>, DeployError> {
         let artifact = prepare(&spec, self.config.max_artifact_size).await?;
         if let Some(artifact) = &artifact {
-            self.store_artifact(artifact, spec.progress.as_ref()).await?;
+            self.store_artifact(artifact, spec.progress.as_ref())
+                .await?;
         }
         // Only now, with the binary stored, does anything point at it.
         let version = self.next_version(&spec.name).await?;
@@ -400,7 +492,13 @@ impl RegistryAdmin for NatsRegistry {
         self.kv
             .put(version_key(&spec.name, version), json(&*metadata))
             .await
-            .map_err(|e| storage(DeployErrorKind::Storage, format!("writing the metadata of \"{}\" v{version}", spec.name), e))?;
+            .map_err(|e| {
+                storage(
+                    DeployErrorKind::Storage,
+                    format!("writing the metadata of \"{}\" v{version}", spec.name),
+                    e,
+                )
+            })?;
         // A concurrent delete elsewhere may have collected the object between upload and
         // metadata; store it again so the version we publish is always runnable.
         if let Some(artifact) = &artifact {
@@ -411,9 +509,16 @@ impl RegistryAdmin for NatsRegistry {
         let (kept, active) = {
             let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
             catalog.insert_version(metadata.clone());
-            let active = catalog.get(&spec.name, None).map(|m| m.version).unwrap_or(version).max(version);
+            let active = catalog
+                .get(&spec.name, None)
+                .map(|m| m.version)
+                .unwrap_or(version)
+                .max(version);
             catalog.set_active(&spec.name, Some(active));
-            let kept: Vec<Arc<FunctionMetadata>> = catalog.versions(&spec.name).map(|(v, _)| v).unwrap_or_default();
+            let kept: Vec<Arc<FunctionMetadata>> = catalog
+                .versions(&spec.name)
+                .map(|(v, _)| v)
+                .unwrap_or_default();
             (kept, active)
         };
         let numbers: Vec<u64> = kept.iter().map(|m| m.version).collect();
@@ -425,32 +530,65 @@ impl RegistryAdmin for NatsRegistry {
             }
             let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
             catalog.remove_version(&spec.name, old);
-            dropped_digests.extend(kept.iter().filter(|m| m.version == old).filter_map(|m| m.digest.clone()));
+            dropped_digests.extend(
+                kept.iter()
+                    .filter(|m| m.version == old)
+                    .filter_map(|m| m.digest.clone()),
+            );
         }
         self.collect_garbage(dropped_digests).await;
         Ok(metadata)
     }
 
     fn versions(&self, name: &FunctionName) -> Result<Versions, LookupError> {
-        let (versions, active) = self.catalog().versions(name).ok_or_else(|| not_found(name))?;
+        let (versions, active) = self
+            .catalog()
+            .versions(name)
+            .ok_or_else(|| not_found(name))?;
         Ok(Versions { versions, active })
     }
 
-    async fn rollback(&self, name: &FunctionName, version: u64) -> Result<Arc<FunctionMetadata>, RollbackError> {
-        let failed = |e: &dyn std::fmt::Display| RollbackError::new(RollbackErrorKind::Storage, format!("rolling back \"{name}\": {e}"));
+    async fn rollback(
+        &self,
+        name: &FunctionName,
+        version: u64,
+    ) -> Result<Arc<FunctionMetadata>, RollbackError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            RollbackError::new(
+                RollbackErrorKind::Storage,
+                format!("rolling back \"{name}\": {e}"),
+            )
+        };
         // Read the store, not the snapshot: the version must exist now, wherever it was written.
-        let stored = self.kv.get(version_key(name, version)).await.map_err(|e| failed(&e))?;
+        let stored = self
+            .kv
+            .get(version_key(name, version))
+            .await
+            .map_err(|e| failed(&e))?;
         let Some(stored) = stored else {
-            let known = self.kv.get(counter_key(name)).await.map_err(|e| failed(&e))?.is_some()
+            let known = self
+                .kv
+                .get(counter_key(name))
+                .await
+                .map_err(|e| failed(&e))?
+                .is_some()
                 && self.catalog().versions(name).is_some();
             return Err(if known {
-                let kept = self.catalog().versions(name).map(|(v, _)| v).unwrap_or_default();
+                let kept = self
+                    .catalog()
+                    .versions(name)
+                    .map(|(v, _)| v)
+                    .unwrap_or_default();
                 RollbackError::new(
                     RollbackErrorKind::VersionNotFound,
-                    crate::version_not_found(name, version, kept.iter().map(|m| m.version)).to_string(),
+                    crate::version_not_found(name, version, kept.iter().map(|m| m.version))
+                        .to_string(),
                 )
             } else {
-                RollbackError::new(RollbackErrorKind::FunctionNotFound, not_found(name).to_string())
+                RollbackError::new(
+                    RollbackErrorKind::FunctionNotFound,
+                    not_found(name).to_string(),
+                )
             });
         };
         let metadata: FunctionMetadata = serde_json::from_slice(&stored).map_err(|e| failed(&e))?;
@@ -466,36 +604,78 @@ impl RegistryAdmin for NatsRegistry {
     }
 
     async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError> {
-        let failed = |e: &dyn std::fmt::Display| DeleteError::new(DeleteErrorKind::Storage, format!("deleting \"{name}\": {e}"));
-        let active = self.kv.get(active_key(name)).await.map_err(|e| failed(&e))?;
-        let kept = self.catalog().versions(name).map(|(v, _)| v).unwrap_or_default();
+        let failed = |e: &dyn std::fmt::Display| {
+            DeleteError::new(
+                DeleteErrorKind::Storage,
+                format!("deleting \"{name}\": {e}"),
+            )
+        };
+        let active = self
+            .kv
+            .get(active_key(name))
+            .await
+            .map_err(|e| failed(&e))?;
+        let kept = self
+            .catalog()
+            .versions(name)
+            .map(|(v, _)| v)
+            .unwrap_or_default();
         if active.is_none() && kept.is_empty() {
-            return Err(DeleteError::new(DeleteErrorKind::FunctionNotFound, not_found(name).to_string()));
+            return Err(DeleteError::new(
+                DeleteErrorKind::FunctionNotFound,
+                not_found(name).to_string(),
+            ));
         }
         // The pointer goes first: from then on nobody resolves the function.
-        self.kv.purge(active_key(name)).await.map_err(|e| failed(&e))?;
+        self.kv
+            .purge(active_key(name))
+            .await
+            .map_err(|e| failed(&e))?;
         for meta in &kept {
-            self.kv.purge(version_key(name, meta.version)).await.map_err(|e| failed(&e))?;
+            self.kv
+                .purge(version_key(name, meta.version))
+                .await
+                .map_err(|e| failed(&e))?;
         }
-        self.catalog.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.catalog
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         let digests: Vec<String> = kept.iter().filter_map(|m| m.digest.clone()).collect();
         self.collect_garbage(digests).await;
         Ok(())
     }
 
-    async fn read_artifact(&self, metadata: &FunctionMetadata) -> Result<ArtifactReader, FetchError> {
+    async fn read_artifact(
+        &self,
+        metadata: &FunctionMetadata,
+    ) -> Result<ArtifactReader, FetchError> {
         let digest = metadata.digest.as_deref().ok_or_else(|| {
-            FetchError::new(FetchErrorKind::NoArtifact, format!("\"{}\" v{} has no binary", metadata.name, metadata.version))
+            FetchError::new(
+                FetchErrorKind::NoArtifact,
+                format!("\"{}\" v{} has no binary", metadata.name, metadata.version),
+            )
         })?;
-        let name = digest::object_name(digest)
-            .ok_or_else(|| FetchError::new(FetchErrorKind::Corrupt, format!("malformed digest {digest:?}")))?;
+        let name = digest::object_name(digest).ok_or_else(|| {
+            FetchError::new(
+                FetchErrorKind::Corrupt,
+                format!("malformed digest {digest:?}"),
+            )
+        })?;
         match self.objects.get(&name).await {
             Ok(object) => Ok(Box::pin(object)),
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => Err(FetchError::new(
                 FetchErrorKind::Missing,
-                format!("the binary {digest} of \"{}\" v{} is missing from {}; deploy it again", metadata.name, metadata.version, self.config.artifacts_bucket),
+                format!(
+                    "the binary {digest} of \"{}\" v{} is missing from {}; deploy it again",
+                    metadata.name, metadata.version, self.config.artifacts_bucket
+                ),
             )),
-            Err(e) => Err(storage(FetchErrorKind::Storage, format!("downloading {name}"), e)),
+            Err(e) => Err(storage(
+                FetchErrorKind::Storage,
+                format!("downloading {name}"),
+                e,
+            )),
         }
     }
 }

@@ -18,7 +18,9 @@ mod memory;
 use std::{collections::BTreeMap, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use mycelium_core::{Error, ErrorCode, FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError};
+use mycelium_core::{
+    Error, ErrorCode, FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
+};
 
 pub use cache::ArtifactCache;
 pub use jetstream::{NatsRegistry, NatsRegistryConfig, OpenError, OpenErrorKind};
@@ -51,7 +53,11 @@ pub fn protocol_error(err: LookupError) -> ProtocolError {
 /// A catalogue of function versions and which one of each is active.
 pub trait Registry: Send + Sync + 'static {
     /// The metadata of `name` at `version`, or at its active version when `None`.
-    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError>;
+    fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError>;
 
     /// Every function at its active version, sorted by name.
     fn list(&self) -> Vec<FunctionSummary>;
@@ -66,7 +72,11 @@ pub fn not_found(name: &FunctionName) -> LookupError {
 }
 
 /// The error for a version that is not (or no longer) kept.
-pub fn version_not_found(name: &FunctionName, version: u64, kept: impl Iterator<Item = u64>) -> LookupError {
+pub fn version_not_found(
+    name: &FunctionName,
+    version: u64,
+    kept: impl Iterator<Item = u64>,
+) -> LookupError {
     let kept: Vec<String> = kept.map(|v| v.to_string()).collect();
     LookupError::new(
         LookupErrorKind::VersionNotFound,
@@ -126,10 +136,20 @@ impl DeploySpec {
 
     /// A deployment that runs the built-in `entry_point` under `name`.
     pub fn builtin(name: FunctionName, entry_point: &str) -> Self {
-        Self::new(name, FunctionKind::Builtin, None, Some(entry_point.to_owned()))
+        Self::new(
+            name,
+            FunctionKind::Builtin,
+            None,
+            Some(entry_point.to_owned()),
+        )
     }
 
-    fn new(name: FunctionName, kind: FunctionKind, artifact: Option<ArtifactSource>, entry_point: Option<String>) -> Self {
+    fn new(
+        name: FunctionName,
+        kind: FunctionKind,
+        artifact: Option<ArtifactSource>,
+        entry_point: Option<String>,
+    ) -> Self {
         Self {
             name,
             kind,
@@ -147,7 +167,11 @@ impl DeploySpec {
     }
 
     /// The metadata record of this spec at `version`, with the artifact's pin.
-    pub(crate) fn metadata(&self, version: u64, artifact: Option<&PreparedArtifact>) -> FunctionMetadata {
+    pub(crate) fn metadata(
+        &self,
+        version: u64,
+        artifact: Option<&PreparedArtifact>,
+    ) -> FunctionMetadata {
         FunctionMetadata {
             name: self.name.clone(),
             version,
@@ -259,14 +283,21 @@ pub trait RegistryAdmin: Registry {
     fn versions(&self, name: &FunctionName) -> Result<Versions, LookupError>;
 
     /// Makes a kept version active again.
-    async fn rollback(&self, name: &FunctionName, version: u64) -> Result<Arc<FunctionMetadata>, RollbackError>;
+    async fn rollback(
+        &self,
+        name: &FunctionName,
+        version: u64,
+    ) -> Result<Arc<FunctionMetadata>, RollbackError>;
 
     /// Removes the function and its versions. Version numbers are not reused afterwards.
     async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError>;
 
     /// The stored bytes of the binary `metadata` pins, unverified: callers verify against
     /// the pin ([`ArtifactCache::fetch`] does).
-    async fn read_artifact(&self, metadata: &FunctionMetadata) -> Result<ArtifactReader, FetchError>;
+    async fn read_artifact(
+        &self,
+        metadata: &FunctionMetadata,
+    ) -> Result<ArtifactReader, FetchError>;
 }
 
 /// A binary measured before it is stored.
@@ -277,29 +308,46 @@ pub(crate) struct PreparedArtifact {
 }
 
 /// Checks the spec and measures the binary (streaming files through SHA-256).
-pub(crate) async fn prepare(spec: &DeploySpec, max_size: u64) -> Result<Option<PreparedArtifact>, DeployError> {
+pub(crate) async fn prepare(
+    spec: &DeploySpec,
+    max_size: u64,
+) -> Result<Option<PreparedArtifact>, DeployError> {
     let invalid = |message: String| DeployError::new(DeployErrorKind::InvalidSpec, message);
     match (spec.kind, &spec.artifact, &spec.entry_point) {
-        (FunctionKind::Plugin, None, _) => return Err(invalid(format!("plugin \"{}\" needs a binary to deploy", spec.name))),
-        (FunctionKind::Builtin, Some(_), _) => {
-            return Err(invalid("a built-in function runs code compiled into the runtime; deploy it without a binary".into()))
+        (FunctionKind::Plugin, None, _) => {
+            return Err(invalid(format!(
+                "plugin \"{}\" needs a binary to deploy",
+                spec.name
+            )))
         }
+        (FunctionKind::Builtin, Some(_), _) => return Err(invalid(
+            "a built-in function runs code compiled into the runtime; deploy it without a binary"
+                .into(),
+        )),
         (FunctionKind::Builtin, None, None) => {
-            return Err(invalid("a built-in deployment needs an entry point: the built-in to run".into()))
+            return Err(invalid(
+                "a built-in deployment needs an entry point: the built-in to run".into(),
+            ))
         }
         _ => {}
     }
     if let Some(entry) = &spec.entry_point {
         if FunctionName::new(entry).is_err() {
-            return Err(invalid(format!("entry point {entry:?} is not a valid function name")));
+            return Err(invalid(format!(
+                "entry point {entry:?} is not a valid function name"
+            )));
         }
     }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains(['=', '\0']) {
-            return Err(invalid(format!("environment variable name {key:?} is not valid")));
+            return Err(invalid(format!(
+                "environment variable name {key:?} is not valid"
+            )));
         }
     }
-    let Some(source) = &spec.artifact else { return Ok(None) };
+    let Some(source) = &spec.artifact else {
+        return Ok(None);
+    };
     let (digest, size) = match source {
         ArtifactSource::Bytes(bytes) => {
             check_size(bytes.len() as u64, max_size, &spec.name)?;
@@ -330,10 +378,18 @@ fn check_size(size: u64, max_size: u64, name: &FunctionName) -> Result<(), Deplo
     Ok(())
 }
 
-async fn hash_file(path: &std::path::Path, max_size: u64, name: &FunctionName) -> Result<(String, u64), DeployError> {
+async fn hash_file(
+    path: &std::path::Path,
+    max_size: u64,
+    name: &FunctionName,
+) -> Result<(String, u64), DeployError> {
     use tokio::io::AsyncReadExt;
     let unreadable = |e: std::io::Error| {
-        DeployError::with_source(DeployErrorKind::ArtifactUnreadable, format!("cannot read the binary {}", path.display()), e)
+        DeployError::with_source(
+            DeployErrorKind::ArtifactUnreadable,
+            format!("cannot read the binary {}", path.display()),
+            e,
+        )
     };
     let mut file = tokio::fs::File::open(path).await.map_err(unreadable)?;
     let meta = file.metadata().await.map_err(unreadable)?;
@@ -360,13 +416,21 @@ async fn hash_file(path: &std::path::Path, max_size: u64, name: &FunctionName) -
 }
 
 /// Opens the source of a prepared artifact for reading.
-pub(crate) async fn open_source(artifact: &PreparedArtifact) -> Result<ArtifactReader, DeployError> {
+pub(crate) async fn open_source(
+    artifact: &PreparedArtifact,
+) -> Result<ArtifactReader, DeployError> {
     match &artifact.source {
         ArtifactSource::Bytes(bytes) => Ok(Box::pin(std::io::Cursor::new(bytes.clone()))),
         ArtifactSource::File(path) => tokio::fs::File::open(path)
             .await
             .map(|f| Box::pin(f) as ArtifactReader)
-            .map_err(|e| DeployError::with_source(DeployErrorKind::ArtifactUnreadable, format!("cannot read the binary {}", path.display()), e)),
+            .map_err(|e| {
+                DeployError::with_source(
+                    DeployErrorKind::ArtifactUnreadable,
+                    format!("cannot read the binary {}", path.display()),
+                    e,
+                )
+            }),
     }
 }
 
@@ -375,7 +439,11 @@ pub(crate) fn versions_to_prune(versions: &[u64], active: Option<u64>, keep: usi
     let mut sorted = versions.to_vec();
     sorted.sort_unstable();
     let cut = sorted.len().saturating_sub(keep.max(1));
-    sorted[..cut].iter().copied().filter(|v| Some(*v) != active).collect()
+    sorted[..cut]
+        .iter()
+        .copied()
+        .filter(|v| Some(*v) != active)
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@ use mycelium_core::{FunctionMetadata, FunctionName, FunctionSummary};
 use tokio::io::AsyncReadExt;
 
 use crate::{
-    catalog::Catalog, not_found, open_source, prepare, versions_to_prune, ArtifactReader, DeleteError, DeleteErrorKind,
-    DeployError, DeployErrorKind, DeploySpec, FetchError, FetchErrorKind, LookupError, Registry, RegistryAdmin,
-    RollbackError, RollbackErrorKind, Versions,
+    catalog::Catalog, not_found, open_source, prepare, versions_to_prune, ArtifactReader,
+    DeleteError, DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, FetchError,
+    FetchErrorKind, LookupError, Registry, RegistryAdmin, RollbackError, RollbackErrorKind,
+    Versions,
 };
 
 /// Default number of versions kept per function.
@@ -86,7 +87,11 @@ impl MemoryRegistry {
 }
 
 impl Registry for MemoryRegistry {
-    fn get(&self, name: &FunctionName, version: Option<u64>) -> Result<Arc<FunctionMetadata>, LookupError> {
+    fn get(
+        &self,
+        name: &FunctionName,
+        version: Option<u64>,
+    ) -> Result<Arc<FunctionMetadata>, LookupError> {
         self.read().catalog.get(name, version)
     }
 
@@ -106,7 +111,13 @@ impl RegistryAdmin for MemoryRegistry {
                     .await?
                     .read_to_end(&mut bytes)
                     .await
-                    .map_err(|e| DeployError::with_source(DeployErrorKind::ArtifactUnreadable, "reading the binary", e))?;
+                    .map_err(|e| {
+                        DeployError::with_source(
+                            DeployErrorKind::ArtifactUnreadable,
+                            "reading the binary",
+                            e,
+                        )
+                    })?;
                 if let Some(progress) = &spec.progress {
                     progress(artifact.size, artifact.size);
                 }
@@ -120,7 +131,10 @@ impl RegistryAdmin for MemoryRegistry {
         let version = *counter;
         let metadata = Arc::new(spec.metadata(version, artifact.as_ref()));
         if let (Some(artifact), Some(bytes)) = (&artifact, bytes) {
-            state.artifacts.entry(artifact.digest.clone()).or_insert(bytes);
+            state
+                .artifacts
+                .entry(artifact.digest.clone())
+                .or_insert(bytes);
         }
         state.catalog.insert_version(metadata.clone());
         state.catalog.set_active(&spec.name, Some(version));
@@ -137,11 +151,19 @@ impl RegistryAdmin for MemoryRegistry {
     }
 
     fn versions(&self, name: &FunctionName) -> Result<Versions, LookupError> {
-        let (versions, active) = self.read().catalog.versions(name).ok_or_else(|| not_found(name))?;
+        let (versions, active) = self
+            .read()
+            .catalog
+            .versions(name)
+            .ok_or_else(|| not_found(name))?;
         Ok(Versions { versions, active })
     }
 
-    async fn rollback(&self, name: &FunctionName, version: u64) -> Result<Arc<FunctionMetadata>, RollbackError> {
+    async fn rollback(
+        &self,
+        name: &FunctionName,
+        version: u64,
+    ) -> Result<Arc<FunctionMetadata>, RollbackError> {
         let mut state = self.write();
         let metadata = state.catalog.get(name, Some(version)).map_err(|e| {
             let kind = match e.kind() {
@@ -158,24 +180,38 @@ impl RegistryAdmin for MemoryRegistry {
     async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError> {
         let mut state = self.write();
         if !state.catalog.remove(name) {
-            return Err(DeleteError::new(DeleteErrorKind::FunctionNotFound, not_found(name).to_string()));
+            return Err(DeleteError::new(
+                DeleteErrorKind::FunctionNotFound,
+                not_found(name).to_string(),
+            ));
         }
         collect_garbage(&mut state);
         Ok(())
     }
 
-    async fn read_artifact(&self, metadata: &FunctionMetadata) -> Result<ArtifactReader, FetchError> {
+    async fn read_artifact(
+        &self,
+        metadata: &FunctionMetadata,
+    ) -> Result<ArtifactReader, FetchError> {
         let digest = metadata.digest.as_deref().ok_or_else(|| {
-            FetchError::new(FetchErrorKind::NoArtifact, format!("\"{}\" v{} has no binary", metadata.name, metadata.version))
+            FetchError::new(
+                FetchErrorKind::NoArtifact,
+                format!("\"{}\" v{} has no binary", metadata.name, metadata.version),
+            )
         })?;
         let bytes = self.read().artifacts.get(digest).cloned().ok_or_else(|| {
-            FetchError::new(FetchErrorKind::Missing, format!("the binary {digest} of \"{}\" is not stored", metadata.name))
+            FetchError::new(
+                FetchErrorKind::Missing,
+                format!("the binary {digest} of \"{}\" is not stored", metadata.name),
+            )
         })?;
         Ok(Box::pin(std::io::Cursor::new(bytes)))
     }
 }
 
 fn collect_garbage(state: &mut State) {
-    let State { catalog, artifacts, .. } = state;
+    let State {
+        catalog, artifacts, ..
+    } = state;
     artifacts.retain(|digest, _| catalog.references(digest));
 }

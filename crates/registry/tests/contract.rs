@@ -6,8 +6,8 @@ use std::{collections::BTreeSet, sync::Arc};
 use bytes::Bytes;
 use mycelium_core::{FunctionKind, FunctionName};
 use mycelium_registry::{
-    ArtifactCache, ArtifactSource, DeployErrorKind, DeploySpec, FetchErrorKind, LookupErrorKind, MemoryRegistry,
-    NatsRegistry, NatsRegistryConfig, RegistryAdmin, RollbackErrorKind,
+    ArtifactCache, ArtifactSource, DeployErrorKind, DeploySpec, FetchErrorKind, LookupErrorKind,
+    MemoryRegistry, NatsRegistry, NatsRegistryConfig, RegistryAdmin, RollbackErrorKind,
 };
 use mycelium_test_support::NatsServer;
 
@@ -16,7 +16,10 @@ fn name(text: &str) -> FunctionName {
 }
 
 fn plugin(fn_name: &str, bytes: &'static [u8]) -> DeploySpec {
-    DeploySpec::plugin(name(fn_name), ArtifactSource::Bytes(Bytes::from_static(bytes)))
+    DeploySpec::plugin(
+        name(fn_name),
+        ArtifactSource::Bytes(Bytes::from_static(bytes)),
+    )
 }
 
 /// A registry under test and what the test needs to reach behind it.
@@ -39,7 +42,9 @@ async fn jetstream(keep: usize, max_size: u64) -> Subject {
         max_artifact_size: max_size,
         ..NatsRegistryConfig::default()
     };
-    let registry = NatsRegistry::open(server.connect().await, config).await.unwrap();
+    let registry = NatsRegistry::open(server.connect().await, config)
+        .await
+        .unwrap();
     Subject {
         registry: Arc::new(registry),
         _server: Some(server),
@@ -70,7 +75,9 @@ contract!(
 
 type Make<F> = fn(usize, u64) -> F;
 
-async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Output = Subject>>(make: Make<F>) {
+async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Output = Subject>>(
+    make: Make<F>,
+) {
     let subject = make(10, 1 << 20).await;
     let registry = &subject.registry;
     let resize = name("resize");
@@ -88,7 +95,10 @@ async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Ou
     assert!(v1.created_at.is_some());
     assert_eq!(registry.get(&resize, None).unwrap(), v1);
 
-    let v2 = registry.deploy(plugin("resize", b"binary two")).await.unwrap();
+    let v2 = registry
+        .deploy(plugin("resize", b"binary two"))
+        .await
+        .unwrap();
     assert_eq!(v2.version, 2);
     assert_ne!(v2.digest, v1.digest);
     assert_eq!(registry.get(&resize, None).unwrap().version, 2);
@@ -99,7 +109,14 @@ async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Ou
     assert_eq!((list[0].name.as_str(), list[0].version), ("resize", 2));
 
     let versions = registry.versions(&resize).unwrap();
-    assert_eq!(versions.versions.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        versions
+            .versions
+            .iter()
+            .map(|m| m.version)
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_eq!(versions.active, Some(2));
 
     let back = registry.rollback(&resize, 1).await.unwrap();
@@ -114,7 +131,10 @@ async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Ou
     assert_eq!(err.kind(), RollbackErrorKind::FunctionNotFound);
 
     // A deploy after a rollback makes the new version active.
-    let v3 = registry.deploy(plugin("resize", b"binary three")).await.unwrap();
+    let v3 = registry
+        .deploy(plugin("resize", b"binary three"))
+        .await
+        .unwrap();
     assert_eq!(v3.version, 3);
     assert_eq!(registry.get(&resize, None).unwrap().version, 3);
 
@@ -122,11 +142,24 @@ async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Ou
     let mut alias = DeploySpec::builtin(name("greeter"), "example");
     alias.max_concurrency = Some(2);
     let greeter = registry.deploy(alias).await.unwrap();
-    assert_eq!((greeter.kind, greeter.entry_point.as_deref(), greeter.digest.as_deref()), (FunctionKind::Builtin, Some("example"), None));
+    assert_eq!(
+        (
+            greeter.kind,
+            greeter.entry_point.as_deref(),
+            greeter.digest.as_deref()
+        ),
+        (FunctionKind::Builtin, Some("example"), None)
+    );
 
     registry.delete(&resize).await.unwrap();
-    assert_eq!(registry.get(&resize, None).unwrap_err().kind(), LookupErrorKind::FunctionNotFound);
-    assert_eq!(registry.versions(&resize).unwrap_err().kind(), LookupErrorKind::FunctionNotFound);
+    assert_eq!(
+        registry.get(&resize, None).unwrap_err().kind(),
+        LookupErrorKind::FunctionNotFound
+    );
+    assert_eq!(
+        registry.versions(&resize).unwrap_err().kind(),
+        LookupErrorKind::FunctionNotFound
+    );
     assert_eq!(registry.list().len(), 1);
     assert_eq!(
         registry.delete(&resize).await.unwrap_err().kind(),
@@ -134,7 +167,10 @@ async fn deploy_list_describe_versions_rollback_delete<F: std::future::Future<Ou
     );
 
     // Version numbers are never reused, even after a delete.
-    let v4 = registry.deploy(plugin("resize", b"binary one")).await.unwrap();
+    let v4 = registry
+        .deploy(plugin("resize", b"binary one"))
+        .await
+        .unwrap();
     assert_eq!(v4.version, 4);
     assert_eq!(registry.versions(&resize).unwrap().versions.len(), 1);
 }
@@ -149,18 +185,40 @@ async fn bad_deploys_leave_nothing_behind<F: std::future::Future<Output = Subjec
     std::fs::write(&big, [7u8; 17]).unwrap();
 
     let cases: Vec<(DeploySpec, DeployErrorKind, &str)> = vec![
-        (DeploySpec::plugin(name("f"), ArtifactSource::File(dir.path().join("missing"))), DeployErrorKind::ArtifactUnreadable, "cannot read"),
-        (DeploySpec::plugin(name("f"), ArtifactSource::File(dir.path().to_owned())), DeployErrorKind::ArtifactUnreadable, "not a regular file"),
-        (DeploySpec::plugin(name("f"), ArtifactSource::File(empty)), DeployErrorKind::ArtifactEmpty, "empty"),
-        (DeploySpec::plugin(name("f"), ArtifactSource::File(big)), DeployErrorKind::ArtifactTooLarge, "limit of 16 bytes"),
+        (
+            DeploySpec::plugin(name("f"), ArtifactSource::File(dir.path().join("missing"))),
+            DeployErrorKind::ArtifactUnreadable,
+            "cannot read",
+        ),
+        (
+            DeploySpec::plugin(name("f"), ArtifactSource::File(dir.path().to_owned())),
+            DeployErrorKind::ArtifactUnreadable,
+            "not a regular file",
+        ),
+        (
+            DeploySpec::plugin(name("f"), ArtifactSource::File(empty)),
+            DeployErrorKind::ArtifactEmpty,
+            "empty",
+        ),
+        (
+            DeploySpec::plugin(name("f"), ArtifactSource::File(big)),
+            DeployErrorKind::ArtifactTooLarge,
+            "limit of 16 bytes",
+        ),
         (plugin("f", b""), DeployErrorKind::ArtifactEmpty, "empty"),
         (
-            DeploySpec { artifact: None, ..plugin("f", b"x") },
+            DeploySpec {
+                artifact: None,
+                ..plugin("f", b"x")
+            },
             DeployErrorKind::InvalidSpec,
             "needs a binary",
         ),
         (
-            DeploySpec { kind: FunctionKind::Builtin, ..plugin("f", b"x") },
+            DeploySpec {
+                kind: FunctionKind::Builtin,
+                ..plugin("f", b"x")
+            },
             DeployErrorKind::InvalidSpec,
             "without a binary",
         ),
@@ -176,43 +234,75 @@ async fn bad_deploys_leave_nothing_behind<F: std::future::Future<Output = Subjec
         assert!(err.to_string().contains(needle), "{err}");
     }
     assert!(registry.list().is_empty());
-    assert_eq!(registry.versions(&name("f")).unwrap_err().kind(), LookupErrorKind::FunctionNotFound);
+    assert_eq!(
+        registry.versions(&name("f")).unwrap_err().kind(),
+        LookupErrorKind::FunctionNotFound
+    );
     // No version number was consumed by the failures.
-    assert_eq!(registry.deploy(plugin("f", b"ok")).await.unwrap().version, 1);
+    assert_eq!(
+        registry.deploy(plugin("f", b"ok")).await.unwrap().version,
+        1
+    );
 }
 
 async fn same_binary_same_digest<F: std::future::Future<Output = Subject>>(make: Make<F>) {
     let subject = make(10, 1 << 20).await;
     let registry = &subject.registry;
-    let a = registry.deploy(plugin("a", b"shared binary")).await.unwrap();
-    let b = registry.deploy(plugin("b", b"shared binary")).await.unwrap();
-    let a2 = registry.deploy(plugin("a", b"shared binary")).await.unwrap();
+    let a = registry
+        .deploy(plugin("a", b"shared binary"))
+        .await
+        .unwrap();
+    let b = registry
+        .deploy(plugin("b", b"shared binary"))
+        .await
+        .unwrap();
+    let a2 = registry
+        .deploy(plugin("a", b"shared binary"))
+        .await
+        .unwrap();
     assert_eq!(a.digest, b.digest);
     assert_eq!(a.digest, a2.digest);
     assert_eq!(a2.version, 2);
 }
 
-async fn racing_deploys_get_distinct_versions<F: std::future::Future<Output = Subject>>(make: Make<F>) {
+async fn racing_deploys_get_distinct_versions<F: std::future::Future<Output = Subject>>(
+    make: Make<F>,
+) {
     let subject = make(100, 1 << 20).await;
     let deploys: Vec<_> = (0..8)
         .map(|i| {
             let registry = subject.registry.clone();
             tokio::spawn(async move {
-                let bytes: &'static [u8] = Box::leak(format!("binary {i}").into_bytes().into_boxed_slice());
-                registry.deploy(plugin("raced", bytes)).await.unwrap().version
+                let bytes: &'static [u8] =
+                    Box::leak(format!("binary {i}").into_bytes().into_boxed_slice());
+                registry
+                    .deploy(plugin("raced", bytes))
+                    .await
+                    .unwrap()
+                    .version
             })
         })
         .collect();
     let mut versions = BTreeSet::new();
     for deploy in deploys {
-        assert!(versions.insert(deploy.await.unwrap()), "a version was handed out twice");
+        assert!(
+            versions.insert(deploy.await.unwrap()),
+            "a version was handed out twice"
+        );
     }
     assert_eq!(versions, (1..=8).collect());
     // The newest version is active, whichever deploy finished last.
-    assert_eq!(subject.registry.get(&name("raced"), None).unwrap().version, 8);
+    assert_eq!(
+        subject.registry.get(&name("raced"), None).unwrap().version,
+        8
+    );
 }
 
-async fn old_versions_are_pruned_but_never_the_active_one<F: std::future::Future<Output = Subject>>(make: Make<F>) {
+async fn old_versions_are_pruned_but_never_the_active_one<
+    F: std::future::Future<Output = Subject>,
+>(
+    make: Make<F>,
+) {
     let subject = make(3, 1 << 20).await;
     let registry = &subject.registry;
     let f = name("pruned");
@@ -220,39 +310,83 @@ async fn old_versions_are_pruned_but_never_the_active_one<F: std::future::Future
         let bytes: &'static [u8] = Box::leak(vec![i; 4].into_boxed_slice());
         registry.deploy(plugin("pruned", bytes)).await.unwrap();
     }
-    let kept: Vec<u64> = registry.versions(&f).unwrap().versions.iter().map(|m| m.version).collect();
+    let kept: Vec<u64> = registry
+        .versions(&f)
+        .unwrap()
+        .versions
+        .iter()
+        .map(|m| m.version)
+        .collect();
     assert_eq!(kept, [3, 4, 5]);
-    assert_eq!(registry.get(&f, Some(1)).unwrap_err().kind(), LookupErrorKind::VersionNotFound);
+    assert_eq!(
+        registry.get(&f, Some(1)).unwrap_err().kind(),
+        LookupErrorKind::VersionNotFound
+    );
 
     registry.rollback(&f, 3).await.unwrap();
     registry.deploy(plugin("pruned", b"six")).await.unwrap();
     registry.deploy(plugin("pruned", b"seven")).await.unwrap();
-    let kept: Vec<u64> = registry.versions(&f).unwrap().versions.iter().map(|m| m.version).collect();
+    let kept: Vec<u64> = registry
+        .versions(&f)
+        .unwrap()
+        .versions
+        .iter()
+        .map(|m| m.version)
+        .collect();
     assert_eq!(kept, [5, 6, 7]);
 }
 
-async fn the_cache_verifies_and_serves_binaries<F: std::future::Future<Output = Subject>>(make: Make<F>) {
+async fn the_cache_verifies_and_serves_binaries<F: std::future::Future<Output = Subject>>(
+    make: Make<F>,
+) {
     let subject = make(10, 1 << 20).await;
     let registry = &subject.registry;
     let dir = tempfile::tempdir().unwrap();
     let cache = ArtifactCache::new(dir.path().join("cache"), 64).unwrap();
 
-    let binary = registry.deploy(plugin("cached", b"#!/bin/sh\necho hi\n")).await.unwrap();
+    let binary = registry
+        .deploy(plugin("cached", b"#!/bin/sh\necho hi\n"))
+        .await
+        .unwrap();
     let path = cache.fetch(registry.as_ref(), &binary).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"#!/bin/sh\necho hi\n");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o111, 0o111, "executable");
-    assert_eq!(cache.fetch(registry.as_ref(), &binary).await.unwrap(), path, "warm fetch");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o111,
+        0o111,
+        "executable"
+    );
+    assert_eq!(
+        cache.fetch(registry.as_ref(), &binary).await.unwrap(),
+        path,
+        "warm fetch"
+    );
 
     // Built-ins have no binary.
-    let builtin = registry.deploy(DeploySpec::builtin(name("alias"), "echo")).await.unwrap();
-    assert_eq!(cache.fetch(registry.as_ref(), &builtin).await.unwrap_err().kind(), FetchErrorKind::NoArtifact);
+    let builtin = registry
+        .deploy(DeploySpec::builtin(name("alias"), "echo"))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache
+            .fetch(registry.as_ref(), &builtin)
+            .await
+            .unwrap_err()
+            .kind(),
+        FetchErrorKind::NoArtifact
+    );
 
     // Metadata whose pin does not match the stored bytes is refused and leaves no file.
     let mut forged = (*binary).clone();
     forged.digest = Some(mycelium_registry::digest::digest_of(b"something else"));
     let err = cache.fetch(registry.as_ref(), &forged).await.unwrap_err();
-    assert!(matches!(err.kind(), FetchErrorKind::Corrupt | FetchErrorKind::Missing), "{err}");
+    assert!(
+        matches!(
+            err.kind(),
+            FetchErrorKind::Corrupt | FetchErrorKind::Missing
+        ),
+        "{err}"
+    );
     let files = std::fs::read_dir(cache.dir()).unwrap().count();
     assert_eq!(files, 1, "only the verified binary is in the cache");
 
@@ -262,5 +396,8 @@ async fn the_cache_verifies_and_serves_binaries<F: std::future::Future<Output = 
     let path_a = cache.fetch(registry.as_ref(), &a).await.unwrap();
     let path_b = cache.fetch(registry.as_ref(), &b).await.unwrap();
     assert!(path_b.exists());
-    assert!(!path_a.exists(), "a was evicted to keep the cache under 64 bytes");
+    assert!(
+        !path_a.exists(),
+        "a was evicted to keep the cache under 64 bytes"
+    );
 }

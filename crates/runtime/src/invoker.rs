@@ -28,7 +28,8 @@ pub(crate) struct Builtin {
 pub(crate) struct Invoker {
     pub builtins: HashMap<FunctionName, Builtin>,
     /// Per-version limits of functions that set `maxConcurrency`; created on first use.
-    pub function_limits: std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
+    pub function_limits:
+        std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
     pub registry: Arc<dyn Registry>,
     pub metrics: Arc<dyn MetricsCollector>,
     pub default_timeout: Duration,
@@ -210,10 +211,18 @@ impl Invoker {
 
 impl Invoker {
     /// Takes one of the function's own concurrency slots, if it limits itself.
-    fn function_permit(&self, metadata: &FunctionMetadata) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ProtocolError> {
-        let Some(max) = metadata.max_concurrency else { return Ok(None) };
+    fn function_permit(
+        &self,
+        metadata: &FunctionMetadata,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ProtocolError> {
+        let Some(max) = metadata.max_concurrency else {
+            return Ok(None);
+        };
         let semaphore = {
-            let mut limits = self.function_limits.lock().unwrap_or_else(|e| e.into_inner());
+            let mut limits = self
+                .function_limits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             limits
                 .entry((metadata.name.clone(), metadata.version))
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max as usize)))

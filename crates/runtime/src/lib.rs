@@ -195,7 +195,13 @@ async fn connect(url: &str) -> Result<async_nats::Client, StartError> {
         .name("mycelium-runtime")
         .connect(url)
         .await
-        .map_err(|e| StartError::with_source(StartErrorKind::Connect, format!("connecting to NATS at {url}"), e))
+        .map_err(|e| {
+            StartError::with_source(
+                StartErrorKind::Connect,
+                format!("connecting to NATS at {url}"),
+                e,
+            )
+        })
 }
 
 /// A runtime ready to start.

@@ -31,14 +31,22 @@ struct Fixture {
 
 async fn fixture(gate: Option<Gate>) -> Fixture {
     let server = NatsServer::start();
-    let runtime_registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
-    let mut builder = Runtime::builder().standard_builtins().registry(runtime_registry.clone());
+    let runtime_registry = Arc::new(
+        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
+    );
+    let mut builder = Runtime::builder()
+        .standard_builtins()
+        .registry(runtime_registry.clone());
     if let Some(gate) = gate {
         builder = builder.builtin(name("gate"), "waits", gate);
     }
     let runtime = builder.serve(&server.url()).await.unwrap();
     Fixture {
-        admin: NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap(),
+        admin: NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
         client: Client::new(server.connect().await),
         runtime_registry,
         _runtime: runtime,
@@ -51,7 +59,13 @@ impl Fixture {
     async fn active(&self, function: &str, version: u64) {
         let mut applied = self.runtime_registry.applied_revision();
         tokio::time::timeout(Duration::from_secs(30), async {
-            while self.runtime_registry.get(&name(function), None).map(|m| m.version).ok() != Some(version) {
+            while self
+                .runtime_registry
+                .get(&name(function), None)
+                .map(|m| m.version)
+                .ok()
+                != Some(version)
+            {
                 applied.changed().await.unwrap();
             }
         })
@@ -72,7 +86,10 @@ async fn wait_for(wanted: &'static str, seen: &mut mpsc::UnboundedReceiver<&'sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_under_load_loses_nothing() {
     let f = fixture(None).await;
-    f.admin.deploy(DeploySpec::builtin(name("svc"), "echo")).await.unwrap();
+    f.admin
+        .deploy(DeploySpec::builtin(name("svc"), "echo"))
+        .await
+        .unwrap();
     f.active("svc", 1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -80,7 +97,12 @@ async fn hot_reload_under_load_loses_nothing() {
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<&'static str>();
     let load: Vec<_> = (0..4)
         .map(|worker| {
-            let (client, stop, failures, seen_tx) = (f.client.clone(), stop.clone(), failures.clone(), seen_tx.clone());
+            let (client, stop, failures, seen_tx) = (
+                f.client.clone(),
+                stop.clone(),
+                failures.clone(),
+                seen_tx.clone(),
+            );
             tokio::spawn(async move {
                 let mut count = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -89,7 +111,9 @@ async fn hot_reload_under_load_loses_nothing() {
                         Ok(events) if events.len() == 1 && events[0].id() == id => {
                             let _ = seen_tx.send("echo");
                         }
-                        Ok(events) if events.len() == 1 && events[0].id() == format!("response-{id}") => {
+                        Ok(events)
+                            if events.len() == 1 && events[0].id() == format!("response-{id}") =>
+                        {
                             let _ = seen_tx.send("example");
                         }
                         other => {
@@ -106,7 +130,10 @@ async fn hot_reload_under_load_loses_nothing() {
     wait_for("echo", &mut seen).await;
 
     // Update: v2 runs `example`; the load switches over without a failure.
-    f.admin.deploy(DeploySpec::builtin(name("svc"), "example")).await.unwrap();
+    f.admin
+        .deploy(DeploySpec::builtin(name("svc"), "example"))
+        .await
+        .unwrap();
     wait_for("example", &mut seen).await;
     // Rollback: back to v1.
     f.admin.rollback(&name("svc"), 1).await.unwrap();
@@ -119,26 +146,54 @@ async fn hot_reload_under_load_loses_nothing() {
     for worker in load {
         total += worker.await.unwrap();
     }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed invocations across update and rollback");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed invocations across update and rollback"
+    );
     assert!(total > 0);
 
     // An explicit version runs that version while it is kept.
-    f.admin.deploy(DeploySpec::builtin(name("svc"), "example")).await.unwrap();
+    f.admin
+        .deploy(DeploySpec::builtin(name("svc"), "example"))
+        .await
+        .unwrap();
     f.active("svc", 3).await;
     let pinned = f
         .client
-        .invoke_with("svc", &event("pin", json!({})), InvokeOptions { version: Some(1), timeout: None })
+        .invoke_with(
+            "svc",
+            &event("pin", json!({})),
+            InvokeOptions {
+                version: Some(1),
+                timeout: None,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(pinned[0].id(), "pin");
-    let active = f.client.invoke("svc", event("act", json!({}))).await.unwrap();
+    let active = f
+        .client
+        .invoke("svc", event("act", json!({})))
+        .await
+        .unwrap();
     assert_eq!(active[0].id(), "response-act");
     let err = f
         .client
-        .invoke_with("svc", &event("x", json!({})), InvokeOptions { version: Some(7), timeout: None })
+        .invoke_with(
+            "svc",
+            &event("x", json!({})),
+            InvokeOptions {
+                version: Some(7),
+                timeout: None,
+            },
+        )
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::VersionNotFound));
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::VersionNotFound)
+    );
 
     // Discovery shows deployed functions next to the built-ins.
     let list = f.client.list().await.unwrap();
@@ -153,8 +208,15 @@ async fn hot_reload_under_load_loses_nothing() {
     while f.runtime_registry.get(&name("svc"), None).is_ok() {
         applied.changed().await.unwrap();
     }
-    let err = f.client.invoke("svc", event("gone", json!({}))).await.unwrap_err();
-    assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::FunctionNotFound));
+    let err = f
+        .client
+        .invoke("svc", event("gone", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        RequestErrorKind::Remote(ErrorCode::FunctionNotFound)
+    );
     drop(f.server);
 }
 
@@ -172,16 +234,27 @@ async fn deployed_limits_apply() {
         async move { client.invoke("limited", event("held", json!({}))).await }
     });
     control.entered(1).await;
-    let err = f.client.invoke("limited", event("second", json!({}))).await.unwrap_err();
+    let err = f
+        .client
+        .invoke("limited", event("second", json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::Overloaded));
     assert!(err.to_string().contains("limit of 1 concurrent"), "{err}");
     control.release(1);
     assert_eq!(held.await.unwrap().unwrap()[0].id(), "held");
 
     // A deployment naming a built-in this runtime lacks is unavailable, not a crash.
-    f.admin.deploy(DeploySpec::builtin(name("orphan"), "not-here")).await.unwrap();
+    f.admin
+        .deploy(DeploySpec::builtin(name("orphan"), "not-here"))
+        .await
+        .unwrap();
     f.active("orphan", 1).await;
-    let err = f.client.invoke("orphan", event("o", json!({}))).await.unwrap_err();
+    let err = f
+        .client
+        .invoke("orphan", event("o", json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), RequestErrorKind::Remote(ErrorCode::Unavailable));
     assert!(err.to_string().contains("not-here"), "{err}");
 }
