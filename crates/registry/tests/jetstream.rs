@@ -243,3 +243,41 @@ async fn a_nats_without_jetstream_is_a_clear_error() {
     assert_eq!(err.kind(), OpenErrorKind::NoJetStream);
     assert!(err.to_string().contains("-js"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_are_replicated_on_a_cluster() {
+    let cluster = mycelium_test_support::NatsCluster::start(3);
+    let client = cluster.connect().await;
+    let config = NatsRegistryConfig {
+        replicas: 3,
+        ..NatsRegistryConfig::default()
+    };
+    // The JetStream meta leader is elected shortly after the routes connect.
+    let registry = mycelium_test_support::eventually(Duration::from_secs(60), || {
+        let (client, config) = (client.clone(), config.clone());
+        async move { NatsRegistry::open(client, config).await.ok() }
+    })
+    .await;
+    registry
+        .deploy(plugin("replicated", b"r3 bytes"))
+        .await
+        .unwrap();
+
+    let js = async_nats::jetstream::new(client);
+    for stream in ["KV_mycelium_functions", "OBJ_mycelium_artifacts"] {
+        let info = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        assert_eq!(
+            info.config.storage,
+            async_nats::jetstream::stream::StorageType::File,
+            "{stream}"
+        );
+    }
+}
