@@ -59,29 +59,8 @@ impl Drop for Running {
 #[test]
 fn up_serves_the_builtins_and_stops_cleanly() {
     let data_dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut up = Running(
-        mycelium()
-            .args([
-                "up",
-                "--data-dir",
-                data_dir.path().to_str().unwrap(),
-                "--listen",
-                &listen,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    while !banner.contains("Press Ctrl-C") {
-        let read = stdout.read_line(&mut banner).unwrap();
-        assert!(read > 0, "mycelium up exited early; printed:\n{banner}");
-    }
-    let url = format!("nats://127.0.0.1:{port}");
+    let (mut up, url, banner, mut stdout) = start_up(data_dir.path());
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     assert!(banner.contains(&format!("NATS:      {url}")), "{banner}");
     assert!(banner.contains("mycelium --nats-url"), "{banner}");
 
@@ -256,8 +235,16 @@ fn unreachable_nats_is_a_clear_error() {
     );
 }
 
-/// `mycelium up` in the background, killed on drop; returns its NATS URL once ready.
-fn start_up(data_dir: &std::path::Path) -> (Running, String) {
+/// `mycelium up` in the background, stopped on drop; returns once it is ready, with its
+/// NATS URL, the banner it printed and the rest of its stdout.
+fn start_up(
+    data_dir: &std::path::Path,
+) -> (
+    Running,
+    String,
+    String,
+    BufReader<std::process::ChildStdout>,
+) {
     let port = free_port();
     let mut up = Running(
         mycelium()
@@ -281,9 +268,14 @@ fn start_up(data_dir: &std::path::Path) -> (Running, String) {
             "mycelium up exited early:\n{banner}"
         );
     }
-    // Keep draining stdout so the child never blocks on a full pipe.
+    (up, format!("nats://127.0.0.1:{port}"), banner, stdout)
+}
+
+/// [`start_up`] for tests that do not read its output (drained so it never blocks).
+fn start_up_quiet(data_dir: &std::path::Path) -> (Running, String) {
+    let (up, url, _, mut stdout) = start_up(data_dir);
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (up, format!("nats://127.0.0.1:{port}"))
+    (up, url)
 }
 
 fn stderr_of(output: &Output) -> String {
@@ -293,7 +285,7 @@ fn stderr_of(output: &Output) -> String {
 #[test]
 fn deploy_versions_rollback_delete_through_the_cli() {
     let data_dir = tempfile::tempdir().unwrap();
-    let (up, url) = start_up(data_dir.path());
+    let (up, url) = start_up_quiet(data_dir.path());
     let cli = |args: &[&str]| {
         let mut full = vec!["--nats-url", url.as_str()];
         full.extend_from_slice(args);
@@ -426,7 +418,7 @@ fn deploy_versions_rollback_delete_through_the_cli() {
 
     // Deployments survive a restart of `mycelium up`: the store is in the data dir.
     drop(up);
-    let (_up, url) = start_up(data_dir.path());
+    let (_up, url) = start_up_quiet(data_dir.path());
     let list = run(&["--nats-url", &url, "list", "--json"]);
     let names: Vec<String> = stdout_json(&list)["functions"]
         .as_array()

@@ -650,12 +650,7 @@ impl RegistryAdmin for NatsRegistry {
         &self,
         metadata: &FunctionMetadata,
     ) -> Result<ArtifactReader, FetchError> {
-        let digest = metadata.digest.as_deref().ok_or_else(|| {
-            FetchError::new(
-                FetchErrorKind::NoArtifact,
-                format!("\"{}\" v{} has no binary", metadata.name, metadata.version),
-            )
-        })?;
+        let digest = crate::pinned_digest(metadata)?;
         let name = digest::object_name(digest).ok_or_else(|| {
             FetchError::new(
                 FetchErrorKind::Corrupt,

@@ -251,6 +251,16 @@ pub enum FetchErrorKind {
 /// A failed artifact fetch.
 pub type FetchError = Error<FetchErrorKind>;
 
+/// The digest `metadata` pins, or why there is none.
+pub(crate) fn pinned_digest(metadata: &FunctionMetadata) -> Result<&str, FetchError> {
+    metadata.digest.as_deref().ok_or_else(|| {
+        FetchError::new(
+            FetchErrorKind::NoArtifact,
+            format!("\"{}\" v{} has no binary", metadata.name, metadata.version),
+        )
+    })
+}
+
 /// The invocation protocol's answer when a function cannot run because of its binary.
 pub fn fetch_protocol_error(error: &FetchError) -> ProtocolError {
     let code = match error.kind() {

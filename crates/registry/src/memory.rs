@@ -193,12 +193,7 @@ impl RegistryAdmin for MemoryRegistry {
         &self,
         metadata: &FunctionMetadata,
     ) -> Result<ArtifactReader, FetchError> {
-        let digest = metadata.digest.as_deref().ok_or_else(|| {
-            FetchError::new(
-                FetchErrorKind::NoArtifact,
-                format!("\"{}\" v{} has no binary", metadata.name, metadata.version),
-            )
-        })?;
+        let digest = crate::pinned_digest(metadata)?;
         let bytes = self.read().artifacts.get(digest).cloned().ok_or_else(|| {
             FetchError::new(
                 FetchErrorKind::Missing,
