@@ -1,0 +1,208 @@
+//! Write Mycelium plugins in Rust.
+//!
+//! Implement the same [`Function`] trait built-in functions use and hand it to [`serve`]:
+//! the binary speaks HashiCorp go-plugin's gRPC protocol (handshake, health, controller)
+//! and can be deployed with `mycelium deploy NAME ./binary`.
+//!
+//! ```no_run
+//! use mycelium_core::{Event, Function, FunctionError, InvocationContext};
+//!
+//! struct Echo;
+//!
+//! #[async_trait::async_trait]
+//! impl Function for Echo {
+//!     async fn execute(&self, event: Event, _ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+//!         Ok(vec![event])
+//!     }
+//! }
+//!
+//! fn main() {
+//!     mycelium_plugin_sdk::serve(Echo);
+//! }
+//! ```
+
+use std::{
+    panic::AssertUnwindSafe,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::FutureExt;
+use mycelium_core::{Function, FunctionName, InvocationContext};
+use mycelium_plugin::{
+    convert,
+    handshake::{self, Handshake, Network},
+    proto::{
+        function::{
+            execute_response::Result as ExecuteResult,
+            function_server::{Function as FunctionService, FunctionServer},
+            ErrorCode, ExecuteRequest, ExecuteResponse, FunctionError as ProtoError,
+        },
+        go_plugin::{
+            grpc_controller_server::{GrpcController, GrpcControllerServer},
+            Empty,
+        },
+        cloudevents::CloudEventBatch,
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Runs `function` as a plugin until the host shuts it down; never returns.
+///
+/// Started by hand (without the host's handshake environment) it explains what it is and
+/// exits with status 1, as go-plugin plugins do.
+pub fn serve(function: impl Function) -> ! {
+    if std::env::var(handshake::MAGIC_COOKIE_KEY).as_deref() != Ok(handshake::MAGIC_COOKIE_VALUE) {
+        eprintln!(
+            "This binary is a Mycelium plugin. It is not meant to be run directly: deploy it with \
+             `mycelium deploy NAME {}` and invoke it through Mycelium.",
+            std::env::args().next().unwrap_or_default()
+        );
+        std::process::exit(1);
+    }
+    if let Ok(offered) = std::env::var(handshake::PROTOCOL_VERSIONS_ENV) {
+        let wanted = handshake::APP_PROTOCOL_VERSION.to_string();
+        if !offered.split(',').any(|v| v.trim() == wanted) {
+            eprintln!("the host offers plugin protocol versions {offered}; this plugin speaks {wanted}");
+            std::process::exit(1);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(run(Arc::new(function))) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("plugin failed: {error}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn socket_path() -> PathBuf {
+    let dir = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    dir.join(format!("mycelium-plugin-{}-{nanos:x}.sock", std::process::id()))
+}
+
+async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Error>> {
+    let path = socket_path();
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let shutdown = CancellationToken::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(handshake::HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+
+    let line = Handshake {
+        app_version: handshake::APP_PROTOCOL_VERSION,
+        network: Network::Unix,
+        address: path.display().to_string(),
+    }
+    .line();
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}")?;
+        stdout.flush()?;
+    }
+
+    let served = tonic::transport::Server::builder()
+        .add_service(FunctionServer::new(Service { function }))
+        .add_service(health_service)
+        .add_service(GrpcControllerServer::new(Controller {
+            shutdown: shutdown.clone(),
+        }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await;
+    let _ = std::fs::remove_file(&path);
+    served?;
+    Ok(())
+}
+
+struct Service {
+    function: Arc<dyn Function>,
+}
+
+fn failure(code: ErrorCode, message: String) -> ExecuteResponse {
+    ExecuteResponse {
+        result: Some(ExecuteResult::Error(ProtoError {
+            code: code as i32,
+            message,
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl FunctionService for Service {
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+        let request = request.into_inner();
+        let context = request.context.unwrap_or_default();
+        let Some(event) = request.event else {
+            return Ok(Response::new(failure(ErrorCode::InvalidEvent, "the request carries no event".into())));
+        };
+        let event = match convert::from_proto(event) {
+            Ok(event) => event,
+            Err(error) => return Ok(Response::new(failure(ErrorCode::InvalidEvent, error.message))),
+        };
+        let name = FunctionName::new(&context.function_name)
+            .map_err(|e| Status::invalid_argument(format!("function name: {e}")))?;
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let remaining = Duration::from_millis(u64::try_from(context.deadline_unix_ms - now_ms).unwrap_or(0));
+        let remaining = if context.deadline_unix_ms == 0 { Duration::from_secs(3600) } else { remaining };
+        let span = tracing::info_span!("invocation", function = %name, invocation_id = %context.invocation_id);
+        let token = CancellationToken::new();
+        let _cancel_on_drop = token.clone().drop_guard();
+        let ctx = InvocationContext::new(
+            name,
+            context.function_version,
+            context.invocation_id,
+            Instant::now() + remaining,
+            token,
+            span,
+        );
+        let outcome = AssertUnwindSafe(self.function.execute(event, ctx)).catch_unwind().await;
+        let response = match outcome {
+            Ok(Ok(events)) => ExecuteResponse {
+                result: Some(ExecuteResult::Events(CloudEventBatch {
+                    events: events.iter().map(convert::to_proto).collect(),
+                })),
+            },
+            Ok(Err(error)) => failure(ErrorCode::FunctionError, error.message().to_owned()),
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-text panic payload".into());
+                failure(ErrorCode::FunctionError, format!("the plugin function panicked: {reason}"))
+            }
+        };
+        Ok(Response::new(response))
+    }
+}
+
+struct Controller {
+    shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl GrpcController for Controller {
+    async fn shutdown(&self, _request: Request<Empty>) -> Result<Response<Empty>, Status> {
+        self.shutdown.cancel();
+        Ok(Response::new(Empty {}))
+    }
+}

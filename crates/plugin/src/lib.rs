@@ -1,0 +1,7 @@
+//! Mycelium plugins over HashiCorp go-plugin's gRPC protocol: the generated code, the
+//! CloudEvent conversion, the handshake, and the host side that runs plugin processes.
+//! The only crate (with the SDK) that knows protobuf.
+
+pub mod convert;
+pub mod handshake;
+pub mod proto;
