@@ -38,6 +38,10 @@ pub enum ErrorCode {
     Internal,
     /// A function's stored binary does not match the digest its metadata pins; it was not run.
     ArtifactCorrupt,
+    /// The plugin process could not be started (bad binary, bad handshake, no health).
+    PluginStartFailed,
+    /// The plugin process died during the call; the next call starts a new one.
+    PluginCrashed,
     /// A code this version of Mycelium does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -45,7 +49,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::InvalidRequest,
         Self::InvalidEvent,
         Self::InvalidFunctionName,
@@ -58,6 +62,8 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Internal,
         Self::ArtifactCorrupt,
+        Self::PluginStartFailed,
+        Self::PluginCrashed,
         Self::Unknown,
     ];
 
@@ -76,6 +82,8 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
             Self::ArtifactCorrupt => "artifact_corrupt",
+            Self::PluginStartFailed => "plugin_start_failed",
+            Self::PluginCrashed => "plugin_crashed",
             Self::Unknown => "unknown",
         }
     }
@@ -89,13 +97,14 @@ impl ErrorCode {
             Self::Overloaded => 429,
             Self::Timeout => 504,
             Self::Unavailable => 503,
+            Self::PluginStartFailed | Self::PluginCrashed => 502,
             Self::FunctionError | Self::Internal | Self::ArtifactCorrupt | Self::Unknown => 500,
         }
     }
 
     /// Whether the same request may succeed if sent again later.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::Overloaded | Self::Unavailable | Self::Timeout)
+        matches!(self, Self::Overloaded | Self::Unavailable | Self::Timeout | Self::PluginCrashed)
     }
 }
 

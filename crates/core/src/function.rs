@@ -39,10 +39,12 @@ pub trait Function: Send + Sync + 'static {
     ) -> Result<Vec<Event>, FunctionError>;
 }
 
-/// An error a function returns. The runtime answers it as `function_error` with this message.
+/// An error a function returns. The runtime answers it with its code (`function_error`
+/// unless the function chose another) and this message.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct FunctionError {
+    code: crate::ErrorCode,
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
@@ -52,9 +54,25 @@ impl FunctionError {
     /// An error with a message for the caller.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
+            code: crate::ErrorCode::FunctionError,
             message: message.into(),
             source: None,
         }
+    }
+
+    /// An error answered with a specific protocol code (`invalid_event`, `unavailable`,
+    /// or, for executors, `timeout`, `plugin_crashed`, ...).
+    pub fn with_code(code: crate::ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The protocol code the runtime answers with.
+    pub fn code(&self) -> crate::ErrorCode {
+        self.code
     }
 
     /// An error with a message for the caller and the cause kept for logs.
@@ -63,6 +81,7 @@ impl FunctionError {
         source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
     ) -> Self {
         Self {
+            code: crate::ErrorCode::FunctionError,
             message: message.into(),
             source: Some(source.into()),
         }

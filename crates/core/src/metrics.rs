@@ -35,6 +35,10 @@ pub trait MetricsCollector: Send + Sync + 'static {
     /// A request was refused before any function ran (bad input, unknown function,
     /// overload); `function` is known when the request named a valid one.
     fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode);
+    /// The resident memory of one plugin process of `function` at `version`, sampled.
+    fn plugin_memory(&self, function: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
+        let _ = (function, version, pid, rss_bytes);
+    }
 }
 
 /// Counts per function and outcome, kept in memory.
@@ -48,6 +52,7 @@ struct State {
     outcomes: HashMap<(String, Outcome), OutcomeStats>,
     in_flight: HashMap<String, u64>,
     rejected: HashMap<ErrorCode, u64>,
+    plugin_memory: HashMap<(String, u64), u64>,
 }
 
 /// Count and total duration of invocations with one outcome.
@@ -86,6 +91,12 @@ impl InMemoryMetrics {
         state.in_flight.get(function).copied().unwrap_or(0)
     }
 
+    /// The last sampled resident memory of a plugin process of `function` at `version`.
+    pub fn plugin_memory(&self, function: &str, version: u64) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.plugin_memory.get(&(function.to_owned(), version)).copied()
+    }
+
     /// Requests refused with `code`, whatever the function.
     pub fn rejected(&self, code: ErrorCode) -> u64 {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,6 +105,11 @@ impl InMemoryMetrics {
 }
 
 impl MetricsCollector for InMemoryMetrics {
+    fn plugin_memory(&self, function: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.plugin_memory.insert((function.to_string(), version), rss_bytes);
+    }
+
     fn invocation_started(&self, function: &FunctionName) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state.in_flight.entry(function.to_string()).or_default() += 1;

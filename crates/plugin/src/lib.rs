@@ -4,4 +4,6 @@
 
 pub mod convert;
 pub mod handshake;
+pub mod host;
+pub mod pool;
 pub mod proto;

@@ -476,6 +476,10 @@ impl Registry for NatsRegistry {
     fn list(&self) -> Vec<FunctionSummary> {
         self.catalog().list()
     }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.applied.clone())
+    }
 }
 
 #[async_trait::async_trait]

@@ -61,6 +61,12 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Every function at its active version, sorted by name.
     fn list(&self) -> Vec<FunctionSummary>;
+
+    /// A signal that changes whenever the catalog changes, for registries that change under
+    /// the runtime (the JetStream registry); `None` for static ones.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The error every registry reports for an unknown function.

@@ -19,6 +19,8 @@ pub struct RuntimeConfig {
     pub default_timeout: Duration,
     /// On shutdown, how long in-flight invocations may take to finish before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Start plugin processes when a version becomes active, before its first call.
+    pub prestart_plugins: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -31,6 +33,7 @@ impl Default for RuntimeConfig {
             max_payload: 1024 * 1024,
             default_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            prestart_plugins: true,
         }
     }
 }

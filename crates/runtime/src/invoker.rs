@@ -27,6 +27,7 @@ pub(crate) struct Builtin {
 
 pub(crate) struct Invoker {
     pub builtins: HashMap<FunctionName, Builtin>,
+    pub plugins: Option<Arc<mycelium_plugin::pool::PluginExecutor>>,
     /// Per-version limits of functions that set `maxConcurrency`; created on first use.
     pub function_limits:
         std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
@@ -62,6 +63,11 @@ impl Invoker {
                         ),
                     )),
                 }
+            }
+            FunctionKind::Plugin if self.plugins.is_some() => {
+                let plugins = self.plugins.as_ref().expect("checked");
+                let function = plugins.function(&metadata);
+                Ok((metadata, function))
             }
             kind => Err(ProtocolError::new(
                 ErrorCode::Unavailable,
@@ -182,7 +188,13 @@ impl Invoker {
                 Ok(Ok(Ok(events))) => Ok(events),
                 Ok(Ok(Err(error))) => {
                     tracing::debug!(parent: &span, error = %error, source = ?std::error::Error::source(&error), "function returned an error");
-                    Err(ProtocolError::new(ErrorCode::FunctionError, format!("function \"{name}\" failed: {}", error.message())))
+                    Err(match error.code() {
+                        ErrorCode::FunctionError => ProtocolError::new(
+                            ErrorCode::FunctionError,
+                            format!("function \"{name}\" failed: {}", error.message()),
+                        ),
+                        code => ProtocolError::new(code, error.message()),
+                    })
                 }
                 Ok(Err(panic)) => {
                     let reason = panic_message(panic.as_ref());

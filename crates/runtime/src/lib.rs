@@ -25,6 +25,7 @@ use std::{collections::HashMap, sync::Arc};
 use mycelium_core::{
     Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics, MetricsCollector,
 };
+use mycelium_plugin::pool::PluginExecutor;
 use mycelium_registry::{MemoryRegistry, Registry};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -60,6 +61,7 @@ pub type StartError = Error<StartErrorKind>;
 /// Assembles a [`Runtime`].
 pub struct RuntimeBuilder {
     config: RuntimeConfig,
+    plugins: Option<Arc<PluginExecutor>>,
     registry: Option<Arc<dyn Registry>>,
     metrics: Option<Arc<dyn MetricsCollector>>,
     builtins: HashMap<FunctionName, Builtin>,
@@ -76,6 +78,7 @@ impl RuntimeBuilder {
     pub fn new() -> Self {
         Self {
             config: RuntimeConfig::default(),
+            plugins: None,
             registry: None,
             metrics: None,
             builtins: HashMap::new(),
@@ -91,6 +94,12 @@ impl RuntimeBuilder {
     /// Where deployed functions are looked up (default: an empty [`MemoryRegistry`]).
     pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Runs functions of kind `plugin` with this executor; without one they are `unavailable`.
+    pub fn plugins(mut self, executor: Arc<PluginExecutor>) -> Self {
+        self.plugins = Some(executor);
         self
     }
 
@@ -152,6 +161,7 @@ impl RuntimeBuilder {
         }
         let invoker = Invoker {
             builtins: self.builtins,
+            plugins: self.plugins,
             function_limits: std::sync::Mutex::default(),
             registry: self
                 .registry
@@ -286,6 +296,7 @@ impl Runtime {
             abort: CancellationToken::new(),
             config,
         });
+        let prestart = shared.config.prestart_plugins.then(|| prestart_plugins(&shared)).flatten();
         let endpoint_tasks = subscribed
             .into_iter()
             .map(|(subscriber, kind, stats)| {
@@ -301,6 +312,7 @@ impl Runtime {
             shared,
             service,
             endpoint_tasks,
+            prestart,
         })
     }
 }
@@ -311,6 +323,40 @@ pub struct RuntimeHandle {
     shared: Arc<Shared>,
     service: micro::MicroService,
     endpoint_tasks: Vec<tokio::task::JoinHandle<()>>,
+    prestart: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the active version of every plugin function ahead of its first call, now and
+/// whenever the registry changes (deploy, rollback), so callers pay no cold start.
+fn prestart_plugins(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let plugins = shared.invoker.plugins.clone()?;
+    let registry = shared.invoker.registry.clone();
+    let mut changes = registry.changes();
+    Some(tokio::spawn(async move {
+        loop {
+            for summary in registry.list() {
+                if summary.kind != mycelium_core::FunctionKind::Plugin {
+                    continue;
+                }
+                if let Ok(metadata) = registry.get(&summary.name, None) {
+                    let plugins = plugins.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = plugins.prestart(&metadata).await {
+                            tracing::warn!(function = %metadata.name, version = metadata.version, %error, "starting the plugin ahead of time failed");
+                        }
+                    });
+                }
+            }
+            match changes.as_mut() {
+                Some(changes) => {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            }
+        }
+    }))
 }
 
 /// How a shutdown went.
@@ -360,6 +406,12 @@ impl RuntimeHandle {
             shared.tracker.wait().await;
         }
         drop(self.service);
+        if let Some(prestart) = self.prestart {
+            prestart.abort();
+        }
+        if let Some(plugins) = &shared.invoker.plugins {
+            plugins.shutdown().await;
+        }
         if let Err(error) = shared.client.flush().await {
             tracing::warn!(%error, "flushing the last replies failed");
         }

@@ -1,0 +1,29 @@
+//! Starts one plugin process, prints its pid, and waits to be killed: the test kills this
+//! host with SIGKILL and checks that the plugin does not outlive it.
+
+use std::time::Duration;
+
+use mycelium_plugin::host::{PluginProcess, ProcessConfig};
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(plugin), Some(work_dir)) = (args.next(), args.next()) else {
+        eprintln!("usage: mycelium-e2e-host PLUGIN WORK_DIR");
+        std::process::exit(2);
+    };
+    let config = ProcessConfig {
+        function: "orphan-check".parse().expect("valid name"),
+        version: 1,
+        work_dir: work_dir.into(),
+        env: Default::default(),
+        memory_mb: None,
+        max_open_files: 1024,
+        cpu_seconds: None,
+        start_timeout: Duration::from_secs(10),
+        stop_grace: Duration::from_secs(1),
+    };
+    let process = PluginProcess::start(plugin.as_ref(), config).await.expect("plugin starts");
+    println!("{}", process.pid());
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}

@@ -1,0 +1,111 @@
+//! A plugin that misbehaves on request, for the runtime's failure tests.
+//!
+//! At start, `MYCELIUM_TEST_PLUGIN_START` picks: `ok` (default), `exit` (exit 3 before the
+//! handshake), `garbage` (print a malformed handshake), `silent` (never shake hands).
+//! Per call, the event type picks: `echo`, `upper` (upper-cases text data), `tag` (replies
+//! with `$TAG`), `env` (replies with the environment variable names), `pid`, `sleep`
+//! (`{"ms": n}`), `crash` (aborts the process), `hang` (stops the whole process),
+//! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory).
+
+use mycelium_core::{
+    cloudevents::{event::Data, AttributesReader, Event},
+    Function, FunctionError, InvocationContext,
+};
+use serde_json::json;
+
+struct TestPlugin;
+
+fn number(event: &Event, key: &str) -> u64 {
+    match event.data() {
+        Some(Data::Json(value)) => value.get(key).and_then(|v| v.as_u64()).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn reply(mut event: Event, data: serde_json::Value) -> Vec<Event> {
+    event.set_data("application/json", data);
+    vec![event]
+}
+
+#[async_trait::async_trait]
+impl Function for TestPlugin {
+    async fn execute(&self, event: Event, _ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        match event.ty() {
+            "echo" => Ok(vec![event]),
+            "upper" => {
+                let text = match event.data() {
+                    Some(Data::String(text)) => text.to_uppercase(),
+                    _ => return Err(FunctionError::new("upper needs text data")),
+                };
+                let mut event = event;
+                event.set_data("text/plain", text);
+                Ok(vec![event])
+            }
+            "tag" => Ok(reply(event, json!({"tag": std::env::var("TAG").unwrap_or_default()}))),
+            "env" => {
+                let names: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                Ok(reply(event, json!({"names": names, "cwd": cwd})))
+            }
+            "pid" => Ok(reply(event, json!({"pid": std::process::id()}))),
+            "sleep" => {
+                let ms = number(&event, "ms");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                Ok(reply(event, json!({"pid": std::process::id()})))
+            }
+            "crash" => std::process::abort(),
+            "hang" => {
+                stop_self();
+                Ok(vec![event])
+            }
+            "flood" => {
+                let line = "x".repeat(1000);
+                for i in 0..5000 {
+                    println!("stdout {i} {line}");
+                    eprintln!("stderr {i} {line}");
+                }
+                // One enormous line without a newline must not exhaust the host either.
+                print!("{}", "y".repeat(4 * 1024 * 1024));
+                Ok(vec![event])
+            }
+            "alloc" => {
+                let mb = usize::try_from(number(&event, "mb")).unwrap_or(0);
+                let mut block = vec![0u8; mb * 1024 * 1024];
+                for page in block.iter_mut().step_by(4096) {
+                    *page = 1;
+                }
+                Ok(reply(event, json!({"touched": block.len()})))
+            }
+            "fail" => Err(FunctionError::new("failing on purpose")),
+            other => Err(FunctionError::new(format!("unknown test behaviour {other:?}"))),
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn stop_self() {
+    // SAFETY: raise(2) has no memory-safety preconditions; SIGSTOP freezes every thread,
+    // which is the point: a plugin that stops answering altogether.
+    unsafe {
+        libc::raise(libc::SIGSTOP);
+    }
+}
+
+fn main() {
+    match std::env::var("MYCELIUM_TEST_PLUGIN_START").as_deref() {
+        Ok("exit") => {
+            eprintln!("exiting on purpose before the handshake");
+            std::process::exit(3);
+        }
+        Ok("garbage") => {
+            println!("this is not a handshake");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            std::process::exit(0);
+        }
+        Ok("silent") => {
+            std::thread::sleep(std::time::Duration::from_secs(600));
+            std::process::exit(0);
+        }
+        _ => mycelium_plugin_sdk::serve(TestPlugin),
+    }
+}

@@ -1,0 +1,521 @@
+//! One plugin process, host side: launch with the handshake environment, read the handshake,
+//! connect over gRPC, check health, relay output into logs, call, and stop.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hyper_util::rt::TokioIo;
+use mycelium_core::{Error, ErrorCode, Event, FunctionName, InvocationContext, ProtocolError};
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader},
+    sync::watch,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+use crate::{
+    convert,
+    handshake::{self, Handshake, Network},
+    proto::{
+        function::{
+            execute_response::Result as ExecuteResult, function_client::FunctionClient, ErrorCode as ProtoCode,
+            ExecuteRequest, InvocationContext as ProtoContext,
+        },
+        go_plugin::{grpc_controller_client::GrpcControllerClient, grpc_stdio_client::GrpcStdioClient, Empty},
+    },
+};
+
+/// The longest output line relayed; longer lines are cut (a flood cannot exhaust memory).
+const MAX_LINE: usize = 8 * 1024;
+/// Lines of stderr kept for error messages.
+const STDERR_TAIL: usize = 20;
+
+/// Why a plugin process could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartErrorKind {
+    /// The process could not be spawned (missing, not executable).
+    Spawn,
+    /// It exited before its handshake.
+    ExitedEarly,
+    /// It printed something other than a valid handshake.
+    BadHandshake,
+    /// No handshake within the start timeout.
+    Timeout,
+    /// Connecting or the health check failed.
+    Unhealthy,
+}
+
+/// A failed [`PluginProcess::start`]; the message carries the plugin's stderr tail.
+pub type StartError = Error<StartErrorKind>;
+
+/// How to run a plugin process.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// The function (for logs).
+    pub function: FunctionName,
+    /// Its version (for logs).
+    pub version: u64,
+    /// The working directory (created if missing).
+    pub work_dir: PathBuf,
+    /// The function's configured environment; nothing else of the runtime's leaks in.
+    pub env: BTreeMap<String, String>,
+    /// Address-space limit in MiB (`RLIMIT_AS`).
+    pub memory_mb: Option<u64>,
+    /// Open file limit (`RLIMIT_NOFILE`).
+    pub max_open_files: u64,
+    /// CPU time limit in seconds (`RLIMIT_CPU`).
+    pub cpu_seconds: Option<u64>,
+    /// How long the handshake and health check may take.
+    pub start_timeout: Duration,
+    /// How long a stopping plugin gets before it is killed.
+    pub stop_grace: Duration,
+}
+
+/// A running plugin process.
+pub struct PluginProcess {
+    pid: u32,
+    function: FunctionClient<Channel>,
+    health: HealthClient<Channel>,
+    controller: GrpcControllerClient<Channel>,
+    exit: watch::Receiver<Option<String>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    config: ProcessConfig,
+    started: Instant,
+}
+
+impl std::fmt::Debug for PluginProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginProcess")
+            .field("pid", &self.pid)
+            .field("function", &self.config.function)
+            .field("version", &self.config.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if tail.is_empty() {
+        "(the plugin wrote nothing to stderr)".into()
+    } else {
+        format!("its stderr ended with:\n{}", tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+impl PluginProcess {
+    /// Starts `binary` and returns once it has shaken hands and reports healthy.
+    pub async fn start(binary: &Path, config: ProcessConfig) -> Result<Self, StartError> {
+        let spawn_failed = |what: String, e: std::io::Error| StartError::with_source(StartErrorKind::Spawn, what, e);
+        std::fs::create_dir_all(&config.work_dir)
+            .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .env_clear()
+            .envs(&config.env)
+            .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
+            .env(handshake::PROTOCOL_VERSIONS_ENV, handshake::APP_PROTOCOL_VERSION.to_string())
+            .env("PLUGIN_MIN_PORT", "10000")
+            .env("PLUGIN_MAX_PORT", "25000")
+            .env("PLUGIN_UNIX_SOCKET_DIR", &config.work_dir)
+            .env("TMPDIR", &config.work_dir)
+            .current_dir(&config.work_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let limits = Limits {
+            address_space: config.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            open_files: config.max_open_files,
+            cpu_seconds: config.cpu_seconds,
+        };
+        limits.apply_in_child(command.as_std_mut());
+        let mut child = command
+            .spawn()
+            .map_err(|e| spawn_failed(format!("starting the plugin {}", binary.display()), e))?;
+        let pid = child.id().unwrap_or_default();
+
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(relay(BufReader::new(stderr), config.function.clone(), config.version, pid, Some(stderr_tail.clone()), "stderr"));
+        }
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+
+        let (exit_tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let _ = exit_tx.send(Some(status));
+        });
+
+        let fail = |kind, message: String| {
+            kill_group(pid);
+            StartError::new(kind, format!("{message}; {}", tail_text(&stderr_tail)))
+        };
+        let deadline = Instant::now() + config.start_timeout;
+        let mut exited = exit.clone();
+        let line = tokio::select! {
+            line = read_line(&mut stdout) => line,
+            _ = exited.wait_for(Option::is_some) => None,
+            () = tokio::time::sleep(config.start_timeout) => {
+                return Err(fail(StartErrorKind::Timeout, format!("the plugin printed no handshake within {:?}", config.start_timeout)));
+            }
+        };
+        let Some(line) = line else {
+            // Let the exit status arrive so the message can name it.
+            let status = tokio::time::timeout(Duration::from_secs(1), exited.wait_for(Option::is_some))
+                .await
+                .ok()
+                .and_then(|s| s.ok().and_then(|s| s.clone()))
+                .unwrap_or_else(|| "closed its stdout".into());
+            // The stderr relay may still be draining; give it a moment to fill the tail.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(fail(StartErrorKind::ExitedEarly, format!("the plugin exited before its handshake ({status})")));
+        };
+        let handshake = Handshake::parse(&line).map_err(|e| fail(StartErrorKind::BadHandshake, e.to_string()))?;
+        tokio::spawn(relay(stdout, config.function.clone(), config.version, pid, None, "stdout"));
+
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        let channel = tokio::time::timeout(remaining, connect(&handshake))
+            .await
+            .map_err(|_| fail(StartErrorKind::Unhealthy, "connecting to the plugin timed out".into()))?
+            .map_err(|e| fail(StartErrorKind::Unhealthy, format!("connecting to the plugin at {}: {e}", handshake.address)))?;
+        let mut health = HealthClient::new(channel.clone());
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: handshake::HEALTH_SERVICE.into(),
+        });
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
+        match health.check(request).await {
+            Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {}
+            Ok(response) => {
+                return Err(fail(
+                    StartErrorKind::Unhealthy,
+                    format!("the plugin reports status {} for service \"plugin\"", response.get_ref().status),
+                ))
+            }
+            Err(status) => return Err(fail(StartErrorKind::Unhealthy, format!("the plugin's health check failed: {status}"))),
+        }
+        // go-plugin >= 1.2 streams the plugin's stdio over gRPC; older plugins (1.0.x) do not
+        // offer the service, and their output arrives on the pipes instead.
+        let mut stdio = GrpcStdioClient::new(channel.clone());
+        if let Ok(stream) = stdio.stream_stdio(()).await {
+            let (function, version) = (config.function.clone(), config.version);
+            tokio::spawn(async move {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(chunk)) = stream.message().await {
+                    for line in String::from_utf8_lossy(&chunk.data).lines() {
+                        log_line(&function, version, pid, if chunk.channel == 2 { "stderr" } else { "stdout" }, line);
+                    }
+                }
+            });
+        }
+        tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
+        Ok(Self {
+            pid,
+            function: FunctionClient::new(channel.clone()),
+            health,
+            controller: GrpcControllerClient::new(channel),
+            exit,
+            stderr_tail,
+            config,
+            started: Instant::now(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How long the process has been running.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+
+    /// Resolves when the process exits, with its status.
+    pub async fn exited(&self) -> String {
+        let mut exit = self.exit.clone();
+        exit.wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|s| s.clone())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Calls the plugin's `Execute`.
+    pub async fn execute(&self, event: &Event, ctx: &InvocationContext) -> Result<Vec<Event>, ProtocolError> {
+        let remaining = ctx.deadline().saturating_duration_since(Instant::now());
+        let deadline_ms = SystemTime::now()
+            .checked_add(remaining)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut request = tonic::Request::new(ExecuteRequest {
+            event: Some(convert::to_proto(event)),
+            context: Some(ProtoContext {
+                function_name: ctx.function().to_string(),
+                function_version: ctx.version(),
+                invocation_id: ctx.invocation_id().to_owned(),
+                deadline_unix_ms: deadline_ms,
+                traceparent: String::new(),
+                tracestate: String::new(),
+            }),
+        });
+        request.set_timeout(remaining);
+        match self.function.clone().execute(request).await {
+            Ok(response) => match response.into_inner().result {
+                Some(ExecuteResult::Events(batch)) => batch.events.into_iter().map(convert::from_proto).collect(),
+                Some(ExecuteResult::Error(error)) => {
+                    let code = match ProtoCode::try_from(error.code).unwrap_or(ProtoCode::FunctionError) {
+                        ProtoCode::InvalidEvent => ErrorCode::InvalidEvent,
+                        ProtoCode::Timeout => ErrorCode::Timeout,
+                        ProtoCode::Unavailable => ErrorCode::Unavailable,
+                        ProtoCode::FunctionError | ProtoCode::Unspecified => ErrorCode::FunctionError,
+                    };
+                    Err(ProtocolError::new(code, format!("function \"{}\" failed: {}", ctx.function(), error.message)))
+                }
+                None => Err(ProtocolError::new(ErrorCode::FunctionError, "the plugin answered with neither events nor an error")),
+            },
+            Err(status) => Err(self.call_failed(status, ctx).await),
+        }
+    }
+
+    async fn call_failed(&self, status: tonic::Status, ctx: &InvocationContext) -> ProtocolError {
+        // A dead process breaks the connection first; its exit status follows within moments.
+        let mut exit = self.exit.clone();
+        let exited = tokio::time::timeout(Duration::from_millis(500), exit.wait_for(Option::is_some)).await;
+        if let Ok(Ok(status_text)) = exited {
+            let status_text = status_text.clone().unwrap_or_default();
+            return ProtocolError::new(
+                ErrorCode::PluginCrashed,
+                format!(
+                    "the plugin process of \"{}\" v{} died during the call ({status_text}); the next call starts a new one; {}",
+                    ctx.function(),
+                    ctx.version(),
+                    tail_text(&self.stderr_tail)
+                ),
+            );
+        }
+        match status.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => ProtocolError::new(
+                ErrorCode::Timeout,
+                format!("function \"{}\" did not finish in time", ctx.function()),
+            ),
+            _ => ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!("calling the plugin of \"{}\" failed: {}", ctx.function(), status.message()),
+            ),
+        }
+    }
+
+    /// Whether the plugin answers its health check within `within`.
+    pub async fn is_healthy(&self, within: Duration) -> bool {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: handshake::HEALTH_SERVICE.into(),
+        });
+        request.set_timeout(within);
+        matches!(
+            tokio::time::timeout(within, self.health.clone().check(request)).await,
+            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+        )
+    }
+
+    /// Asks the plugin to shut down, waits up to the grace period, then kills its process group.
+    pub async fn stop(&self) {
+        if self.has_exited() {
+            return;
+        }
+        let mut request = tonic::Request::new(Empty {});
+        request.set_timeout(self.config.stop_grace);
+        let _ = tokio::time::timeout(self.config.stop_grace, self.controller.clone().shutdown(request)).await;
+        if tokio::time::timeout(self.config.stop_grace, self.exited()).await.is_err() {
+            tracing::warn!(function = %self.config.function, pid = self.pid, "plugin ignored shutdown; killing it");
+        }
+        self.kill();
+    }
+
+    /// Kills the plugin's whole process group at once.
+    pub fn kill(&self) {
+        kill_group(self.pid);
+    }
+
+    /// Resident memory of the process in bytes, read from `/proc`.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * page_size())
+    }
+}
+
+impl Drop for PluginProcess {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            kill_group(self.pid);
+        }
+        // The socket and whatever the plugin wrote go with it.
+        let _ = std::fs::remove_dir_all(&self.config.work_dir);
+    }
+}
+
+async fn connect(handshake: &Handshake) -> Result<Channel, tonic::transport::Error> {
+    match handshake.network {
+        Network::Tcp => Endpoint::from_shared(format!("http://{}", handshake.address))?.connect().await,
+        Network::Unix => {
+            let path = PathBuf::from(&handshake.address);
+            // The URI is required by the API and ignored by the connector.
+            Endpoint::from_static("http://plugin.invalid")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await
+        }
+    }
+}
+
+/// Reads one line (up to [`MAX_LINE`] bytes, the rest of an overlong line dropped); `None` at EOF.
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> Option<String> {
+    let mut line = Vec::new();
+    loop {
+        let buffer = reader.fill_buf().await.ok()?;
+        if buffer.is_empty() {
+            return (!line.is_empty()).then(|| String::from_utf8_lossy(&line).into_owned());
+        }
+        let (chunk, found) = match buffer.iter().position(|&b| b == b'\n') {
+            Some(end) => (&buffer[..end], Some(end + 1)),
+            None => (buffer, None),
+        };
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let consumed = found.unwrap_or(buffer.len());
+        reader.consume(consumed);
+        if found.is_some() {
+            return Some(String::from_utf8_lossy(&line).into_owned());
+        }
+    }
+}
+
+/// Relays a plugin's output into the log, tagged with the function; keeps a tail if asked.
+async fn relay(
+    mut reader: BufReader<impl AsyncRead + Unpin>,
+    function: FunctionName,
+    version: u64,
+    pid: u32,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    stream: &'static str,
+) {
+    while let Some(line) = read_line(&mut reader).await {
+        if let Some(tail) = &tail {
+            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+            if tail.len() == STDERR_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        log_line(&function, version, pid, stream, &line);
+    }
+}
+
+/// Logs one output line; go-plugin's hclog JSON lines keep their level and message.
+fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line: &str) {
+    if line.is_empty() {
+        return;
+    }
+    let parsed = line
+        .starts_with('{')
+        .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+        .flatten();
+    let (level, message) = match &parsed {
+        Some(json) => (
+            json.get("@level").and_then(|l| l.as_str()).unwrap_or("info"),
+            json.get("@message").and_then(|m| m.as_str()).unwrap_or(line),
+        ),
+        None => ("info", line),
+    };
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(target: "mycelium::plugin", function = %function, version, pid, stream, "{message}")
+        };
+    }
+    match level {
+        "trace" => emit!(trace),
+        "debug" => emit!(debug),
+        "warn" => emit!(warn),
+        "error" => emit!(error),
+        _ => emit!(info),
+    }
+}
+
+fn page_size() -> u64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}
+
+#[allow(unsafe_code)]
+fn kill_group(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions. The plugin leads its own process
+    // group (process_group(0)), so -pid reaches it and anything it started.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+}
+
+/// Resource limits set in the child between fork and exec.
+struct Limits {
+    address_space: Option<u64>,
+    open_files: u64,
+    cpu_seconds: Option<u64>,
+}
+
+impl Limits {
+    #[allow(unsafe_code)]
+    fn apply_in_child(self, command: &mut std::process::Command) {
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (prctl, setrlimit, getppid, _exit); it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // Die with the runtime, even if it is SIGKILLed: no orphans.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl.
+                if libc::getppid() == 1 {
+                    libc::_exit(1);
+                }
+                let set = |resource, value: u64| {
+                    let limit = libc::rlimit {
+                        rlim_cur: value as libc::rlim_t,
+                        rlim_max: value as libc::rlim_t,
+                    };
+                    if libc::setrlimit(resource, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                };
+                if let Some(bytes) = self.address_space {
+                    set(libc::RLIMIT_AS, bytes)?;
+                }
+                set(libc::RLIMIT_NOFILE, self.open_files)?;
+                if let Some(seconds) = self.cpu_seconds {
+                    set(libc::RLIMIT_CPU, seconds)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}

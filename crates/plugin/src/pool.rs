@@ -1,0 +1,460 @@
+//! Plugin processes per function version: started on demand (or ahead of time), shared by
+//! concurrent calls, replaced when they crash or hang, stopped when idle or retired.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::{Duration, Instant},
+};
+
+use mycelium_core::{
+    ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName, InvocationContext, MetricsCollector,
+    ProtocolError,
+};
+use mycelium_registry::{fetch_protocol_error, ArtifactCache, RegistryAdmin};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::host::{PluginProcess, ProcessConfig, StartErrorKind};
+
+/// How plugin processes are run. Defaults suit small functions.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Processes per function version at most.
+    pub max_processes: usize,
+    /// Concurrent calls one process takes.
+    pub concurrency_per_process: usize,
+    /// Idle processes stop after this long (scale to zero).
+    pub idle_timeout: Duration,
+    /// Handshake and health check budget of a starting process.
+    pub start_timeout: Duration,
+    /// How long a stopping process gets before it is killed.
+    pub stop_grace: Duration,
+    /// Open files a plugin process may hold.
+    pub max_open_files: u64,
+    /// CPU seconds a plugin process may use (none by default).
+    pub cpu_seconds: Option<u64>,
+    /// Longest wait between restarts of a crash-looping plugin.
+    pub max_restart_backoff: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_processes: 1,
+            concurrency_per_process: 64,
+            idle_timeout: Duration::from_secs(300),
+            start_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(2),
+            max_open_files: 1024,
+            cpu_seconds: None,
+            max_restart_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Tells a pool whether its version is still the active one (a retired version drains).
+pub type ActiveCheck = Arc<dyn Fn(&FunctionName, u64) -> bool + Send + Sync>;
+
+/// Everything pools share.
+struct Shared {
+    registry: Arc<dyn RegistryAdmin>,
+    cache: ArtifactCache,
+    work_root: PathBuf,
+    settings: PoolSettings,
+    metrics: Option<Arc<dyn MetricsCollector>>,
+    is_active: ActiveCheck,
+}
+
+/// Runs plugin functions: one [`PluginPool`] per function version.
+pub struct PluginExecutor {
+    shared: Arc<Shared>,
+    pools: Mutex<HashMap<(FunctionName, u64), Arc<PluginPool>>>,
+}
+
+impl PluginExecutor {
+    /// An executor fetching binaries from `registry` into `cache`, running processes in
+    /// directories under `work_root`.
+    pub fn new(
+        registry: Arc<dyn RegistryAdmin>,
+        cache: ArtifactCache,
+        work_root: PathBuf,
+        settings: PoolSettings,
+        metrics: Option<Arc<dyn MetricsCollector>>,
+    ) -> Self {
+        let lookup = registry.clone();
+        Self {
+            shared: Arc::new(Shared {
+                registry,
+                cache,
+                work_root,
+                settings,
+                metrics,
+                is_active: Arc::new(move |name, version| {
+                    lookup.get(name, None).map(|m| m.version == version).unwrap_or(false)
+                }),
+            }),
+            pools: Mutex::default(),
+        }
+    }
+
+    /// The pool running `metadata`'s version (created on first use).
+    pub fn pool(&self, metadata: &Arc<FunctionMetadata>) -> Arc<PluginPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, pool| !pool.is_finished());
+        pools
+            .entry((metadata.name.clone(), metadata.version))
+            .or_insert_with(|| PluginPool::new(metadata.clone(), self.shared.clone()))
+            .clone()
+    }
+
+    /// The function that runs `metadata`'s version.
+    pub fn function(&self, metadata: &Arc<FunctionMetadata>) -> Arc<dyn Function> {
+        self.pool(metadata)
+    }
+
+    /// Starts a process for `metadata` ahead of the first call, so it pays no cold start.
+    pub async fn prestart(&self, metadata: &Arc<FunctionMetadata>) -> Result<(), ProtocolError> {
+        let pool = self.pool(metadata);
+        let deadline = Instant::now() + self.shared.settings.start_timeout * 2;
+        pool.acquire(deadline).await.map(drop)
+    }
+
+    /// Processes running now, over all pools.
+    pub fn process_count(&self) -> usize {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.values().map(|pool| pool.process_count()).sum()
+    }
+
+    /// Stops every plugin process.
+    pub async fn shutdown(&self) {
+        let pools: Vec<Arc<PluginPool>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.drain().map(|(_, pool)| pool).collect()
+        };
+        for pool in pools {
+            pool.stop_all().await;
+        }
+    }
+}
+
+struct Slot {
+    process: PluginProcess,
+    permits: Arc<Semaphore>,
+    last_used: Mutex<Instant>,
+    stopping: AtomicBool,
+}
+
+impl Slot {
+    fn is_idle(&self, capacity: usize) -> bool {
+        self.permits.available_permits() == capacity
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    slots: Vec<Arc<Slot>>,
+    /// Crashes in a row; restarts wait longer each time.
+    crashes: u32,
+    not_before: Option<Instant>,
+    binary: Option<PathBuf>,
+    finished: bool,
+}
+
+/// The processes of one function version.
+pub struct PluginPool {
+    me: Weak<PluginPool>,
+    metadata: Arc<FunctionMetadata>,
+    shared: Arc<Shared>,
+    state: tokio::sync::Mutex<PoolState>,
+    finished: AtomicBool,
+    slots_seen: Mutex<usize>,
+}
+
+impl PluginPool {
+    fn new(metadata: Arc<FunctionMetadata>, shared: Arc<Shared>) -> Arc<Self> {
+        let pool = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            metadata,
+            shared,
+            state: tokio::sync::Mutex::default(),
+            finished: AtomicBool::new(false),
+            slots_seen: Mutex::new(0),
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool)));
+        pool
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
+
+    /// Processes running now.
+    pub fn process_count(&self) -> usize {
+        *self.slots_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable(&self, code: ErrorCode, message: String) -> ProtocolError {
+        ProtocolError::new(code, message)
+    }
+
+    /// A process slot with a free call permit, starting a process if allowed.
+    async fn acquire(&self, deadline: Instant) -> Result<(Arc<Slot>, OwnedSemaphorePermit), ProtocolError> {
+        let settings = &self.shared.settings;
+        loop {
+            let mut state = self.state.lock().await;
+            self.forget_dead(&mut state);
+            for slot in &state.slots {
+                if let Ok(permit) = slot.permits.clone().try_acquire_owned() {
+                    return Ok((slot.clone(), permit));
+                }
+            }
+            if state.slots.len() < settings.max_processes.max(1) {
+                if let Some(not_before) = state.not_before {
+                    if not_before > deadline {
+                        return Err(self.unavailable(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "the plugin of \"{}\" v{} keeps crashing; the next restart is in {:?}",
+                                self.metadata.name,
+                                self.metadata.version,
+                                not_before.saturating_duration_since(Instant::now())
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep_until(not_before.into()).await;
+                }
+                let slot = self.start(&mut state).await?;
+                let permit = slot.permits.clone().try_acquire_owned().expect("a new slot has permits");
+                state.slots.push(slot.clone());
+                self.publish_count(&state);
+                return Ok((slot, permit));
+            }
+            // Every process is at its limit: wait for the first free permit.
+            let slot = state.slots[0].clone();
+            drop(state);
+            match tokio::time::timeout_at(deadline.into(), slot.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) if !slot.process.has_exited() => return Ok((slot, permit)),
+                Ok(_) => continue,
+                Err(_) => {
+                    return Err(self.unavailable(
+                        ErrorCode::Timeout,
+                        format!("every plugin process of \"{}\" stayed busy until the deadline", self.metadata.name),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Drops slots whose process has died; an unexpected death counts as a crash.
+    fn forget_dead(&self, state: &mut PoolState) {
+        let before = state.slots.len();
+        let mut crashed = false;
+        state.slots.retain(|slot| {
+            let dead = slot.process.has_exited();
+            crashed |= dead && !slot.stopping.load(Ordering::Relaxed);
+            !dead
+        });
+        if crashed {
+            state.crashes += 1;
+            // The first restart is immediate; a crash loop backs off exponentially.
+            let backoff = Duration::from_millis(100)
+                .saturating_mul(1 << state.crashes.saturating_sub(2).min(16))
+                .min(self.shared.settings.max_restart_backoff);
+            state.not_before = (state.crashes > 1).then(|| Instant::now() + backoff);
+            tracing::warn!(function = %self.metadata.name, version = self.metadata.version, crashes = state.crashes, "plugin process died");
+        }
+        if state.slots.len() != before {
+            self.publish_count(state);
+        }
+    }
+
+    fn publish_count(&self, state: &PoolState) {
+        *self.slots_seen.lock().unwrap_or_else(|e| e.into_inner()) = state.slots.len();
+    }
+
+    async fn start(&self, state: &mut PoolState) -> Result<Arc<Slot>, ProtocolError> {
+        let binary = match &state.binary {
+            Some(binary) => binary.clone(),
+            None => {
+                let binary = self
+                    .shared
+                    .cache
+                    .fetch(self.shared.registry.as_ref(), &self.metadata)
+                    .await
+                    .map_err(|e| fetch_protocol_error(&e))?;
+                state.binary = Some(binary.clone());
+                binary
+            }
+        };
+        let settings = &self.shared.settings;
+        let config = ProcessConfig {
+            function: self.metadata.name.clone(),
+            version: self.metadata.version,
+            work_dir: self
+                .shared
+                .work_root
+                .join(format!("{}-v{}-{}", self.metadata.name, self.metadata.version, nuid_like())),
+            env: self.metadata.env.clone(),
+            memory_mb: self.metadata.memory_mb,
+            max_open_files: settings.max_open_files,
+            cpu_seconds: settings.cpu_seconds,
+            start_timeout: settings.start_timeout,
+            stop_grace: settings.stop_grace,
+        };
+        let work_dir = config.work_dir.clone();
+        let started = Instant::now();
+        let process = PluginProcess::start(&binary, config).await.map_err(|e| {
+            let _ = std::fs::remove_dir_all(&work_dir);
+            if e.kind() != StartErrorKind::Spawn {
+                state.crashes += 1;
+            }
+            ProtocolError::new(
+                ErrorCode::PluginStartFailed,
+                format!("the plugin of \"{}\" v{} did not start: {e}", self.metadata.name, self.metadata.version),
+            )
+        })?;
+        tracing::info!(
+            function = %self.metadata.name,
+            version = self.metadata.version,
+            pid = process.pid(),
+            cold_start_ms = started.elapsed().as_secs_f64() * 1e3,
+            "plugin process started"
+        );
+        Ok(Arc::new(Slot {
+            process,
+            permits: Arc::new(Semaphore::new(settings.concurrency_per_process.max(1))),
+            last_used: Mutex::new(Instant::now()),
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    async fn stop_slot(&self, slot: &Slot) {
+        slot.stopping.store(true, Ordering::Relaxed);
+        slot.process.stop().await;
+    }
+
+    async fn remove_slot(&self, target: &Arc<Slot>) {
+        let mut state = self.state.lock().await;
+        state.slots.retain(|slot| !Arc::ptr_eq(slot, target));
+        self.publish_count(&state);
+    }
+
+    async fn stop_all(&self) {
+        let slots = {
+            let mut state = self.state.lock().await;
+            state.finished = true;
+            self.finished.store(true, Ordering::Relaxed);
+            let slots = std::mem::take(&mut state.slots);
+            self.publish_count(&state);
+            slots
+        };
+        for slot in slots {
+            self.stop_slot(&slot).await;
+        }
+    }
+
+    /// After a timed-out call: a plugin that no longer answers its health check is replaced.
+    async fn check_after_timeout(&self, slot: Arc<Slot>) {
+        if slot.process.is_healthy(Duration::from_secs(1)).await {
+            return;
+        }
+        tracing::warn!(function = %self.metadata.name, pid = slot.process.pid(), "plugin stopped answering; replacing it");
+        slot.stopping.store(true, Ordering::Relaxed);
+        slot.process.kill();
+        self.remove_slot(&slot).await;
+    }
+}
+
+/// Runs after a call is abandoned (its future dropped at the deadline) to check the process.
+struct CallGuard {
+    pool: Weak<PluginPool>,
+    slot: Option<Arc<Slot>>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(pool)) = (self.slot.take(), self.pool.upgrade()) {
+            tokio::spawn(async move { pool.check_after_timeout(slot).await });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Function for PluginPool {
+    async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+        let to_error = |e: ProtocolError| FunctionError::with_code(e.code, e.message);
+        let (slot, _permit) = self.acquire(ctx.deadline()).await.map_err(to_error)?;
+        *slot.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        // Armed while the call runs: if the invocation is abandoned at its deadline, the
+        // process is checked and replaced when it no longer answers.
+        let mut guard = CallGuard {
+            pool: self.me.clone(),
+            slot: Some(slot.clone()),
+        };
+        let result = slot.process.execute(&event, &ctx).await;
+        match &result {
+            Err(error) if error.code == ErrorCode::Timeout => {}
+            Err(error) if error.code == ErrorCode::PluginCrashed => {
+                guard.slot = None;
+                let mut state = self.state.lock().await;
+                self.forget_dead(&mut state);
+            }
+            _ => guard.slot = None,
+        }
+        *slot.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        result.map_err(to_error)
+    }
+}
+
+/// Per pool: stops idle processes (and all of a retired version once idle), samples memory.
+async fn reap(pool: Weak<PluginPool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { break };
+        if pool.is_finished() {
+            break;
+        }
+        let settings = &pool.shared.settings;
+        let retired = !(pool.shared.is_active)(&pool.metadata.name, pool.metadata.version);
+        let to_stop: Vec<Arc<Slot>> = {
+            let mut state = pool.state.lock().await;
+            pool.forget_dead(&mut state);
+            let capacity = settings.concurrency_per_process.max(1);
+            let (stop, keep): (Vec<_>, Vec<_>) = state.slots.drain(..).partition(|slot| {
+                let idle_for = slot.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                slot.is_idle(capacity) && (retired || idle_for >= settings.idle_timeout)
+            });
+            state.slots = keep;
+            pool.publish_count(&state);
+            if retired && state.slots.is_empty() && stop.is_empty() {
+                // Nothing left to drain: the pool ends; a call pinned to this version
+                // later gets a fresh one.
+                state.finished = true;
+                pool.finished.store(true, Ordering::Relaxed);
+            }
+            if let Some(metrics) = &pool.shared.metrics {
+                for slot in &state.slots {
+                    if let Some(rss) = slot.process.rss_bytes() {
+                        metrics.plugin_memory(&pool.metadata.name, pool.metadata.version, slot.process.pid(), rss);
+                    }
+                }
+            }
+            stop
+        };
+        for slot in to_stop {
+            tracing::info!(function = %pool.metadata.name, version = pool.metadata.version, pid = slot.process.pid(), retired, "stopping an idle plugin process");
+            pool.stop_slot(&slot).await;
+        }
+    }
+}
+
+fn nuid_like() -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
