@@ -232,6 +232,25 @@ pub struct ServeArgs {
 /// Settings of a runtime.
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
+    /// Where plugin binaries are cached and plugin processes get their working directories
+    /// (default: `<data-dir>/plugins` for `up`, `./.mycelium/plugins` for `serve`).
+    #[arg(long, env = "MYCELIUM_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Bytes of plugin binaries kept in the local cache.
+    #[arg(long, env = "MYCELIUM_PLUGIN_CACHE_SIZE", default_value_t = 1024 * 1024 * 1024)]
+    pub plugin_cache_size: u64,
+    /// Processes per plugin function version at most.
+    #[arg(long, env = "MYCELIUM_PLUGIN_MAX_PROCESSES", default_value_t = 1)]
+    pub plugin_max_processes: usize,
+    /// Concurrent calls one plugin process takes.
+    #[arg(long, env = "MYCELIUM_PLUGIN_CONCURRENCY", default_value_t = 64)]
+    pub plugin_concurrency: usize,
+    /// Idle plugin processes stop after this long (scale to zero).
+    #[arg(long, env = "MYCELIUM_PLUGIN_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub plugin_idle_timeout: Duration,
+    /// Do not start plugin processes ahead of their first call.
+    #[arg(long, env = "MYCELIUM_NO_PRESTART")]
+    pub no_prestart: bool,
     /// Where deployed functions are looked up.
     #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
     pub registry: RegistryKind,

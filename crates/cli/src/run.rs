@@ -8,6 +8,8 @@ use mycelium_core::{
     envelope, Event,
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
+use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_registry::ArtifactCache;
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 
 use crate::{
@@ -87,16 +89,44 @@ async fn start_runtime(
     nats: mycelium_client::async_nats::Client,
     connection: &Connection<'_>,
     args: &RuntimeArgs,
+    default_plugin_dir: &Path,
 ) -> Result<RuntimeHandle, Failure> {
-    let mut builder = Runtime::builder()
-        .config(runtime_config(connection, args))
-        .standard_builtins();
+    let mut config = runtime_config(connection, args);
+    config.prestart_plugins = !args.no_prestart;
+    let mut builder = Runtime::builder().config(config).standard_builtins();
     if args.registry == RegistryKind::Jetstream {
         let registry =
             mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
                 .await
                 .map_err(|e| Failure::new("registry", error_chain(&e), EXIT_UNREACHABLE))?;
-        builder = builder.registry(registry);
+        let plugin_dir = args
+            .plugin_dir
+            .clone()
+            .unwrap_or_else(|| default_plugin_dir.to_owned());
+        let cache =
+            ArtifactCache::new(plugin_dir.join("cache"), args.plugin_cache_size).map_err(|e| {
+                Failure::new(
+                    "plugin_dir",
+                    format!("cannot use {} for plugins: {e}", plugin_dir.display()),
+                    EXIT_INTERNAL,
+                )
+            })?;
+        let settings = PoolSettings {
+            max_processes: args.plugin_max_processes,
+            concurrency_per_process: args.plugin_concurrency,
+            idle_timeout: args.plugin_idle_timeout,
+            ..PoolSettings::default()
+        };
+        let plugins = PluginExecutor::new(
+            registry.clone(),
+            cache,
+            plugin_dir.join("run"),
+            settings,
+            None,
+        );
+        builder = builder
+            .registry(registry)
+            .plugins(std::sync::Arc::new(plugins));
     }
     builder
         .build(nats)
@@ -131,7 +161,13 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     options.name = "mycelium-runtime".into();
     let result = async {
         let nats = options.connect_nats().await?;
-        start_runtime(nats, connection, &args.runtime).await
+        start_runtime(
+            nats,
+            connection,
+            &args.runtime,
+            &args.data_dir.join("plugins"),
+        )
+        .await
     }
     .await;
     let handle = match result {
@@ -220,7 +256,13 @@ async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failu
     let mut options = connect_options(connection);
     options.name = "mycelium-runtime".into();
     let nats = options.connect_nats().await?;
-    let handle = start_runtime(nats, connection, &args.runtime).await?;
+    let handle = start_runtime(
+        nats,
+        connection,
+        &args.runtime,
+        Path::new(".mycelium/plugins"),
+    )
+    .await?;
     tracing::info!(nats_url = %connection.args.nats_url, "serving; Ctrl-C or SIGTERM stops gracefully");
     let reason = shutdown_signal().await;
     tracing::info!(reason, "stopping");

@@ -104,7 +104,10 @@ impl ErrorCode {
 
     /// Whether the same request may succeed if sent again later.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::Overloaded | Self::Unavailable | Self::Timeout | Self::PluginCrashed)
+        matches!(
+            self,
+            Self::Overloaded | Self::Unavailable | Self::Timeout | Self::PluginCrashed
+        )
     }
 }
 

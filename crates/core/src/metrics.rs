@@ -94,7 +94,10 @@ impl InMemoryMetrics {
     /// The last sampled resident memory of a plugin process of `function` at `version`.
     pub fn plugin_memory(&self, function: &str, version: u64) -> Option<u64> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.plugin_memory.get(&(function.to_owned(), version)).copied()
+        state
+            .plugin_memory
+            .get(&(function.to_owned(), version))
+            .copied()
     }
 
     /// Requests refused with `code`, whatever the function.
@@ -107,7 +110,9 @@ impl InMemoryMetrics {
 impl MetricsCollector for InMemoryMetrics {
     fn plugin_memory(&self, function: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.plugin_memory.insert((function.to_string(), version), rss_bytes);
+        state
+            .plugin_memory
+            .insert((function.to_string(), version), rss_bytes);
     }
 
     fn invocation_started(&self, function: &FunctionName) {

@@ -15,7 +15,10 @@ use mycelium_core::{
     ErrorCode, Event, FunctionName, InMemoryMetrics,
 };
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
-use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin};
+use mycelium_registry::{
+    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
+    RegistryAdmin,
+};
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use mycelium_test_support::{eventually, NatsServer};
 use serde_json::{json, Value};
@@ -40,7 +43,11 @@ struct Fixture {
 async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let runtime_registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
+    let runtime_registry = Arc::new(
+        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
+    );
     let metrics = Arc::new(InMemoryMetrics::new());
     let plugins = Arc::new(PluginExecutor::new(
         runtime_registry.clone(),
@@ -50,7 +57,10 @@ async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
         Some(metrics.clone()),
     ));
     let runtime = Runtime::builder()
-        .config(RuntimeConfig { prestart_plugins: prestart, ..RuntimeConfig::default() })
+        .config(RuntimeConfig {
+            prestart_plugins: prestart,
+            ..RuntimeConfig::default()
+        })
         .registry(runtime_registry.clone())
         .plugins(plugins.clone())
         .metrics(metrics.clone())
@@ -58,7 +68,9 @@ async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
         .await
         .unwrap();
     Fixture {
-        admin: NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap(),
+        admin: NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
         client: Client::new(server.connect().await),
         server,
         runtime_registry,
@@ -72,12 +84,21 @@ async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
 impl Fixture {
     async fn deploy(&self, function: &str, env: &[(&str, &str)], memory_mb: Option<u64>) -> u64 {
         let mut spec = DeploySpec::plugin(name(function), ArtifactSource::File(TEST_PLUGIN.into()));
-        spec.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        spec.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         spec.memory_mb = memory_mb;
         let version = self.admin.deploy(spec).await.unwrap().version;
         let mut applied = self.runtime_registry.applied_revision();
         tokio::time::timeout(Duration::from_secs(30), async {
-            while self.runtime_registry.get(&name(function), None).map(|m| m.version).ok() != Some(version) {
+            while self
+                .runtime_registry
+                .get(&name(function), None)
+                .map(|m| m.version)
+                .ok()
+                != Some(version)
+            {
                 applied.changed().await.unwrap();
             }
         })
@@ -86,14 +107,39 @@ impl Fixture {
         version
     }
 
-    async fn call(&self, function: &str, behaviour: &str, data: Value) -> Result<Vec<Event>, RequestError> {
-        self.call_with(function, behaviour, data, Duration::from_secs(20)).await
+    async fn call(
+        &self,
+        function: &str,
+        behaviour: &str,
+        data: Value,
+    ) -> Result<Vec<Event>, RequestError> {
+        self.call_with(function, behaviour, data, Duration::from_secs(20))
+            .await
     }
 
-    async fn call_with(&self, function: &str, behaviour: &str, data: Value, timeout: Duration) -> Result<Vec<Event>, RequestError> {
-        let event = EventBuilderV10::new().id("t").source("e2e").ty(behaviour).data("application/json", data).build().unwrap();
+    async fn call_with(
+        &self,
+        function: &str,
+        behaviour: &str,
+        data: Value,
+        timeout: Duration,
+    ) -> Result<Vec<Event>, RequestError> {
+        let event = EventBuilderV10::new()
+            .id("t")
+            .source("e2e")
+            .ty(behaviour)
+            .data("application/json", data)
+            .build()
+            .unwrap();
         self.client
-            .invoke_with(function, &event, InvokeOptions { version: None, timeout: Some(timeout) })
+            .invoke_with(
+                function,
+                &event,
+                InvokeOptions {
+                    version: None,
+                    timeout: Some(timeout),
+                },
+            )
             .await
     }
 }
@@ -121,23 +167,42 @@ fn code(result: Result<Vec<Event>, RequestError>) -> (ErrorCode, String) {
 async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
     let f = fixture(PoolSettings::default(), false).await;
     f.deploy("rusty", &[("GREETING", "hello")], None).await;
-    assert_eq!(f.plugins.process_count(), 0, "no process before the first call");
+    assert_eq!(
+        f.plugins.process_count(),
+        0,
+        "no process before the first call"
+    );
 
     let echoed = f.call("rusty", "echo", json!({"n": 1})).await.unwrap();
     assert_eq!(echoed[0].id(), "t");
     assert_eq!(json_data(&echoed[0]), json!({"n": 1}));
     let first_pid = pid_of(&f.call("rusty", "pid", json!({})).await.unwrap());
     for _ in 0..20 {
-        assert_eq!(pid_of(&f.call("rusty", "pid", json!({})).await.unwrap()), first_pid, "warm calls reuse the process");
+        assert_eq!(
+            pid_of(&f.call("rusty", "pid", json!({})).await.unwrap()),
+            first_pid,
+            "warm calls reuse the process"
+        );
     }
     assert_eq!(f.plugins.process_count(), 1);
 
-    let text = EventBuilderV10::new().id("u").source("e2e").ty("upper").data("text/plain", "shout").build().unwrap();
+    let text = EventBuilderV10::new()
+        .id("u")
+        .source("e2e")
+        .ty("upper")
+        .data("text/plain", "shout")
+        .build()
+        .unwrap();
     let upper = f.client.invoke("rusty", text).await.unwrap();
     assert_eq!(upper[0].data(), Some(&Data::String("SHOUT".into())));
 
     let env = json_data(&f.call("rusty", "env", json!({})).await.unwrap()[0]);
-    let mut names: Vec<&str> = env["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let mut names: Vec<&str> = env["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
     names.sort();
     assert_eq!(
         names,
@@ -152,14 +217,20 @@ async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
         ],
         "only the handshake and the function's own environment"
     );
-    assert!(env["cwd"].as_str().unwrap().contains("rusty-v1-"), "its own working directory: {env}");
+    assert!(
+        env["cwd"].as_str().unwrap().contains("rusty-v1-"),
+        "its own working directory: {env}"
+    );
 
     let (code_, message) = code(f.call("rusty", "fail", json!({})).await);
     assert_eq!(code_, ErrorCode::FunctionError);
     assert!(message.contains("failing on purpose"), "{message}");
 
     // Memory of the process is sampled through the metrics seam.
-    eventually(Duration::from_secs(10), || async { f.metrics.plugin_memory("rusty", 1).filter(|rss| *rss > 0) }).await;
+    eventually(Duration::from_secs(10), || async {
+        f.metrics.plugin_memory("rusty", 1).filter(|rss| *rss > 0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,10 +250,16 @@ async fn a_hung_plugin_times_out_and_is_replaced() {
     let f = fixture(PoolSettings::default(), false).await;
     f.deploy("hangs", &[], None).await;
     let before = pid_of(&f.call("hangs", "pid", json!({})).await.unwrap());
-    let (code_, message) = code(f.call_with("hangs", "hang", json!({}), Duration::from_millis(500)).await);
+    let (code_, message) = code(
+        f.call_with("hangs", "hang", json!({}), Duration::from_millis(500))
+            .await,
+    );
     assert_eq!(code_, ErrorCode::Timeout, "{message}");
     let after = eventually(Duration::from_secs(30), || async {
-        f.call_with("hangs", "pid", json!({}), Duration::from_secs(2)).await.ok().map(|events| pid_of(&events))
+        f.call_with("hangs", "pid", json!({}), Duration::from_secs(2))
+            .await
+            .ok()
+            .map(|events| pid_of(&events))
     })
     .await;
     assert_ne!(before, after, "the stopped process was replaced");
@@ -190,19 +267,43 @@ async fn a_hung_plugin_times_out_and_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_failures_are_clear() {
-    let f = fixture(PoolSettings { start_timeout: Duration::from_secs(2), ..PoolSettings::default() }, false).await;
-    f.deploy("early-exit", &[("MYCELIUM_TEST_PLUGIN_START", "exit")], None).await;
+    let f = fixture(
+        PoolSettings {
+            start_timeout: Duration::from_secs(2),
+            ..PoolSettings::default()
+        },
+        false,
+    )
+    .await;
+    f.deploy(
+        "early-exit",
+        &[("MYCELIUM_TEST_PLUGIN_START", "exit")],
+        None,
+    )
+    .await;
     let (code_, message) = code(f.call("early-exit", "echo", json!({})).await);
     assert_eq!(code_, ErrorCode::PluginStartFailed, "{message}");
     assert!(message.contains("exited before its handshake"), "{message}");
-    assert!(message.contains("exiting on purpose before the handshake"), "the stderr tail: {message}");
+    assert!(
+        message.contains("exiting on purpose before the handshake"),
+        "the stderr tail: {message}"
+    );
 
-    f.deploy("garbage", &[("MYCELIUM_TEST_PLUGIN_START", "garbage")], None).await;
+    f.deploy(
+        "garbage",
+        &[("MYCELIUM_TEST_PLUGIN_START", "garbage")],
+        None,
+    )
+    .await;
     let (code_, message) = code(f.call("garbage", "echo", json!({})).await);
     assert_eq!(code_, ErrorCode::PluginStartFailed, "{message}");
-    assert!(message.contains("malformed handshake \"this is not a handshake\""), "{message}");
+    assert!(
+        message.contains("malformed handshake \"this is not a handshake\""),
+        "{message}"
+    );
 
-    f.deploy("silent", &[("MYCELIUM_TEST_PLUGIN_START", "silent")], None).await;
+    f.deploy("silent", &[("MYCELIUM_TEST_PLUGIN_START", "silent")], None)
+        .await;
     let (code_, message) = code(f.call("silent", "echo", json!({})).await);
     assert_eq!(code_, ErrorCode::PluginStartFailed, "{message}");
     assert!(message.contains("no handshake within"), "{message}");
@@ -210,7 +311,11 @@ async fn start_failures_are_clear() {
     // The runtime is unharmed.
     f.deploy("fine", &[], None).await;
     assert_eq!(f.call("fine", "echo", json!({})).await.unwrap().len(), 1);
-    assert_eq!(f.plugins.process_count(), 1, "failed starts leave no process behind");
+    assert_eq!(
+        f.plugins.process_count(),
+        1,
+        "failed starts leave no process behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,9 +326,16 @@ async fn floods_and_memory_limits_do_not_hurt_the_runtime() {
     assert_eq!(f.call("loud", "echo", json!({})).await.unwrap().len(), 1);
 
     f.deploy("greedy", &[], Some(256)).await;
-    assert_eq!(json_data(&f.call("greedy", "alloc", json!({"mb": 16})).await.unwrap()[0])["touched"], 16 << 20);
+    assert_eq!(
+        json_data(&f.call("greedy", "alloc", json!({"mb": 16})).await.unwrap()[0])["touched"],
+        16 << 20
+    );
     let (code_, message) = code(f.call("greedy", "alloc", json!({"mb": 1024})).await);
-    assert_eq!(code_, ErrorCode::PluginCrashed, "over its memory limit: {message}");
+    assert_eq!(
+        code_,
+        ErrorCode::PluginCrashed,
+        "over its memory limit: {message}"
+    );
     assert_eq!(f.call("greedy", "echo", json!({})).await.unwrap().len(), 1);
 }
 
@@ -231,13 +343,19 @@ async fn floods_and_memory_limits_do_not_hurt_the_runtime() {
 async fn a_tampered_binary_is_never_executed() {
     let f = fixture(PoolSettings::default(), false).await;
     let version = f.deploy("tampered", &[], None).await;
-    let meta = f.runtime_registry.get(&name("tampered"), Some(version)).unwrap();
+    let meta = f
+        .runtime_registry
+        .get(&name("tampered"), Some(version))
+        .unwrap();
     let objects = async_nats::jetstream::new(f.server.connect().await)
         .get_object_store("mycelium_artifacts")
         .await
         .unwrap();
     let object = mycelium_registry::digest::object_name(meta.digest.as_deref().unwrap()).unwrap();
-    objects.put(object.as_str(), &mut &b"#!/bin/sh\necho pwned\n"[..]).await.unwrap();
+    objects
+        .put(object.as_str(), &mut &b"#!/bin/sh\necho pwned\n"[..])
+        .await
+        .unwrap();
 
     let (code_, message) = code(f.call("tampered", "echo", json!({})).await);
     assert_eq!(code_, ErrorCode::ArtifactCorrupt, "{message}");
@@ -246,14 +364,24 @@ async fn a_tampered_binary_is_never_executed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_over_a_pool_of_processes() {
-    let settings = PoolSettings { max_processes: 2, concurrency_per_process: 1, ..PoolSettings::default() };
+    let settings = PoolSettings {
+        max_processes: 2,
+        concurrency_per_process: 1,
+        ..PoolSettings::default()
+    };
     let f = fixture(settings, false).await;
     f.deploy("pooled", &[], None).await;
     let calls: Vec<_> = (0..2)
         .map(|_| {
             let client = f.client.clone();
             tokio::spawn(async move {
-                let event = EventBuilderV10::new().id("p").source("e2e").ty("sleep").data("application/json", json!({"ms": 300})).build().unwrap();
+                let event = EventBuilderV10::new()
+                    .id("p")
+                    .source("e2e")
+                    .ty("sleep")
+                    .data("application/json", json!({"ms": 300}))
+                    .build()
+                    .unwrap();
                 client.invoke("pooled", event).await.unwrap()
             })
         })
@@ -262,14 +390,19 @@ async fn calls_spread_over_a_pool_of_processes() {
     for call in calls {
         pids.push(pid_of(&call.await.unwrap()));
     }
-    assert_ne!(pids[0], pids[1], "two processes served the two concurrent calls");
+    assert_ne!(
+        pids[0], pids[1],
+        "two processes served the two concurrent calls"
+    );
     assert_eq!(f.plugins.process_count(), 2);
 }
 
 async fn wait_for(seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>, tag: &str) {
-    tokio::time::timeout(Duration::from_secs(30), async { while seen.recv().await.as_deref() != Some(tag) {} })
-        .await
-        .unwrap_or_else(|_| panic!("no {tag} reply under load"));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.recv().await.as_deref() != Some(tag) {}
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {tag} reply under load"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,20 +410,39 @@ async fn hot_reload_of_a_plugin_under_load_loses_nothing() {
     let f = fixture(PoolSettings::default(), true).await;
     f.deploy("reloaded", &[("TAG", "v1")], None).await;
     // Prestart: the process exists before any call.
-    eventually(Duration::from_secs(20), || async { (f.plugins.process_count() == 1).then_some(()) }).await;
+    eventually(Duration::from_secs(20), || async {
+        (f.plugins.process_count() == 1).then_some(())
+    })
+    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
     let load: Vec<_> = (0..4)
         .map(|_| {
-            let (client, stop, failures, seen_tx) = (f.client.clone(), stop.clone(), failures.clone(), seen_tx.clone());
+            let (client, stop, failures, seen_tx) = (
+                f.client.clone(),
+                stop.clone(),
+                failures.clone(),
+                seen_tx.clone(),
+            );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let event = EventBuilderV10::new().id("l").source("e2e").ty("tag").data("application/json", json!({})).build().unwrap();
+                    let event = EventBuilderV10::new()
+                        .id("l")
+                        .source("e2e")
+                        .ty("tag")
+                        .data("application/json", json!({}))
+                        .build()
+                        .unwrap();
                     match client.invoke("reloaded", event).await {
                         Ok(events) => {
-                            let _ = seen_tx.send(json_data(&events[0])["tag"].as_str().unwrap_or_default().to_owned());
+                            let _ = seen_tx.send(
+                                json_data(&events[0])["tag"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            );
                         }
                         Err(error) => {
                             eprintln!("failed invocation: {error}");
@@ -310,9 +462,16 @@ async fn hot_reload_of_a_plugin_under_load_loses_nothing() {
     for worker in load {
         worker.await.unwrap();
     }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed invocations across update and rollback");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed invocations across update and rollback"
+    );
     // The retired version's process drains and stops; the active one stays.
-    eventually(Duration::from_secs(30), || async { (f.plugins.process_count() == 1).then_some(()) }).await;
+    eventually(Duration::from_secs(30), || async {
+        (f.plugins.process_count() == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +481,10 @@ async fn shutdown_stops_every_plugin_process() {
     let pid = pid_of(&f.call("stopped", "pid", json!({})).await.unwrap());
     f.runtime.take().unwrap().shutdown().await;
     assert_eq!(f.plugins.process_count(), 0);
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid), "plugin {pid} still runs");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
+        "plugin {pid} still runs"
+    );
 }
 
 fn is_zombie(pid: u64) -> bool {
@@ -341,14 +503,21 @@ fn no_orphans_when_the_host_is_killed() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(host.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(host.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     let plugin_pid: u64 = line.trim().parse().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{plugin_pid}")).exists());
     host.kill().unwrap(); // SIGKILL: the host gets no chance to clean up
     host.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{plugin_pid}")).exists() && !is_zombie(plugin_pid) {
-        assert!(std::time::Instant::now() < deadline, "plugin {plugin_pid} outlived its SIGKILLed host");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plugin {plugin_pid} outlived its SIGKILLed host"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

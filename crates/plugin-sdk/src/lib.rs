@@ -34,6 +34,7 @@ use mycelium_plugin::{
     convert,
     handshake::{self, Handshake, Network},
     proto::{
+        cloudevents::CloudEventBatch,
         function::{
             execute_response::Result as ExecuteResult,
             function_server::{Function as FunctionService, FunctionServer},
@@ -43,11 +44,13 @@ use mycelium_plugin::{
             grpc_controller_server::{GrpcController, GrpcControllerServer},
             Empty,
         },
-        cloudevents::CloudEventBatch,
     },
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+/// How long calls still in flight get after the host asks the plugin to shut down.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(250);
 
 /// Runs `function` as a plugin until the host shuts it down; never returns.
 ///
@@ -65,11 +68,16 @@ pub fn serve(function: impl Function) -> ! {
     if let Ok(offered) = std::env::var(handshake::PROTOCOL_VERSIONS_ENV) {
         let wanted = handshake::APP_PROTOCOL_VERSION.to_string();
         if !offered.split(',').any(|v| v.trim() == wanted) {
-            eprintln!("the host offers plugin protocol versions {offered}; this plugin speaks {wanted}");
+            eprintln!(
+                "the host offers plugin protocol versions {offered}; this plugin speaks {wanted}"
+            );
             std::process::exit(1);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the async runtime: {error}");
@@ -90,8 +98,14 @@ fn socket_path() -> PathBuf {
     let dir = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    dir.join(format!("mycelium-plugin-{}-{nanos:x}.sock", std::process::id()))
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    dir.join(format!(
+        "mycelium-plugin-{}-{nanos:x}.sock",
+        std::process::id()
+    ))
 }
 
 async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Error>> {
@@ -101,7 +115,10 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_service_status(handshake::HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            handshake::HEALTH_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
 
     let line = Handshake {
@@ -117,7 +134,7 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
         stdout.flush()?;
     }
 
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(FunctionServer::new(Service { function }))
         .add_service(health_service)
         .add_service(GrpcControllerServer::new(Controller {
@@ -125,12 +142,19 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await;
+            shutdown.clone().cancelled_owned(),
+        );
+    // The host asks for shutdown once the process is idle; the host's own connection
+    // would keep a graceful drain waiting, so calls still in flight get a moment, not more.
+    let served = tokio::select! {
+        served = server => served.map_err(Into::into),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        } => Ok(()),
+    };
     let _ = std::fs::remove_file(&path);
-    served?;
-    Ok(())
+    served
 }
 
 struct Service {
@@ -148,21 +172,40 @@ fn failure(code: ErrorCode, message: String) -> ExecuteResponse {
 
 #[tonic::async_trait]
 impl FunctionService for Service {
-    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
         let request = request.into_inner();
         let context = request.context.unwrap_or_default();
         let Some(event) = request.event else {
-            return Ok(Response::new(failure(ErrorCode::InvalidEvent, "the request carries no event".into())));
+            return Ok(Response::new(failure(
+                ErrorCode::InvalidEvent,
+                "the request carries no event".into(),
+            )));
         };
         let event = match convert::from_proto(event) {
             Ok(event) => event,
-            Err(error) => return Ok(Response::new(failure(ErrorCode::InvalidEvent, error.message))),
+            Err(error) => {
+                return Ok(Response::new(failure(
+                    ErrorCode::InvalidEvent,
+                    error.message,
+                )))
+            }
         };
         let name = FunctionName::new(&context.function_name)
             .map_err(|e| Status::invalid_argument(format!("function name: {e}")))?;
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-        let remaining = Duration::from_millis(u64::try_from(context.deadline_unix_ms - now_ms).unwrap_or(0));
-        let remaining = if context.deadline_unix_ms == 0 { Duration::from_secs(3600) } else { remaining };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let remaining =
+            Duration::from_millis(u64::try_from(context.deadline_unix_ms - now_ms).unwrap_or(0));
+        let remaining = if context.deadline_unix_ms == 0 {
+            Duration::from_secs(3600)
+        } else {
+            remaining
+        };
         let span = tracing::info_span!("invocation", function = %name, invocation_id = %context.invocation_id);
         let token = CancellationToken::new();
         let _cancel_on_drop = token.clone().drop_guard();
@@ -174,7 +217,9 @@ impl FunctionService for Service {
             token,
             span,
         );
-        let outcome = AssertUnwindSafe(self.function.execute(event, ctx)).catch_unwind().await;
+        let outcome = AssertUnwindSafe(self.function.execute(event, ctx))
+            .catch_unwind()
+            .await;
         let response = match outcome {
             Ok(Ok(events)) => ExecuteResponse {
                 result: Some(ExecuteResult::Events(CloudEventBatch {
@@ -188,7 +233,10 @@ impl FunctionService for Service {
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a non-text panic payload".into());
-                failure(ErrorCode::FunctionError, format!("the plugin function panicked: {reason}"))
+                failure(
+                    ErrorCode::FunctionError,
+                    format!("the plugin function panicked: {reason}"),
+                )
             }
         };
         Ok(Response::new(response))

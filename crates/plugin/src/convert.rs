@@ -61,7 +61,10 @@ pub fn to_proto(event: &Event) -> CloudEvent {
                 Err(_) => Attr::CeString(i.to_string()),
             },
         };
-        attributes.insert(name.to_owned(), CloudEventAttributeValue { attr: Some(attr) });
+        attributes.insert(
+            name.to_owned(),
+            CloudEventAttributeValue { attr: Some(attr) },
+        );
     }
     let data = event.data().map(|data| match data {
         Data::Binary(bytes) => ProtoData::BinaryData(bytes.clone()),
@@ -88,16 +91,24 @@ fn attr_text(value: &CloudEventAttributeValue) -> Option<String> {
         Attr::CeBoolean(b) => b.to_string(),
         Attr::CeInteger(i) => i.to_string(),
         Attr::CeBytes(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        Attr::CeTimestamp(t) => chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))?.to_rfc3339(),
+        Attr::CeTimestamp(t) => {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))?
+                .to_rfc3339()
+        }
     })
 }
 
 /// An event from the protobuf format; JSON content types get JSON data.
 pub fn from_proto(event: CloudEvent) -> Result<Event, ProtocolError> {
     if event.id.is_empty() || event.source.is_empty() || event.r#type.is_empty() {
-        return Err(invalid("an event from the plugin lacks id, source or type".into()));
+        return Err(invalid(
+            "an event from the plugin lacks id, source or type".into(),
+        ));
     }
-    let mut builder = EventBuilderV10::new().id(event.id).source(event.source).ty(event.r#type);
+    let mut builder = EventBuilderV10::new()
+        .id(event.id)
+        .source(event.source)
+        .ty(event.r#type);
     let mut content_type = None;
     let mut schema = None;
     for (name, value) in &event.attributes {
@@ -111,7 +122,10 @@ pub fn from_proto(event: CloudEvent) -> Result<Event, ProtocolError> {
             }
             "time" => {
                 if let Some(Attr::CeTimestamp(t)) = &value.attr {
-                    if let Some(time) = chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)) {
+                    if let Some(time) = chrono::DateTime::from_timestamp(
+                        t.seconds,
+                        u32::try_from(t.nanos).unwrap_or(0),
+                    ) {
                         builder = builder.time(time);
                     }
                 } else if let Some(text) = attr_text(value) {
@@ -130,14 +144,20 @@ pub fn from_proto(event: CloudEvent) -> Result<Event, ProtocolError> {
         }
     }
     if let Some(data) = event.data {
-        let is_json = content_type
-            .as_deref()
-            .is_none_or(|ct| ct.starts_with("application/json") || ct.starts_with("text/json") || ct.contains("+json"));
+        let is_json = content_type.as_deref().is_none_or(|ct| {
+            ct.starts_with("application/json")
+                || ct.starts_with("text/json")
+                || ct.contains("+json")
+        });
         let data = match data {
-            ProtoData::TextData(text) if is_json => serde_json::from_str(&text).map(Data::Json).unwrap_or(Data::String(text)),
+            ProtoData::TextData(text) if is_json => serde_json::from_str(&text)
+                .map(Data::Json)
+                .unwrap_or(Data::String(text)),
             ProtoData::TextData(text) => Data::String(text),
             ProtoData::BinaryData(bytes) if is_json && content_type.is_some() => {
-                serde_json::from_slice(&bytes).map(Data::Json).unwrap_or(Data::Binary(bytes))
+                serde_json::from_slice(&bytes)
+                    .map(Data::Json)
+                    .unwrap_or(Data::Binary(bytes))
             }
             ProtoData::BinaryData(bytes) => Data::Binary(bytes),
             ProtoData::ProtoData(any) => Data::Binary(any.value),
@@ -152,9 +172,11 @@ pub fn from_proto(event: CloudEvent) -> Result<Event, ProtocolError> {
             None => builder.data(content_type, data),
         };
     }
-    builder
-        .build()
-        .map_err(|e| invalid(format!("an event from the plugin is not a valid CloudEvent: {e}")))
+    builder.build().map_err(|e| {
+        invalid(format!(
+            "an event from the plugin is not a valid CloudEvent: {e}"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -185,7 +207,15 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        round_trip(EventBuilderV10::new().id("2").source("s").ty("t").data("text/plain", "hello").build().unwrap());
+        round_trip(
+            EventBuilderV10::new()
+                .id("2")
+                .source("s")
+                .ty("t")
+                .data("text/plain", "hello")
+                .build()
+                .unwrap(),
+        );
         round_trip(
             EventBuilderV10::new()
                 .id("3")
@@ -195,7 +225,14 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        round_trip(EventBuilderV10::new().id("4").source("s").ty("t").build().unwrap());
+        round_trip(
+            EventBuilderV10::new()
+                .id("4")
+                .source("s")
+                .ty("t")
+                .build()
+                .unwrap(),
+        );
         round_trip(
             EventBuilderV10::new()
                 .id("5")
@@ -209,10 +246,20 @@ mod tests {
 
     #[test]
     fn proto_json_layout() {
-        let event = EventBuilderV10::new().id("1").source("s").ty("t").data("application/json", json!({"k": "v"})).build().unwrap();
+        let event = EventBuilderV10::new()
+            .id("1")
+            .source("s")
+            .ty("t")
+            .data("application/json", json!({"k": "v"}))
+            .build()
+            .unwrap();
         let proto = to_proto(&event);
         assert_eq!(proto.spec_version, "1.0");
         assert_eq!(proto.data, Some(ProtoData::TextData(r#"{"k":"v"}"#.into())));
-        assert!(from_proto(CloudEvent { id: String::new(), ..proto }).is_err());
+        assert!(from_proto(CloudEvent {
+            id: String::new(),
+            ..proto
+        })
+        .is_err());
     }
 }

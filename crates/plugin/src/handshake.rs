@@ -52,19 +52,28 @@ impl Handshake {
     /// Parses the plugin's first stdout line.
     pub fn parse(line: &str) -> Result<Self, HandshakeError> {
         let shown: String = line.chars().take(200).collect();
-        let fail = |why: &str| Err(HandshakeError(format!("malformed handshake {shown:?}: {why}")));
+        let fail = |why: &str| {
+            Err(HandshakeError(format!(
+                "malformed handshake {shown:?}: {why}"
+            )))
+        };
         let parts: Vec<&str> = line.trim_end_matches(['\r', '\n']).split('|').collect();
         if parts.len() < 5 || parts.len() > 6 {
             return fail("expected CORE|APP|NETWORK|ADDRESS|PROTOCOL");
         }
         if parts[0] != CORE_PROTOCOL_VERSION.to_string() {
-            return fail(&format!("core protocol version {} is not {CORE_PROTOCOL_VERSION}", parts[0]));
+            return fail(&format!(
+                "core protocol version {} is not {CORE_PROTOCOL_VERSION}",
+                parts[0]
+            ));
         }
         let Ok(app_version) = parts[1].parse::<u32>() else {
             return fail("the application protocol version is not a number");
         };
         if app_version != APP_PROTOCOL_VERSION {
-            return fail(&format!("application protocol version {app_version} is not {APP_PROTOCOL_VERSION}"));
+            return fail(&format!(
+                "application protocol version {app_version} is not {APP_PROTOCOL_VERSION}"
+            ));
         }
         let network = match parts[2] {
             "unix" => Network::Unix,
@@ -95,7 +104,10 @@ impl Handshake {
             Network::Unix => "unix",
             Network::Tcp => "tcp",
         };
-        format!("{CORE_PROTOCOL_VERSION}|{}|{network}|{}|grpc", self.app_version, self.address)
+        format!(
+            "{CORE_PROTOCOL_VERSION}|{}|{network}|{}|grpc",
+            self.app_version, self.address
+        )
     }
 }
 
@@ -106,7 +118,10 @@ mod tests {
     #[test]
     fn parses_go_plugin_lines() {
         let unix = Handshake::parse("1|1|unix|/tmp/plugin123|grpc\n").unwrap();
-        assert_eq!((unix.network, unix.address.as_str()), (Network::Unix, "/tmp/plugin123"));
+        assert_eq!(
+            (unix.network, unix.address.as_str()),
+            (Network::Unix, "/tmp/plugin123")
+        );
         assert_eq!(Handshake::parse(&unix.line()).unwrap(), unix);
         let tcp = Handshake::parse("1|1|tcp|127.0.0.1:10000|grpc|").unwrap();
         assert_eq!(tcp.network, Network::Tcp);

@@ -17,17 +17,21 @@ use tokio::{
     sync::watch,
 };
 use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 use crate::{
     convert,
     handshake::{self, Handshake, Network},
     proto::{
         function::{
-            execute_response::Result as ExecuteResult, function_client::FunctionClient, ErrorCode as ProtoCode,
-            ExecuteRequest, InvocationContext as ProtoContext,
+            execute_response::Result as ExecuteResult, function_client::FunctionClient,
+            ErrorCode as ProtoCode, ExecuteRequest, InvocationContext as ProtoContext,
         },
-        go_plugin::{grpc_controller_client::GrpcControllerClient, grpc_stdio_client::GrpcStdioClient, Empty},
+        go_plugin::{
+            grpc_controller_client::GrpcControllerClient, grpc_stdio_client::GrpcStdioClient, Empty,
+        },
     },
 };
 
@@ -104,14 +108,19 @@ fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
     if tail.is_empty() {
         "(the plugin wrote nothing to stderr)".into()
     } else {
-        format!("its stderr ended with:\n{}", tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+        format!(
+            "its stderr ended with:\n{}",
+            tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        )
     }
 }
 
 impl PluginProcess {
     /// Starts `binary` and returns once it has shaken hands and reports healthy.
     pub async fn start(binary: &Path, config: ProcessConfig) -> Result<Self, StartError> {
-        let spawn_failed = |what: String, e: std::io::Error| StartError::with_source(StartErrorKind::Spawn, what, e);
+        let spawn_failed = |what: String, e: std::io::Error| {
+            StartError::with_source(StartErrorKind::Spawn, what, e)
+        };
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
         let mut command = tokio::process::Command::new(binary);
@@ -119,7 +128,10 @@ impl PluginProcess {
             .env_clear()
             .envs(&config.env)
             .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
-            .env(handshake::PROTOCOL_VERSIONS_ENV, handshake::APP_PROTOCOL_VERSION.to_string())
+            .env(
+                handshake::PROTOCOL_VERSIONS_ENV,
+                handshake::APP_PROTOCOL_VERSION.to_string(),
+            )
             .env("PLUGIN_MIN_PORT", "10000")
             .env("PLUGIN_MAX_PORT", "25000")
             .env("PLUGIN_UNIX_SOCKET_DIR", &config.work_dir)
@@ -143,13 +155,24 @@ impl PluginProcess {
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(relay(BufReader::new(stderr), config.function.clone(), config.version, pid, Some(stderr_tail.clone()), "stderr"));
+            tokio::spawn(relay(
+                BufReader::new(stderr),
+                config.function.clone(),
+                config.version,
+                pid,
+                Some(stderr_tail.clone()),
+                "stderr",
+            ));
         }
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
 
         let (exit_tx, exit) = watch::channel(None);
         tokio::spawn(async move {
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
             let _ = exit_tx.send(Some(status));
         });
 
@@ -168,37 +191,73 @@ impl PluginProcess {
         };
         let Some(line) = line else {
             // Let the exit status arrive so the message can name it.
-            let status = tokio::time::timeout(Duration::from_secs(1), exited.wait_for(Option::is_some))
-                .await
-                .ok()
-                .and_then(|s| s.ok().and_then(|s| s.clone()))
-                .unwrap_or_else(|| "closed its stdout".into());
+            let status =
+                tokio::time::timeout(Duration::from_secs(1), exited.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|s| s.ok().and_then(|s| s.clone()))
+                    .unwrap_or_else(|| "closed its stdout".into());
             // The stderr relay may still be draining; give it a moment to fill the tail.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            return Err(fail(StartErrorKind::ExitedEarly, format!("the plugin exited before its handshake ({status})")));
+            return Err(fail(
+                StartErrorKind::ExitedEarly,
+                format!("the plugin exited before its handshake ({status})"),
+            ));
         };
-        let handshake = Handshake::parse(&line).map_err(|e| fail(StartErrorKind::BadHandshake, e.to_string()))?;
-        tokio::spawn(relay(stdout, config.function.clone(), config.version, pid, None, "stdout"));
+        let handshake = Handshake::parse(&line)
+            .map_err(|e| fail(StartErrorKind::BadHandshake, e.to_string()))?;
+        tokio::spawn(relay(
+            stdout,
+            config.function.clone(),
+            config.version,
+            pid,
+            None,
+            "stdout",
+        ));
 
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
         let channel = tokio::time::timeout(remaining, connect(&handshake))
             .await
-            .map_err(|_| fail(StartErrorKind::Unhealthy, "connecting to the plugin timed out".into()))?
-            .map_err(|e| fail(StartErrorKind::Unhealthy, format!("connecting to the plugin at {}: {e}", handshake.address)))?;
+            .map_err(|_| {
+                fail(
+                    StartErrorKind::Unhealthy,
+                    "connecting to the plugin timed out".into(),
+                )
+            })?
+            .map_err(|e| {
+                fail(
+                    StartErrorKind::Unhealthy,
+                    format!("connecting to the plugin at {}: {e}", handshake.address),
+                )
+            })?;
         let mut health = HealthClient::new(channel.clone());
         let mut request = tonic::Request::new(HealthCheckRequest {
             service: handshake::HEALTH_SERVICE.into(),
         });
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
+        request.set_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100)),
+        );
         match health.check(request).await {
             Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {}
             Ok(response) => {
                 return Err(fail(
                     StartErrorKind::Unhealthy,
-                    format!("the plugin reports status {} for service \"plugin\"", response.get_ref().status),
+                    format!(
+                        "the plugin reports status {} for service \"plugin\"",
+                        response.get_ref().status
+                    ),
                 ))
             }
-            Err(status) => return Err(fail(StartErrorKind::Unhealthy, format!("the plugin's health check failed: {status}"))),
+            Err(status) => {
+                return Err(fail(
+                    StartErrorKind::Unhealthy,
+                    format!("the plugin's health check failed: {status}"),
+                ))
+            }
         }
         // go-plugin >= 1.2 streams the plugin's stdio over gRPC; older plugins (1.0.x) do not
         // offer the service, and their output arrives on the pipes instead.
@@ -209,7 +268,17 @@ impl PluginProcess {
                 let mut stream = stream.into_inner();
                 while let Ok(Some(chunk)) = stream.message().await {
                     for line in String::from_utf8_lossy(&chunk.data).lines() {
-                        log_line(&function, version, pid, if chunk.channel == 2 { "stderr" } else { "stdout" }, line);
+                        log_line(
+                            &function,
+                            version,
+                            pid,
+                            if chunk.channel == 2 {
+                                "stderr"
+                            } else {
+                                "stdout"
+                            },
+                            line,
+                        );
                     }
                 }
             });
@@ -253,7 +322,11 @@ impl PluginProcess {
     }
 
     /// Calls the plugin's `Execute`.
-    pub async fn execute(&self, event: &Event, ctx: &InvocationContext) -> Result<Vec<Event>, ProtocolError> {
+    pub async fn execute(
+        &self,
+        event: &Event,
+        ctx: &InvocationContext,
+    ) -> Result<Vec<Event>, ProtocolError> {
         let remaining = ctx.deadline().saturating_duration_since(Instant::now());
         let deadline_ms = SystemTime::now()
             .checked_add(remaining)
@@ -273,17 +346,28 @@ impl PluginProcess {
         request.set_timeout(remaining);
         match self.function.clone().execute(request).await {
             Ok(response) => match response.into_inner().result {
-                Some(ExecuteResult::Events(batch)) => batch.events.into_iter().map(convert::from_proto).collect(),
-                Some(ExecuteResult::Error(error)) => {
-                    let code = match ProtoCode::try_from(error.code).unwrap_or(ProtoCode::FunctionError) {
-                        ProtoCode::InvalidEvent => ErrorCode::InvalidEvent,
-                        ProtoCode::Timeout => ErrorCode::Timeout,
-                        ProtoCode::Unavailable => ErrorCode::Unavailable,
-                        ProtoCode::FunctionError | ProtoCode::Unspecified => ErrorCode::FunctionError,
-                    };
-                    Err(ProtocolError::new(code, format!("function \"{}\" failed: {}", ctx.function(), error.message)))
+                Some(ExecuteResult::Events(batch)) => {
+                    batch.events.into_iter().map(convert::from_proto).collect()
                 }
-                None => Err(ProtocolError::new(ErrorCode::FunctionError, "the plugin answered with neither events nor an error")),
+                Some(ExecuteResult::Error(error)) => {
+                    let code =
+                        match ProtoCode::try_from(error.code).unwrap_or(ProtoCode::FunctionError) {
+                            ProtoCode::InvalidEvent => ErrorCode::InvalidEvent,
+                            ProtoCode::Timeout => ErrorCode::Timeout,
+                            ProtoCode::Unavailable => ErrorCode::Unavailable,
+                            ProtoCode::FunctionError | ProtoCode::Unspecified => {
+                                ErrorCode::FunctionError
+                            }
+                        };
+                    Err(ProtocolError::new(
+                        code,
+                        format!("function \"{}\" failed: {}", ctx.function(), error.message),
+                    ))
+                }
+                None => Err(ProtocolError::new(
+                    ErrorCode::FunctionError,
+                    "the plugin answered with neither events nor an error",
+                )),
             },
             Err(status) => Err(self.call_failed(status, ctx).await),
         }
@@ -292,7 +376,8 @@ impl PluginProcess {
     async fn call_failed(&self, status: tonic::Status, ctx: &InvocationContext) -> ProtocolError {
         // A dead process breaks the connection first; its exit status follows within moments.
         let mut exit = self.exit.clone();
-        let exited = tokio::time::timeout(Duration::from_millis(500), exit.wait_for(Option::is_some)).await;
+        let exited =
+            tokio::time::timeout(Duration::from_millis(500), exit.wait_for(Option::is_some)).await;
         if let Ok(Ok(status_text)) = exited {
             let status_text = status_text.clone().unwrap_or_default();
             return ProtocolError::new(
@@ -312,7 +397,11 @@ impl PluginProcess {
             ),
             _ => ProtocolError::new(
                 ErrorCode::Unavailable,
-                format!("calling the plugin of \"{}\" failed: {}", ctx.function(), status.message()),
+                format!(
+                    "calling the plugin of \"{}\" failed: {}",
+                    ctx.function(),
+                    status.message()
+                ),
             ),
         }
     }
@@ -336,8 +425,15 @@ impl PluginProcess {
         }
         let mut request = tonic::Request::new(Empty {});
         request.set_timeout(self.config.stop_grace);
-        let _ = tokio::time::timeout(self.config.stop_grace, self.controller.clone().shutdown(request)).await;
-        if tokio::time::timeout(self.config.stop_grace, self.exited()).await.is_err() {
+        let _ = tokio::time::timeout(
+            self.config.stop_grace,
+            self.controller.clone().shutdown(request),
+        )
+        .await;
+        if tokio::time::timeout(self.config.stop_grace, self.exited())
+            .await
+            .is_err()
+        {
             tracing::warn!(function = %self.config.function, pid = self.pid, "plugin ignored shutdown; killing it");
         }
         self.kill();
@@ -368,14 +464,22 @@ impl Drop for PluginProcess {
 
 async fn connect(handshake: &Handshake) -> Result<Channel, tonic::transport::Error> {
     match handshake.network {
-        Network::Tcp => Endpoint::from_shared(format!("http://{}", handshake.address))?.connect().await,
+        Network::Tcp => {
+            Endpoint::from_shared(format!("http://{}", handshake.address))?
+                .connect()
+                .await
+        }
         Network::Unix => {
             let path = PathBuf::from(&handshake.address);
             // The URI is required by the API and ignored by the connector.
             Endpoint::from_static("http://plugin.invalid")
                 .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                     let path = path.clone();
-                    async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(TokioIo::new)
+                    }
                 }))
                 .await
         }
@@ -436,8 +540,12 @@ fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line:
         .flatten();
     let (level, message) = match &parsed {
         Some(json) => (
-            json.get("@level").and_then(|l| l.as_str()).unwrap_or("info"),
-            json.get("@message").and_then(|m| m.as_str()).unwrap_or(line),
+            json.get("@level")
+                .and_then(|l| l.as_str())
+                .unwrap_or("info"),
+            json.get("@message")
+                .and_then(|m| m.as_str())
+                .unwrap_or(line),
         ),
         None => ("info", line),
     };
@@ -464,7 +572,9 @@ fn page_size() -> u64 {
 
 #[allow(unsafe_code)]
 fn kill_group(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     if pid <= 0 {
         return;
     }

@@ -12,8 +12,8 @@ use std::{
 };
 
 use mycelium_core::{
-    ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName, InvocationContext, MetricsCollector,
-    ProtocolError,
+    ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName, InvocationContext,
+    MetricsCollector, ProtocolError,
 };
 use mycelium_registry::{fetch_protocol_error, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -94,7 +94,10 @@ impl PluginExecutor {
                 settings,
                 metrics,
                 is_active: Arc::new(move |name, version| {
-                    lookup.get(name, None).map(|m| m.version == version).unwrap_or(false)
+                    lookup
+                        .get(name, None)
+                        .map(|m| m.version == version)
+                        .unwrap_or(false)
                 }),
             }),
             pools: Mutex::default(),
@@ -202,7 +205,10 @@ impl PluginPool {
     }
 
     /// A process slot with a free call permit, starting a process if allowed.
-    async fn acquire(&self, deadline: Instant) -> Result<(Arc<Slot>, OwnedSemaphorePermit), ProtocolError> {
+    async fn acquire(
+        &self,
+        deadline: Instant,
+    ) -> Result<(Arc<Slot>, OwnedSemaphorePermit), ProtocolError> {
         let settings = &self.shared.settings;
         loop {
             let mut state = self.state.lock().await;
@@ -228,7 +234,11 @@ impl PluginPool {
                     tokio::time::sleep_until(not_before.into()).await;
                 }
                 let slot = self.start(&mut state).await?;
-                let permit = slot.permits.clone().try_acquire_owned().expect("a new slot has permits");
+                let permit = slot
+                    .permits
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("a new slot has permits");
                 state.slots.push(slot.clone());
                 self.publish_count(&state);
                 return Ok((slot, permit));
@@ -236,13 +246,18 @@ impl PluginPool {
             // Every process is at its limit: wait for the first free permit.
             let slot = state.slots[0].clone();
             drop(state);
-            match tokio::time::timeout_at(deadline.into(), slot.permits.clone().acquire_owned()).await {
+            match tokio::time::timeout_at(deadline.into(), slot.permits.clone().acquire_owned())
+                .await
+            {
                 Ok(Ok(permit)) if !slot.process.has_exited() => return Ok((slot, permit)),
                 Ok(_) => continue,
                 Err(_) => {
                     return Err(self.unavailable(
                         ErrorCode::Timeout,
-                        format!("every plugin process of \"{}\" stayed busy until the deadline", self.metadata.name),
+                        format!(
+                            "every plugin process of \"{}\" stayed busy until the deadline",
+                            self.metadata.name
+                        ),
                     ))
                 }
             }
@@ -294,10 +309,12 @@ impl PluginPool {
         let config = ProcessConfig {
             function: self.metadata.name.clone(),
             version: self.metadata.version,
-            work_dir: self
-                .shared
-                .work_root
-                .join(format!("{}-v{}-{}", self.metadata.name, self.metadata.version, nuid_like())),
+            work_dir: self.shared.work_root.join(format!(
+                "{}-v{}-{}",
+                self.metadata.name,
+                self.metadata.version,
+                nuid_like()
+            )),
             env: self.metadata.env.clone(),
             memory_mb: self.metadata.memory_mb,
             max_open_files: settings.max_open_files,
@@ -314,7 +331,10 @@ impl PluginPool {
             }
             ProtocolError::new(
                 ErrorCode::PluginStartFailed,
-                format!("the plugin of \"{}\" v{} did not start: {e}", self.metadata.name, self.metadata.version),
+                format!(
+                    "the plugin of \"{}\" v{} did not start: {e}",
+                    self.metadata.name, self.metadata.version
+                ),
             )
         })?;
         tracing::info!(
@@ -385,7 +405,11 @@ impl Drop for CallGuard {
 
 #[async_trait::async_trait]
 impl Function for PluginPool {
-    async fn execute(&self, event: Event, ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+    async fn execute(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+    ) -> Result<Vec<Event>, FunctionError> {
         let to_error = |e: ProtocolError| FunctionError::with_code(e.code, e.message);
         let (slot, _permit) = self.acquire(ctx.deadline()).await.map_err(to_error)?;
         *slot.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -426,7 +450,11 @@ async fn reap(pool: Weak<PluginPool>) {
             pool.forget_dead(&mut state);
             let capacity = settings.concurrency_per_process.max(1);
             let (stop, keep): (Vec<_>, Vec<_>) = state.slots.drain(..).partition(|slot| {
-                let idle_for = slot.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                let idle_for = slot
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed();
                 slot.is_idle(capacity) && (retired || idle_for >= settings.idle_timeout)
             });
             state.slots = keep;
@@ -440,7 +468,12 @@ async fn reap(pool: Weak<PluginPool>) {
             if let Some(metrics) = &pool.shared.metrics {
                 for slot in &state.slots {
                     if let Some(rss) = slot.process.rss_bytes() {
-                        metrics.plugin_memory(&pool.metadata.name, pool.metadata.version, slot.process.pid(), rss);
+                        metrics.plugin_memory(
+                            &pool.metadata.name,
+                            pool.metadata.version,
+                            slot.process.pid(),
+                            rss,
+                        );
                     }
                 }
             }
@@ -456,5 +489,9 @@ async fn reap(pool: Weak<PluginPool>) {
 fn nuid_like() -> String {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }

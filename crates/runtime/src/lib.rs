@@ -296,7 +296,11 @@ impl Runtime {
             abort: CancellationToken::new(),
             config,
         });
-        let prestart = shared.config.prestart_plugins.then(|| prestart_plugins(&shared)).flatten();
+        let prestart = shared
+            .config
+            .prestart_plugins
+            .then(|| prestart_plugins(&shared))
+            .flatten();
         let endpoint_tasks = subscribed
             .into_iter()
             .map(|(subscriber, kind, stats)| {

@@ -23,7 +23,9 @@ async fn main() {
         start_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
     };
-    let process = PluginProcess::start(plugin.as_ref(), config).await.expect("plugin starts");
+    let process = PluginProcess::start(plugin.as_ref(), config)
+        .await
+        .expect("plugin starts");
     println!("{}", process.pid());
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }

@@ -29,7 +29,11 @@ fn reply(mut event: Event, data: serde_json::Value) -> Vec<Event> {
 
 #[async_trait::async_trait]
 impl Function for TestPlugin {
-    async fn execute(&self, event: Event, _ctx: InvocationContext) -> Result<Vec<Event>, FunctionError> {
+    async fn execute(
+        &self,
+        event: Event,
+        _ctx: InvocationContext,
+    ) -> Result<Vec<Event>, FunctionError> {
         match event.ty() {
             "echo" => Ok(vec![event]),
             "upper" => {
@@ -41,10 +45,15 @@ impl Function for TestPlugin {
                 event.set_data("text/plain", text);
                 Ok(vec![event])
             }
-            "tag" => Ok(reply(event, json!({"tag": std::env::var("TAG").unwrap_or_default()}))),
+            "tag" => Ok(reply(
+                event,
+                json!({"tag": std::env::var("TAG").unwrap_or_default()}),
+            )),
             "env" => {
                 let names: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
-                let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                let cwd = std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
                 Ok(reply(event, json!({"names": names, "cwd": cwd})))
             }
             "pid" => Ok(reply(event, json!({"pid": std::process::id()}))),
@@ -77,7 +86,9 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
-            other => Err(FunctionError::new(format!("unknown test behaviour {other:?}"))),
+            other => Err(FunctionError::new(format!(
+                "unknown test behaviour {other:?}"
+            ))),
         }
     }
 }
