@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = args::Cli::parse();
     output::init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -31,5 +32,15 @@ fn main() -> ExitCode {
             eprintln!("error[{}]: {}", failure.code, failure.message);
             ExitCode::from(failure.exit)
         }
+    }
+}
+
+/// `mycelium list | head` should end quietly, as Unix tools do, not panic on a closed pipe:
+/// Rust ignores SIGPIPE by default, which turns every later print into an error.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -1,0 +1,110 @@
+//! Plugin figures: cold start (spawn to first reply, binary already cached) and warm call
+//! latency of the Rust test plugin and the Go example plugin, next to the built-in `echo`,
+//! all through `function.invoke` on one nats-server.
+//! Run with `cargo bench -p mycelium-e2e --bench plugin_latency`.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mycelium_core::{
+    cloudevents::{EventBuilder, EventBuilderV10},
+    FunctionName,
+};
+use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin};
+use mycelium_runtime::{Runtime, RuntimeConfig};
+use mycelium_test_support::NatsServer;
+
+fn percentile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * q) as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start();
+    let registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
+    let plugins = Arc::new(PluginExecutor::new(
+        registry.clone(),
+        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
+        dir.path().join("work"),
+        PoolSettings::default(),
+        None,
+    ));
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig { prestart_plugins: false, ..RuntimeConfig::default() })
+        .standard_builtins()
+        .registry(registry.clone())
+        .plugins(plugins.clone())
+        .serve(&server.url())
+        .await
+        .unwrap();
+
+    let mut targets = vec![("rust", std::path::PathBuf::from(env!("CARGO_BIN_EXE_mycelium-test-plugin")))];
+    let go = dir.path().join("go-upper");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    if std::process::Command::new(script).arg(&go).status().is_ok_and(|s| s.success()) {
+        targets.push(("go", go));
+    } else {
+        println!("go: skipped (the Go toolchain is missing)");
+    }
+    for (label, binary) in &targets {
+        let name: FunctionName = format!("bench-{label}").parse().unwrap();
+        let version = registry.deploy(DeploySpec::plugin(name.clone(), ArtifactSource::File(binary.clone()))).await.unwrap().version;
+        assert_eq!(registry.get(&name, None).unwrap().version, version);
+    }
+
+    let nats = server.connect().await;
+    let body = |function: &str| {
+        let event = EventBuilderV10::new().id("1").source("bench").ty("echo").data("application/json", serde_json::json!({"k": "v"})).build().unwrap();
+        bytes::Bytes::from(mycelium_core::envelope::encode_invoke_request(&function.parse().unwrap(), &event, None, None))
+    };
+    let call = |subject_body: bytes::Bytes| {
+        let nats = nats.clone();
+        async move {
+            let reply = nats.request("function.invoke", subject_body).await.unwrap();
+            assert!(reply.headers.is_none(), "call failed: {:?}", String::from_utf8_lossy(&reply.payload));
+        }
+    };
+
+    println!("{:<22} {:>12} {:>12} {:>12}", "scenario", "p50 µs", "p90 µs", "p99 µs");
+    let builtin = body("echo");
+    let mut warm = Vec::new();
+    for i in 0..3000 {
+        let start = Instant::now();
+        call(builtin.clone()).await;
+        if i >= 500 {
+            warm.push(start.elapsed());
+        }
+    }
+    println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", "builtin echo (warm)", micros(percentile(&mut warm, 0.5)), micros(percentile(&mut warm, 0.9)), micros(percentile(&mut warm, 0.99)));
+
+    for (label, _) in &targets {
+        let request = body(&format!("bench-{label}"));
+        let mut cold = Vec::new();
+        for _ in 0..20 {
+            plugins.shutdown().await;
+            let start = Instant::now();
+            call(request.clone()).await;
+            cold.push(start.elapsed());
+        }
+        let mut warm = Vec::new();
+        for i in 0..3000 {
+            let start = Instant::now();
+            call(request.clone()).await;
+            if i >= 500 {
+                warm.push(start.elapsed());
+            }
+        }
+        println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", format!("{label} plugin cold start"), micros(percentile(&mut cold, 0.5)), micros(percentile(&mut cold, 0.9)), micros(percentile(&mut cold, 0.99)));
+        println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", format!("{label} plugin warm"), micros(percentile(&mut warm, 0.5)), micros(percentile(&mut warm, 0.9)), micros(percentile(&mut warm, 0.99)));
+    }
+    runtime.shutdown().await;
+}

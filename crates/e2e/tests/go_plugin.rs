@@ -1,0 +1,86 @@
+//! A plugin written in Go with hashicorp/go-plugin runs unchanged.
+//!
+//! Needs Debian's Go packages (see examples/go-plugin/build.sh). `./dev test` installs them
+//! and sets MYCELIUM_GO_REQUIRED, so CI always runs this; elsewhere, without Go, the test is
+//! skipped with a visible message.
+
+use std::{sync::Arc, time::Duration};
+
+use mycelium_client::{Client, InvokeOptions};
+use mycelium_core::{
+    cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10},
+    FunctionName,
+};
+use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin};
+use mycelium_runtime::Runtime;
+use mycelium_test_support::NatsServer;
+
+fn build_go_plugin(out: &std::path::Path) -> bool {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    let output = std::process::Command::new(script).arg(out).output().expect("running build.sh");
+    if output.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
+        "building the Go plugin failed: {why}"
+    );
+    eprintln!("SKIPPED: the Go plugin test needs Debian's Go packages: {why}");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("go-upper");
+    if !build_go_plugin(&binary) {
+        return;
+    }
+    let server = NatsServer::start();
+    let registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
+    let plugins = Arc::new(PluginExecutor::new(
+        registry.clone(),
+        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
+        dir.path().join("work"),
+        PoolSettings::default(),
+        None,
+    ));
+    let runtime = Runtime::builder()
+        .registry(registry.clone())
+        .plugins(plugins.clone())
+        .serve(&server.url())
+        .await
+        .unwrap();
+    let admin = NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap();
+    let name: FunctionName = "upper".parse().unwrap();
+    let version = admin
+        .deploy(DeploySpec::plugin(name.clone(), ArtifactSource::File(binary)))
+        .await
+        .unwrap()
+        .version;
+    let mut applied = registry.applied_revision();
+    while registry.get(&name, None).map(|m| m.version).ok() != Some(version) {
+        applied.changed().await.unwrap();
+    }
+
+    let client = Client::new(server.connect().await);
+    let options = InvokeOptions { version: None, timeout: Some(Duration::from_secs(20)) };
+    let event = EventBuilderV10::new().id("g1").source("e2e").ty("com.example.upper").data("text/plain", "hello from go").build().unwrap();
+    let events = client.invoke_with("upper", &event, options.clone()).await.unwrap();
+    assert_eq!(events[0].id(), "upper-g1");
+    assert_eq!(events[0].ty(), "com.example.upper.result");
+    assert_eq!(events[0].data(), Some(&Data::String("HELLO FROM GO".into())));
+
+    let other = EventBuilderV10::new().id("g2").source("e2e").ty("anything").data("application/json", serde_json::json!({"k": [1, 2]})).build().unwrap();
+    let echoed = client.invoke_with("upper", &other, options.clone()).await.unwrap();
+    assert_eq!(echoed, vec![other]);
+
+    let wrong = EventBuilderV10::new().id("g3").source("e2e").ty("com.example.upper").data("application/octet-stream", vec![1u8]).build().unwrap();
+    let err = client.invoke_with("upper", &wrong, options).await.unwrap_err();
+    assert_eq!(err.kind(), mycelium_client::RequestErrorKind::Remote(mycelium_core::ErrorCode::InvalidEvent), "{err}");
+    assert_eq!(plugins.process_count(), 1);
+    runtime.shutdown().await;
+    assert_eq!(plugins.process_count(), 0);
+}
