@@ -462,26 +462,53 @@ fn registry_commands_need_jetstream() {
 /// test; in a single-crate run it is skipped with a visible message.
 fn sibling_binary(name: &str, package: &str) -> Option<std::path::PathBuf> {
     let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join(name);
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join(name);
     if path.is_file() {
         return Some(path);
     }
-    let hint = format!("{} is not built; run `cargo build -p {package}` or the whole suite", path.display());
-    assert!(std::env::var_os("MYCELIUM_E2E_REQUIRED").is_none(), "{hint}");
+    let hint = format!(
+        "{} is not built; run `cargo build -p {package}` or the whole suite",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("MYCELIUM_E2E_REQUIRED").is_none(),
+        "{hint}"
+    );
     eprintln!("SKIPPED: {hint}");
     None
 }
 
 #[test]
 fn cli_to_runtime_to_rust_plugin() {
-    let Some(plugin) = sibling_binary("mycelium-example-plugin", "mycelium-example-plugin") else { return };
+    let Some(plugin) = sibling_binary("mycelium-example-plugin", "mycelium-example-plugin") else {
+        return;
+    };
     let data_dir = tempfile::tempdir().unwrap();
     let (_up, url) = start_up_quiet(data_dir.path());
-    let deployed = stdout_json(&run(&["--nats-url", &url, "deploy", "wordcount", plugin.to_str().unwrap(), "--json"]));
+    let deployed = stdout_json(&run(&[
+        "--nats-url",
+        &url,
+        "deploy",
+        "wordcount",
+        plugin.to_str().unwrap(),
+        "--json",
+    ]));
     assert_eq!(deployed["kind"], "plugin");
     let reply = stdout_json(&run(&[
-        "--nats-url", &url, "invoke", "wordcount", "--id", "w1", "--type", "com.example.wordcount",
-        "--data", r#"{"text": "to be or not to be"}"#,
+        "--nats-url",
+        &url,
+        "invoke",
+        "wordcount",
+        "--id",
+        "w1",
+        "--type",
+        "com.example.wordcount",
+        "--data",
+        r#"{"text": "to be or not to be"}"#,
     ]));
     assert_eq!(
         reply,
@@ -491,7 +518,25 @@ fn cli_to_runtime_to_rust_plugin() {
             "data": {"words": 6, "characters": 18}
         }]})
     );
-    let echoed = stdout_json(&run(&["--nats-url", &url, "invoke", "wordcount", "--id", "e1", "--data", "[1]"]));
+    let echoed = stdout_json(&run(&[
+        "--nats-url",
+        &url,
+        "invoke",
+        "wordcount",
+        "--id",
+        "e1",
+        "--data",
+        "[1]",
+    ]));
     assert_eq!(echoed["events"][0]["data"], json!([1]));
-    assert!(data_dir.path().join("plugins/cache").read_dir().unwrap().count() == 1, "the binary is cached in the data dir");
+    assert!(
+        data_dir
+            .path()
+            .join("plugins/cache")
+            .read_dir()
+            .unwrap()
+            .count()
+            == 1,
+        "the binary is cached in the data dir"
+    );
 }

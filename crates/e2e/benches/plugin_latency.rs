@@ -13,7 +13,10 @@ use mycelium_core::{
     FunctionName,
 };
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
-use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin};
+use mycelium_registry::{
+    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
+    RegistryAdmin,
+};
 use mycelium_runtime::{Runtime, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 
@@ -30,7 +33,11 @@ fn micros(d: Duration) -> f64 {
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start();
-    let registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
+    let registry = Arc::new(
+        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
+    );
     let plugins = Arc::new(PluginExecutor::new(
         registry.clone(),
         ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
@@ -39,7 +46,10 @@ async fn main() {
         None,
     ));
     let runtime = Runtime::builder()
-        .config(RuntimeConfig { prestart_plugins: false, ..RuntimeConfig::default() })
+        .config(RuntimeConfig {
+            prestart_plugins: false,
+            ..RuntimeConfig::default()
+        })
         .standard_builtins()
         .registry(registry.clone())
         .plugins(plugins.clone())
@@ -47,34 +57,67 @@ async fn main() {
         .await
         .unwrap();
 
-    let mut targets = vec![("rust", std::path::PathBuf::from(env!("CARGO_BIN_EXE_mycelium-test-plugin")))];
+    let mut targets = vec![(
+        "rust",
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_mycelium-test-plugin")),
+    )];
     let go = dir.path().join("go-upper");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    if std::process::Command::new(script).arg(&go).status().is_ok_and(|s| s.success()) {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    if std::process::Command::new(script)
+        .arg(&go)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         targets.push(("go", go));
     } else {
         println!("go: skipped (the Go toolchain is missing)");
     }
     for (label, binary) in &targets {
         let name: FunctionName = format!("bench-{label}").parse().unwrap();
-        let version = registry.deploy(DeploySpec::plugin(name.clone(), ArtifactSource::File(binary.clone()))).await.unwrap().version;
+        let version = registry
+            .deploy(DeploySpec::plugin(
+                name.clone(),
+                ArtifactSource::File(binary.clone()),
+            ))
+            .await
+            .unwrap()
+            .version;
         assert_eq!(registry.get(&name, None).unwrap().version, version);
     }
 
     let nats = server.connect().await;
     let body = |function: &str| {
-        let event = EventBuilderV10::new().id("1").source("bench").ty("echo").data("application/json", serde_json::json!({"k": "v"})).build().unwrap();
-        bytes::Bytes::from(mycelium_core::envelope::encode_invoke_request(&function.parse().unwrap(), &event, None, None))
+        let event = EventBuilderV10::new()
+            .id("1")
+            .source("bench")
+            .ty("echo")
+            .data("application/json", serde_json::json!({"k": "v"}))
+            .build()
+            .unwrap();
+        bytes::Bytes::from(mycelium_core::envelope::encode_invoke_request(
+            &function.parse().unwrap(),
+            &event,
+            None,
+            None,
+        ))
     };
     let call = |subject_body: bytes::Bytes| {
         let nats = nats.clone();
         async move {
             let reply = nats.request("function.invoke", subject_body).await.unwrap();
-            assert!(reply.headers.is_none(), "call failed: {:?}", String::from_utf8_lossy(&reply.payload));
+            assert!(
+                reply.headers.is_none(),
+                "call failed: {:?}",
+                String::from_utf8_lossy(&reply.payload)
+            );
         }
     };
 
-    println!("{:<22} {:>12} {:>12} {:>12}", "scenario", "p50 µs", "p90 µs", "p99 µs");
+    println!(
+        "{:<22} {:>12} {:>12} {:>12}",
+        "scenario", "p50 µs", "p90 µs", "p99 µs"
+    );
     let builtin = body("echo");
     let mut warm = Vec::new();
     for i in 0..3000 {
@@ -84,7 +127,13 @@ async fn main() {
             warm.push(start.elapsed());
         }
     }
-    println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", "builtin echo (warm)", micros(percentile(&mut warm, 0.5)), micros(percentile(&mut warm, 0.9)), micros(percentile(&mut warm, 0.99)));
+    println!(
+        "{:<22} {:>12.1} {:>12.1} {:>12.1}",
+        "builtin echo (warm)",
+        micros(percentile(&mut warm, 0.5)),
+        micros(percentile(&mut warm, 0.9)),
+        micros(percentile(&mut warm, 0.99))
+    );
 
     for (label, _) in &targets {
         let request = body(&format!("bench-{label}"));
@@ -103,8 +152,20 @@ async fn main() {
                 warm.push(start.elapsed());
             }
         }
-        println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", format!("{label} plugin cold start"), micros(percentile(&mut cold, 0.5)), micros(percentile(&mut cold, 0.9)), micros(percentile(&mut cold, 0.99)));
-        println!("{:<22} {:>12.1} {:>12.1} {:>12.1}", format!("{label} plugin warm"), micros(percentile(&mut warm, 0.5)), micros(percentile(&mut warm, 0.9)), micros(percentile(&mut warm, 0.99)));
+        println!(
+            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
+            format!("{label} plugin cold start"),
+            micros(percentile(&mut cold, 0.5)),
+            micros(percentile(&mut cold, 0.9)),
+            micros(percentile(&mut cold, 0.99))
+        );
+        println!(
+            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
+            format!("{label} plugin warm"),
+            micros(percentile(&mut warm, 0.5)),
+            micros(percentile(&mut warm, 0.9)),
+            micros(percentile(&mut warm, 0.99))
+        );
     }
     runtime.shutdown().await;
 }

@@ -12,13 +12,20 @@ use mycelium_core::{
     FunctionName,
 };
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
-use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin};
+use mycelium_registry::{
+    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
+    RegistryAdmin,
+};
 use mycelium_runtime::Runtime;
 use mycelium_test_support::NatsServer;
 
 fn build_go_plugin(out: &std::path::Path) -> bool {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    let output = std::process::Command::new(script).arg(out).output().expect("running build.sh");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    let output = std::process::Command::new(script)
+        .arg(out)
+        .output()
+        .expect("running build.sh");
     if output.status.success() {
         return true;
     }
@@ -39,7 +46,11 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
         return;
     }
     let server = NatsServer::start();
-    let registry = Arc::new(NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap());
+    let registry = Arc::new(
+        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+            .await
+            .unwrap(),
+    );
     let plugins = Arc::new(PluginExecutor::new(
         registry.clone(),
         ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
@@ -53,10 +64,15 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
         .serve(&server.url())
         .await
         .unwrap();
-    let admin = NatsRegistry::open(server.connect().await, NatsRegistryConfig::default()).await.unwrap();
+    let admin = NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
+        .await
+        .unwrap();
     let name: FunctionName = "upper".parse().unwrap();
     let version = admin
-        .deploy(DeploySpec::plugin(name.clone(), ArtifactSource::File(binary)))
+        .deploy(DeploySpec::plugin(
+            name.clone(),
+            ArtifactSource::File(binary),
+        ))
         .await
         .unwrap()
         .version;
@@ -66,20 +82,57 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     }
 
     let client = Client::new(server.connect().await);
-    let options = InvokeOptions { version: None, timeout: Some(Duration::from_secs(20)) };
-    let event = EventBuilderV10::new().id("g1").source("e2e").ty("com.example.upper").data("text/plain", "hello from go").build().unwrap();
-    let events = client.invoke_with("upper", &event, options.clone()).await.unwrap();
+    let options = InvokeOptions {
+        version: None,
+        timeout: Some(Duration::from_secs(20)),
+    };
+    let event = EventBuilderV10::new()
+        .id("g1")
+        .source("e2e")
+        .ty("com.example.upper")
+        .data("text/plain", "hello from go")
+        .build()
+        .unwrap();
+    let events = client
+        .invoke_with("upper", &event, options.clone())
+        .await
+        .unwrap();
     assert_eq!(events[0].id(), "upper-g1");
     assert_eq!(events[0].ty(), "com.example.upper.result");
-    assert_eq!(events[0].data(), Some(&Data::String("HELLO FROM GO".into())));
+    assert_eq!(
+        events[0].data(),
+        Some(&Data::String("HELLO FROM GO".into()))
+    );
 
-    let other = EventBuilderV10::new().id("g2").source("e2e").ty("anything").data("application/json", serde_json::json!({"k": [1, 2]})).build().unwrap();
-    let echoed = client.invoke_with("upper", &other, options.clone()).await.unwrap();
+    let other = EventBuilderV10::new()
+        .id("g2")
+        .source("e2e")
+        .ty("anything")
+        .data("application/json", serde_json::json!({"k": [1, 2]}))
+        .build()
+        .unwrap();
+    let echoed = client
+        .invoke_with("upper", &other, options.clone())
+        .await
+        .unwrap();
     assert_eq!(echoed, vec![other]);
 
-    let wrong = EventBuilderV10::new().id("g3").source("e2e").ty("com.example.upper").data("application/octet-stream", vec![1u8]).build().unwrap();
-    let err = client.invoke_with("upper", &wrong, options).await.unwrap_err();
-    assert_eq!(err.kind(), mycelium_client::RequestErrorKind::Remote(mycelium_core::ErrorCode::InvalidEvent), "{err}");
+    let wrong = EventBuilderV10::new()
+        .id("g3")
+        .source("e2e")
+        .ty("com.example.upper")
+        .data("application/octet-stream", vec![1u8])
+        .build()
+        .unwrap();
+    let err = client
+        .invoke_with("upper", &wrong, options)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        mycelium_client::RequestErrorKind::Remote(mycelium_core::ErrorCode::InvalidEvent),
+        "{err}"
+    );
     assert_eq!(plugins.process_count(), 1);
     runtime.shutdown().await;
     assert_eq!(plugins.process_count(), 0);

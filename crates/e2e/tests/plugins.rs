@@ -246,6 +246,37 @@ async fn a_crash_mid_call_fails_that_call_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_plugin_mid_call() {
+    let f = fixture(PoolSettings::default(), false).await;
+    f.deploy("killed", &[], None).await;
+    let pid = pid_of(&f.call("killed", "pid", json!({})).await.unwrap());
+    let slow = tokio::spawn({
+        let client = f.client.clone();
+        async move {
+            let event = EventBuilderV10::new()
+                .id("s")
+                .source("e2e")
+                .ty("sleep")
+                .data("application/json", json!({"ms": 60_000}))
+                .build()
+                .unwrap();
+            client.invoke("killed", event).await
+        }
+    });
+    // The call is in the plugin once the runtime reports it in flight.
+    eventually(Duration::from_secs(10), || async {
+        (f.metrics.in_flight("killed") == 1).then_some(())
+    })
+    .await;
+    mycelium_test_support::kill_now(u32::try_from(pid).unwrap());
+    let (code_, message) = code(slow.await.unwrap());
+    assert_eq!(code_, ErrorCode::PluginCrashed, "{message}");
+    assert!(message.contains("signal: 9"), "{message}");
+    let after = pid_of(&f.call("killed", "pid", json!({})).await.unwrap());
+    assert_ne!(after, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_plugin_times_out_and_is_replaced() {
     let f = fixture(PoolSettings::default(), false).await;
     f.deploy("hangs", &[], None).await;

@@ -377,7 +377,8 @@ impl PluginPool {
         }
     }
 
-    /// After a timed-out call: a plugin that no longer answers its health check is replaced.
+    /// A plugin that no longer answers its health check is replaced (after a timed-out call,
+    /// and periodically).
     async fn check_after_timeout(&self, slot: Arc<Slot>) {
         if slot.process.is_healthy(Duration::from_secs(1)).await {
             return;
@@ -434,11 +435,16 @@ impl Function for PluginPool {
     }
 }
 
+/// Health checks run every this many reaper ticks (500 ms each).
+const HEALTH_EVERY_TICKS: u64 = 10;
+
 /// Per pool: stops idle processes (and all of a retired version once idle), samples memory.
 async fn reap(pool: Weak<PluginPool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        ticks += 1;
         let Some(pool) = pool.upgrade() else { break };
         if pool.is_finished() {
             break;
@@ -482,6 +488,14 @@ async fn reap(pool: Weak<PluginPool>) {
         for slot in to_stop {
             tracing::info!(function = %pool.metadata.name, version = pool.metadata.version, pid = slot.process.pid(), retired, "stopping an idle plugin process");
             pool.stop_slot(&slot).await;
+        }
+        // Every few seconds, a process that stopped answering its health check is replaced
+        // even when no call is waiting on it.
+        if ticks % HEALTH_EVERY_TICKS == 0 {
+            let slots: Vec<Arc<Slot>> = pool.state.lock().await.slots.clone();
+            for slot in slots {
+                pool.check_after_timeout(slot).await;
+            }
         }
     }
 }

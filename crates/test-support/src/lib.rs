@@ -98,12 +98,21 @@ pub fn nats_server_binary() -> std::path::PathBuf {
 }
 
 /// Sends SIGTERM to a process, as `kill` or a service manager would.
-#[allow(unsafe_code)]
 pub fn terminate(pid: u32) {
+    signal(pid, libc::SIGTERM);
+}
+
+/// Sends SIGKILL to a process, as `kill -9` would.
+pub fn kill_now(pid: u32) {
+    signal(pid, libc::SIGKILL);
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, signal: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0, "kill({pid}, SIGTERM) failed");
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
 }
 
 /// A loopback port that was free a moment ago, for processes that must be told a port.
