@@ -233,6 +233,60 @@ async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
     .await;
 }
 
+/// Log output of this test binary, captured for assertions.
+static LOGS: std::sync::LazyLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::LazyLock::new(|| {
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("mycelium::plugin=debug")
+        .with_ansi(false)
+        .with_writer(move || LogWriter(sink.clone()))
+        .init();
+    logs
+});
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_output_becomes_tagged_log_records() {
+    let logs = LOGS.clone();
+    let f = fixture(PoolSettings::default(), false).await;
+    f.deploy("chatty", &[], None).await;
+    f.call("chatty", "print", json!({})).await.unwrap();
+    let (plain, hclog) = eventually(Duration::from_secs(10), || {
+        let logs = logs.clone();
+        async move {
+            let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+            let find = |needle: &str| text.lines().find(|l| l.contains(needle)).map(str::to_owned);
+            Some((
+                find("plain line from the plugin")?,
+                find("hclog line from the plugin")?,
+            ))
+        }
+    })
+    .await;
+    assert!(
+        plain.contains("INFO")
+            && plain.contains("function=chatty")
+            && plain.contains("stream=\"stdout\""),
+        "{plain}"
+    );
+    assert!(
+        hclog.contains("WARN") && hclog.contains("stream=\"stderr\"") && !hclog.contains("@level"),
+        "{hclog}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_call_fails_that_call_only() {
     let f = fixture(PoolSettings::default(), false).await;
@@ -347,6 +401,70 @@ async fn start_failures_are_clear() {
         1,
         "failed starts leave no process behind"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_backs_off_instead_of_spinning() {
+    let f = fixture(
+        PoolSettings {
+            max_restart_backoff: Duration::from_secs(30),
+            ..PoolSettings::default()
+        },
+        false,
+    )
+    .await;
+    f.deploy("looping", &[("MYCELIUM_TEST_PLUGIN_START", "exit")], None)
+        .await;
+    // Each failed start doubles the wait before the next (100 ms, 200 ms, ...); once the wait
+    // outlasts a call's 1 s deadline the runtime answers at once instead of spawning again.
+    let (mut start_failures, mut attempts) = (0, 0);
+    let message = loop {
+        let (code_, message) = code(
+            f.call_with("looping", "echo", json!({}), Duration::from_secs(1))
+                .await,
+        );
+        match code_ {
+            ErrorCode::PluginStartFailed => start_failures += 1,
+            // A call can run out of time while it waits for the next restart.
+            ErrorCode::Timeout => {}
+            ErrorCode::Unavailable => break message,
+            other => panic!("unexpected {other:?}: {message}"),
+        }
+        assert!(
+            start_failures <= 8,
+            "still spawning after {start_failures} failed starts"
+        );
+        attempts += 1;
+        assert!(attempts <= 20, "no back-off after {attempts} calls");
+    };
+    assert!(
+        message.contains("keeps crashing; the next restart is in"),
+        "{message}"
+    );
+    assert!(
+        start_failures >= 3,
+        "the first restarts are quick ({start_failures})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_processes_scale_to_zero() {
+    let f = fixture(
+        PoolSettings {
+            idle_timeout: Duration::from_millis(300),
+            ..PoolSettings::default()
+        },
+        false,
+    )
+    .await;
+    f.deploy("sleepy", &[], None).await;
+    let first = pid_of(&f.call("sleepy", "pid", json!({})).await.unwrap());
+    eventually(Duration::from_secs(20), || async {
+        (f.plugins.process_count() == 0).then_some(())
+    })
+    .await;
+    let second = pid_of(&f.call("sleepy", "pid", json!({})).await.unwrap());
+    assert_ne!(first, second, "a cold start after scaling to zero");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

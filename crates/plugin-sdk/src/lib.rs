@@ -42,7 +42,9 @@ use mycelium_plugin::{
         },
         go_plugin::{
             grpc_controller_server::{GrpcController, GrpcControllerServer},
-            Empty,
+            grpc_stdio_server::{GrpcStdio, GrpcStdioServer},
+            stdio_data::Channel,
+            Empty, StdioData,
         },
     },
 };
@@ -133,6 +135,8 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
         writeln!(stdout, "{line}")?;
         stdout.flush()?;
     }
+    // From now on what the function prints travels over plugin.GRPCStdio, as with go-plugin.
+    let stdio = Stdio::capture();
 
     let server = tonic::transport::Server::builder()
         .add_service(FunctionServer::new(Service { function }))
@@ -140,6 +144,7 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
         .add_service(GrpcControllerServer::new(Controller {
             shutdown: shutdown.clone(),
         }))
+        .add_service(GrpcStdioServer::new(stdio))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -245,6 +250,92 @@ impl FunctionService for Service {
 
 struct Controller {
     shutdown: CancellationToken,
+}
+
+/// Chunks of captured output waiting for the host; beyond this many, output is dropped
+/// rather than blocking the function.
+const STDIO_BACKLOG: usize = 1024;
+
+/// The plugin's stdout and stderr, captured into pipes and streamed to the host once.
+struct Stdio {
+    chunks: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<StdioData>>>,
+}
+
+impl Stdio {
+    fn capture() -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::channel(STDIO_BACKLOG);
+        for (fd, channel) in [(1, Channel::Stdout), (2, Channel::Stderr)] {
+            match redirect(fd) {
+                Ok(pipe) => {
+                    let sender = sender.clone();
+                    std::thread::spawn(move || pump(pipe, channel, sender));
+                }
+                // Output then stays on the inherited descriptor, which the host also reads.
+                Err(error) => eprintln!("cannot capture fd {fd}: {error}"),
+            }
+        }
+        Self {
+            chunks: std::sync::Mutex::new(Some(receiver)),
+        }
+    }
+}
+
+/// Reads a pipe until it closes, forwarding chunks without ever blocking the writer.
+fn pump(mut pipe: std::fs::File, channel: Channel, sender: tokio::sync::mpsc::Sender<StdioData>) {
+    use std::io::Read;
+    let mut buffer = vec![0; 16 * 1024];
+    while let Ok(read) = pipe.read(&mut buffer) {
+        if read == 0 {
+            break;
+        }
+        let _ = sender.try_send(StdioData {
+            channel: channel as i32,
+            data: buffer[..read].to_vec(),
+        });
+    }
+}
+
+/// Points `fd` at a new pipe and returns the pipe's read end.
+#[allow(unsafe_code)]
+fn redirect(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let mut ends = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the array we own; dup2/close act on
+    // descriptors we just created; from_raw_fd takes sole ownership of the read end.
+    unsafe {
+        if libc::pipe(ends.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::dup2(ends[1], fd) < 0 {
+            let error = std::io::Error::last_os_error();
+            libc::close(ends[0]);
+            libc::close(ends[1]);
+            return Err(error);
+        }
+        libc::close(ends[1]);
+        Ok(std::fs::File::from_raw_fd(ends[0]))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcStdio for Stdio {
+    type StreamStdioStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<StdioData, Status>> + Send>>;
+
+    async fn stream_stdio(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<Self::StreamStdioStream>, Status> {
+        let receiver = self
+            .chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Status::failed_precondition("the stdio stream was already taken"))?;
+        let stream =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(receiver), Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 #[tonic::async_trait]

@@ -152,6 +152,9 @@ impl PluginProcess {
             .spawn()
             .map_err(|e| spawn_failed(format!("starting the plugin {}", binary.display()), e))?;
         let pid = child.id().unwrap_or_default();
+        // Until the start succeeds, any way out of this function (an error, or the caller
+        // dropping the future) kills the process.
+        let mut unfinished = KillOnDrop(Some(pid));
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
         if let Some(stderr) = child.stderr.take() {
@@ -284,6 +287,7 @@ impl PluginProcess {
             });
         }
         tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
+        unfinished.0 = None;
         Ok(Self {
             pid,
             function: FunctionClient::new(channel.clone()),
@@ -459,6 +463,16 @@ impl Drop for PluginProcess {
         }
         // The socket and whatever the plugin wrote go with it.
         let _ = std::fs::remove_dir_all(&self.config.work_dir);
+    }
+}
+
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill_group(pid);
+        }
     }
 }
 

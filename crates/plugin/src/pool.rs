@@ -231,17 +231,27 @@ impl PluginPool {
                             ),
                         ));
                     }
-                    tokio::time::sleep_until(not_before.into()).await;
                 }
-                let slot = self.start(&mut state).await?;
-                let permit = slot
-                    .permits
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("a new slot has permits");
-                state.slots.push(slot.clone());
-                self.publish_count(&state);
-                return Ok((slot, permit));
+                drop(state);
+                // The start runs in its own task: a caller that gives up (its deadline) must
+                // not abandon a half-started process or lose the crash accounting.
+                let Some(pool) = self.me.upgrade() else {
+                    return Err(self.unavailable(
+                        ErrorCode::Unavailable,
+                        "the plugin pool is shutting down".into(),
+                    ));
+                };
+                let start = tokio::spawn(async move { pool.start_if_needed().await });
+                match start.await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(error)) => return Err(error),
+                    Err(join) => {
+                        return Err(self.unavailable(
+                            ErrorCode::Internal,
+                            format!("starting the plugin failed: {join}"),
+                        ))
+                    }
+                }
             }
             // Every process is at its limit: wait for the first free permit.
             let slot = state.slots[0].clone();
@@ -267,28 +277,63 @@ impl PluginPool {
     /// Drops slots whose process has died; an unexpected death counts as a crash.
     fn forget_dead(&self, state: &mut PoolState) {
         let before = state.slots.len();
-        let mut crashed = false;
+        let mut crashed_after = None;
         state.slots.retain(|slot| {
             let dead = slot.process.has_exited();
-            crashed |= dead && !slot.stopping.load(Ordering::Relaxed);
+            if dead && !slot.stopping.load(Ordering::Relaxed) {
+                crashed_after = Some(slot.process.uptime());
+            }
             !dead
         });
-        if crashed {
-            state.crashes += 1;
-            // The first restart is immediate; a crash loop backs off exponentially.
-            let backoff = Duration::from_millis(100)
-                .saturating_mul(1 << state.crashes.saturating_sub(2).min(16))
-                .min(self.shared.settings.max_restart_backoff);
-            state.not_before = (state.crashes > 1).then(|| Instant::now() + backoff);
-            tracing::warn!(function = %self.metadata.name, version = self.metadata.version, crashes = state.crashes, "plugin process died");
+        if let Some(uptime) = crashed_after {
+            self.record_crash(state, uptime);
         }
         if state.slots.len() != before {
             self.publish_count(state);
         }
     }
 
+    /// Counts a crash (or a failed start): the first restart is immediate, a crash loop backs
+    /// off exponentially up to the configured maximum. A process that had run for a minute
+    /// starts the count afresh.
+    fn record_crash(&self, state: &mut PoolState, uptime: Duration) {
+        state.crashes = if uptime > Duration::from_secs(60) {
+            1
+        } else {
+            state.crashes + 1
+        };
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << state.crashes.saturating_sub(2).min(16))
+            .min(self.shared.settings.max_restart_backoff);
+        state.not_before = (state.crashes > 1).then(|| Instant::now() + backoff);
+        tracing::warn!(function = %self.metadata.name, version = self.metadata.version, crashes = state.crashes, ?backoff, "plugin process died or failed to start");
+    }
+
     fn publish_count(&self, state: &PoolState) {
         *self.slots_seen.lock().unwrap_or_else(|e| e.into_inner()) = state.slots.len();
+    }
+
+    /// Starts one more process unless, by the time the lock is ours, a free slot exists or
+    /// the pool is full; waits out the crash backoff first.
+    async fn start_if_needed(&self) -> Result<(), ProtocolError> {
+        let mut state = self.state.lock().await;
+        self.forget_dead(&mut state);
+        let full = state.slots.len() >= self.shared.settings.max_processes.max(1);
+        if full
+            || state
+                .slots
+                .iter()
+                .any(|slot| slot.permits.available_permits() > 0)
+        {
+            return Ok(());
+        }
+        if let Some(not_before) = state.not_before {
+            tokio::time::sleep_until(not_before.into()).await;
+        }
+        let slot = self.start(&mut state).await?;
+        state.slots.push(slot);
+        self.publish_count(&state);
+        Ok(())
     }
 
     async fn start(&self, state: &mut PoolState) -> Result<Arc<Slot>, ProtocolError> {
@@ -327,7 +372,7 @@ impl PluginPool {
         let process = PluginProcess::start(&binary, config).await.map_err(|e| {
             let _ = std::fs::remove_dir_all(&work_dir);
             if e.kind() != StartErrorKind::Spawn {
-                state.crashes += 1;
+                self.record_crash(state, started.elapsed());
             }
             ProtocolError::new(
                 ErrorCode::PluginStartFailed,

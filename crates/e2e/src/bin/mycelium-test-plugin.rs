@@ -4,7 +4,8 @@
 //! handshake), `garbage` (print a malformed handshake), `silent` (never shake hands).
 //! Per call, the event type picks: `echo`, `upper` (upper-cases text data), `tag` (replies
 //! with `$TAG`), `env` (replies with the environment variable names), `pid`, `sleep`
-//! (`{"ms": n}`), `crash` (aborts the process), `hang` (stops the whole process),
+//! (`{"ms": n}`), `crash` (aborts the process), `hang` (stops the whole process), `print`
+//! (a plain stdout line and an hclog JSON stderr line),
 //! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory).
 
 use mycelium_core::{
@@ -86,6 +87,13 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
+            "print" => {
+                println!("plain line from the plugin");
+                eprintln!(
+                    r#"{{"@level":"warn","@message":"hclog line from the plugin","@timestamp":"2026-01-01T00:00:00Z"}}"#
+                );
+                Ok(vec![event])
+            }
             other => Err(FunctionError::new(format!(
                 "unknown test behaviour {other:?}"
             ))),
