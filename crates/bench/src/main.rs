@@ -1,0 +1,572 @@
+//! `mycelium-bench`: measures what callers feel, next to the physical limit (a bare NATS
+//! request/reply to a responder that echoes), in one run on one server.
+//!
+//! By default it starts everything it measures: a nats-server, a `mycelium serve` process
+//! (the CLI binary next to this one), and deploys the example Rust plugin and, when the Go
+//! toolchain is there, the example Go plugin. See BENCHMARKS.md.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use mycelium_client::async_nats::{self, HeaderMap};
+use mycelium_core::{
+    cloudevents::{EventBuilder, EventBuilderV10},
+    envelope, FunctionName,
+};
+use mycelium_registry::{ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin};
+use serde::Serialize;
+
+const SCENARIOS: [&str; 7] = ["nats-echo", "builtin", "binding", "plugin-rust", "plugin-go", "cold-start", "deploy"];
+
+/// Mycelium benchmarks: latency and throughput of invocations against the bare NATS round trip.
+#[derive(Debug, Parser)]
+#[command(name = "mycelium-bench", version)]
+struct Args {
+    /// Measure against this NATS (with a runtime already serving) instead of starting both.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Measuring time per scenario and concurrency (e.g. 10s).
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    duration: Duration,
+    /// Warm-up before each measurement, not recorded.
+    #[arg(long, value_parser = parse_seconds, default_value = "2")]
+    warmup: Duration,
+    /// Requests in flight (closed loop); repeat for several, e.g. --concurrency 1 --concurrency 64.
+    #[arg(long, default_values_t = [1, 64])]
+    concurrency: Vec<usize>,
+    /// Fixed-rate mode: requests per second, latency measured from the intended send time
+    /// (no coordinated omission). Without it: closed loop.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Bytes of event data per request.
+    #[arg(long, default_value_t = 64)]
+    payload_size: usize,
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, plugin-rust, plugin-go, cold-start, deploy.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
+    /// Rounds of the cold-start and deploy scenarios.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// The `mycelium` binary to run the runtime with (default: next to this one).
+    #[arg(long)]
+    mycelium: Option<PathBuf>,
+    /// The Rust plugin to deploy (default: mycelium-example-plugin next to this binary).
+    #[arg(long)]
+    rust_plugin: Option<PathBuf>,
+    /// The Go plugin to deploy (default: built with examples/go-plugin/build.sh when Go is there).
+    #[arg(long)]
+    go_plugin: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let number = text.trim_end_matches('s');
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
+}
+
+#[derive(Debug, Serialize)]
+struct Outcome {
+    scenario: String,
+    concurrency: usize,
+    mode: &'static str,
+    requests: u64,
+    errors: u64,
+    throughput_per_s: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    /// p50 and throughput relative to nats-echo at the same concurrency.
+    p50_ratio: Option<f64>,
+    throughput_ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    nats_server: String,
+    runtime_rss_idle_kib: Option<u64>,
+    runtime_rss_end_kib: Option<u64>,
+    outcomes: Vec<Outcome>,
+}
+
+/// A request the load generator repeats.
+#[derive(Clone)]
+struct Shot {
+    subject: String,
+    headers: Option<HeaderMap>,
+    body: Bytes,
+}
+
+fn invoke_body(function: &str, data: &str) -> Bytes {
+    let event = EventBuilderV10::new()
+        .id("bench")
+        .source("mycelium-bench")
+        .ty("com.example.bench")
+        .data("text/plain", data.to_owned())
+        .build()
+        .expect("a valid event");
+    let name: FunctionName = function.parse().expect("a valid name");
+    envelope::encode_invoke_request(&name, &event, None, None).into()
+}
+
+fn shot_for(scenario: &str, data: &str) -> Shot {
+    let invoke = |function: &str| Shot {
+        subject: "function.invoke".into(),
+        headers: None,
+        body: invoke_body(function, data),
+    };
+    match scenario {
+        // The baseline carries the same bytes as the envelope scenarios.
+        "nats-echo" => Shot {
+            subject: "bench.echo".into(),
+            headers: None,
+            body: invoke_body("echo", data),
+        },
+        "builtin" => invoke("echo"),
+        "binding" => {
+            let mut headers = HeaderMap::new();
+            for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "bench"), ("ce-source", "mycelium-bench"), ("ce-type", "com.example.bench"), ("Content-Type", "text/plain")] {
+                headers.insert(k, v);
+            }
+            Shot {
+                subject: "function.invoke.echo".into(),
+                headers: Some(headers),
+                body: Bytes::from(data.to_owned()),
+            }
+        }
+        "plugin-rust" => invoke("bench-rust"),
+        "plugin-go" => invoke("bench-go"),
+        other => unreachable!("no request shape for {other}"),
+    }
+}
+
+async fn send(nats: &async_nats::Client, shot: &Shot) -> bool {
+    let request = async_nats::Request::new()
+        .payload(shot.body.clone())
+        .timeout(Some(Duration::from_secs(10)));
+    let request = match &shot.headers {
+        Some(headers) => request.headers(headers.clone()),
+        None => request,
+    };
+    match nats.send_request(shot.subject.clone(), request).await {
+        Ok(reply) => reply
+            .headers
+            .as_ref()
+            .is_none_or(|h| h.get(envelope::SERVICE_ERROR_CODE_HEADER).is_none()),
+        Err(_) => false,
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Closed loop: `concurrency` workers, each sending its next request when the last returns.
+async fn closed_loop(nats: &async_nats::Client, shot: &Shot, concurrency: usize, warmup: Duration, duration: Duration) -> (Histogram<u64>, u64, Duration) {
+    let errors = Arc::new(AtomicU64::new(0));
+    let measure_from = Instant::now() + warmup;
+    let stop_at = measure_from + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (nats, shot, errors) = (nats.clone(), shot.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut recorded = histogram();
+                loop {
+                    let start = Instant::now();
+                    if start >= stop_at {
+                        break;
+                    }
+                    let ok = send(&nats, &shot).await;
+                    if start >= measure_from {
+                        if ok {
+                            let _ = recorded.record(micros(start));
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                recorded
+            })
+        })
+        .collect();
+    let mut all = histogram();
+    for worker in workers {
+        if let Ok(recorded) = worker.await {
+            let _ = all.add(recorded);
+        }
+    }
+    (all, errors.load(Ordering::Relaxed), duration)
+}
+
+/// Fixed rate: requests leave on a schedule; latency counts from when each was due, so a
+/// stall shows up in every request it delays (no coordinated omission).
+async fn fixed_rate(nats: &async_nats::Client, shot: &Shot, rate: u64, max_in_flight: usize, warmup: Duration, duration: Duration) -> (Histogram<u64>, u64, Duration) {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let stop_at = measure_from + duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let recorded = Arc::new(std::sync::Mutex::new(histogram()));
+    let mut due = start;
+    let mut tasks = tokio::task::JoinSet::new();
+    while due < stop_at {
+        tokio::time::sleep_until(due.into()).await;
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let (nats, shot, errors, recorded) = (nats.clone(), shot.clone(), errors.clone(), recorded.clone());
+        let intended = due;
+        tasks.spawn(async move {
+            let ok = send(&nats, &shot).await;
+            if intended >= measure_from {
+                if ok {
+                    let _ = recorded.lock().unwrap_or_else(|e| e.into_inner()).record(micros(intended));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        due += interval;
+    }
+    while tasks.join_next().await.is_some() {}
+    let all = recorded.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (all, errors.load(Ordering::Relaxed), duration)
+}
+
+fn outcome(scenario: &str, concurrency: usize, mode: &'static str, histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Outcome {
+    let q = |q: f64| histogram.value_at_quantile(q) as f64;
+    Outcome {
+        scenario: scenario.to_owned(),
+        concurrency,
+        mode,
+        requests: histogram.len(),
+        errors,
+        throughput_per_s: histogram.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: histogram.max() as f64,
+        p50_ratio: None,
+        throughput_ratio: None,
+    }
+}
+
+/// The processes the bench starts, stopped on drop.
+struct Stack {
+    nats: Option<mycelium_natsd::NatsServer>,
+    runtime: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(mut runtime) = self.runtime.take() {
+            let _ = runtime.kill();
+            let _ = runtime.wait();
+        }
+        if let Some(nats) = self.nats.as_mut() {
+            nats.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn start_stack(args: &Args) -> Result<(Stack, String)> {
+    let dir = tempfile::tempdir()?;
+    let nats = mycelium_natsd::NatsServer::spawn(&mycelium_natsd::ServerOptions::new(dir.path().join("nats")))
+        .context("starting nats-server (set MYCELIUM_NATS_SERVER or run ./dev bench)")?;
+    let url = nats.url().to_owned();
+    let mycelium = args.mycelium.clone().unwrap_or_else(|| sibling("mycelium"));
+    let runtime = Command::new(&mycelium)
+        .args(["--nats-url", &url, "serve", "--no-prestart", "--plugin-dir"])
+        .arg(dir.path().join("plugins"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} serve (build it with cargo build --release -p mycelium-cli)", mycelium.display()))?;
+    Ok((
+        Stack {
+            nats: Some(nats),
+            runtime: Some(runtime),
+            _dir: dir,
+        },
+        url,
+    ))
+}
+
+async fn wait_for_runtime(nats: &async_nats::Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if nats.request("function.list", Bytes::new()).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("no runtime answered function.list within 30 s")
+}
+
+fn go_plugin(args: &Args, dir: &Path) -> Option<PathBuf> {
+    if let Some(path) = &args.go_plugin {
+        return Some(path.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    let out = dir.join("go-plugin");
+    let built = Command::new(script).arg(&out).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    built.then_some(out)
+}
+
+/// Deploys `binary` as `name` and waits until an invocation succeeds.
+async fn deploy_and_wait(registry: &NatsRegistry, nats: &async_nats::Client, name: &str, source: ArtifactSource) -> Result<Duration> {
+    let start = Instant::now();
+    registry
+        .deploy(DeploySpec::plugin(name.parse()?, source))
+        .await
+        .with_context(|| format!("deploying {name}"))?;
+    let shot = Shot {
+        subject: "function.invoke".into(),
+        headers: None,
+        body: invoke_body(name, "x"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !send(nats, &shot).await {
+        if Instant::now() > deadline {
+            bail!("{name} never answered after its deploy");
+        }
+    }
+    Ok(start.elapsed())
+}
+
+fn summary(name: &str, samples: &mut [Duration]) -> Outcome {
+    samples.sort();
+    let mut histogram = histogram();
+    for sample in samples.iter() {
+        let _ = histogram.record(u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1));
+    }
+    let total: Duration = samples.iter().sum();
+    outcome(name, 1, "rounds", &histogram, 0, total)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    for scenario in &args.scenarios {
+        if !SCENARIOS.contains(&scenario.as_str()) {
+            bail!("unknown scenario {scenario:?}; known: {}", SCENARIOS.join(", "));
+        }
+    }
+    let wanted = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == s);
+    let work = tempfile::tempdir()?;
+    let (stack, url) = match &args.nats_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (stack, url) = start_stack(&args).await?;
+            (Some(stack), url)
+        }
+    };
+    let nats = async_nats::connect(url.as_str()).await.context("connecting to NATS")?;
+    wait_for_runtime(&nats).await?;
+    let runtime_pid = stack.as_ref().and_then(|s| s.runtime.as_ref()).map(Child::id);
+    let rss_idle = runtime_pid.and_then(rss_kib);
+
+    // The baseline responder: replies with the request body, nothing else.
+    let responder = async_nats::connect(url.as_str()).await?;
+    let mut echo = responder.subscribe("bench.echo").await?;
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(message) = echo.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, message.payload).await;
+            }
+        }
+    });
+    nats.flush().await?;
+
+    let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default()).await?;
+    let mut available = vec!["nats-echo", "builtin", "binding"];
+    if wanted("plugin-rust") || wanted("cold-start") || wanted("deploy") {
+        let rust = args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin"));
+        if rust.is_file() {
+            deploy_and_wait(&registry, &nats, "bench-rust", ArtifactSource::File(rust)).await?;
+            available.push("plugin-rust");
+        } else {
+            eprintln!("plugin-rust: skipped, {} is missing (cargo build --release -p mycelium-example-plugin)", rust.display());
+        }
+    }
+    if wanted("plugin-go") {
+        match go_plugin(&args, work.path()) {
+            Some(go) => {
+                deploy_and_wait(&registry, &nats, "bench-go", ArtifactSource::File(go)).await?;
+                available.push("plugin-go");
+            }
+            None => eprintln!("plugin-go: skipped, the Go toolchain is missing (see examples/go-plugin/build.sh)"),
+        }
+    }
+
+    let data = "x".repeat(args.payload_size);
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for scenario in ["nats-echo", "builtin", "binding", "plugin-rust", "plugin-go"] {
+        if !wanted(scenario) || !available.contains(&scenario) {
+            continue;
+        }
+        let shot = shot_for(scenario, &data);
+        for &concurrency in &args.concurrency {
+            let (histogram, errors, elapsed, mode) = match args.rate {
+                Some(rate) => {
+                    let (h, e, d) = fixed_rate(&nats, &shot, rate, concurrency.max(1) * 64, args.warmup, args.duration).await;
+                    (h, e, d, "fixed-rate")
+                }
+                None => {
+                    let (h, e, d) = closed_loop(&nats, &shot, concurrency, args.warmup, args.duration).await;
+                    (h, e, d, "closed-loop")
+                }
+            };
+            eprintln!("{scenario} c={concurrency}: {} requests", histogram.len());
+            outcomes.push(outcome(scenario, concurrency, mode, &histogram, errors, elapsed));
+        }
+    }
+
+    if wanted("cold-start") && available.contains(&"plugin-rust") {
+        // Each round deploys a new version of the same (cached) binary: the runtime runs
+        // without prestart, so its first invocation pays spawn, handshake and health check.
+        let rust = args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin"));
+        let mut samples = Vec::new();
+        for round in 0..args.rounds {
+            registry.deploy(DeploySpec::plugin("bench-cold".parse()?, ArtifactSource::File(rust.clone()))).await?;
+            let version = registry.versions(&"bench-cold".parse()?)?.active.unwrap_or(0);
+            let shot = Shot {
+                subject: "function.invoke".into(),
+                headers: None,
+                body: {
+                    let event = EventBuilderV10::new().id("cold").source("bench").ty("cold").build()?;
+                    envelope::encode_invoke_request(&"bench-cold".parse()?, &event, Some(version), None).into()
+                },
+            };
+            // The runtime learns of the version within milliseconds; wait for that outside the timing.
+            let probe = Shot { subject: "function.describe".into(), headers: None, body: format!(r#"{{"functionName":"bench-cold","version":{version}}}"#).into() };
+            while !send(&nats, &probe).await {}
+            let start = Instant::now();
+            if !send(&nats, &shot).await {
+                bail!("cold-start round {round} failed");
+            }
+            samples.push(start.elapsed());
+        }
+        outcomes.push(summary("cold-start", &mut samples));
+    }
+
+    if wanted("deploy") && available.contains(&"plugin-rust") {
+        // A 10 MiB binary per round: the example plugin padded with fresh random-ish bytes,
+        // so every round uploads, fetches, verifies and starts a new artifact.
+        let rust = std::fs::read(args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin")))?;
+        let mut samples = Vec::new();
+        for round in 0..args.rounds.min(10) {
+            let mut binary = rust.clone();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (round as u64 + 1);
+            while binary.len() < 10 * 1024 * 1024 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                binary.extend_from_slice(&x.to_le_bytes());
+            }
+            samples.push(deploy_and_wait(&registry, &nats, "bench-deploy", ArtifactSource::Bytes(binary.into())).await?);
+        }
+        outcomes.push(summary("deploy-10mib", &mut samples));
+    }
+
+    for i in 0..outcomes.len() {
+        let base = outcomes
+            .iter()
+            .find(|o| o.scenario == "nats-echo" && o.concurrency == outcomes[i].concurrency && o.mode == outcomes[i].mode)
+            .map(|o| (o.p50_us, o.throughput_per_s));
+        if let Some((p50, throughput)) = base {
+            if outcomes[i].mode != "rounds" {
+                outcomes[i].p50_ratio = Some(outcomes[i].p50_us / p50);
+                outcomes[i].throughput_ratio = Some(outcomes[i].throughput_per_s / throughput);
+            }
+        }
+    }
+    let report = Report {
+        machine: machine(),
+        nats_server: nats.server_info().version,
+        runtime_rss_idle_kib: rss_idle,
+        runtime_rss_end_kib: runtime_pid.and_then(rss_kib),
+        outcomes,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    drop(stack);
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    format!("{cpus} CPUs, {model}")
+}
+
+fn print_table(report: &Report) {
+    println!("machine: {}; nats-server {}", report.machine, report.nats_server);
+    if let (Some(idle), Some(end)) = (report.runtime_rss_idle_kib, report.runtime_rss_end_kib) {
+        println!("runtime RSS: {:.1} MiB idle, {:.1} MiB at the end", idle as f64 / 1024.0, end as f64 / 1024.0);
+    }
+    println!(
+        "{:<14} {:>4} {:>11} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "scenario", "c", "mode", "requests", "errors", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "p50 x", "req/s x"
+    );
+    for o in &report.outcomes {
+        let ratio = |r: Option<f64>| r.map_or_else(|| "-".into(), |r| format!("{r:.2}"));
+        println!(
+            "{:<14} {:>4} {:>11} {:>9} {:>6} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8} {:>8}",
+            o.scenario, o.concurrency, o.mode, o.requests, o.errors, o.throughput_per_s, o.p50_us, o.p90_us, o.p99_us, o.p999_us, o.max_us,
+            ratio(o.p50_ratio), ratio(o.throughput_ratio)
+        );
+    }
+}
