@@ -24,10 +24,20 @@ use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
     envelope, FunctionName,
 };
-use mycelium_registry::{ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin};
+use mycelium_registry::{
+    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
+};
 use serde::Serialize;
 
-const SCENARIOS: [&str; 7] = ["nats-echo", "builtin", "binding", "plugin-rust", "plugin-go", "cold-start", "deploy"];
+const SCENARIOS: [&str; 7] = [
+    "nats-echo",
+    "builtin",
+    "binding",
+    "plugin-rust",
+    "plugin-go",
+    "cold-start",
+    "deploy",
+];
 
 /// Mycelium benchmarks: latency and throughput of invocations against the bare NATS round trip.
 #[derive(Debug, Parser)]
@@ -145,7 +155,13 @@ fn shot_for(scenario: &str, data: &str) -> Shot {
         "builtin" => invoke("echo"),
         "binding" => {
             let mut headers = HeaderMap::new();
-            for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "bench"), ("ce-source", "mycelium-bench"), ("ce-type", "com.example.bench"), ("Content-Type", "text/plain")] {
+            for (k, v) in [
+                ("ce-specversion", "1.0"),
+                ("ce-id", "bench"),
+                ("ce-source", "mycelium-bench"),
+                ("ce-type", "com.example.bench"),
+                ("Content-Type", "text/plain"),
+            ] {
                 headers.insert(k, v);
             }
             Shot {
@@ -182,11 +198,19 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn micros(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(since.elapsed().as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Closed loop: `concurrency` workers, each sending its next request when the last returns.
-async fn closed_loop(nats: &async_nats::Client, shot: &Shot, concurrency: usize, warmup: Duration, duration: Duration) -> (Histogram<u64>, u64, Duration) {
+async fn closed_loop(
+    nats: &async_nats::Client,
+    shot: &Shot,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> (Histogram<u64>, u64, Duration) {
     let errors = Arc::new(AtomicU64::new(0));
     let measure_from = Instant::now() + warmup;
     let stop_at = measure_from + duration;
@@ -224,7 +248,14 @@ async fn closed_loop(nats: &async_nats::Client, shot: &Shot, concurrency: usize,
 
 /// Fixed rate: requests leave on a schedule; latency counts from when each was due, so a
 /// stall shows up in every request it delays (no coordinated omission).
-async fn fixed_rate(nats: &async_nats::Client, shot: &Shot, rate: u64, max_in_flight: usize, warmup: Duration, duration: Duration) -> (Histogram<u64>, u64, Duration) {
+async fn fixed_rate(
+    nats: &async_nats::Client,
+    shot: &Shot,
+    rate: u64,
+    max_in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> (Histogram<u64>, u64, Duration) {
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = Instant::now();
     let measure_from = start + warmup;
@@ -236,14 +267,20 @@ async fn fixed_rate(nats: &async_nats::Client, shot: &Shot, rate: u64, max_in_fl
     let mut tasks = tokio::task::JoinSet::new();
     while due < stop_at {
         tokio::time::sleep_until(due.into()).await;
-        let Ok(permit) = limit.clone().acquire_owned().await else { break };
-        let (nats, shot, errors, recorded) = (nats.clone(), shot.clone(), errors.clone(), recorded.clone());
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let (nats, shot, errors, recorded) =
+            (nats.clone(), shot.clone(), errors.clone(), recorded.clone());
         let intended = due;
         tasks.spawn(async move {
             let ok = send(&nats, &shot).await;
             if intended >= measure_from {
                 if ok {
-                    let _ = recorded.lock().unwrap_or_else(|e| e.into_inner()).record(micros(intended));
+                    let _ = recorded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(micros(intended));
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -257,7 +294,14 @@ async fn fixed_rate(nats: &async_nats::Client, shot: &Shot, rate: u64, max_in_fl
     (all, errors.load(Ordering::Relaxed), duration)
 }
 
-fn outcome(scenario: &str, concurrency: usize, mode: &'static str, histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Outcome {
+fn outcome(
+    scenario: &str,
+    concurrency: usize,
+    mode: &'static str,
+    histogram: &Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+) -> Outcome {
     let q = |q: f64| histogram.value_at_quantile(q) as f64;
     Outcome {
         scenario: scenario.to_owned(),
@@ -315,8 +359,10 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 async fn start_stack(args: &Args) -> Result<(Stack, String)> {
     let dir = tempfile::tempdir()?;
-    let nats = mycelium_natsd::NatsServer::spawn(&mycelium_natsd::ServerOptions::new(dir.path().join("nats")))
-        .context("starting nats-server (set MYCELIUM_NATS_SERVER or run ./dev bench)")?;
+    let nats = mycelium_natsd::NatsServer::spawn(&mycelium_natsd::ServerOptions::new(
+        dir.path().join("nats"),
+    ))
+    .context("starting nats-server (set MYCELIUM_NATS_SERVER or run ./dev bench)")?;
     let url = nats.url().to_owned();
     let mycelium = args.mycelium.clone().unwrap_or_else(|| sibling("mycelium"));
     let runtime = Command::new(&mycelium)
@@ -326,7 +372,12 @@ async fn start_stack(args: &Args) -> Result<(Stack, String)> {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("starting {} serve (build it with cargo build --release -p mycelium-cli)", mycelium.display()))?;
+        .with_context(|| {
+            format!(
+                "starting {} serve (build it with cargo build --release -p mycelium-cli)",
+                mycelium.display()
+            )
+        })?;
     Ok((
         Stack {
             nats: Some(nats),
@@ -354,12 +405,21 @@ fn go_plugin(args: &Args, dir: &Path) -> Option<PathBuf> {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
     let out = dir.join("go-plugin");
-    let built = Command::new(script).arg(&out).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let built = Command::new(script)
+        .arg(&out)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     built.then_some(out)
 }
 
 /// Deploys `binary` as `name` and waits until an invocation succeeds.
-async fn deploy_and_wait(registry: &NatsRegistry, nats: &async_nats::Client, name: &str, source: ArtifactSource) -> Result<Duration> {
+async fn deploy_and_wait(
+    registry: &NatsRegistry,
+    nats: &async_nats::Client,
+    name: &str,
+    source: ArtifactSource,
+) -> Result<Duration> {
     let start = Instant::now();
     registry
         .deploy(DeploySpec::plugin(name.parse()?, source))
@@ -394,7 +454,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     for scenario in &args.scenarios {
         if !SCENARIOS.contains(&scenario.as_str()) {
-            bail!("unknown scenario {scenario:?}; known: {}", SCENARIOS.join(", "));
+            bail!(
+                "unknown scenario {scenario:?}; known: {}",
+                SCENARIOS.join(", ")
+            );
         }
     }
     let wanted = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == s);
@@ -406,9 +469,14 @@ async fn main() -> Result<()> {
             (Some(stack), url)
         }
     };
-    let nats = async_nats::connect(url.as_str()).await.context("connecting to NATS")?;
+    let nats = async_nats::connect(url.as_str())
+        .await
+        .context("connecting to NATS")?;
     wait_for_runtime(&nats).await?;
-    let runtime_pid = stack.as_ref().and_then(|s| s.runtime.as_ref()).map(Child::id);
+    let runtime_pid = stack
+        .as_ref()
+        .and_then(|s| s.runtime.as_ref())
+        .map(Child::id);
     let rss_idle = runtime_pid.and_then(rss_kib);
 
     // The baseline responder: replies with the request body, nothing else.
@@ -427,7 +495,10 @@ async fn main() -> Result<()> {
     let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default()).await?;
     let mut available = vec!["nats-echo", "builtin", "binding"];
     if wanted("plugin-rust") || wanted("cold-start") || wanted("deploy") {
-        let rust = args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin"));
+        let rust = args
+            .rust_plugin
+            .clone()
+            .unwrap_or_else(|| sibling("mycelium-example-plugin"));
         if rust.is_file() {
             deploy_and_wait(&registry, &nats, "bench-rust", ArtifactSource::File(rust)).await?;
             available.push("plugin-rust");
@@ -441,13 +512,21 @@ async fn main() -> Result<()> {
                 deploy_and_wait(&registry, &nats, "bench-go", ArtifactSource::File(go)).await?;
                 available.push("plugin-go");
             }
-            None => eprintln!("plugin-go: skipped, the Go toolchain is missing (see examples/go-plugin/build.sh)"),
+            None => eprintln!(
+                "plugin-go: skipped, the Go toolchain is missing (see examples/go-plugin/build.sh)"
+            ),
         }
     }
 
     let data = "x".repeat(args.payload_size);
     let mut outcomes: Vec<Outcome> = Vec::new();
-    for scenario in ["nats-echo", "builtin", "binding", "plugin-rust", "plugin-go"] {
+    for scenario in [
+        "nats-echo",
+        "builtin",
+        "binding",
+        "plugin-rust",
+        "plugin-go",
+    ] {
         if !wanted(scenario) || !available.contains(&scenario) {
             continue;
         }
@@ -455,37 +534,78 @@ async fn main() -> Result<()> {
         for &concurrency in &args.concurrency {
             let (histogram, errors, elapsed, mode) = match args.rate {
                 Some(rate) => {
-                    let (h, e, d) = fixed_rate(&nats, &shot, rate, concurrency.max(1) * 64, args.warmup, args.duration).await;
+                    let (h, e, d) = fixed_rate(
+                        &nats,
+                        &shot,
+                        rate,
+                        concurrency.max(1) * 64,
+                        args.warmup,
+                        args.duration,
+                    )
+                    .await;
                     (h, e, d, "fixed-rate")
                 }
                 None => {
-                    let (h, e, d) = closed_loop(&nats, &shot, concurrency, args.warmup, args.duration).await;
+                    let (h, e, d) =
+                        closed_loop(&nats, &shot, concurrency, args.warmup, args.duration).await;
                     (h, e, d, "closed-loop")
                 }
             };
             eprintln!("{scenario} c={concurrency}: {} requests", histogram.len());
-            outcomes.push(outcome(scenario, concurrency, mode, &histogram, errors, elapsed));
+            outcomes.push(outcome(
+                scenario,
+                concurrency,
+                mode,
+                &histogram,
+                errors,
+                elapsed,
+            ));
         }
     }
 
     if wanted("cold-start") && available.contains(&"plugin-rust") {
         // Each round deploys a new version of the same (cached) binary: the runtime runs
         // without prestart, so its first invocation pays spawn, handshake and health check.
-        let rust = args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin"));
+        let rust = args
+            .rust_plugin
+            .clone()
+            .unwrap_or_else(|| sibling("mycelium-example-plugin"));
         let mut samples = Vec::new();
         for round in 0..args.rounds {
-            registry.deploy(DeploySpec::plugin("bench-cold".parse()?, ArtifactSource::File(rust.clone()))).await?;
-            let version = registry.versions(&"bench-cold".parse()?)?.active.unwrap_or(0);
+            registry
+                .deploy(DeploySpec::plugin(
+                    "bench-cold".parse()?,
+                    ArtifactSource::File(rust.clone()),
+                ))
+                .await?;
+            let version = registry
+                .versions(&"bench-cold".parse()?)?
+                .active
+                .unwrap_or(0);
             let shot = Shot {
                 subject: "function.invoke".into(),
                 headers: None,
                 body: {
-                    let event = EventBuilderV10::new().id("cold").source("bench").ty("cold").build()?;
-                    envelope::encode_invoke_request(&"bench-cold".parse()?, &event, Some(version), None).into()
+                    let event = EventBuilderV10::new()
+                        .id("cold")
+                        .source("bench")
+                        .ty("cold")
+                        .build()?;
+                    envelope::encode_invoke_request(
+                        &"bench-cold".parse()?,
+                        &event,
+                        Some(version),
+                        None,
+                    )
+                    .into()
                 },
             };
             // The runtime learns of the version within milliseconds; wait for that outside the timing.
-            let probe = Shot { subject: "function.describe".into(), headers: None, body: format!(r#"{{"functionName":"bench-cold","version":{version}}}"#).into() };
+            let probe = Shot {
+                subject: "function.describe".into(),
+                headers: None,
+                body: format!(r#"{{"functionName":"bench-cold","version":{version}}}"#).into(),
+            };
             while !send(&nats, &probe).await {}
             let start = Instant::now();
             if !send(&nats, &shot).await {
@@ -499,7 +619,11 @@ async fn main() -> Result<()> {
     if wanted("deploy") && available.contains(&"plugin-rust") {
         // A 10 MiB binary per round: the example plugin padded with fresh random-ish bytes,
         // so every round uploads, fetches, verifies and starts a new artifact.
-        let rust = std::fs::read(args.rust_plugin.clone().unwrap_or_else(|| sibling("mycelium-example-plugin")))?;
+        let rust = std::fs::read(
+            args.rust_plugin
+                .clone()
+                .unwrap_or_else(|| sibling("mycelium-example-plugin")),
+        )?;
         let mut samples = Vec::new();
         for round in 0..args.rounds.min(10) {
             let mut binary = rust.clone();
@@ -510,7 +634,15 @@ async fn main() -> Result<()> {
                 x ^= x << 17;
                 binary.extend_from_slice(&x.to_le_bytes());
             }
-            samples.push(deploy_and_wait(&registry, &nats, "bench-deploy", ArtifactSource::Bytes(binary.into())).await?);
+            samples.push(
+                deploy_and_wait(
+                    &registry,
+                    &nats,
+                    "bench-deploy",
+                    ArtifactSource::Bytes(binary.into()),
+                )
+                .await?,
+            );
         }
         outcomes.push(summary("deploy-10mib", &mut samples));
     }
@@ -518,7 +650,11 @@ async fn main() -> Result<()> {
     for i in 0..outcomes.len() {
         let base = outcomes
             .iter()
-            .find(|o| o.scenario == "nats-echo" && o.concurrency == outcomes[i].concurrency && o.mode == outcomes[i].mode)
+            .find(|o| {
+                o.scenario == "nats-echo"
+                    && o.concurrency == outcomes[i].concurrency
+                    && o.mode == outcomes[i].mode
+            })
             .map(|o| (o.p50_us, o.throughput_per_s));
         if let Some((p50, throughput)) = base {
             if outcomes[i].mode != "rounds" {
@@ -544,22 +680,47 @@ async fn main() -> Result<()> {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     format!("{cpus} CPUs, {model}")
 }
 
 fn print_table(report: &Report) {
-    println!("machine: {}; nats-server {}", report.machine, report.nats_server);
+    println!(
+        "machine: {}; nats-server {}",
+        report.machine, report.nats_server
+    );
     if let (Some(idle), Some(end)) = (report.runtime_rss_idle_kib, report.runtime_rss_end_kib) {
-        println!("runtime RSS: {:.1} MiB idle, {:.1} MiB at the end", idle as f64 / 1024.0, end as f64 / 1024.0);
+        println!(
+            "runtime RSS: {:.1} MiB idle, {:.1} MiB at the end",
+            idle as f64 / 1024.0,
+            end as f64 / 1024.0
+        );
     }
     println!(
         "{:<14} {:>4} {:>11} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "scenario", "c", "mode", "requests", "errors", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "p50 x", "req/s x"
+        "scenario",
+        "c",
+        "mode",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "max µs",
+        "p50 x",
+        "req/s x"
     );
     for o in &report.outcomes {
         let ratio = |r: Option<f64>| r.map_or_else(|| "-".into(), |r| format!("{r:.2}"));
