@@ -80,6 +80,28 @@ struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Run the echo responder in this process instead of a separate one (the separate
+    /// process is the fair baseline for a runtime that is a separate process too).
+    #[arg(long)]
+    in_process_echo: bool,
+    /// Internal: serve the echo responder on this NATS URL and nothing else.
+    #[arg(long, hide = true)]
+    serve_echo: Option<String>,
+}
+
+/// The baseline responder: replies with the request body, nothing else.
+async fn serve_echo(url: &str) -> Result<()> {
+    use futures_util::StreamExt;
+    let responder = async_nats::connect(url).await?;
+    let mut echo = responder.subscribe("bench.echo").await?;
+    responder.flush().await?;
+    println!("ready");
+    while let Some(message) = echo.next().await {
+        if let Some(reply) = message.reply {
+            let _ = responder.publish(reply, message.payload).await;
+        }
+    }
+    Ok(())
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -449,9 +471,21 @@ fn summary(name: &str, samples: &mut [Duration]) -> Outcome {
     outcome(name, 1, "rounds", &histogram, 0, total)
 }
 
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.serve_echo {
+        return serve_echo(url).await;
+    }
     for scenario in &args.scenarios {
         if !SCENARIOS.contains(&scenario.as_str()) {
             bail!(
@@ -479,17 +513,23 @@ async fn main() -> Result<()> {
         .map(Child::id);
     let rss_idle = runtime_pid.and_then(rss_kib);
 
-    // The baseline responder: replies with the request body, nothing else.
-    let responder = async_nats::connect(url.as_str()).await?;
-    let mut echo = responder.subscribe("bench.echo").await?;
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        while let Some(message) = echo.next().await {
-            if let Some(reply) = message.reply {
-                let _ = responder.publish(reply, message.payload).await;
-            }
-        }
-    });
+    let _echo_process = if args.in_process_echo {
+        let url = url.clone();
+        tokio::spawn(async move { serve_echo(&url).await });
+        None
+    } else {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["--serve-echo", &url])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the echo responder process")?;
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut ready,
+        )?;
+        Some(KillOnDrop(child))
+    };
     nats.flush().await?;
 
     let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default()).await?;

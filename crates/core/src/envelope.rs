@@ -43,7 +43,8 @@ pub struct InvokeRequest {
 struct RawInvokeRequest<'a> {
     #[serde(borrow)]
     function_name: Cow<'a, str>,
-    event: Map<String, Value>,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
     #[serde(default)]
     version: Option<u64>,
     #[serde(default)]
@@ -69,13 +70,31 @@ pub fn decode_invoke_request(body: &[u8]) -> Result<InvokeRequest, ProtocolError
     let function = FunctionName::new(&raw.function_name)
         .map_err(|e| ProtocolError::new(ErrorCode::InvalidFunctionName, e.to_string()))?;
     let timeout = parse_timeout_ms(raw.timeout_ms)?;
-    let event = event_from_json_object(raw.event)?;
+    let event = event_from_raw(raw.event.get())?;
     Ok(InvokeRequest {
         function,
         event,
         version: raw.version,
         timeout,
     })
+}
+
+/// The event of an envelope. The common case (a complete CloudEvent) is parsed straight from
+/// the text; anything else takes the slow path, which adds a missing `specversion` and
+/// explains exactly what is wrong.
+fn event_from_raw(text: &str) -> Result<Event, ProtocolError> {
+    if !text.starts_with('{') {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidRequest,
+            format!("request has the wrong shape: \"event\" must be a JSON object (a CloudEvent); {ENVELOPE_SHAPE}"),
+        ));
+    }
+    if let Some(event) = crate::event::fast_event_from_json(text) {
+        return Ok(event);
+    }
+    let object: Map<String, Value> =
+        serde_json::from_str(text).map_err(|e| invalid_json("request", &e))?;
+    event_from_json_object(object)
 }
 
 /// Validates a requested timeout: positive milliseconds.

@@ -47,12 +47,18 @@ pub struct InMemoryMetrics {
     state: Mutex<State>,
 }
 
+// Keyed by `FunctionName` (an `Arc<str>`): recording an invocation clones a pointer, never
+// allocates a string.
 #[derive(Debug, Default)]
 struct State {
-    outcomes: HashMap<(String, Outcome), OutcomeStats>,
-    in_flight: HashMap<String, u64>,
+    outcomes: HashMap<(FunctionName, Outcome), OutcomeStats>,
+    in_flight: HashMap<FunctionName, u64>,
     rejected: HashMap<ErrorCode, u64>,
-    plugin_memory: HashMap<(String, u64), u64>,
+    plugin_memory: HashMap<(FunctionName, u64), u64>,
+}
+
+fn key(function: &str) -> Option<FunctionName> {
+    FunctionName::new(function).ok()
 }
 
 /// Count and total duration of invocations with one outcome.
@@ -77,27 +83,31 @@ impl InMemoryMetrics {
 
     /// Count and total duration for `function` and `outcome`.
     pub fn stats(&self, function: &str, outcome: Outcome) -> OutcomeStats {
+        let Some(function) = key(function) else {
+            return OutcomeStats::default();
+        };
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state
             .outcomes
-            .get(&(function.to_owned(), outcome))
+            .get(&(function, outcome))
             .copied()
             .unwrap_or_default()
     }
 
     /// Invocations of `function` executing now.
     pub fn in_flight(&self, function: &str) -> u64 {
+        let Some(function) = key(function) else {
+            return 0;
+        };
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.in_flight.get(function).copied().unwrap_or(0)
+        state.in_flight.get(&function).copied().unwrap_or(0)
     }
 
     /// The last sampled resident memory of a plugin process of `function` at `version`.
     pub fn plugin_memory(&self, function: &str, version: u64) -> Option<u64> {
+        let function = key(function)?;
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
-            .plugin_memory
-            .get(&(function.to_owned(), version))
-            .copied()
+        state.plugin_memory.get(&(function, version)).copied()
     }
 
     /// Requests refused with `code`, whatever the function.
@@ -112,22 +122,22 @@ impl MetricsCollector for InMemoryMetrics {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state
             .plugin_memory
-            .insert((function.to_string(), version), rss_bytes);
+            .insert((function.clone(), version), rss_bytes);
     }
 
     fn invocation_started(&self, function: &FunctionName) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        *state.in_flight.entry(function.to_string()).or_default() += 1;
+        *state.in_flight.entry(function.clone()).or_default() += 1;
     }
 
     fn invocation_finished(&self, function: &FunctionName, outcome: Outcome, duration: Duration) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = state.in_flight.get_mut(function.as_str()) {
+        if let Some(n) = state.in_flight.get_mut(function) {
             *n = n.saturating_sub(1);
         }
         let stats = state
             .outcomes
-            .entry((function.to_string(), outcome))
+            .entry((function.clone(), outcome))
             .or_default();
         stats.count += 1;
         stats.total_duration += duration;
@@ -139,7 +149,7 @@ impl MetricsCollector for InMemoryMetrics {
         if let Some(function) = function {
             state
                 .outcomes
-                .entry((function.to_string(), Outcome::Failure(code)))
+                .entry((function.clone(), Outcome::Failure(code)))
                 .or_default()
                 .count += 1;
         }

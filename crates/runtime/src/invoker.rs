@@ -158,7 +158,9 @@ impl Invoker {
             invocation_id = %invocation_id,
             event_id = %event.id(),
         );
-        let cancellation = abort.child_token();
+        // A fresh token, not a child of `abort`: creating children locks the parent, a
+        // contention point under load; the select below links the two on abort.
+        let cancellation = CancellationToken::new();
         let started = Instant::now();
         let ctx = InvocationContext::new(
             name.clone(),

@@ -395,6 +395,15 @@ impl RuntimeHandle {
         for task in self.endpoint_tasks {
             let _ = task.await;
         }
+        // A round trip the server answers only after it has processed our UNSUBs (a client's
+        // commands are handled in order); `flush` alone only waits for the socket write. Once
+        // this returns, no new request is routed to this instance.
+        let fence = format!("_MYCELIUM.FENCE.{}", nuid::next());
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            shared.client.request(fence, bytes::Bytes::new()),
+        )
+        .await;
         shared.tracker.close();
         let mut abandoned = 0;
         if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
