@@ -13,8 +13,7 @@ use mycelium_core::{
 };
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
 use mycelium_registry::{
-    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
-    RegistryAdmin,
+    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
 };
 use mycelium_runtime::Runtime;
 use mycelium_test_support::NatsServer;
@@ -76,10 +75,11 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
         .await
         .unwrap()
         .version;
-    let mut applied = registry.applied_revision();
-    while registry.get(&name, None).map(|m| m.version).ok() != Some(version) {
-        applied.changed().await.unwrap();
-    }
+    assert!(
+        registry
+            .wait_for_active(&name, version, Duration::from_secs(30))
+            .await
+    );
 
     let client = Client::new(server.connect().await);
     let options = InvokeOptions {

@@ -90,20 +90,12 @@ impl Fixture {
             .collect();
         spec.memory_mb = memory_mb;
         let version = self.admin.deploy(spec).await.unwrap().version;
-        let mut applied = self.runtime_registry.applied_revision();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while self
-                .runtime_registry
-                .get(&name(function), None)
-                .map(|m| m.version)
-                .ok()
-                != Some(version)
-            {
-                applied.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("the runtime saw the deploy");
+        assert!(
+            self.runtime_registry
+                .wait_for_active(&name(function), version, Duration::from_secs(30))
+                .await,
+            "the runtime did not see the deploy"
+        );
         version
     }
 

@@ -256,6 +256,44 @@ impl NatsRegistry {
         self.applied.clone()
     }
 
+    /// Waits until `check` finds what it looks for in this instance's catalog, re-checking
+    /// each time a change arrives; `None` after `limit`. For "deploy, then wait until this
+    /// runtime sees it".
+    pub async fn wait_for<T>(
+        &self,
+        limit: Duration,
+        mut check: impl FnMut(&Self) -> Option<T>,
+    ) -> Option<T> {
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(limit, async {
+            loop {
+                if let Some(found) = check(self) {
+                    return Some(found);
+                }
+                if applied.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Waits until `name` is active at `version` in this instance's catalog.
+    pub async fn wait_for_active(
+        &self,
+        name: &FunctionName,
+        version: u64,
+        limit: Duration,
+    ) -> bool {
+        self.wait_for(limit, |registry| {
+            (registry.get(name, None).map(|m| m.version).ok() == Some(version)).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     /// The settings in force.
     pub fn config(&self) -> &NatsRegistryConfig {
         &self.config

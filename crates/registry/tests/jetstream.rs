@@ -30,20 +30,12 @@ async fn open(server: &NatsServer) -> NatsRegistry {
         .unwrap()
 }
 
-/// Waits until `registry` has applied every change up to `revision`... by waiting for the
-/// condition the change causes, driven by the registry's applied-revision notifications.
-async fn until<T>(registry: &NatsRegistry, mut check: impl FnMut(&NatsRegistry) -> Option<T>) -> T {
-    let mut applied = registry.applied_revision();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(value) = check(registry) {
-                return value;
-            }
-            applied.changed().await.expect("registry watcher alive");
-        }
-    })
-    .await
-    .expect("the change did not reach the other registry instance")
+/// Waits (on the registry's change notifications) for what a change causes.
+async fn until<T>(registry: &NatsRegistry, check: impl FnMut(&NatsRegistry) -> Option<T>) -> T {
+    registry
+        .wait_for(Duration::from_secs(30), check)
+        .await
+        .expect("the change did not reach the other registry instance")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,20 +57,12 @@ async fn fixture(gate: Option<Gate>) -> Fixture {
 impl Fixture {
     /// Waits until the runtime's registry shows `name` active at `version`.
     async fn active(&self, function: &str, version: u64) {
-        let mut applied = self.runtime_registry.applied_revision();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while self
-                .runtime_registry
-                .get(&name(function), None)
-                .map(|m| m.version)
-                .ok()
-                != Some(version)
-            {
-                applied.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("the runtime did not see the change");
+        assert!(
+            self.runtime_registry
+                .wait_for_active(&name(function), version, Duration::from_secs(30))
+                .await,
+            "the runtime did not see the change"
+        );
     }
 }
 
@@ -204,10 +196,16 @@ async fn hot_reload_under_load_loses_nothing() {
 
     // Delete: the name is gone from every runtime.
     f.admin.delete(&name("svc")).await.unwrap();
-    let mut applied = f.runtime_registry.applied_revision();
-    while f.runtime_registry.get(&name("svc"), None).is_ok() {
-        applied.changed().await.unwrap();
-    }
+    let gone = f
+        .runtime_registry
+        .wait_for(Duration::from_secs(30), |r| {
+            r.get(&name("svc"), None).is_err().then_some(())
+        })
+        .await;
+    assert!(
+        gone.is_some(),
+        "the runtime still resolves the deleted function"
+    );
     let err = f
         .client
         .invoke("svc", event("gone", json!({})))
