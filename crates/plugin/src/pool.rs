@@ -164,7 +164,6 @@ struct PoolState {
     crashes: u32,
     not_before: Option<Instant>,
     binary: Option<PathBuf>,
-    finished: bool,
 }
 
 /// The processes of one function version.
@@ -174,7 +173,8 @@ pub struct PluginPool {
     shared: Arc<Shared>,
     state: tokio::sync::Mutex<PoolState>,
     finished: AtomicBool,
-    slots_seen: Mutex<usize>,
+    /// Processes running now, readable without the async state lock.
+    process_count: std::sync::atomic::AtomicUsize,
 }
 
 impl PluginPool {
@@ -185,7 +185,7 @@ impl PluginPool {
             shared,
             state: tokio::sync::Mutex::default(),
             finished: AtomicBool::new(false),
-            slots_seen: Mutex::new(0),
+            process_count: std::sync::atomic::AtomicUsize::new(0),
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -197,11 +197,7 @@ impl PluginPool {
 
     /// Processes running now.
     pub fn process_count(&self) -> usize {
-        *self.slots_seen.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn unavailable(&self, code: ErrorCode, message: String) -> ProtocolError {
-        ProtocolError::new(code, message)
+        self.process_count.load(Ordering::Relaxed)
     }
 
     /// A process slot with a free call permit, starting a process if allowed.
@@ -221,8 +217,7 @@ impl PluginPool {
             if state.slots.len() < settings.max_processes.max(1) {
                 if let Some(not_before) = state.not_before {
                     if not_before > deadline {
-                        return Err(self.unavailable(
-                            ErrorCode::Unavailable,
+                        return Err(ProtocolError::new(ErrorCode::Unavailable,
                             format!(
                                 "the plugin of \"{}\" v{} keeps crashing; the next restart is in {:?}",
                                 self.metadata.name,
@@ -236,9 +231,9 @@ impl PluginPool {
                 // The start runs in its own task: a caller that gives up (its deadline) must
                 // not abandon a half-started process or lose the crash accounting.
                 let Some(pool) = self.me.upgrade() else {
-                    return Err(self.unavailable(
+                    return Err(ProtocolError::new(
                         ErrorCode::Unavailable,
-                        "the plugin pool is shutting down".into(),
+                        "the plugin pool is shutting down",
                     ));
                 };
                 let start = tokio::spawn(async move { pool.start_if_needed().await });
@@ -246,7 +241,7 @@ impl PluginPool {
                     Ok(Ok(())) => continue,
                     Ok(Err(error)) => return Err(error),
                     Err(join) => {
-                        return Err(self.unavailable(
+                        return Err(ProtocolError::new(
                             ErrorCode::Internal,
                             format!("starting the plugin failed: {join}"),
                         ))
@@ -262,7 +257,7 @@ impl PluginPool {
                 Ok(Ok(permit)) if !slot.process.has_exited() => return Ok((slot, permit)),
                 Ok(_) => continue,
                 Err(_) => {
-                    return Err(self.unavailable(
+                    return Err(ProtocolError::new(
                         ErrorCode::Timeout,
                         format!(
                             "every plugin process of \"{}\" stayed busy until the deadline",
@@ -310,7 +305,8 @@ impl PluginPool {
     }
 
     fn publish_count(&self, state: &PoolState) {
-        *self.slots_seen.lock().unwrap_or_else(|e| e.into_inner()) = state.slots.len();
+        self.process_count
+            .store(state.slots.len(), Ordering::Relaxed);
     }
 
     /// Starts one more process unless, by the time the lock is ours, a free slot exists or
@@ -411,7 +407,6 @@ impl PluginPool {
     async fn stop_all(&self) {
         let slots = {
             let mut state = self.state.lock().await;
-            state.finished = true;
             self.finished.store(true, Ordering::Relaxed);
             let slots = std::mem::take(&mut state.slots);
             self.publish_count(&state);
@@ -513,7 +508,6 @@ async fn reap(pool: Weak<PluginPool>) {
             if retired && state.slots.is_empty() && stop.is_empty() {
                 // Nothing left to drain: the pool ends; a call pinned to this version
                 // later gets a fresh one.
-                state.finished = true;
                 pool.finished.store(true, Ordering::Relaxed);
             }
             if let Some(metrics) = &pool.shared.metrics {
