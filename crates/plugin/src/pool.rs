@@ -106,10 +106,16 @@ impl PluginExecutor {
 
     /// The pool running `metadata`'s version (created on first use).
     pub fn pool(&self, metadata: &Arc<FunctionMetadata>) -> Arc<PluginPool> {
+        let key = (metadata.name.clone(), metadata.version);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        // The per-invocation path is one hash lookup; sweeping finished pools happens only
+        // when a new one is created.
+        if let Some(pool) = pools.get(&key).filter(|pool| !pool.is_finished()) {
+            return pool.clone();
+        }
         pools.retain(|_, pool| !pool.is_finished());
         pools
-            .entry((metadata.name.clone(), metadata.version))
+            .entry(key)
             .or_insert_with(|| PluginPool::new(metadata.clone(), self.shared.clone()))
             .clone()
     }
