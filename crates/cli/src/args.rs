@@ -251,6 +251,9 @@ pub struct RuntimeArgs {
     /// Do not start plugin processes ahead of their first call.
     #[arg(long, env = "MYCELIUM_NO_PRESTART")]
     pub no_prestart: bool,
+    /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9464); off by default.
+    #[arg(long, env = "MYCELIUM_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Where deployed functions are looked up.
     #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
     pub registry: RegistryKind,

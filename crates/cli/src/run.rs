@@ -94,6 +94,22 @@ async fn start_runtime(
     let mut config = runtime_config(connection, args);
     config.prestart_plugins = !args.no_prestart;
     let mut builder = Runtime::builder().config(config).standard_builtins();
+    let mut metrics: Option<std::sync::Arc<dyn mycelium_core::MetricsCollector>> = None;
+    if let Some(addr) = args.metrics_addr {
+        let prometheus = std::sync::Arc::new(mycelium_observability::PrometheusMetrics::new());
+        let (bound, _serving) = mycelium_observability::serve_metrics(addr, prometheus.clone())
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    "metrics_addr",
+                    format!("cannot serve metrics on {addr}: {e}"),
+                    EXIT_INTERNAL,
+                )
+            })?;
+        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+        builder = builder.metrics(prometheus.clone());
+        metrics = Some(prometheus);
+    }
     if args.registry == RegistryKind::Jetstream {
         let registry =
             mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
@@ -122,7 +138,7 @@ async fn start_runtime(
             cache,
             plugin_dir.join("run"),
             settings,
-            None,
+            metrics.clone(),
         );
         builder = builder
             .registry(registry)

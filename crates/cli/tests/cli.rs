@@ -540,3 +540,52 @@ fn cli_to_runtime_to_rust_plugin() {
         "the binary is cached in the data dir"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exposes_prometheus_metrics() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let _serve = Running(
+        mycelium()
+            .args([
+                "--nats-url",
+                &url,
+                "serve",
+                "--registry",
+                "memory",
+                "--metrics-addr",
+                &metrics_addr,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = mycelium_client::Client::new(server.connect().await);
+    eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.list().await.ok() }
+    })
+    .await;
+    stdout_json(&run(&["--nats-url", &url, "invoke", "echo", "--id", "m1"]));
+    let scrape = move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    let text = tokio::task::spawn_blocking(scrape).await.unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == r#"mycelium_invocations_total{function="echo",outcome="success"} 1"#),
+        "{text}"
+    );
+}

@@ -1,0 +1,223 @@
+//! Observability backends behind the runtime's seams.
+//!
+//! [`PrometheusMetrics`] implements [`MetricsCollector`] with the `prometheus-client` crate, and
+//! [`serve_metrics`] exposes it in the Prometheus text format on `GET /metrics`. Label sets
+//! are bounded: function name and outcome code, never an invocation id.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use mycelium_core::{ErrorCode, FunctionName, MetricsCollector, Outcome};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    function: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    function: String,
+    version: String,
+}
+
+/// Invocation metrics in Prometheus form.
+pub struct PrometheusMetrics {
+    registry: Mutex<Registry>,
+    invocations: Family<OutcomeLabels, Counter>,
+    durations: Family<FunctionLabels, Histogram>,
+    in_flight: Family<FunctionLabels, Gauge>,
+    rejected: Family<CodeLabels, Counter>,
+    plugin_memory: Family<VersionLabels, Gauge>,
+}
+
+impl Default for PrometheusMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Duration buckets in seconds: 100 µs to 30 s.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+];
+
+impl PrometheusMetrics {
+    /// Metrics registered under the `mycelium` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mycelium");
+        let invocations = Family::<OutcomeLabels, Counter>::default();
+        let durations =
+            Family::<FunctionLabels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS));
+        let in_flight = Family::<FunctionLabels, Gauge>::default();
+        let rejected = Family::<CodeLabels, Counter>::default();
+        let plugin_memory = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "invocations",
+            "Invocations by function and outcome (success or the error code)",
+            invocations.clone(),
+        );
+        registry.register(
+            "invocation_duration_seconds",
+            "Time from the start of execution to its end",
+            durations.clone(),
+        );
+        registry.register(
+            "invocations_in_flight",
+            "Invocations executing now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "requests_rejected",
+            "Requests refused before a function ran, by error code",
+            rejected.clone(),
+        );
+        registry.register(
+            "plugin_resident_memory_bytes",
+            "Resident memory of a plugin process, last sample",
+            plugin_memory.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            invocations,
+            durations,
+            in_flight,
+            rejected,
+            plugin_memory,
+        }
+    }
+
+    /// The current values in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+}
+
+fn function(name: &FunctionName) -> FunctionLabels {
+    FunctionLabels {
+        function: name.to_string(),
+    }
+}
+
+impl MetricsCollector for PrometheusMetrics {
+    fn invocation_started(&self, name: &FunctionName) {
+        self.in_flight.get_or_create(&function(name)).inc();
+    }
+
+    fn invocation_finished(&self, name: &FunctionName, outcome: Outcome, duration: Duration) {
+        let labels = function(name);
+        self.in_flight.get_or_create(&labels).dec();
+        self.durations
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+        self.invocations
+            .get_or_create(&OutcomeLabels {
+                function: labels.function,
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    fn request_rejected(&self, name: Option<&FunctionName>, code: ErrorCode) {
+        self.rejected
+            .get_or_create(&CodeLabels {
+                code: code.as_str().to_owned(),
+            })
+            .inc();
+        if let Some(name) = name {
+            self.invocations
+                .get_or_create(&OutcomeLabels {
+                    function: name.to_string(),
+                    outcome: code.as_str().to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    fn plugin_memory(&self, name: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
+        self.plugin_memory
+            .get_or_create(&VersionLabels {
+                function: name.to_string(),
+                version: version.to_string(),
+            })
+            .set(i64::try_from(rss_bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the task is dropped; returns the bound address
+/// (useful with port 0).
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<PrometheusMetrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, std::convert::Infallible>(respond(&request, &metrics)) }
+                });
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%error, "metrics connection ended");
+                }
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+fn respond(request: &Request<Incoming>, metrics: &PrometheusMetrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if request.uri().path() == "/metrics" {
+        (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(metrics.render()),
+        )
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"metrics are at /metrics\n"),
+        )
+    };
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(body))
+        .expect("a static response is valid")
+}

@@ -1,0 +1,95 @@
+//! A scrape after a known mix of outcomes shows exactly those counts.
+
+use std::{io::Read, io::Write, sync::Arc};
+
+use mycelium_observability::{serve_metrics, PrometheusMetrics};
+use mycelium_runtime::Runtime;
+use mycelium_test_support::{
+    functions::{Fails, Sleeps},
+    NatsServer,
+};
+use serde_json::json;
+
+fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_shows_exact_counts() {
+    let server = NatsServer::start();
+    let metrics = Arc::new(PrometheusMetrics::new());
+    let (sleeps, _cancelled) = Sleeps::new();
+    let _runtime = Runtime::builder()
+        .standard_builtins()
+        .builtin("fails".parse().unwrap(), "fails", Fails)
+        .builtin("sleeps".parse().unwrap(), "sleeps", sleeps)
+        .metrics(metrics.clone())
+        .serve(&server.url())
+        .await
+        .unwrap();
+    let (addr, _server_task) = serve_metrics("127.0.0.1:0".parse().unwrap(), metrics)
+        .await
+        .unwrap();
+
+    let nats = server.connect().await;
+    let call = |function: &str, extra: serde_json::Value| {
+        let mut request = json!({"functionName": function, "event": {"id": "1", "source": "s", "type": "t", "data": {"ms": 600_000}}});
+        if let (Some(object), Some(extra)) = (request.as_object_mut(), extra.as_object()) {
+            object.extend(extra.clone());
+        }
+        let nats = nats.clone();
+        async move {
+            nats.request(
+                "function.invoke",
+                serde_json::to_vec(&request).unwrap().into(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        call("echo", json!({})).await;
+    }
+    for _ in 0..2 {
+        call("fails", json!({})).await;
+    }
+    call("sleeps", json!({"timeoutMs": 50})).await;
+    call("nobody", json!({})).await;
+    nats.request("function.invoke", "not json".into())
+        .await
+        .unwrap();
+
+    let response = tokio::task::spawn_blocking(move || scrape(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for line in [
+        r#"mycelium_invocations_total{function="echo",outcome="success"} 3"#,
+        r#"mycelium_invocations_total{function="fails",outcome="function_error"} 2"#,
+        r#"mycelium_invocations_total{function="sleeps",outcome="timeout"} 1"#,
+        r#"mycelium_invocations_total{function="nobody",outcome="function_not_found"} 1"#,
+        r#"mycelium_requests_rejected_total{code="function_not_found"} 1"#,
+        r#"mycelium_requests_rejected_total{code="invalid_request"} 1"#,
+        r#"mycelium_invocation_duration_seconds_count{function="echo"} 3"#,
+        r#"mycelium_invocation_duration_seconds_count{function="sleeps"} 1"#,
+        r#"mycelium_invocations_in_flight{function="echo"} 0"#,
+    ] {
+        assert!(
+            response.lines().any(|l| l == line),
+            "missing {line:?} in:\n{response}"
+        );
+    }
+    assert!(!response.contains("invocation_id"), "no unbounded labels");
+    let not_found = tokio::task::spawn_blocking(move || scrape(addr, "/"))
+        .await
+        .unwrap();
+    assert!(not_found.starts_with("HTTP/1.1 404"), "{not_found}");
+}
