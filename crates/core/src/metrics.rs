@@ -35,6 +35,18 @@ pub trait MetricsCollector: Send + Sync + 'static {
     /// A request was refused before any function ran (bad input, unknown function,
     /// overload); `function` is known when the request named a valid one.
     fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode);
+    /// A plugin process of `function` at `version` started and passed its health check after
+    /// `startup` (the cold start, without the first call).
+    fn plugin_started(&self, function: &FunctionName, version: u64, startup: Duration) {
+        let _ = (function, version, startup);
+    }
+
+    /// A plugin process ended: stopped on purpose (idle, retired, shutdown) or not (`crashed`:
+    /// it died, or hung and was replaced).
+    fn plugin_stopped(&self, function: &FunctionName, version: u64, crashed: bool) {
+        let _ = (function, version, crashed);
+    }
+
     /// The resident memory of one plugin process of `function` at `version`, sampled.
     fn plugin_memory(&self, function: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
         let _ = (function, version, pid, rss_bytes);
@@ -55,6 +67,8 @@ struct State {
     in_flight: HashMap<FunctionName, u64>,
     rejected: HashMap<ErrorCode, u64>,
     plugin_memory: HashMap<(FunctionName, u64), u64>,
+    plugin_starts: HashMap<FunctionName, u64>,
+    plugin_crashes: HashMap<FunctionName, u64>,
 }
 
 fn key(function: &str) -> Option<FunctionName> {
@@ -110,6 +124,24 @@ impl InMemoryMetrics {
         state.plugin_memory.get(&(function, version)).copied()
     }
 
+    /// Plugin processes of `function` started so far (all versions).
+    pub fn plugin_starts(&self, function: &str) -> u64 {
+        let Some(function) = key(function) else {
+            return 0;
+        };
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.plugin_starts.get(&function).copied().unwrap_or(0)
+    }
+
+    /// Plugin processes of `function` that crashed or hung so far (all versions).
+    pub fn plugin_crashes(&self, function: &str) -> u64 {
+        let Some(function) = key(function) else {
+            return 0;
+        };
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.plugin_crashes.get(&function).copied().unwrap_or(0)
+    }
+
     /// Requests refused with `code`, whatever the function.
     pub fn rejected(&self, code: ErrorCode) -> u64 {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,6 +150,18 @@ impl InMemoryMetrics {
 }
 
 impl MetricsCollector for InMemoryMetrics {
+    fn plugin_started(&self, function: &FunctionName, _version: u64, _startup: Duration) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state.plugin_starts.entry(function.clone()).or_default() += 1;
+    }
+
+    fn plugin_stopped(&self, function: &FunctionName, _version: u64, crashed: bool) {
+        if crashed {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            *state.plugin_crashes.entry(function.clone()).or_default() += 1;
+        }
+    }
+
     fn plugin_memory(&self, function: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state

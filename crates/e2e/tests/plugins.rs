@@ -177,6 +177,12 @@ async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
         );
     }
     assert_eq!(f.plugins.process_count(), 1);
+    assert_eq!(
+        f.metrics.plugin_starts("rusty"),
+        1,
+        "one cold start for 22 calls"
+    );
+    assert_eq!(f.metrics.plugin_crashes("rusty"), 0);
 
     let text = EventBuilderV10::new()
         .id("u")
@@ -289,6 +295,13 @@ async fn a_crash_mid_call_fails_that_call_only() {
     assert!(message.contains("died during the call"), "{message}");
     let after = pid_of(&f.call("crashy", "pid", json!({})).await.unwrap());
     assert_ne!(before, after, "a new process took over");
+    assert_eq!(
+        (
+            f.metrics.plugin_starts("crashy"),
+            f.metrics.plugin_crashes("crashy")
+        ),
+        (2, 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,10 @@ pub struct PrometheusMetrics {
     in_flight: Family<FunctionLabels, Gauge>,
     rejected: Family<CodeLabels, Counter>,
     plugin_memory: Family<VersionLabels, Gauge>,
+    plugin_starts: Family<FunctionLabels, Counter>,
+    plugin_crashes: Family<FunctionLabels, Counter>,
+    plugin_processes: Family<FunctionLabels, Gauge>,
+    cold_starts: Family<FunctionLabels, Histogram>,
 }
 
 impl Default for PrometheusMetrics {
@@ -74,6 +78,11 @@ impl PrometheusMetrics {
         let in_flight = Family::<FunctionLabels, Gauge>::default();
         let rejected = Family::<CodeLabels, Counter>::default();
         let plugin_memory = Family::<VersionLabels, Gauge>::default();
+        let plugin_starts = Family::<FunctionLabels, Counter>::default();
+        let plugin_crashes = Family::<FunctionLabels, Counter>::default();
+        let plugin_processes = Family::<FunctionLabels, Gauge>::default();
+        let cold_starts =
+            Family::<FunctionLabels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS));
         registry.register(
             "invocations",
             "Invocations by function and outcome (success or the error code)",
@@ -99,8 +108,32 @@ impl PrometheusMetrics {
             "Resident memory of a plugin process, last sample",
             plugin_memory.clone(),
         );
+        registry.register(
+            "plugin_starts",
+            "Plugin processes started (cold starts)",
+            plugin_starts.clone(),
+        );
+        registry.register(
+            "plugin_crashes",
+            "Plugin processes that died or hung and were replaced",
+            plugin_crashes.clone(),
+        );
+        registry.register(
+            "plugin_processes",
+            "Plugin processes running now",
+            plugin_processes.clone(),
+        );
+        registry.register(
+            "plugin_cold_start_seconds",
+            "Time from spawning a plugin process to its passed health check",
+            cold_starts.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            plugin_starts,
+            plugin_crashes,
+            plugin_processes,
+            cold_starts,
             invocations,
             durations,
             in_flight,
@@ -157,6 +190,23 @@ impl MetricsCollector for PrometheusMetrics {
                     outcome: code.as_str().to_owned(),
                 })
                 .inc();
+        }
+    }
+
+    fn plugin_started(&self, name: &FunctionName, _version: u64, startup: Duration) {
+        let labels = function(name);
+        self.plugin_starts.get_or_create(&labels).inc();
+        self.plugin_processes.get_or_create(&labels).inc();
+        self.cold_starts
+            .get_or_create(&labels)
+            .observe(startup.as_secs_f64());
+    }
+
+    fn plugin_stopped(&self, name: &FunctionName, _version: u64, crashed: bool) {
+        let labels = function(name);
+        self.plugin_processes.get_or_create(&labels).dec();
+        if crashed {
+            self.plugin_crashes.get_or_create(&labels).inc();
         }
     }
 
@@ -220,4 +270,33 @@ fn respond(request: &Request<Incoming>, metrics: &PrometheusMetrics) -> Response
         .header("Content-Type", content_type)
         .body(Full::new(body))
         .expect("a static response is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_lifecycle_renders_with_bounded_labels() {
+        let metrics = PrometheusMetrics::new();
+        let name: FunctionName = "resize".parse().unwrap();
+        metrics.plugin_started(&name, 3, Duration::from_millis(4));
+        metrics.plugin_started(&name, 3, Duration::from_millis(6));
+        metrics.plugin_stopped(&name, 3, true);
+        metrics.plugin_memory(&name, 3, 42, 10 << 20);
+        let text = metrics.render();
+        for line in [
+            r#"mycelium_plugin_starts_total{function="resize"} 2"#,
+            r#"mycelium_plugin_crashes_total{function="resize"} 1"#,
+            r#"mycelium_plugin_processes{function="resize"} 1"#,
+            r#"mycelium_plugin_cold_start_seconds_count{function="resize"} 2"#,
+            r#"mycelium_plugin_resident_memory_bytes{function="resize",version="3"} 10485760"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert!(!text.contains("pid"), "no per-process labels");
+    }
 }

@@ -155,6 +155,8 @@ struct Slot {
     permits: Arc<Semaphore>,
     last_used: Mutex<Instant>,
     stopping: AtomicBool,
+    /// Whether the end of this process was reported to the metrics (exactly once).
+    reported: AtomicBool,
 }
 
 impl Slot {
@@ -281,8 +283,12 @@ impl PluginPool {
         let mut crashed_after = None;
         state.slots.retain(|slot| {
             let dead = slot.process.has_exited();
-            if dead && !slot.stopping.load(Ordering::Relaxed) {
-                crashed_after = Some(slot.process.uptime());
+            if dead {
+                let crashed = !slot.stopping.load(Ordering::Relaxed);
+                if crashed {
+                    crashed_after = Some(slot.process.uptime());
+                }
+                self.report_end(slot, crashed);
             }
             !dead
         });
@@ -308,6 +314,16 @@ impl PluginPool {
             .min(self.shared.settings.max_restart_backoff);
         state.not_before = (state.crashes > 1).then(|| Instant::now() + backoff);
         tracing::warn!(function = %self.metadata.name, version = self.metadata.version, crashes = state.crashes, ?backoff, "plugin process died or failed to start");
+    }
+
+    /// Reports the end of a slot's process to the metrics, once.
+    fn report_end(&self, slot: &Slot, crashed: bool) {
+        if slot.reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(metrics) = &self.shared.metrics {
+            metrics.plugin_stopped(&self.metadata.name, self.metadata.version, crashed);
+        }
     }
 
     fn publish_count(&self, state: &PoolState) {
@@ -391,16 +407,25 @@ impl PluginPool {
             cold_start_ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin process started"
         );
+        if let Some(metrics) = &self.shared.metrics {
+            metrics.plugin_started(
+                &self.metadata.name,
+                self.metadata.version,
+                started.elapsed(),
+            );
+        }
         Ok(Arc::new(Slot {
             process,
             permits: Arc::new(Semaphore::new(settings.concurrency_per_process.max(1))),
             last_used: Mutex::new(Instant::now()),
             stopping: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
         }))
     }
 
     async fn stop_slot(&self, slot: &Slot) {
         slot.stopping.store(true, Ordering::Relaxed);
+        self.report_end(slot, false);
         slot.process.stop().await;
     }
 
@@ -431,6 +456,7 @@ impl PluginPool {
         }
         tracing::warn!(function = %self.metadata.name, pid = slot.process.pid(), "plugin stopped answering; replacing it");
         slot.stopping.store(true, Ordering::Relaxed);
+        self.report_end(&slot, true);
         slot.process.kill();
         self.remove_slot(&slot).await;
     }
