@@ -138,6 +138,18 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Remove a function and all its versions.
     Delete(DeleteArgs),
+    /// Per-function figures summed over every runtime instance.
+    Stats(StatsArgs),
+}
+
+/// `mycelium stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only this function.
+    pub name: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mycelium deploy`.

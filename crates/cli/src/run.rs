@@ -40,6 +40,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             registry_commands::rollback(&client(&connection).await?, args).await
         }
         Command::Delete(args) => registry_commands::delete(&client(&connection).await?, args).await,
+        Command::Stats(args) => stats(&connection, args).await,
     }
 }
 
@@ -418,6 +419,49 @@ async fn describe(connection: &Connection<'_>, args: DescribeArgs) -> Result<(),
             };
             println!("{key:<width$}  {shown}");
         }
+    }
+    Ok(())
+}
+
+async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Result<(), Failure> {
+    let mut stats = client(connection)
+        .await?
+        .stats(Duration::from_secs(3))
+        .await?;
+    if let Some(name) = &args.name {
+        stats.functions.retain(|f| &f.function == name);
+    }
+    if args.json {
+        let value = serde_json::to_value(&stats)
+            .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+        print_json(&value);
+        return Ok(());
+    }
+    println!("{} runtime instance(s)", stats.instances);
+    println!(
+        "{:<24} {:>11} {:>8} {:>7} {:>10} {:>9} {:>11} {:>7}",
+        "FUNCTION",
+        "INVOCATIONS",
+        "ERRORS",
+        "ERROR%",
+        "AVG MS",
+        "IN FLIGHT",
+        "COLD STARTS",
+        "CRASHES"
+    );
+    for f in &stats.functions {
+        let ran = f.invocations.max(1) as f64;
+        println!(
+            "{:<24} {:>11} {:>8} {:>6.1}% {:>10.2} {:>9} {:>11} {:>7}",
+            f.function,
+            f.invocations,
+            f.errors,
+            100.0 * f.errors as f64 / ran,
+            f.total_duration_us as f64 / ran / 1000.0,
+            f.in_flight,
+            f.cold_starts,
+            f.crashes
+        );
     }
     Ok(())
 }

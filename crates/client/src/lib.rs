@@ -370,6 +370,80 @@ impl Client {
     }
 }
 
+/// Per-function figures summed over every runtime instance that answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterStats {
+    /// Runtime instances that answered.
+    pub instances: usize,
+    /// One row per function, sorted by name.
+    pub functions: Vec<mycelium_core::FunctionStats>,
+}
+
+impl Client {
+    /// Gathers `$SRV.STATS` from every runtime instance (service `mycelium`) and sums the
+    /// per-function figures. Waits up to `wait` for the first answer and a moment for the rest.
+    pub async fn stats(&self, wait: Duration) -> Result<ClusterStats, RequestError> {
+        use futures_util::StreamExt;
+        let transport = |e: &dyn std::fmt::Display| {
+            RequestError::new(RequestErrorKind::Transport, format!("gathering stats: {e}"))
+        };
+        let inbox = self.nats.new_inbox();
+        let mut replies = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| transport(&e))?;
+        self.nats
+            .publish_with_reply("$SRV.STATS.mycelium", inbox, Bytes::new())
+            .await
+            .map_err(|e| transport(&e))?;
+        let mut per_function: std::collections::BTreeMap<String, mycelium_core::FunctionStats> =
+            Default::default();
+        let mut instances = 0;
+        let mut limit = wait;
+        while let Ok(Some(reply)) = tokio::time::timeout(limit, replies.next()).await {
+            // After the first answer, the others arrive within moments.
+            limit = Duration::from_millis(250);
+            let Ok(stats) = serde_json::from_slice::<async_nats::service::Stats>(&reply.payload)
+            else {
+                continue;
+            };
+            instances += 1;
+            let functions = stats
+                .endpoints
+                .iter()
+                .filter(|e| e.name == "invoke")
+                .filter_map(|e| e.data.as_ref()?.get("functions").cloned())
+                .filter_map(|f| serde_json::from_value::<Vec<mycelium_core::FunctionStats>>(f).ok())
+                .flatten();
+            for row in functions {
+                let sum = per_function.entry(row.function.clone()).or_insert_with(|| {
+                    mycelium_core::FunctionStats {
+                        function: row.function.clone(),
+                        ..Default::default()
+                    }
+                });
+                sum.invocations += row.invocations;
+                sum.errors += row.errors;
+                sum.total_duration_us += row.total_duration_us;
+                sum.in_flight += row.in_flight;
+                sum.cold_starts += row.cold_starts;
+                sum.crashes += row.crashes;
+            }
+        }
+        if instances == 0 {
+            return Err(RequestError::new(
+                RequestErrorKind::NoResponders,
+                "no Mycelium runtime answered $SRV.STATS.mycelium; start one with `mycelium up` or `mycelium serve`",
+            ));
+        }
+        Ok(ClusterStats {
+            instances,
+            functions: per_function.into_values().collect(),
+        })
+    }
+}
+
 fn remote(error: ProtocolError) -> RequestError {
     RequestError::new(RequestErrorKind::Remote(error.code), error.message)
 }

@@ -196,3 +196,56 @@ async fn unreadable_credentials_file_is_a_credentials_error() {
     assert_eq!(err.kind(), ConnectErrorKind::Credentials);
     assert!(err.to_string().contains("/nonexistent/user.creds"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_are_summed_over_runtime_instances() {
+    let server = NatsServer::start();
+    let mut runtimes = Vec::new();
+    for _ in 0..2 {
+        runtimes.push(
+            Runtime::builder()
+                .standard_builtins()
+                .builtin(
+                    "fails".parse().unwrap(),
+                    "fails",
+                    mycelium_test_support::functions::Fails,
+                )
+                .serve(&server.url())
+                .await
+                .unwrap(),
+        );
+    }
+    let client = Client::new(server.connect().await);
+    for i in 0..10 {
+        client
+            .invoke("echo", event(&i.to_string(), json!({})))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        client
+            .invoke("fails", event("f", json!({})))
+            .await
+            .unwrap_err();
+    }
+    let stats = client.stats(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(stats.instances, 2);
+    let row = |name: &str| {
+        stats
+            .functions
+            .iter()
+            .find(|f| f.function == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (
+            row("echo").invocations,
+            row("echo").errors,
+            row("echo").in_flight
+        ),
+        (10, 0, 0)
+    );
+    assert_eq!((row("fails").invocations, row("fails").errors), (3, 3));
+    assert!(row("echo").total_duration_us > 0);
+}

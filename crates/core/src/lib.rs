@@ -22,5 +22,5 @@ pub use cloudevents::Event;
 pub use error::{Error, ErrorCode, ProtocolError};
 pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
-pub use metrics::{InMemoryMetrics, MetricsCollector, Outcome};
+pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome};
 pub use name::{FunctionName, InvalidFunctionName};

@@ -25,6 +25,26 @@ impl Outcome {
     }
 }
 
+/// One function's figures on one runtime instance, as `$SRV.STATS` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionStats {
+    /// The function.
+    pub function: String,
+    /// Invocations that ran or were refused for it, whatever the outcome.
+    pub invocations: u64,
+    /// Those that failed (any error code).
+    pub errors: u64,
+    /// Sum of the durations of the invocations that ran, in microseconds.
+    pub total_duration_us: u64,
+    /// Invocations executing now.
+    pub in_flight: u64,
+    /// Plugin processes started (cold starts).
+    pub cold_starts: u64,
+    /// Plugin processes that crashed or hung.
+    pub crashes: u64,
+}
+
 /// Receives the runtime's measurements. Calls happen on the invocation path: keep them
 /// cheap and never block.
 pub trait MetricsCollector: Send + Sync + 'static {
@@ -50,6 +70,11 @@ pub trait MetricsCollector: Send + Sync + 'static {
     /// The resident memory of one plugin process of `function` at `version`, sampled.
     fn plugin_memory(&self, function: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
         let _ = (function, version, pid, rss_bytes);
+    }
+
+    /// Per-function figures for `$SRV.STATS`, when this collector keeps them.
+    fn function_stats(&self) -> Vec<FunctionStats> {
+        Vec::new()
     }
 }
 
@@ -150,6 +175,41 @@ impl InMemoryMetrics {
 }
 
 impl MetricsCollector for InMemoryMetrics {
+    fn function_stats(&self) -> Vec<FunctionStats> {
+        fn row<'m, 'k>(
+            rows: &'m mut HashMap<&'k FunctionName, FunctionStats>,
+            name: &'k FunctionName,
+        ) -> &'m mut FunctionStats {
+            rows.entry(name).or_insert_with(|| FunctionStats {
+                function: name.to_string(),
+                ..FunctionStats::default()
+            })
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_function: HashMap<&FunctionName, FunctionStats> = HashMap::new();
+        for ((name, outcome), stats) in &state.outcomes {
+            let row = row(&mut by_function, name);
+            row.invocations += stats.count;
+            if *outcome != Outcome::Success {
+                row.errors += stats.count;
+            }
+            row.total_duration_us +=
+                u64::try_from(stats.total_duration.as_micros()).unwrap_or(u64::MAX);
+        }
+        for (name, in_flight) in &state.in_flight {
+            row(&mut by_function, name).in_flight = *in_flight;
+        }
+        for (name, starts) in &state.plugin_starts {
+            row(&mut by_function, name).cold_starts = *starts;
+        }
+        for (name, crashes) in &state.plugin_crashes {
+            row(&mut by_function, name).crashes = *crashes;
+        }
+        let mut rows: Vec<FunctionStats> = by_function.into_values().collect();
+        rows.sort_by(|a, b| a.function.cmp(&b.function));
+        rows
+    }
+
     fn plugin_started(&self, function: &FunctionName, _version: u64, _startup: Duration) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state.plugin_starts.entry(function.clone()).or_default() += 1;

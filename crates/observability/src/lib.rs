@@ -45,6 +45,8 @@ struct VersionLabels {
 
 /// Invocation metrics in Prometheus form.
 pub struct PrometheusMetrics {
+    /// Keeps the per-function figures `$SRV.STATS` and `mycelium stats` read back.
+    summary: mycelium_core::InMemoryMetrics,
     registry: Mutex<Registry>,
     invocations: Family<OutcomeLabels, Counter>,
     durations: Family<FunctionLabels, Histogram>,
@@ -129,6 +131,7 @@ impl PrometheusMetrics {
             cold_starts.clone(),
         );
         Self {
+            summary: mycelium_core::InMemoryMetrics::new(),
             registry: Mutex::new(registry),
             plugin_starts,
             plugin_crashes,
@@ -160,10 +163,12 @@ fn function(name: &FunctionName) -> FunctionLabels {
 
 impl MetricsCollector for PrometheusMetrics {
     fn invocation_started(&self, name: &FunctionName) {
+        self.summary.invocation_started(name);
         self.in_flight.get_or_create(&function(name)).inc();
     }
 
     fn invocation_finished(&self, name: &FunctionName, outcome: Outcome, duration: Duration) {
+        self.summary.invocation_finished(name, outcome, duration);
         let labels = function(name);
         self.in_flight.get_or_create(&labels).dec();
         self.durations
@@ -178,6 +183,7 @@ impl MetricsCollector for PrometheusMetrics {
     }
 
     fn request_rejected(&self, name: Option<&FunctionName>, code: ErrorCode) {
+        self.summary.request_rejected(name, code);
         self.rejected
             .get_or_create(&CodeLabels {
                 code: code.as_str().to_owned(),
@@ -193,7 +199,8 @@ impl MetricsCollector for PrometheusMetrics {
         }
     }
 
-    fn plugin_started(&self, name: &FunctionName, _version: u64, startup: Duration) {
+    fn plugin_started(&self, name: &FunctionName, version: u64, startup: Duration) {
+        self.summary.plugin_started(name, version, startup);
         let labels = function(name);
         self.plugin_starts.get_or_create(&labels).inc();
         self.plugin_processes.get_or_create(&labels).inc();
@@ -202,12 +209,17 @@ impl MetricsCollector for PrometheusMetrics {
             .observe(startup.as_secs_f64());
     }
 
-    fn plugin_stopped(&self, name: &FunctionName, _version: u64, crashed: bool) {
+    fn plugin_stopped(&self, name: &FunctionName, version: u64, crashed: bool) {
+        self.summary.plugin_stopped(name, version, crashed);
         let labels = function(name);
         self.plugin_processes.get_or_create(&labels).dec();
         if crashed {
             self.plugin_crashes.get_or_create(&labels).inc();
         }
+    }
+
+    fn function_stats(&self) -> Vec<mycelium_core::FunctionStats> {
+        self.summary.function_stats()
     }
 
     fn plugin_memory(&self, name: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {

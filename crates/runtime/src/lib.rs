@@ -259,7 +259,14 @@ impl Runtime {
                 .await
                 .map_err(|e| subscribe_error(&format!("subscribing to {subject}"), e))?;
             let stats = Arc::new(micro::EndpointStats::default());
+            // The invoke endpoint carries the per-function figures (`mycelium stats`).
+            let data: Option<micro::StatsData> = matches!(kind, EndpointKind::Invoke).then(|| {
+                let metrics = invoker.metrics.clone();
+                Arc::new(move || serde_json::json!({ "functions": metrics.function_stats() }))
+                    as micro::StatsData
+            });
             entries.push(micro::EndpointEntry {
+                data,
                 info: async_nats::service::endpoint::Info {
                     name: name.into(),
                     subject,

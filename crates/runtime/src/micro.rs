@@ -70,10 +70,14 @@ impl EndpointStats {
     }
 }
 
+/// Extra figures an endpoint reports in `$SRV.STATS` (its `data` field).
+pub(crate) type StatsData = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// One endpoint as the services API describes it, with its counters.
 pub(crate) struct EndpointEntry {
     pub info: endpoint::Info,
     pub stats: Arc<EndpointStats>,
+    pub data: Option<StatsData>,
 }
 
 /// The running `$SRV` responder. Dropping it stops answering.
@@ -144,7 +148,11 @@ impl MicroService {
                         started,
                         endpoints: endpoints
                             .iter()
-                            .map(|e| e.stats.snapshot(&e.info))
+                            .map(|e| {
+                                let mut stats = e.stats.snapshot(&e.info);
+                                stats.data = e.data.as_ref().map(|data| data());
+                                stats
+                            })
                             .collect(),
                     })
                 };
