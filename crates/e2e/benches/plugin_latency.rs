@@ -12,10 +12,9 @@ use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
     FunctionName,
 };
-use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_plugin::pool::PoolSettings;
 use mycelium_registry::{
-    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
-    RegistryAdmin,
+    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin,
 };
 use mycelium_runtime::{Runtime, RuntimeConfig};
 use mycelium_test_support::NatsServer;
@@ -38,13 +37,8 @@ async fn main() {
             .await
             .unwrap(),
     );
-    let plugins = Arc::new(PluginExecutor::new(
-        registry.clone(),
-        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
-        dir.path().join("work"),
-        PoolSettings::default(),
-        None,
-    ));
+    let plugins =
+        mycelium_e2e::plugin_executor(registry.clone(), dir.path(), PoolSettings::default(), None);
     let runtime = Runtime::builder()
         .config(RuntimeConfig {
             prestart_plugins: false,

@@ -11,9 +11,9 @@ use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10},
     FunctionName,
 };
-use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_plugin::pool::PoolSettings;
 use mycelium_registry::{
-    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
+    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
 };
 use mycelium_runtime::Runtime;
 use mycelium_test_support::NatsServer;
@@ -50,13 +50,8 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
             .await
             .unwrap(),
     );
-    let plugins = Arc::new(PluginExecutor::new(
-        registry.clone(),
-        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
-        dir.path().join("work"),
-        PoolSettings::default(),
-        None,
-    ));
+    let plugins =
+        mycelium_e2e::plugin_executor(registry.clone(), dir.path(), PoolSettings::default(), None);
     let runtime = Runtime::builder()
         .registry(registry.clone())
         .plugins(plugins.clone())

@@ -16,8 +16,7 @@ use mycelium_core::{
 };
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
 use mycelium_registry::{
-    ArtifactCache, ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry,
-    RegistryAdmin,
+    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin,
 };
 use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use mycelium_test_support::{eventually, NatsServer};
@@ -49,13 +48,12 @@ async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
             .unwrap(),
     );
     let metrics = Arc::new(InMemoryMetrics::new());
-    let plugins = Arc::new(PluginExecutor::new(
+    let plugins = mycelium_e2e::plugin_executor(
         runtime_registry.clone(),
-        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
-        dir.path().join("work"),
+        dir.path(),
         settings,
         Some(metrics.clone()),
-    ));
+    );
     let runtime = Runtime::builder()
         .config(RuntimeConfig {
             prestart_plugins: prestart,
