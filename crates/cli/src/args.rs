@@ -140,6 +140,19 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Per-function figures summed over every runtime instance.
     Stats(StatsArgs),
+    /// `stats`, refreshed live with rates, the way one watches `htop`.
+    Top(TopArgs),
+}
+
+/// `mycelium top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Time between refreshes.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub interval: Duration,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    pub iterations: Option<u64>,
 }
 
 /// `mycelium stats`.

@@ -41,6 +41,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Delete(args) => registry_commands::delete(&client(&connection).await?, args).await,
         Command::Stats(args) => stats(&connection, args).await,
+        Command::Top(args) => top(&connection, args).await,
     }
 }
 
@@ -437,11 +438,21 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
         print_json(&value);
         return Ok(());
     }
+    print_stats(&stats, None);
+    Ok(())
+}
+
+/// The stats table; with `previous` (and the seconds since), a rate column too.
+fn print_stats(
+    stats: &mycelium_client::ClusterStats,
+    previous: Option<(&mycelium_client::ClusterStats, f64)>,
+) {
     println!("{} runtime instance(s)", stats.instances);
     println!(
-        "{:<24} {:>11} {:>8} {:>7} {:>10} {:>9} {:>11} {:>7}",
+        "{:<24} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>11} {:>7}",
         "FUNCTION",
         "INVOCATIONS",
+        "PER SEC",
         "ERRORS",
         "ERROR%",
         "AVG MS",
@@ -451,10 +462,24 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
     );
     for f in &stats.functions {
         let ran = f.invocations.max(1) as f64;
+        let rate = previous
+            .map(|(before, seconds)| {
+                let earlier = before
+                    .functions
+                    .iter()
+                    .find(|b| b.function == f.function)
+                    .map_or(0, |b| b.invocations);
+                format!(
+                    "{:.1}",
+                    f.invocations.saturating_sub(earlier) as f64 / seconds.max(0.001)
+                )
+            })
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:>11} {:>8} {:>6.1}% {:>10.2} {:>9} {:>11} {:>7}",
+            "{:<24} {:>11} {:>8} {:>8} {:>6.1}% {:>10.2} {:>9} {:>11} {:>7}",
             f.function,
             f.invocations,
+            rate,
             f.errors,
             100.0 * f.errors as f64 / ran,
             f.total_duration_us as f64 / ran / 1000.0,
@@ -463,7 +488,35 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
             f.crashes
         );
     }
-    Ok(())
+}
+
+async fn top(connection: &Connection<'_>, args: crate::args::TopArgs) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let client = client(connection).await?;
+    let live = std::io::stdout().is_terminal();
+    let mut previous: Option<(mycelium_client::ClusterStats, std::time::Instant)> = None;
+    let mut shown = 0;
+    loop {
+        let stats = client.stats(Duration::from_secs(3)).await?;
+        if live {
+            // Clear the screen and go home, as top does.
+            print!("\x1b[2J\x1b[H");
+        }
+        let since = previous
+            .as_ref()
+            .map(|(before, at)| (before, at.elapsed().as_secs_f64()));
+        print_stats(&stats, since);
+        println!();
+        shown += 1;
+        if args.iterations.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        previous = Some((stats, std::time::Instant::now()));
+        tokio::select! {
+            () = tokio::time::sleep(args.interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 pub fn print_json(value: &serde_json::Value) {

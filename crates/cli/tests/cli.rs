@@ -579,4 +579,44 @@ async fn serve_exposes_prometheus_metrics() {
             .any(|l| l == r#"mycelium_invocations_total{function="echo",outcome="success"} 1"#),
         "{text}"
     );
+
+    // The same figures through `mycelium stats` ($SRV.STATS of every instance).
+    let stats = stdout_json(&run(&["--nats-url", &url, "stats", "echo", "--json"]));
+    assert_eq!(stats["instances"], 1);
+    assert_eq!(stats["functions"].as_array().unwrap().len(), 1);
+    assert_eq!(stats["functions"][0]["function"], "echo");
+    assert_eq!(stats["functions"][0]["invocations"], 1);
+    assert_eq!(stats["functions"][0]["errors"], 0);
+    let table = String::from_utf8(run(&["--nats-url", &url, "stats"]).stdout).unwrap();
+    assert!(table.starts_with("1 runtime instance(s)"), "{table}");
+
+    // `top` refreshes; piped, it prints plain tables one after another, with rates from the
+    // second on.
+    let top = run(&[
+        "--nats-url",
+        &url,
+        "top",
+        "--iterations",
+        "2",
+        "--interval",
+        "100ms",
+    ]);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let top = String::from_utf8(top.stdout).unwrap();
+    assert_eq!(top.matches("1 runtime instance(s)").count(), 2, "{top}");
+    assert!(
+        !top.contains('\x1b'),
+        "no terminal control codes when piped: {top:?}"
+    );
+    let second = top.split("1 runtime instance(s)").nth(2).unwrap();
+    let echo_row = second.lines().find(|l| l.starts_with("echo")).unwrap();
+    assert_eq!(
+        echo_row.split_whitespace().nth(2),
+        Some("0.0"),
+        "no calls between refreshes: {echo_row}"
+    );
 }
