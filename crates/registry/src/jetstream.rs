@@ -303,81 +303,80 @@ impl NatsRegistry {
         self.catalog.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn next_version(&self, name: &FunctionName) -> Result<u64, DeployError> {
-        let key = counter_key(name);
-        let failed = |e: &dyn std::fmt::Display| {
-            DeployError::new(
-                DeployErrorKind::Storage,
-                format!("allocating a version for \"{name}\": {e}"),
-            )
-        };
-        // Compare-and-set on the counter's revision: racing deploys each get their own number.
+    /// Reads `key`, asks `next` for its new value given the current one (`None`: leave it),
+    /// and writes it only if nobody wrote in between (compare-and-set on the KV revision),
+    /// retrying on conflicts. Returns what `next` decided, or why it could not be written.
+    async fn compare_and_set<T>(
+        &self,
+        key: &str,
+        mut next: impl FnMut(Option<&[u8]>) -> Result<Option<(bytes::Bytes, T)>, String>,
+    ) -> Result<Option<T>, String> {
         for _ in 0..100 {
-            match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    let last = serde_json::from_slice::<Counter>(&entry.value)
-                        .map_err(|e| failed(&e))?
-                        .last;
-                    let next = json(&Counter { last: last + 1 });
-                    match self.kv.update(key.as_str(), next, entry.revision).await {
-                        Ok(_) => return Ok(last + 1),
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                        Err(e) => return Err(failed(&e)),
-                    }
-                }
-                _ => match self
-                    .kv
-                    .create(key.as_str(), json(&Counter { last: 1 }))
-                    .await
-                {
-                    Ok(_) => return Ok(1),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(failed(&e)),
+            let entry = self.kv.entry(key).await.map_err(|e| e.to_string())?;
+            let current = entry.as_ref().filter(|e| e.operation == kv::Operation::Put);
+            let Some((value, decided)) = next(current.map(|e| e.value.as_ref()))? else {
+                return Ok(None);
+            };
+            let conflict = match current {
+                Some(entry) => match self.kv.update(key, value, entry.revision).await {
+                    Ok(_) => false,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => true,
+                    Err(e) => return Err(e.to_string()),
                 },
+                None => match self.kv.create(key, value).await {
+                    Ok(_) => false,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
+            if !conflict {
+                return Ok(Some(decided));
             }
         }
-        Err(failed(
-            &"too many concurrent deploys of the same name; retry",
-        ))
+        Err("too many concurrent changes to the same function; retry".into())
+    }
+
+    /// The next version number of `name`: racing deploys each get their own.
+    async fn next_version(&self, name: &FunctionName) -> Result<u64, DeployError> {
+        let allocated = self
+            .compare_and_set(&counter_key(name), |current| {
+                let last = match current {
+                    Some(bytes) => {
+                        serde_json::from_slice::<Counter>(bytes)
+                            .map_err(|e| e.to_string())?
+                            .last
+                    }
+                    None => 0,
+                };
+                Ok(Some((json(&Counter { last: last + 1 }), last + 1)))
+            })
+            .await;
+        allocated
+            .and_then(|version| version.ok_or_else(|| "no version was allocated".to_owned()))
+            .map_err(|e| {
+                DeployError::new(
+                    DeployErrorKind::Storage,
+                    format!("allocating a version for \"{name}\": {e}"),
+                )
+            })
     }
 
     /// Moves the active pointer to `version` unless a newer version is already active.
     async fn advance_active(&self, name: &FunctionName, version: u64) -> Result<(), DeployError> {
-        let key = active_key(name);
-        let failed = |e: &dyn std::fmt::Display| {
+        self.compare_and_set(&active_key(name), |current| {
+            let active = current
+                .and_then(|bytes| serde_json::from_slice::<ActivePointer>(bytes).ok())
+                .map_or(0, |pointer| pointer.version);
+            Ok((active < version).then(|| (json(&ActivePointer { version }), ())))
+        })
+        .await
+        .map(drop)
+        .map_err(|e| {
             DeployError::new(
                 DeployErrorKind::Storage,
                 format!("activating \"{name}\" v{version}: {e}"),
             )
-        };
-        for _ in 0..100 {
-            let value = json(&ActivePointer { version });
-            let written = match self.kv.entry(key.as_str()).await.map_err(|e| failed(&e))? {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    let current = serde_json::from_slice::<ActivePointer>(&entry.value)
-                        .map(|p| p.version)
-                        .unwrap_or(0);
-                    if current >= version {
-                        return Ok(());
-                    }
-                    self.kv
-                        .update(key.as_str(), value, entry.revision)
-                        .await
-                        .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
-                }
-                _ => self
-                    .kv
-                    .create(key.as_str(), value)
-                    .await
-                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(true) => continue,
-                Err(false) => return Err(failed(&"the KV write failed")),
-            }
-        }
-        Err(failed(&"too many concurrent changes; retry"))
+        })
     }
 
     /// Uploads the binary unless an object with its digest is already stored.
