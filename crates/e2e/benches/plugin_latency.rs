@@ -1,6 +1,6 @@
 //! Plugin figures: cold start (spawn to first reply, binary already cached) and warm call
 //! latency of the Rust test plugin and the Go example plugin, next to the built-in `echo`,
-//! all through `function.invoke` on one nats-server.
+//! all through `function.invoke` on one nats-server, and the plugin executor alone (no NATS).
 //! Run with `cargo bench -p mycelium-e2e --bench plugin_latency`.
 
 use std::{
@@ -146,6 +146,47 @@ async fn main() {
                 warm.push(start.elapsed());
             }
         }
+        // The executor alone, without NATS: what the gRPC round trip to the process costs.
+        let metadata = registry
+            .get(&format!("bench-{label}").parse().unwrap(), None)
+            .unwrap();
+        let function = plugins.function(&metadata);
+        let event = EventBuilderV10::new()
+            .id("1")
+            .source("bench")
+            .ty("echo")
+            .data("application/json", serde_json::json!({"k": "v"}))
+            .build()
+            .unwrap();
+        let mut direct = Vec::new();
+        // More rounds (DIRECT_ROUNDS=40000) give a profiler time to attach to this phase.
+        let rounds: usize = std::env::var("DIRECT_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        eprintln!("{label}: executor-only rounds start");
+        for i in 0..rounds {
+            let ctx = mycelium_core::InvocationContext::new(
+                metadata.name.clone(),
+                metadata.version,
+                "bench",
+                Instant::now() + Duration::from_secs(10),
+                Default::default(),
+                tracing::Span::none(),
+            );
+            let start = Instant::now();
+            function.execute(event.clone(), ctx).await.unwrap();
+            if i >= 500 {
+                direct.push(start.elapsed());
+            }
+        }
+        println!(
+            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
+            format!("{label} executor only"),
+            micros(percentile(&mut direct, 0.5)),
+            micros(percentile(&mut direct, 0.9)),
+            micros(percentile(&mut direct, 0.99))
+        );
         println!(
             "{:<22} {:>12.1} {:>12.1} {:>12.1}",
             format!("{label} plugin cold start"),

@@ -1,8 +1,6 @@
 //! The NATS side: service endpoints, request dispatch, replies and graceful shutdown.
 
-use std::sync::Arc;
-
-use std::time::Instant;
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, task::Poll, time::Instant};
 
 use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
@@ -126,13 +124,36 @@ async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
                 respond(shared, &request, Err(error), None).await;
                 return;
             };
-            let shared = shared.clone();
+            let task_shared = shared.clone();
             // Boxed: the invocation future is several KiB, and spawning moves it into the
             // task cell; moving a pointer is cheaper than copying the state (profiled).
-            shared.tracker.clone().spawn(Box::pin(async move {
-                handle_invocation(&shared, &request, matches!(kind, EndpointKind::Binding)).await;
+            let mut invocation = Box::pin(async move {
+                let binding = matches!(kind, EndpointKind::Binding);
+                handle_invocation(&task_shared, &request, binding).await;
                 drop(permit);
-            }));
+            });
+            // One poll here first: most built-ins finish without waiting, and answering them
+            // inline saves a task spawn and a cross-thread wake-up per request, and lets the
+            // connection write several replies with one syscall (profiled). Only invocations
+            // that wait get a task of their own.
+            // A panic here would end the endpoint loop rather than one task; it is caught.
+            let finished = std::future::poll_fn(|cx| {
+                let poll =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| invocation.as_mut().poll(cx)));
+                Poll::Ready(
+                    poll.unwrap_or_else(|_| {
+                        tracing::error!(
+                            "an invocation panicked in the runtime; its request is not answered"
+                        );
+                        Poll::Ready(())
+                    })
+                    .is_ready(),
+                )
+            })
+            .await;
+            if !finished {
+                shared.tracker.spawn(invocation);
+            }
         }
     }
 }
