@@ -142,6 +142,24 @@ pub enum Command {
     Stats(StatsArgs),
     /// `stats`, refreshed live with rates, the way one watches `htop`.
     Top(TopArgs),
+    /// A function's log lines (plugin output, built-in `tracing` events) from every instance.
+    Logs(LogsArgs),
+}
+
+/// `mycelium logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The function.
+    pub name: String,
+    /// Keep printing new lines as they arrive (until Ctrl-C).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// How many of the most recent kept lines to show first (the runtime keeps an hour).
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub lines: usize,
+    /// One JSON object per line, as published on NATS.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mycelium top`.
@@ -279,6 +297,10 @@ pub struct RuntimeArgs {
     /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9464); off by default.
     #[arg(long, env = "MYCELIUM_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off by
+    /// default. Invocations then continue their callers' W3C traces with spans of their own.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Where deployed functions are looked up.
     #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
     pub registry: RegistryKind,

@@ -15,7 +15,6 @@ use clap::Parser;
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = args::Cli::parse();
-    output::init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -26,7 +25,18 @@ fn main() -> ExitCode {
             return ExitCode::from(output::EXIT_INTERNAL);
         }
     };
-    match runtime.block_on(run::run(cli)) {
+    // The OTLP exporter's gRPC channel is made inside the async runtime.
+    let tracer_provider = {
+        let _inside = runtime.enter();
+        output::init_logging(&cli)
+    };
+    let outcome = runtime.block_on(run::run(cli));
+    if let Some(provider) = tracer_provider {
+        if let Err(error) = provider.shutdown() {
+            eprintln!("warning: flushing the last traces failed: {error}");
+        }
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!("error[{}]: {}", failure.code, failure.message);

@@ -94,20 +94,53 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Logs go to stderr, filtered by RUST_LOG; servers log at info, one-shot commands at warn.
-pub fn init_logging(cli: &Cli) {
+pub fn init_logging(cli: &Cli) -> Option<TracerProvider> {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let default = match cli.command {
         Command::Up(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let otlp_endpoint = match &cli.command {
+        Command::Up(args) => args.runtime.otlp_endpoint.as_deref(),
+        Command::Serve(args) => args.runtime.otlp_endpoint.as_deref(),
+        _ => None,
+    };
+    let provider = otlp_endpoint.and_then(|endpoint| {
+        mycelium_observability::tracer_provider("mycelium", Some(endpoint))
+            .inspect_err(|error| eprintln!("warning: {error}; traces will not be exported"))
+            .ok()
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match cli.log_format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    // A runtime publishes what its functions log; other commands have no functions.
+    let function_logs = matches!(cli.command, Command::Up(_) | Command::Serve(_)).then(|| {
+        let (layer, logs) = mycelium_runtime::function_logs();
+        let _ = FUNCTION_LOGS.set(logs);
+        layer
+    });
+    tracing_subscriber::registry()
+        .with(provider.as_ref().map(mycelium_observability::otel_layer))
+        .with(function_logs)
+        .with(fmt)
+        .with(filter)
+        .init();
+    provider
 }
+
+static FUNCTION_LOGS: std::sync::OnceLock<std::sync::Arc<mycelium_runtime::FunctionLogs>> =
+    std::sync::OnceLock::new();
+
+/// The function log pipeline `init_logging` installed (for `up` and `serve`).
+pub fn function_logs() -> Option<std::sync::Arc<mycelium_runtime::FunctionLogs>> {
+    FUNCTION_LOGS.get().cloned()
+}
+
+/// The OpenTelemetry tracer provider, flushed with `shutdown` before exit.
+pub type TracerProvider = opentelemetry_sdk::trace::SdkTracerProvider;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@ use std::{io::Read, path::Path, time::Duration};
 use mycelium_client::{Client, ConnectOptions, InvokeOptions, NatsRegistryConfig};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    envelope, Event,
+    envelope, Event, FunctionName,
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
@@ -14,10 +14,10 @@ use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 
 use crate::{
     args::{
-        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, RegistryArgs,
+        Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, LogsArgs, RegistryArgs,
         RegistryKind, RuntimeArgs, ServeArgs, UpArgs,
     },
-    output::{error_chain, Failure, EXIT_INTERNAL, EXIT_UNREACHABLE},
+    output::{error_chain, Failure, EXIT_FAILED, EXIT_INTERNAL, EXIT_UNREACHABLE},
     registry_commands,
 };
 
@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Delete(args) => registry_commands::delete(&client(&connection).await?, args).await,
         Command::Stats(args) => stats(&connection, args).await,
         Command::Top(args) => top(&connection, args).await,
+        Command::Logs(args) => logs(&connection, args).await,
     }
 }
 
@@ -96,6 +97,12 @@ async fn start_runtime(
     let mut config = runtime_config(connection, args);
     config.prestart_plugins = !args.no_prestart;
     let mut builder = Runtime::builder().config(config).standard_builtins();
+    if let Some(logs) = crate::output::function_logs() {
+        builder = builder.function_logs(logs);
+    }
+    if args.otlp_endpoint.is_some() {
+        builder = builder.tracing(std::sync::Arc::new(mycelium_observability::OtelBridge));
+    }
     let mut metrics: Option<std::sync::Arc<dyn mycelium_core::MetricsCollector>> = None;
     if let Some(addr) = args.metrics_addr {
         let prometheus = std::sync::Arc::new(mycelium_observability::PrometheusMetrics::new());
@@ -358,6 +365,7 @@ async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Fai
     let options = InvokeOptions {
         version: args.version,
         timeout: Some(args.timeout),
+        ..Default::default()
     };
     let events = client.invoke_with(&args.name, &event, options).await?;
     let reply: serde_json::Value = serde_json::from_slice(&envelope::encode_events(&events))
@@ -524,4 +532,98 @@ pub fn print_json(value: &serde_json::Value) {
         Ok(text) => println!("{text}"),
         Err(error) => eprintln!("error[internal]: {error}"),
     }
+}
+
+/// Prints a function's kept log lines, then (with `--follow`) new ones as they arrive. Reads
+/// the runtime's JetStream log stream with an ordered consumer, so nothing falls between the
+/// history and the live lines; without the stream (no JetStream) only `--follow` works.
+async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure> {
+    use futures_util::StreamExt;
+    use mycelium_client::async_nats::jetstream;
+    use mycelium_core::logs::{logs_subject, LogRecord, LOG_STREAM};
+
+    let name = FunctionName::new(&args.name)
+        .map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))?;
+    let client = client(connection).await?;
+    let subject = logs_subject(&connection.args.subject_prefix, &name);
+    let print = |payload: &[u8]| {
+        if args.json {
+            println!("{}", String::from_utf8_lossy(payload));
+        } else if let Ok(record) = serde_json::from_slice::<LogRecord>(payload) {
+            let invocation = record.invocation_id.as_deref().unwrap_or("-");
+            println!(
+                "{} {:<5} v{} {} {}: {}",
+                record.time,
+                record.level.to_uppercase(),
+                record.version,
+                invocation,
+                record.source,
+                record.message
+            );
+        }
+    };
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Failure::new(
+            "unreachable",
+            format!("reading logs: {e}"),
+            EXIT_UNREACHABLE,
+        )
+    };
+
+    let stream = jetstream::new(client.nats().clone())
+        .get_stream(LOG_STREAM)
+        .await;
+    let Ok(stream) = stream else {
+        if !args.follow {
+            return Err(Failure::new(
+                "no_log_history",
+                format!("no runtime keeps logs on this NATS (stream {LOG_STREAM} is missing: it needs JetStream); use --follow to see new lines live"),
+                EXIT_FAILED,
+            ));
+        }
+        let mut live = client
+            .nats()
+            .subscribe(subject)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        while let Some(message) = live.next().await {
+            print(&message.payload);
+        }
+        return Ok(());
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let mut kept = consumer.cached_info().num_pending;
+    let mut recent = std::collections::VecDeque::with_capacity(args.lines.min(10_000));
+    let mut messages = consumer.messages().await.map_err(|e| unreachable(&e))?;
+    while kept > 0 {
+        let Some(message) = messages.next().await else {
+            break;
+        };
+        let message = message.map_err(|e| unreachable(&e))?;
+        kept = message.info().map_or(0, |info| info.pending);
+        if recent.len() == args.lines {
+            recent.pop_front();
+        }
+        if args.lines > 0 {
+            recent.push_back(message.message.payload.clone());
+        }
+    }
+    for payload in &recent {
+        print(payload);
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| unreachable(&e))?;
+        print(&message.message.payload);
+    }
+    Ok(())
 }

@@ -28,12 +28,26 @@ fn stdout_json(output: &Output) -> Value {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    let mut value: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not JSON ({e}): {}",
             String::from_utf8_lossy(&output.stdout)
         )
-    })
+    });
+    // Events echoed back carry the trace the CLI started (CloudEvents distributed tracing);
+    // checked here, then removed so the tests compare the rest exactly.
+    if let Some(events) = value.get_mut("events").and_then(Value::as_array_mut) {
+        for event in events.iter_mut().filter_map(Value::as_object_mut) {
+            if let Some(traceparent) = event.remove("traceparent") {
+                let text = traceparent.as_str().unwrap_or_default();
+                assert!(
+                    mycelium_core::TraceContext::parse(text, None).is_ok(),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+    value
 }
 
 /// Stops a child process on drop (SIGTERM, so `mycelium up` also stops its nats-server),
@@ -619,4 +633,93 @@ async fn serve_exposes_prometheus_metrics() {
         Some("0.0"),
         "no calls between refreshes: {echo_row}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_shows_a_plugins_output_lines() {
+    let Some(plugin) = sibling_binary("mycelium-test-plugin", "mycelium-e2e") else {
+        return;
+    };
+    let server = NatsServer::start();
+    let url = server.url();
+    let plugin_dir = tempfile::tempdir().unwrap();
+    let plugin_dir = plugin_dir.path().to_str().unwrap();
+    let _serve = start_serve(&server, &["--plugin-dir", plugin_dir]).await;
+    let deployed = run(&[
+        "--nats-url",
+        &url,
+        "deploy",
+        "noisy",
+        plugin.to_str().unwrap(),
+    ]);
+    assert!(deployed.status.success(), "{deployed:?}");
+
+    let mut follower = Running(
+        mycelium()
+            .args(["--nats-url", &url, "logs", "noisy", "--follow", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = follower.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // The "print" behaviour writes a plain stdout line and an hclog JSON stderr line.
+    stdout_json(&run(&[
+        "--nats-url",
+        &url,
+        "invoke",
+        "noisy",
+        "--type",
+        "print",
+        "--id",
+        "p1",
+    ]));
+    let mut seen: Vec<Value> = Vec::new();
+    while seen.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
+            .await
+            .expect("no log line within 30 s")
+            .expect("`mycelium logs` ended");
+        seen.push(serde_json::from_str(&line).unwrap());
+    }
+    seen.sort_by_key(|record| record["source"].as_str().unwrap_or_default().to_owned());
+    let summary: Vec<(&str, &str, &str, u64)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r["source"].as_str().unwrap(),
+                r["level"].as_str().unwrap(),
+                r["message"].as_str().unwrap(),
+                r["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("stderr", "warn", "hclog line from the plugin", 1),
+            ("stdout", "info", "plain line from the plugin", 1),
+        ]
+    );
+    assert!(seen.iter().all(|r| r["function"] == "noisy"));
+
+    // Without --follow: the kept lines, then the command ends.
+    let history = run(&["--nats-url", &url, "logs", "noisy", "--lines", "1"]);
+    assert!(history.status.success(), "{history:?}");
+    let text = String::from_utf8_lossy(&history.stdout);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("plugin"), "{text}");
+
+    let bad = run(&["--nats-url", &url, "logs", "No.Such"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error[invalid_function_name]"));
 }

@@ -32,8 +32,10 @@ use std::{path::PathBuf, time::Duration};
 use bytes::Bytes;
 use mycelium_core::{
     envelope::{self, DescribeRequest, ListReply},
+    trace::{TRACEPARENT, TRACESTATE},
     Error, ErrorCode, Event, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
 };
+pub use mycelium_core::{TraceBridge, TraceContext};
 
 /// How long [`Client::invoke`] lets a function run unless told otherwise.
 pub const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -194,6 +196,25 @@ pub struct InvokeOptions {
     pub version: Option<u64>,
     /// Let the function run at most this long (default [`DEFAULT_INVOKE_TIMEOUT`]).
     pub timeout: Option<Duration>,
+    /// Continue this W3C trace. Without it the client continues the current span's trace
+    /// (through its [`TraceBridge`], see [`Client::with_tracing`]) or starts a new one.
+    pub trace: Option<TraceContext>,
+}
+
+/// A new trace: random ids, sampled. Not for security, only to be unique.
+fn new_trace() -> TraceContext {
+    use std::hash::{BuildHasher, Hasher};
+    let random = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish() | 1
+    };
+    let trace_id = (u128::from(random()) << 64) | u128::from(random());
+    TraceContext::from_ids(trace_id, random(), true, None)
 }
 
 /// Invokes and discovers functions. Cheap to clone.
@@ -205,6 +226,7 @@ pub struct Client {
     describe_subject: String,
     registry_config: NatsRegistryConfig,
     registry: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<NatsRegistry>>>,
+    tracing: std::sync::Arc<dyn TraceBridge>,
 }
 
 impl std::fmt::Debug for Client {
@@ -226,8 +248,16 @@ impl Client {
             describe_subject: String::new(),
             registry_config: NatsRegistryConfig::default(),
             registry: Default::default(),
+            tracing: std::sync::Arc::new(mycelium_core::trace::PassThrough),
         }
         .with_subject_prefix("function")
+    }
+
+    /// Continues the current span's trace through `bridge` (for example
+    /// `mycelium_observability::OtelBridge`) when an invocation has no explicit trace.
+    pub fn with_tracing(mut self, bridge: std::sync::Arc<dyn TraceBridge>) -> Self {
+        self.tracing = bridge;
+        self
     }
 
     /// Uses these buckets and limits for the registry operations.
@@ -293,9 +323,35 @@ impl Client {
         let name = FunctionName::new(function)
             .map_err(|e| RequestError::new(RequestErrorKind::InvalidName, e.to_string()))?;
         let timeout = options.timeout.unwrap_or(DEFAULT_INVOKE_TIMEOUT);
-        let body = envelope::encode_invoke_request(&name, event, options.version, Some(timeout));
+        let trace = options
+            .trace
+            .or_else(|| self.tracing.current())
+            .unwrap_or_else(new_trace);
+        tracing::debug!(trace_id = trace.trace_id(), function, "invoking");
+        // The event carries the context too (CloudEvents distributed-tracing extension), unless
+        // it already records where it was created.
+        let body = if event.extension(TRACEPARENT).is_some() {
+            envelope::encode_invoke_request(&name, event, options.version, Some(timeout))
+        } else {
+            let mut traced = event.clone();
+            traced.set_extension(TRACEPARENT, trace.traceparent());
+            if let Some(state) = trace.tracestate() {
+                traced.set_extension(TRACESTATE, state);
+            }
+            envelope::encode_invoke_request(&name, &traced, options.version, Some(timeout))
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(TRACEPARENT, trace.traceparent());
+        if let Some(state) = trace.tracestate() {
+            headers.insert(TRACESTATE, state);
+        }
         let reply = self
-            .request(&self.invoke_subject, body.into(), timeout + REPLY_MARGIN)
+            .request_with_headers(
+                &self.invoke_subject,
+                body.into(),
+                Some(headers),
+                timeout + REPLY_MARGIN,
+            )
             .await?;
         match envelope::decode_invoke_reply(&reply.payload) {
             Ok(Ok(events)) => Ok(events),
@@ -344,7 +400,20 @@ impl Client {
         body: Bytes,
         wait: Duration,
     ) -> Result<async_nats::Message, RequestError> {
-        let request = async_nats::Request::new().payload(body).timeout(Some(wait));
+        self.request_with_headers(subject, body, None, wait).await
+    }
+
+    async fn request_with_headers(
+        &self,
+        subject: &str,
+        body: Bytes,
+        headers: Option<async_nats::HeaderMap>,
+        wait: Duration,
+    ) -> Result<async_nats::Message, RequestError> {
+        let mut request = async_nats::Request::new().payload(body).timeout(Some(wait));
+        if let Some(headers) = headers {
+            request = request.headers(headers);
+        }
         self.nats
             .send_request(subject.to_owned(), request)
             .await

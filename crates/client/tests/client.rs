@@ -34,10 +34,14 @@ async fn invoke_list_and_describe() {
     assert_eq!(events[0].source().as_str(), "example-function");
 
     let input = event("e-1", json!({"n": 1}));
-    assert_eq!(
-        client.invoke("echo", input.clone()).await.unwrap(),
-        vec![input.clone()]
+    let mut echoed = client.invoke("echo", input.clone()).await.unwrap();
+    // The client started a trace and the event carries it (CloudEvents distributed tracing).
+    let traceparent = echoed[0].remove_extension("traceparent").unwrap();
+    assert!(
+        mycelium_core::TraceContext::parse(&traceparent.to_string(), None).is_ok(),
+        "{traceparent}"
     );
+    assert_eq!(echoed, vec![input.clone()]);
 
     let list = client.list().await.unwrap();
     let names: Vec<&str> = list.iter().map(|f| f.name.as_str()).collect();
@@ -67,6 +71,7 @@ async fn invoke_list_and_describe() {
             InvokeOptions {
                 version: Some(2),
                 timeout: None,
+                ..Default::default()
             },
         )
         .await
@@ -94,6 +99,7 @@ async fn invoke_list_and_describe() {
             InvokeOptions {
                 version: None,
                 timeout: Some(Duration::from_millis(100)),
+                ..Default::default()
             },
         )
         .await

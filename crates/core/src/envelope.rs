@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     event::event_from_json_object, ErrorCode, FunctionMetadata, FunctionName, FunctionSummary,
-    ProtocolError,
+    ProtocolError, TraceContext,
 };
 
 /// Header carrying the numeric, HTTP-like status of a failed request (NATS services API).
@@ -36,6 +36,25 @@ pub struct InvokeRequest {
     pub version: Option<u64>,
     /// A shorter timeout than the function's own.
     pub timeout: Option<Duration>,
+    /// The caller's W3C trace context: from the NATS headers (set by the endpoint, they win)
+    /// or the event's distributed-tracing extension. Invalid contexts are dropped, not refused.
+    pub trace: Option<TraceContext>,
+}
+
+/// The trace context an event carries in its CloudEvents distributed-tracing extension
+/// (`traceparent`, `tracestate` attributes), if valid.
+pub fn event_trace(event: &Event) -> Option<TraceContext> {
+    use cloudevents::event::ExtensionValue;
+    let text = |name: &str| match event.extension(name) {
+        Some(ExtensionValue::String(value)) => Some(value.as_str()),
+        _ => None,
+    };
+    let parent = text(crate::trace::TRACEPARENT)?;
+    TraceContext::from_pairs(
+        [(crate::trace::TRACEPARENT, parent)]
+            .into_iter()
+            .chain(text(crate::trace::TRACESTATE).map(|s| (crate::trace::TRACESTATE, s))),
+    )
 }
 
 #[derive(Deserialize)]
@@ -73,6 +92,7 @@ pub fn decode_invoke_request(body: &[u8]) -> Result<InvokeRequest, ProtocolError
     let event = event_from_raw(raw.event.get())?;
     Ok(InvokeRequest {
         function,
+        trace: event_trace(&event),
         event,
         version: raw.version,
         timeout,
@@ -260,6 +280,26 @@ mod tests {
 
     fn decode(value: Value) -> Result<InvokeRequest, ProtocolError> {
         decode_invoke_request(&serde_json::to_vec(&value).unwrap())
+    }
+
+    #[test]
+    fn reads_the_distributed_tracing_extension() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let event = json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t",
+            "traceparent": parent, "tracestate": "k=v"});
+        let request = decode(json!({"functionName": "f", "event": event})).unwrap();
+        let trace = request.trace.unwrap();
+        assert_eq!(
+            (trace.traceparent(), trace.tracestate()),
+            (parent, Some("k=v"))
+        );
+        // Still an attribute of the event the function sees.
+        assert!(request.event.extension("traceparent").is_some());
+
+        let invalid = json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t",
+            "traceparent": "not-a-trace"});
+        let request = decode(json!({"functionName": "f", "event": invalid})).unwrap();
+        assert_eq!(request.trace, None);
     }
 
     #[test]

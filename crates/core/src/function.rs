@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc, time::Instant};
 use cloudevents::Event;
 use tokio_util::sync::CancellationToken;
 
-use crate::FunctionName;
+use crate::{trace::TraceContext, FunctionName};
 
 /// A serverless function: takes one CloudEvent, returns zero or more.
 ///
@@ -101,12 +101,13 @@ pub struct InvocationContext {
     span: tracing::Span,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ContextInner {
     function: FunctionName,
     version: u64,
     invocation_id: String,
     deadline: Instant,
+    trace: Option<TraceContext>,
 }
 
 impl InvocationContext {
@@ -125,6 +126,7 @@ impl InvocationContext {
                 version,
                 invocation_id: invocation_id.into(),
                 deadline,
+                trace: None,
             }),
             cancellation,
             span,
@@ -164,6 +166,18 @@ impl InvocationContext {
     /// The span of this invocation (carries function name and invocation id).
     pub fn span(&self) -> &tracing::Span {
         &self.span
+    }
+
+    /// The W3C trace context this invocation runs in: hand it on (as a `traceparent` header)
+    /// to whatever the function calls, so those calls join the caller's trace.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.inner.trace.as_ref()
+    }
+
+    /// The same context, running in `trace`.
+    pub fn with_trace(mut self, trace: Option<TraceContext>) -> Self {
+        Arc::make_mut(&mut self.inner).trace = trace;
+        self
     }
 }
 

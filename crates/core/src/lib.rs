@@ -7,15 +7,18 @@
 //!   other NATS clients see them;
 //! - the stable [`ErrorCode`]s of the invocation protocol and the [`ProtocolError`] body;
 //! - [`FunctionMetadata`], the record a registry keeps per function version;
-//! - the [`MetricsCollector`] seam and an in-memory collector.
+//! - the [`MetricsCollector`] seam and an in-memory collector;
+//! - W3C [`TraceContext`] and the [`TraceBridge`] seam to a tracing backend.
 
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod function;
+pub mod logs;
 pub mod metadata;
 pub mod metrics;
 pub mod name;
+pub mod trace;
 
 pub use cloudevents;
 pub use cloudevents::Event;
@@ -24,3 +27,4 @@ pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
 pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome};
 pub use name::{FunctionName, InvalidFunctionName};
+pub use trace::{TraceBridge, TraceContext};

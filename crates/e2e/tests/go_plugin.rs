@@ -80,6 +80,7 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     let options = InvokeOptions {
         version: None,
         timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
     };
     let event = EventBuilderV10::new()
         .id("g1")
@@ -106,10 +107,13 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
         .data("application/json", serde_json::json!({"k": [1, 2]}))
         .build()
         .unwrap();
-    let echoed = client
+    let mut echoed = client
         .invoke_with("upper", &other, options.clone())
         .await
         .unwrap();
+    // The trace context the client added to the event survives the Go side unchanged.
+    let traceparent = echoed[0].remove_extension("traceparent").unwrap();
+    assert_eq!(traceparent.to_string().len(), 55, "{traceparent}");
     assert_eq!(echoed, vec![other]);
 
     let wrong = EventBuilderV10::new()

@@ -128,6 +128,7 @@ impl Fixture {
                 InvokeOptions {
                     version: None,
                     timeout: Some(timeout),
+                    ..Default::default()
                 },
             )
             .await

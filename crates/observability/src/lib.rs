@@ -3,6 +3,16 @@
 //! [`PrometheusMetrics`] implements [`MetricsCollector`] with the `prometheus-client` crate, and
 //! [`serve_metrics`] exposes it in the Prometheus text format on `GET /metrics`. Label sets
 //! are bounded: function name and outcome code, never an invocation id.
+//!
+//! [`OtelBridge`] implements [`mycelium_core::TraceBridge`] with OpenTelemetry
+//! (`tracing-opentelemetry`), and [`tracer_provider`] builds the provider binaries install,
+//! exporting over OTLP when given an endpoint.
+
+mod tracing_otel;
+
+pub use tracing_otel::{
+    otel_layer, remote_context, tracer_provider, OtelBridge, TracingSetupError,
+};
 
 use std::{
     net::SocketAddr,

@@ -29,7 +29,10 @@ use std::{
 };
 
 use futures_util::FutureExt;
-use mycelium_core::{Function, FunctionName, InvocationContext};
+use mycelium_core::{
+    trace::{PassThrough, TRACEPARENT, TRACESTATE},
+    Function, FunctionName, InvocationContext, TraceBridge, TraceContext,
+};
 use mycelium_plugin::{
     convert,
     handshake::{self, Handshake, Network},
@@ -50,6 +53,7 @@ use mycelium_plugin::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// How long calls still in flight get after the host asks the plugin to shut down.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(250);
@@ -59,6 +63,40 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(250);
 /// Started by hand (without the host's handshake environment) it explains what it is and
 /// exits with status 1, as go-plugin plugins do.
 pub fn serve(function: impl Function) -> ! {
+    Plugin::new(function).serve()
+}
+
+/// A plugin with options; [`serve`] is `Plugin::new(function).serve()`.
+pub struct Plugin {
+    function: Arc<dyn Function>,
+    tracing: Arc<dyn TraceBridge>,
+}
+
+impl Plugin {
+    /// A plugin serving `function`.
+    pub fn new(function: impl Function) -> Self {
+        Self {
+            function: Arc::new(function),
+            tracing: Arc::new(PassThrough),
+        }
+    }
+
+    /// Joins each invocation's span to the caller's trace through `bridge` (for example
+    /// `mycelium_observability::OtelBridge` with an OpenTelemetry layer installed), so the
+    /// function's own spans join the trace. Without it the function still sees the caller's
+    /// context in [`InvocationContext::trace`].
+    pub fn tracing(mut self, bridge: Arc<dyn TraceBridge>) -> Self {
+        self.tracing = bridge;
+        self
+    }
+
+    /// Runs the plugin until the host shuts it down; never returns. See [`serve`].
+    pub fn serve(self) -> ! {
+        serve_plugin(self)
+    }
+}
+
+fn serve_plugin(plugin: Plugin) -> ! {
     if std::env::var(handshake::MAGIC_COOKIE_KEY).as_deref() != Ok(handshake::MAGIC_COOKIE_VALUE) {
         eprintln!(
             "This binary is a Mycelium plugin. It is not meant to be run directly: deploy it with \
@@ -86,7 +124,7 @@ pub fn serve(function: impl Function) -> ! {
             std::process::exit(1);
         }
     };
-    let code = match runtime.block_on(run(Arc::new(function))) {
+    let code = match runtime.block_on(run(plugin)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("plugin failed: {error}");
@@ -110,7 +148,7 @@ fn socket_path() -> PathBuf {
     ))
 }
 
-async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(plugin: Plugin) -> Result<(), Box<dyn std::error::Error>> {
     let path = socket_path();
     let listener = tokio::net::UnixListener::bind(&path)?;
     let shutdown = CancellationToken::new();
@@ -139,7 +177,10 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
     let stdio = Stdio::capture();
 
     let server = tonic::transport::Server::builder()
-        .add_service(FunctionServer::new(Service { function }))
+        .add_service(FunctionServer::new(Service {
+            function: plugin.function,
+            tracing: plugin.tracing,
+        }))
         .add_service(health_service)
         .add_service(GrpcControllerServer::new(Controller {
             shutdown: shutdown.clone(),
@@ -164,6 +205,7 @@ async fn run(function: Arc<dyn Function>) -> Result<(), Box<dyn std::error::Erro
 
 struct Service {
     function: Arc<dyn Function>,
+    tracing: Arc<dyn TraceBridge>,
 }
 
 fn failure(code: ErrorCode, message: String) -> ExecuteResponse {
@@ -181,8 +223,20 @@ impl FunctionService for Service {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
+        // gRPC metadata first (where tracing middleware puts it), then the request's fields.
+        let metadata_trace = TraceContext::from_pairs(
+            [TRACEPARENT, TRACESTATE]
+                .into_iter()
+                .filter_map(|key| Some((key, request.metadata().get(key)?.to_str().ok()?))),
+        );
         let request = request.into_inner();
         let context = request.context.unwrap_or_default();
+        let incoming_trace = metadata_trace.or_else(|| {
+            TraceContext::from_pairs([
+                (TRACEPARENT, context.traceparent.as_str()),
+                (TRACESTATE, context.tracestate.as_str()),
+            ])
+        });
         let Some(event) = request.event else {
             return Ok(Response::new(failure(
                 ErrorCode::InvalidEvent,
@@ -211,7 +265,17 @@ impl FunctionService for Service {
         } else {
             remaining
         };
-        let span = tracing::info_span!("invocation", function = %name, invocation_id = %context.invocation_id);
+        let span = tracing::info_span!(
+            "invocation",
+            function = %name,
+            version = context.function_version,
+            invocation_id = %context.invocation_id,
+            trace_id = tracing::field::Empty,
+        );
+        let trace = self.tracing.enter(&span, incoming_trace.as_ref());
+        if let Some(trace) = &trace {
+            span.record("trace_id", trace.trace_id());
+        }
         let token = CancellationToken::new();
         let _cancel_on_drop = token.clone().drop_guard();
         let ctx = InvocationContext::new(
@@ -220,10 +284,12 @@ impl FunctionService for Service {
             context.invocation_id,
             Instant::now() + remaining,
             token,
-            span,
-        );
+            span.clone(),
+        )
+        .with_trace(trace);
         let outcome = AssertUnwindSafe(self.function.execute(event, ctx))
             .catch_unwind()
+            .instrument(span)
             .await;
         let response = match outcome {
             Ok(Ok(events)) => ExecuteResponse {

@@ -343,11 +343,28 @@ impl PluginProcess {
                 function_version: ctx.version(),
                 invocation_id: ctx.invocation_id().to_owned(),
                 deadline_unix_ms: deadline_ms,
-                traceparent: String::new(),
-                tracestate: String::new(),
+                traceparent: ctx
+                    .trace()
+                    .map(|t| t.traceparent().to_owned())
+                    .unwrap_or_default(),
+                tracestate: ctx
+                    .trace()
+                    .and_then(|t| t.tracestate())
+                    .unwrap_or_default()
+                    .to_owned(),
             }),
         });
         request.set_timeout(remaining);
+        // Also as gRPC metadata, where gRPC tracing middleware (Go's otelgrpc, for one) looks.
+        if let Some(trace) = ctx.trace() {
+            let metadata = request.metadata_mut();
+            if let Ok(value) = trace.traceparent().parse() {
+                metadata.insert(mycelium_core::trace::TRACEPARENT, value);
+            }
+            if let Some(Ok(value)) = trace.tracestate().map(str::parse) {
+                metadata.insert(mycelium_core::trace::TRACESTATE, value);
+            }
+        }
         match self.function.clone().execute(request).await {
             Ok(response) => match response.into_inner().result {
                 Some(ExecuteResult::Events(batch)) => {

@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use mycelium_core::{
     cloudevents::AttributesReader, envelope::InvokeRequest, ErrorCode, Event, Function,
     FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, InvocationContext,
-    MetricsCollector, Outcome, ProtocolError,
+    MetricsCollector, Outcome, ProtocolError, TraceBridge,
 };
 use mycelium_registry::{protocol_error, Registry};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,7 @@ pub(crate) struct Invoker {
         std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
     pub registry: Arc<dyn Registry>,
     pub metrics: Arc<dyn MetricsCollector>,
+    pub tracing: Arc<dyn TraceBridge>,
     pub default_timeout: Duration,
 }
 
@@ -132,6 +133,7 @@ impl Invoker {
             event,
             version,
             timeout,
+            trace,
         } = request;
         let (metadata, function) = match self.resolve(&name, version) {
             Ok(found) => found,
@@ -157,7 +159,12 @@ impl Invoker {
             version = metadata.version,
             invocation_id = %invocation_id,
             event_id = %event.id(),
+            trace_id = tracing::field::Empty,
         );
+        let trace = self.tracing.enter(&span, trace.as_ref());
+        if let Some(trace) = &trace {
+            span.record("trace_id", trace.trace_id());
+        }
         // A fresh token, not a child of `abort`: creating children locks the parent, a
         // contention point under load; the select below links the two on abort.
         let cancellation = CancellationToken::new();
@@ -169,7 +176,8 @@ impl Invoker {
             started + timeout,
             cancellation.clone(),
             span.clone(),
-        );
+        )
+        .with_trace(trace);
 
         self.metrics.invocation_started(&name);
         let execution = AssertUnwindSafe(function.execute(event, ctx))

@@ -16,14 +16,18 @@
 mod builtins;
 mod config;
 mod invoker;
+pub mod logs;
 mod micro;
 pub mod presets;
 mod server;
 
 use std::{collections::HashMap, sync::Arc};
 
+pub use logs::{function_logs, FunctionLogLayer, FunctionLogs};
+
 use mycelium_core::{
-    Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics, MetricsCollector,
+    trace::PassThrough, Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics,
+    MetricsCollector, TraceBridge,
 };
 use mycelium_plugin::pool::PluginExecutor;
 use mycelium_registry::{MemoryRegistry, Registry};
@@ -64,6 +68,8 @@ pub struct RuntimeBuilder {
     plugins: Option<Arc<PluginExecutor>>,
     registry: Option<Arc<dyn Registry>>,
     metrics: Option<Arc<dyn MetricsCollector>>,
+    tracing: Option<Arc<dyn TraceBridge>>,
+    logs: Option<Arc<FunctionLogs>>,
     builtins: HashMap<FunctionName, Builtin>,
 }
 
@@ -81,6 +87,8 @@ impl RuntimeBuilder {
             plugins: None,
             registry: None,
             metrics: None,
+            tracing: None,
+            logs: None,
             builtins: HashMap::new(),
         }
     }
@@ -106,6 +114,21 @@ impl RuntimeBuilder {
     /// Where measurements go (default: an [`InMemoryMetrics`]).
     pub fn metrics(mut self, metrics: Arc<dyn MetricsCollector>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Joins invocation spans to a tracing backend (default: [`PassThrough`], which hands the
+    /// caller's W3C trace context on to plugins unchanged). `mycelium-observability` has the
+    /// OpenTelemetry one.
+    pub fn tracing(mut self, bridge: Arc<dyn TraceBridge>) -> Self {
+        self.tracing = Some(bridge);
+        self
+    }
+
+    /// Publishes what functions log on `<prefix>.logs.<function>` (see [`logs`]); the
+    /// pipeline's layer must be installed in the `tracing` subscriber.
+    pub fn function_logs(mut self, logs: Arc<FunctionLogs>) -> Self {
+        self.logs = Some(logs);
         self
     }
 
@@ -169,12 +192,14 @@ impl RuntimeBuilder {
             metrics: self
                 .metrics
                 .unwrap_or_else(|| Arc::new(InMemoryMetrics::new())),
+            tracing: self.tracing.unwrap_or_else(|| Arc::new(PassThrough)),
             default_timeout: config.default_timeout,
         };
         Ok(Runtime {
             client,
             invoker,
             config,
+            logs: self.logs,
         })
     }
 
@@ -185,18 +210,7 @@ impl RuntimeBuilder {
 
     /// Connects to NATS at `url` and builds the runtime.
     pub async fn connect(self, url: &str) -> Result<Runtime, StartError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("mycelium-runtime")
-            .connect(url)
-            .await
-            .map_err(|e| {
-                StartError::with_source(
-                    StartErrorKind::Connect,
-                    format!("connecting to NATS at {url}"),
-                    e,
-                )
-            })?;
-        self.build(client)
+        self.build(connect(url).await?)
     }
 }
 
@@ -219,6 +233,7 @@ pub struct Runtime {
     client: async_nats::Client,
     invoker: Invoker,
     config: RuntimeConfig,
+    logs: Option<Arc<FunctionLogs>>,
 }
 
 impl Runtime {
@@ -233,7 +248,11 @@ impl Runtime {
             client,
             invoker,
             config,
+            logs,
         } = self;
+        if let Some(logs) = logs {
+            logs.start(client.clone(), config.subject_prefix.clone());
+        }
         let subscribe_error =
             |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
         let subjects = Subjects::new(&config.subject_prefix);

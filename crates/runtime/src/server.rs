@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use mycelium_core::{
     envelope::{self, InvokeRequest},
     event::{self, BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE},
-    ErrorCode, Event, FunctionName, ProtocolError,
+    ErrorCode, Event, FunctionName, ProtocolError, TraceContext,
 };
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -163,7 +163,14 @@ async fn handle_invocation(shared: &Shared, request: &Request, binding: bool) {
     let decoded = if binding {
         decode_binding_request(shared, request)
     } else {
-        envelope::decode_invoke_request(&request.message.payload)
+        envelope::decode_invoke_request(&request.message.payload).map(|mut invoke| {
+            // The headers win over the event's extension: they are what NATS-aware tracing
+            // (and our client) sets on each hop.
+            if let Some(trace) = header_trace(&request.message) {
+                invoke.trace = Some(trace);
+            }
+            invoke
+        })
     };
     let result = match decoded {
         Ok(invoke) => shared.invoker.invoke(invoke, &shared.abort).await,
@@ -246,10 +253,21 @@ fn decode_binding_request(
         .transpose()?;
     Ok(InvokeRequest {
         function,
+        trace: header_trace(message).or_else(|| envelope::event_trace(&event)),
         event,
         version,
         timeout: envelope::parse_timeout_ms(timeout_ms)?,
     })
+}
+
+/// The W3C trace context in a request's NATS headers, if any and valid.
+fn header_trace(message: &Message) -> Option<TraceContext> {
+    let headers = message.headers.as_ref()?;
+    TraceContext::from_pairs(
+        headers
+            .iter()
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str()))),
+    )
 }
 
 /// Sends a reply: the body, or the error envelope with the NATS services error headers.

@@ -159,6 +159,7 @@ async fn hot_reload_under_load_loses_nothing() {
             InvokeOptions {
                 version: Some(1),
                 timeout: None,
+                ..Default::default()
             },
         )
         .await
@@ -178,6 +179,7 @@ async fn hot_reload_under_load_loses_nothing() {
             InvokeOptions {
                 version: Some(7),
                 timeout: None,
+                ..Default::default()
             },
         )
         .await

@@ -6,12 +6,15 @@
 //! with `$TAG`), `env` (replies with the environment variable names), `pid`, `sleep`
 //! (`{"ms": n}`), `crash` (aborts the process), `hang` (stops the whole process), `print`
 //! (a plain stdout line and an hclog JSON stderr line),
-//! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory).
+//! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory),
+//! `trace` (replies with the trace context the host sent and the one the function runs in:
+//! the plugin installs an OpenTelemetry layer, so its span is a child of the host's).
 
 use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, Event},
-    Function, FunctionError, InvocationContext,
+    Function, FunctionError, InvocationContext, TraceBridge, TraceContext,
 };
+use mycelium_observability::OtelBridge;
 use serde_json::json;
 
 struct TestPlugin;
@@ -33,7 +36,7 @@ impl Function for TestPlugin {
     async fn execute(
         &self,
         event: Event,
-        _ctx: InvocationContext,
+        ctx: InvocationContext,
     ) -> Result<Vec<Event>, FunctionError> {
         match event.ty() {
             "echo" => Ok(vec![event]),
@@ -87,6 +90,19 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
+            "trace" => {
+                let received = LAST_RECEIVED_TRACE
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                Ok(reply(
+                    event,
+                    json!({
+                        "received": received.map(|t| t.traceparent().to_owned()),
+                        "current": ctx.trace().map(|t| t.traceparent().to_owned()),
+                    }),
+                ))
+            }
             "print" => {
                 println!("plain line from the plugin");
                 eprintln!(
@@ -99,6 +115,45 @@ impl Function for TestPlugin {
             ))),
         }
     }
+}
+
+/// The context the host sent with the last call (calls in the tests are sequential).
+static LAST_RECEIVED_TRACE: std::sync::Mutex<Option<TraceContext>> = std::sync::Mutex::new(None);
+
+/// The OpenTelemetry bridge, remembering what the host sent for the `trace` behaviour.
+struct RecordingBridge(OtelBridge);
+
+impl TraceBridge for RecordingBridge {
+    fn enter(&self, span: &tracing::Span, parent: Option<&TraceContext>) -> Option<TraceContext> {
+        *LAST_RECEIVED_TRACE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = parent.cloned();
+        self.0.enter(span, parent)
+    }
+
+    fn current(&self) -> Option<TraceContext> {
+        self.0.current()
+    }
+}
+
+fn serve_traced() -> ! {
+    use tracing_subscriber::layer::SubscriberExt;
+    // Spans get OpenTelemetry ids but go nowhere: the host's side of the test checks them.
+    let provider = match mycelium_observability::tracer_provider("mycelium-test-plugin", None) {
+        Ok(provider) => provider,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(1);
+        }
+    };
+    let subscriber =
+        tracing_subscriber::registry().with(mycelium_observability::otel_layer(&provider));
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("a tracing subscriber was already installed");
+    }
+    mycelium_plugin_sdk::Plugin::new(TestPlugin)
+        .tracing(std::sync::Arc::new(RecordingBridge(OtelBridge)))
+        .serve()
 }
 
 #[allow(unsafe_code)]
@@ -125,6 +180,6 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_secs(600));
             std::process::exit(0);
         }
-        _ => mycelium_plugin_sdk::serve(TestPlugin),
+        _ => serve_traced(),
     }
 }

@@ -1,0 +1,241 @@
+//! Function logs on NATS: a `tracing` layer picks out what functions log (plugin output the
+//! host relays, and events inside an invocation span) and a task publishes each line as a
+//! [`LogRecord`] on `<prefix>.logs.<function>`.
+//!
+//! The layer never blocks the code that logs: records go through a bounded channel, and when
+//! NATS cannot keep up the excess is counted and dropped.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use mycelium_core::{
+    logs::{logs_subject, LogRecord, LOG_STREAM},
+    FunctionName,
+};
+use tokio::sync::mpsc;
+use tracing::{
+    field::{Field, Visit},
+    span, Event, Subscriber,
+};
+use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
+
+/// The target under which the plugin host relays plugin output.
+const PLUGIN_OUTPUT_TARGET: &str = "mycelium::plugin";
+/// Records waiting for NATS; beyond this many they are dropped (and counted).
+const BACKLOG: usize = 4096;
+
+/// Function log records on their way to NATS. Make one with [`function_logs`], install its
+/// layer in the subscriber, and hand it to [`RuntimeBuilder::function_logs`](crate::RuntimeBuilder::function_logs).
+pub struct FunctionLogs {
+    sender: mpsc::Sender<LogRecord>,
+    receiver: Mutex<Option<mpsc::Receiver<LogRecord>>>,
+    dropped: AtomicU64,
+}
+
+impl fmt::Debug for FunctionLogs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FunctionLogs")
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A log pipeline: the layer for the `tracing` subscriber and the handle for the runtime.
+pub fn function_logs() -> (FunctionLogLayer, Arc<FunctionLogs>) {
+    let (sender, receiver) = mpsc::channel(BACKLOG);
+    let logs = Arc::new(FunctionLogs {
+        sender,
+        receiver: Mutex::new(Some(receiver)),
+        dropped: AtomicU64::new(0),
+    });
+    (FunctionLogLayer { logs: logs.clone() }, logs)
+}
+
+impl FunctionLogs {
+    /// Records dropped because NATS did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, record: LogRecord) {
+        if self.sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes records on `<prefix>.logs.<function>` until the runtime stops; keeps recent
+    /// ones in the JetStream stream [`LOG_STREAM`] when the server has JetStream. Only the
+    /// first call starts a publisher.
+    pub(crate) fn start(&self, client: async_nats::Client, prefix: String) {
+        let Some(mut receiver) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            ensure_stream(&client, &prefix).await;
+            while let Some(record) = receiver.recv().await {
+                let subject = logs_subject(&prefix, &record.function);
+                let Ok(body) = serde_json::to_vec(&record) else {
+                    continue;
+                };
+                if client.publish(subject, body.into()).await.is_err() {
+                    // The connection is closed for good; nothing more can be sent.
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Keeps the last hour (at most 64 MiB) of function logs, so `mycelium logs` can show what
+/// happened before it was started. Best effort: without JetStream, logs are live only.
+async fn ensure_stream(client: &async_nats::Client, prefix: &str) {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let config = async_nats::jetstream::stream::Config {
+        name: LOG_STREAM.into(),
+        subjects: vec![format!("{prefix}.logs.>")],
+        max_age: Duration::from_secs(3600),
+        max_bytes: 64 * 1024 * 1024,
+        discard: async_nats::jetstream::stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    if let Err(error) = jetstream.get_or_create_stream(config).await {
+        tracing::debug!(%error, "function logs are live only (no JetStream stream for them)");
+    }
+}
+
+/// The `tracing` layer of a [`FunctionLogs`] pipeline.
+pub struct FunctionLogLayer {
+    logs: Arc<FunctionLogs>,
+}
+
+/// What the invocation span says about the invocation, kept in the span's extensions.
+#[derive(Default, Clone)]
+struct InvocationFields {
+    function: Option<FunctionName>,
+    version: u64,
+    invocation_id: Option<String>,
+    trace_id: Option<String>,
+}
+
+impl Visit for InvocationFields {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "version" {
+            self.version = value;
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "function" => self.function = value.parse().ok(),
+            "invocation_id" => self.invocation_id = Some(value.to_owned()),
+            "trace_id" => self.trace_id = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if matches!(field.name(), "function" | "invocation_id" | "trace_id") {
+            self.record_str(field, &format!("{value:?}"));
+        }
+    }
+}
+
+/// An event's message and the fields the plugin host adds to relayed output.
+#[derive(Default)]
+struct EventFields {
+    message: String,
+    stream: Option<String>,
+    invocation: InvocationFields,
+}
+
+impl Visit for EventFields {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.invocation.record_u64(field, value);
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_owned(),
+            "stream" => self.stream = Some(value.to_owned()),
+            _ => self.invocation.record_str(field, value),
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "stream" => self.stream = Some(format!("{value:?}")),
+            _ => self.invocation.record_debug(field, value),
+        }
+    }
+}
+
+impl<S> Layer<S> for FunctionLogLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        if attrs.metadata().name() != "invocation" {
+            return;
+        }
+        let mut fields = InvocationFields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(fields) = span.extensions_mut().get_mut::<InvocationFields>() {
+                values.record(fields);
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let metadata = event.metadata();
+        let plugin_output = metadata.target() == PLUGIN_OUTPUT_TARGET;
+        let invocation = ctx.event_scope(event).and_then(|scope| {
+            scope
+                .into_iter()
+                .find_map(|span| span.extensions().get::<InvocationFields>().cloned())
+        });
+        if !plugin_output && invocation.is_none() {
+            return;
+        }
+        let mut fields = EventFields::default();
+        event.record(&mut fields);
+        let (invocation, source) = match invocation {
+            Some(invocation) => (invocation, "tracing".to_owned()),
+            None => (
+                fields.invocation,
+                fields.stream.unwrap_or_else(|| "stderr".into()),
+            ),
+        };
+        let Some(function) = invocation.function else {
+            return;
+        };
+        self.logs.send(LogRecord {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            level: metadata.level().as_str().to_ascii_lowercase(),
+            function,
+            version: invocation.version,
+            invocation_id: invocation.invocation_id,
+            trace_id: invocation.trace_id,
+            source,
+            message: fields.message,
+        });
+    }
+}
