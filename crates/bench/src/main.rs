@@ -84,6 +84,13 @@ struct Args {
     /// process is the fair baseline for a runtime that is a separate process too).
     #[arg(long)]
     in_process_echo: bool,
+    /// Extra arguments for the `mycelium serve` it starts, repeatable, e.g.
+    /// `--serve-arg=--metrics-addr=127.0.0.1:0` (to measure what observability costs).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+    /// `RUST_LOG` of the runtime it starts (`info` is what `mycelium serve` uses by default).
+    #[arg(long, default_value = "warn")]
+    runtime_log: String,
     /// Internal: serve the echo responder on this NATS URL and nothing else.
     #[arg(long, hide = true)]
     serve_echo: Option<String>,
@@ -390,7 +397,8 @@ async fn start_stack(args: &Args) -> Result<(Stack, String)> {
     let runtime = Command::new(&mycelium)
         .args(["--nats-url", &url, "serve", "--no-prestart", "--plugin-dir"])
         .arg(dir.path().join("plugins"))
-        .env("RUST_LOG", "warn")
+        .args(&args.serve_args)
+        .env("RUST_LOG", &args.runtime_log)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -100,7 +100,7 @@ pub fn init_logging(cli: &Cli) -> Option<TracerProvider> {
         Command::Up(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let otlp_endpoint = match &cli.command {
         Command::Up(args) => args.runtime.otlp_endpoint.as_deref(),
         Command::Serve(args) => args.runtime.otlp_endpoint.as_deref(),
@@ -111,22 +111,37 @@ pub fn init_logging(cli: &Cli) -> Option<TracerProvider> {
             .inspect_err(|error| eprintln!("warning: {error}; traces will not be exported"))
             .ok()
     });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: log files and journald get plain text (and
+    // the runtime skips the escape-code formatting on every span, which showed in profiles).
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match cli.log_format {
-        LogFormat::Human => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Human => fmt.with_filter(filter()).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter()).boxed(),
     };
+    // Each layer has its own filter: RUST_LOG sets what the runtime prints, not what its
+    // functions publish (their output at info and above always is) nor which spans a trace
+    // has (invocations always, when exporting).
     // A runtime publishes what its functions log; other commands have no functions.
     let function_logs = matches!(cli.command, Command::Up(_) | Command::Serve(_)).then(|| {
+        use tracing_subscriber::filter::{filter_fn, FilterExt};
         let (layer, logs) = mycelium_runtime::function_logs();
         let _ = FUNCTION_LOGS.set(logs);
-        layer
+        let plugin_output = filter_fn(|metadata| {
+            metadata.target() == mycelium_runtime::logs::PLUGIN_OUTPUT_TARGET
+                && *metadata.level() <= tracing::Level::INFO
+        });
+        layer.with_filter(plugin_output.or(filter()))
+    });
+    let otel = provider.as_ref().map(|provider| {
+        mycelium_observability::otel_layer(provider)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
     tracing_subscriber::registry()
-        .with(provider.as_ref().map(mycelium_observability::otel_layer))
+        .with(otel)
         .with(function_logs)
         .with(fmt)
-        .with(filter)
         .init();
     provider
 }

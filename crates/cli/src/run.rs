@@ -116,6 +116,7 @@ async fn start_runtime(
                 )
             })?;
         tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+        prometheus.watch_nats(&nats);
         builder = builder.metrics(prometheus.clone());
         metrics = Some(prometheus);
     }
@@ -441,8 +442,18 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
         stats.functions.retain(|f| &f.function == name);
     }
     if args.json {
-        let value = serde_json::to_value(&stats)
+        let mut value = serde_json::to_value(&stats)
             .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+        // The quantiles, computed from the merged buckets, next to the raw figures.
+        if let Some(rows) = value["functions"].as_array_mut() {
+            for (row, f) in rows.iter_mut().zip(&stats.functions) {
+                for (key, q) in [("p50Ms", 0.5), ("p99Ms", 0.99)] {
+                    row[key] = f.duration_quantile(q).map_or(serde_json::Value::Null, |d| {
+                        (d.as_secs_f64() * 1000.0).into()
+                    });
+                }
+            }
+        }
         print_json(&value);
         return Ok(());
     }
@@ -457,13 +468,15 @@ fn print_stats(
 ) {
     println!("{} runtime instance(s)", stats.instances);
     println!(
-        "{:<24} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>11} {:>7}",
+        "{:<24} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7}",
         "FUNCTION",
         "INVOCATIONS",
         "PER SEC",
         "ERRORS",
         "ERROR%",
         "AVG MS",
+        "P50 MS",
+        "P99 MS",
         "IN FLIGHT",
         "COLD STARTS",
         "CRASHES"
@@ -483,14 +496,22 @@ fn print_stats(
                 )
             })
             .unwrap_or_else(|| "-".into());
+        let quantile = |q| {
+            f.duration_quantile(q).map_or_else(
+                || "-".to_owned(),
+                |d| format!("{:.2}", d.as_secs_f64() * 1000.0),
+            )
+        };
         println!(
-            "{:<24} {:>11} {:>8} {:>8} {:>6.1}% {:>10.2} {:>9} {:>11} {:>7}",
+            "{:<24} {:>11} {:>8} {:>8} {:>6.1}% {:>10.2} {:>9} {:>9} {:>9} {:>11} {:>7}",
             f.function,
             f.invocations,
             rate,
             f.errors,
             100.0 * f.errors as f64 / ran,
             f.total_duration_us as f64 / ran / 1000.0,
+            quantile(0.5),
+            quantile(0.99),
             f.in_flight,
             f.cold_starts,
             f.crashes

@@ -589,8 +589,8 @@ async fn serve_exposes_prometheus_metrics() {
     };
     let text = tokio::task::spawn_blocking(scrape).await.unwrap();
     assert!(
-        text.lines()
-            .any(|l| l == r#"mycelium_invocations_total{function="echo",outcome="success"} 1"#),
+        text.lines().any(|l| l
+            == r#"mycelium_invocations_total{function="echo",version="1",outcome="success"} 1"#),
         "{text}"
     );
 
@@ -601,8 +601,19 @@ async fn serve_exposes_prometheus_metrics() {
     assert_eq!(stats["functions"][0]["function"], "echo");
     assert_eq!(stats["functions"][0]["invocations"], 1);
     assert_eq!(stats["functions"][0]["errors"], 0);
+    // Durations in fixed buckets (mergeable over instances) and the quantiles from them.
+    let buckets = stats["functions"][0]["durationBuckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), mycelium_core::DURATION_BUCKETS_US.len() + 1);
+    assert_eq!(buckets.iter().filter_map(Value::as_u64).sum::<u64>(), 1);
+    let p50 = stats["functions"][0]["p50Ms"].as_f64().unwrap();
+    let p99 = stats["functions"][0]["p99Ms"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p99, "p50 {p50} p99 {p99}");
     let table = String::from_utf8(run(&["--nats-url", &url, "stats"]).stdout).unwrap();
     assert!(table.starts_with("1 runtime instance(s)"), "{table}");
+    assert!(
+        table.contains("P50 MS") && table.contains("P99 MS"),
+        "{table}"
+    );
 
     // `top` refreshes; piped, it prints plain tables one after another, with rates from the
     // second on.

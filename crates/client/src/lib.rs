@@ -492,12 +492,7 @@ impl Client {
                         ..Default::default()
                     }
                 });
-                sum.invocations += row.invocations;
-                sum.errors += row.errors;
-                sum.total_duration_us += row.total_duration_us;
-                sum.in_flight += row.in_flight;
-                sum.cold_starts += row.cold_starts;
-                sum.crashes += row.crashes;
+                sum.merge(&row);
             }
         }
         if instances == 0 {

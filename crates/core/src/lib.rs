@@ -25,6 +25,6 @@ pub use cloudevents::Event;
 pub use error::{Error, ErrorCode, ProtocolError};
 pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
-pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome};
+pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome, DURATION_BUCKETS_US};
 pub use name::{FunctionName, InvalidFunctionName};
 pub use trace::{TraceBridge, TraceContext};

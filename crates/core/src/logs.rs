@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::FunctionName;
 
+/// The `tracing` target under which the plugin host relays plugin output lines.
+pub const PLUGIN_OUTPUT_TARGET: &str = "mycelium::plugin";
+
 /// The JetStream stream that keeps recent log records (when the runtime has JetStream).
 pub const LOG_STREAM: &str = "MYCELIUM_LOGS";
 

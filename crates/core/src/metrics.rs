@@ -43,6 +43,76 @@ pub struct FunctionStats {
     pub cold_starts: u64,
     /// Plugin processes that crashed or hung.
     pub crashes: u64,
+    /// Invocations that ran, counted by duration: element `i` counts durations up to
+    /// [`DURATION_BUCKETS_US`]`[i]` microseconds (and above the previous bound); the last
+    /// element counts the longer ones. Fixed bounds, so instances' rows add up element-wise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duration_buckets: Vec<u64>,
+}
+
+/// Upper bounds, in microseconds, of [`FunctionStats::duration_buckets`]: roughly 1-2-5 steps
+/// from 50 µs to 60 s. Part of the `$SRV.STATS` contract; only ever extended at the end.
+pub const DURATION_BUCKETS_US: [u64; 19] = [
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000, 2_000_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+/// The bucket of [`DURATION_BUCKETS_US`] (or the overflow bucket) a duration falls in.
+fn duration_bucket(duration: Duration) -> usize {
+    let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    DURATION_BUCKETS_US.partition_point(|&bound| bound < us)
+}
+
+impl FunctionStats {
+    /// Adds another instance's row for the same function.
+    pub fn merge(&mut self, other: &FunctionStats) {
+        self.invocations += other.invocations;
+        self.errors += other.errors;
+        self.total_duration_us += other.total_duration_us;
+        self.in_flight += other.in_flight;
+        self.cold_starts += other.cold_starts;
+        self.crashes += other.crashes;
+        if self.duration_buckets.len() < other.duration_buckets.len() {
+            self.duration_buckets
+                .resize(other.duration_buckets.len(), 0);
+        }
+        for (sum, count) in self
+            .duration_buckets
+            .iter_mut()
+            .zip(&other.duration_buckets)
+        {
+            *sum += count;
+        }
+    }
+
+    /// The `q` quantile (0.5 for the median, 0.99, ...) of the durations, interpolated
+    /// within its bucket; `None` before any invocation ran. Beyond the last bound it reports
+    /// the last bound.
+    pub fn duration_quantile(&self, q: f64) -> Option<Duration> {
+        let total: u64 = self.duration_buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).max(1.0);
+        let mut seen = 0u64;
+        for (i, &count) in self.duration_buckets.iter().enumerate() {
+            if count > 0 && (seen + count) as f64 >= rank {
+                let lower = if i == 0 {
+                    0
+                } else {
+                    DURATION_BUCKETS_US[i - 1]
+                };
+                let Some(&upper) = DURATION_BUCKETS_US.get(i) else {
+                    return Some(Duration::from_micros(lower));
+                };
+                let within = (rank - seen as f64) / count as f64;
+                let us = lower as f64 + (upper - lower) as f64 * within;
+                return Some(Duration::from_micros(us.round() as u64));
+            }
+            seen += count;
+        }
+        None
+    }
 }
 
 /// Receives the runtime's measurements. Calls happen on the invocation path: keep them
@@ -50,8 +120,14 @@ pub struct FunctionStats {
 pub trait MetricsCollector: Send + Sync + 'static {
     /// An invocation of `function` began executing.
     fn invocation_started(&self, function: &FunctionName);
-    /// An invocation of `function` that had started ended after `duration`.
-    fn invocation_finished(&self, function: &FunctionName, outcome: Outcome, duration: Duration);
+    /// An invocation of `function` at `version` that had started ended after `duration`.
+    fn invocation_finished(
+        &self,
+        function: &FunctionName,
+        version: u64,
+        outcome: Outcome,
+        duration: Duration,
+    );
     /// A request was refused before any function ran (bad input, unknown function,
     /// overload); `function` is known when the request named a valid one.
     fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode);
@@ -70,6 +146,12 @@ pub trait MetricsCollector: Send + Sync + 'static {
     /// The resident memory of one plugin process of `function` at `version`, sampled.
     fn plugin_memory(&self, function: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
         let _ = (function, version, pid, rss_bytes);
+    }
+
+    /// A plugin binary was needed to start a process: `downloaded` from the registry, or
+    /// found in the local cache.
+    fn artifact_fetched(&self, function: &FunctionName, downloaded: bool) {
+        let _ = (function, downloaded);
     }
 
     /// Per-function figures for `$SRV.STATS`, when this collector keeps them.
@@ -94,6 +176,7 @@ struct State {
     plugin_memory: HashMap<(FunctionName, u64), u64>,
     plugin_starts: HashMap<FunctionName, u64>,
     plugin_crashes: HashMap<FunctionName, u64>,
+    durations: HashMap<FunctionName, [u64; DURATION_BUCKETS_US.len() + 1]>,
 }
 
 fn key(function: &str) -> Option<FunctionName> {
@@ -205,6 +288,9 @@ impl MetricsCollector for InMemoryMetrics {
         for (name, crashes) in &state.plugin_crashes {
             row(&mut by_function, name).crashes = *crashes;
         }
+        for (name, buckets) in &state.durations {
+            row(&mut by_function, name).duration_buckets = buckets.to_vec();
+        }
         let mut rows: Vec<FunctionStats> = by_function.into_values().collect();
         rows.sort_by(|a, b| a.function.cmp(&b.function));
         rows
@@ -234,7 +320,13 @@ impl MetricsCollector for InMemoryMetrics {
         *state.in_flight.entry(function.clone()).or_default() += 1;
     }
 
-    fn invocation_finished(&self, function: &FunctionName, outcome: Outcome, duration: Duration) {
+    fn invocation_finished(
+        &self,
+        function: &FunctionName,
+        _version: u64,
+        outcome: Outcome,
+        duration: Duration,
+    ) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = state.in_flight.get_mut(function) {
             *n = n.saturating_sub(1);
@@ -245,6 +337,10 @@ impl MetricsCollector for InMemoryMetrics {
             .or_default();
         stats.count += 1;
         stats.total_duration += duration;
+        state
+            .durations
+            .entry(function.clone())
+            .or_insert([0; DURATION_BUCKETS_US.len() + 1])[duration_bucket(duration)] += 1;
     }
 
     fn request_rejected(&self, function: Option<&FunctionName>, code: ErrorCode) {
@@ -261,6 +357,38 @@ impl MetricsCollector for InMemoryMetrics {
 }
 
 #[cfg(test)]
+mod quantile_tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_mergeable_buckets() {
+        let metrics = InMemoryMetrics::new();
+        let f: FunctionName = "f".parse().unwrap();
+        for us in [30, 40, 150, 150, 150, 150, 150, 150, 900, 70_000_000] {
+            metrics.invocation_started(&f);
+            metrics.invocation_finished(&f, 1, Outcome::Success, Duration::from_micros(us));
+        }
+        let row = metrics.function_stats().remove(0);
+        assert_eq!(row.duration_buckets.iter().sum::<u64>(), 10);
+        assert_eq!(row.duration_buckets[0], 2); // <= 50 us
+        assert_eq!(row.duration_buckets[2], 6); // 100-200 us
+        assert_eq!(row.duration_buckets[19], 1); // beyond 60 s
+                                                 // The median (5th of 10) is the 3rd of 6 in 100-200 us: 150 us.
+        assert_eq!(row.duration_quantile(0.5), Some(Duration::from_micros(150)));
+        assert_eq!(row.duration_quantile(0.99), Some(Duration::from_secs(60)));
+        assert_eq!(FunctionStats::default().duration_quantile(0.5), None);
+
+        let mut sum = row.clone();
+        sum.merge(&row);
+        assert_eq!(sum.invocations, 20);
+        assert_eq!(sum.duration_buckets[2], 12);
+        assert_eq!(sum.duration_quantile(0.5), row.duration_quantile(0.5));
+        assert_eq!(duration_bucket(Duration::from_micros(50)), 0);
+        assert_eq!(duration_bucket(Duration::from_micros(51)), 1);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -271,9 +399,10 @@ mod tests {
         metrics.invocation_started(&echo);
         metrics.invocation_started(&echo);
         assert_eq!(metrics.in_flight("echo"), 2);
-        metrics.invocation_finished(&echo, Outcome::Success, Duration::from_millis(3));
+        metrics.invocation_finished(&echo, 1, Outcome::Success, Duration::from_millis(3));
         metrics.invocation_finished(
             &echo,
+            1,
             Outcome::Failure(ErrorCode::Timeout),
             Duration::from_millis(5),
         );

@@ -39,7 +39,16 @@ struct FunctionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     function: String,
+    /// Empty for requests refused before a version was chosen.
+    version: String,
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    function: String,
+    /// `cache` or `registry`.
+    source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +76,11 @@ pub struct PrometheusMetrics {
     plugin_crashes: Family<FunctionLabels, Counter>,
     plugin_processes: Family<FunctionLabels, Gauge>,
     cold_starts: Family<FunctionLabels, Histogram>,
+    artifact_fetches: Family<FetchLabels, Counter>,
+    nats_reconnects: Counter,
+    resident_memory: Gauge,
+    /// The runtime's NATS connection statistics, read at each scrape.
+    nats: Mutex<Option<Arc<async_nats::Statistics>>>,
 }
 
 impl Default for PrometheusMetrics {
@@ -140,6 +154,24 @@ impl PrometheusMetrics {
             "Time from spawning a plugin process to its passed health check",
             cold_starts.clone(),
         );
+        let artifact_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "plugin_artifact_fetches",
+            "Plugin binaries needed to start a process, by source: the local cache or a registry download",
+            artifact_fetches.clone(),
+        );
+        let nats_reconnects = Counter::default();
+        registry.register(
+            "nats_reconnects",
+            "Times the runtime's NATS connection was re-established",
+            nats_reconnects.clone(),
+        );
+        let resident_memory = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the runtime process",
+            resident_memory.clone(),
+        );
         Self {
             summary: mycelium_core::InMemoryMetrics::new(),
             registry: Mutex::new(registry),
@@ -152,17 +184,46 @@ impl PrometheusMetrics {
             in_flight,
             rejected,
             plugin_memory,
+            artifact_fetches,
+            nats_reconnects,
+            resident_memory,
+            nats: Mutex::new(None),
         }
+    }
+
+    /// Reports the reconnects of this NATS connection (read at each scrape).
+    pub fn watch_nats(&self, client: &async_nats::Client) {
+        *self.nats.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.statistics());
     }
 
     /// The current values in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut text = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Figures kept elsewhere, brought up to date under the registry lock.
+        if let Some(stats) = &*self.nats.lock().unwrap_or_else(|e| e.into_inner()) {
+            let reconnects = stats
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(1);
+            self.nats_reconnects
+                .inc_by(reconnects.saturating_sub(self.nats_reconnects.get()));
+        }
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &registry);
         text
     }
+}
+
+/// This process's resident memory, from `/proc/self/statm` (Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 fn function(name: &FunctionName) -> FunctionLabels {
@@ -177,8 +238,15 @@ impl MetricsCollector for PrometheusMetrics {
         self.in_flight.get_or_create(&function(name)).inc();
     }
 
-    fn invocation_finished(&self, name: &FunctionName, outcome: Outcome, duration: Duration) {
-        self.summary.invocation_finished(name, outcome, duration);
+    fn invocation_finished(
+        &self,
+        name: &FunctionName,
+        version: u64,
+        outcome: Outcome,
+        duration: Duration,
+    ) {
+        self.summary
+            .invocation_finished(name, version, outcome, duration);
         let labels = function(name);
         self.in_flight.get_or_create(&labels).dec();
         self.durations
@@ -187,6 +255,7 @@ impl MetricsCollector for PrometheusMetrics {
         self.invocations
             .get_or_create(&OutcomeLabels {
                 function: labels.function,
+                version: version.to_string(),
                 outcome: outcome.as_str().to_owned(),
             })
             .inc();
@@ -203,6 +272,7 @@ impl MetricsCollector for PrometheusMetrics {
             self.invocations
                 .get_or_create(&OutcomeLabels {
                     function: name.to_string(),
+                    version: String::new(),
                     outcome: code.as_str().to_owned(),
                 })
                 .inc();
@@ -226,6 +296,15 @@ impl MetricsCollector for PrometheusMetrics {
         if crashed {
             self.plugin_crashes.get_or_create(&labels).inc();
         }
+    }
+
+    fn artifact_fetched(&self, name: &FunctionName, downloaded: bool) {
+        self.artifact_fetches
+            .get_or_create(&FetchLabels {
+                function: name.to_string(),
+                source: if downloaded { "registry" } else { "cache" }.to_owned(),
+            })
+            .inc();
     }
 
     fn function_stats(&self) -> Vec<mycelium_core::FunctionStats> {

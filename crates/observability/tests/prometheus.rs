@@ -72,10 +72,10 @@ async fn a_scrape_shows_exact_counts() {
         .unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     for line in [
-        r#"mycelium_invocations_total{function="echo",outcome="success"} 3"#,
-        r#"mycelium_invocations_total{function="fails",outcome="function_error"} 2"#,
-        r#"mycelium_invocations_total{function="sleeps",outcome="timeout"} 1"#,
-        r#"mycelium_invocations_total{function="nobody",outcome="function_not_found"} 1"#,
+        r#"mycelium_invocations_total{function="echo",version="1",outcome="success"} 3"#,
+        r#"mycelium_invocations_total{function="fails",version="1",outcome="function_error"} 2"#,
+        r#"mycelium_invocations_total{function="sleeps",version="1",outcome="timeout"} 1"#,
+        r#"mycelium_invocations_total{function="nobody",version="",outcome="function_not_found"} 1"#,
         r#"mycelium_requests_rejected_total{code="function_not_found"} 1"#,
         r#"mycelium_requests_rejected_total{code="invalid_request"} 1"#,
         r#"mycelium_invocation_duration_seconds_count{function="echo"} 3"#,
@@ -88,8 +88,59 @@ async fn a_scrape_shows_exact_counts() {
         );
     }
     assert!(!response.contains("invocation_id"), "no unbounded labels");
+    let rss = response
+        .lines()
+        .find_map(|l| l.strip_prefix("mycelium_process_resident_memory_bytes "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the runtime's resident memory");
+    assert!(rss > 1 << 20, "{rss}");
     let not_found = tokio::task::spawn_blocking(move || scrape(addr, "/"))
         .await
         .unwrap();
     assert!(not_found.starts_with("HTTP/1.1 404"), "{not_found}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_artifact_fetches_are_counted() {
+    let mut server = NatsServer::start();
+    let metrics = Arc::new(PrometheusMetrics::new());
+    let nats = server.connect().await;
+    metrics.watch_nats(&nats);
+    assert!(metrics
+        .render()
+        .contains("mycelium_nats_reconnects_total 0\n"));
+
+    server.kill();
+    server.resume();
+    let statistics = nats.statistics();
+    mycelium_test_support::eventually(std::time::Duration::from_secs(30), || {
+        let connects = statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        async move { (connects >= 2).then_some(()) }
+    })
+    .await;
+    assert!(
+        metrics
+            .render()
+            .contains("mycelium_nats_reconnects_total 1\n"),
+        "{}",
+        metrics.render()
+    );
+
+    use mycelium_core::MetricsCollector;
+    let name = "thumbs".parse().unwrap();
+    metrics.artifact_fetched(&name, true);
+    metrics.artifact_fetched(&name, false);
+    metrics.artifact_fetched(&name, false);
+    let text = metrics.render();
+    for line in [
+        r#"mycelium_plugin_artifact_fetches_total{function="thumbs",source="registry"} 1"#,
+        r#"mycelium_plugin_artifact_fetches_total{function="thumbs",source="cache"} 2"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
 }

@@ -582,7 +582,7 @@ fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line:
     };
     macro_rules! emit {
         ($level:ident) => {
-            tracing::$level!(target: "mycelium::plugin", function = %function, version, pid, stream, "{message}")
+            tracing::$level!(target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET, function = %function, version, pid, stream, "{message}")
         };
     }
     match level {

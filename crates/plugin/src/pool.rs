@@ -358,12 +358,15 @@ impl PluginPool {
         let binary = match &state.binary {
             Some(binary) => binary.clone(),
             None => {
-                let binary = self
+                let (binary, downloaded) = self
                     .shared
                     .cache
-                    .fetch(self.shared.registry.as_ref(), &self.metadata)
+                    .fetch_reporting(self.shared.registry.as_ref(), &self.metadata)
                     .await
                     .map_err(|e| fetch_protocol_error(&e))?;
+                if let Some(metrics) = &self.shared.metrics {
+                    metrics.artifact_fetched(&self.metadata.name, downloaded);
+                }
                 state.binary = Some(binary.clone());
                 binary
             }

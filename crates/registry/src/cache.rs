@@ -45,6 +45,18 @@ impl ArtifactCache {
         registry: &dyn RegistryAdmin,
         metadata: &FunctionMetadata,
     ) -> Result<PathBuf, FetchError> {
+        self.fetch_reporting(registry, metadata)
+            .await
+            .map(|(path, _)| path)
+    }
+
+    /// [`ArtifactCache::fetch`], also saying whether the binary was downloaded (`true`) or
+    /// already cached (`false`), for metrics.
+    pub async fn fetch_reporting(
+        &self,
+        registry: &dyn RegistryAdmin,
+        metadata: &FunctionMetadata,
+    ) -> Result<(PathBuf, bool), FetchError> {
         let (Some(pinned), Some(size)) = (metadata.digest.as_deref(), metadata.size) else {
             return Err(FetchError::new(
                 FetchErrorKind::NoArtifact,
@@ -64,7 +76,7 @@ impl ArtifactCache {
         if let Ok(existing) = tokio::fs::metadata(&path).await {
             if existing.len() == size {
                 touch(&path);
-                return Ok(path);
+                return Ok((path, false));
             }
             // A truncated or foreign file under a content address: replace it.
             let _ = tokio::fs::remove_file(&path).await;
@@ -84,7 +96,7 @@ impl ArtifactCache {
             .await
             .map_err(|e| storage(format!("moving the binary into {}", path.display()), e))?;
         self.evict(&path);
-        Ok(path)
+        Ok((path, true))
     }
 
     async fn download(

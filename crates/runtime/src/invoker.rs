@@ -226,7 +226,7 @@ impl Invoker {
             Err(e) => Outcome::Failure(e.code),
         };
         self.metrics
-            .invocation_finished(&name, outcome, started.elapsed());
+            .invocation_finished(&name, metadata.version, outcome, started.elapsed());
         result
     }
 }

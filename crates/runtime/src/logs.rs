@@ -25,8 +25,7 @@ use tracing::{
 };
 use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
 
-/// The target under which the plugin host relays plugin output.
-const PLUGIN_OUTPUT_TARGET: &str = "mycelium::plugin";
+pub use mycelium_core::logs::PLUGIN_OUTPUT_TARGET;
 /// Records waiting for NATS; beyond this many they are dropped (and counted).
 const BACKLOG: usize = 4096;
 
@@ -122,7 +121,8 @@ pub struct FunctionLogLayer {
 /// What the invocation span says about the invocation, kept in the span's extensions.
 #[derive(Default, Clone)]
 struct InvocationFields {
-    function: Option<FunctionName>,
+    /// Kept as text: validated only when a record is made, not for every span.
+    function: Option<String>,
     version: u64,
     invocation_id: Option<String>,
     trace_id: Option<String>,
@@ -137,7 +137,7 @@ impl Visit for InvocationFields {
 
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "function" => self.function = value.parse().ok(),
+            "function" => self.function = Some(value.to_owned()),
             "invocation_id" => self.invocation_id = Some(value.to_owned()),
             "trace_id" => self.trace_id = Some(value.to_owned()),
             _ => {}
@@ -145,9 +145,13 @@ impl Visit for InvocationFields {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if matches!(field.name(), "function" | "invocation_id" | "trace_id") {
-            self.record_str(field, &format!("{value:?}"));
-        }
+        let slot = match field.name() {
+            "function" => &mut self.function,
+            "invocation_id" => &mut self.invocation_id,
+            "trace_id" => &mut self.trace_id,
+            _ => return,
+        };
+        *slot = Some(format!("{value:?}"));
     }
 }
 
@@ -224,7 +228,10 @@ where
                 fields.stream.unwrap_or_else(|| "stderr".into()),
             ),
         };
-        let Some(function) = invocation.function else {
+        let Some(function) = invocation
+            .function
+            .and_then(|f| f.parse::<FunctionName>().ok())
+        else {
             return;
         };
         self.logs.send(LogRecord {
