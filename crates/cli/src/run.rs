@@ -468,7 +468,7 @@ fn print_stats(
 ) {
     println!("{} runtime instance(s)", stats.instances);
     println!(
-        "{:<24} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>7}",
+        "{:<24} {:>11} {:>8} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>7}",
         "FUNCTION",
         "INVOCATIONS",
         "PER SEC",
@@ -477,6 +477,7 @@ fn print_stats(
         "AVG MS",
         "P50 MS",
         "P99 MS",
+        "MEMORY",
         "IN FLIGHT",
         "COLD STARTS",
         "CRASHES"
@@ -503,7 +504,7 @@ fn print_stats(
             )
         };
         println!(
-            "{:<24} {:>11} {:>8} {:>8} {:>6.1}% {:>10.2} {:>9} {:>9} {:>9} {:>11} {:>7}",
+            "{:<24} {:>11} {:>8} {:>8} {:>6.1}% {:>10.2} {:>9} {:>9} {:>9} {:>9} {:>11} {:>7}",
             f.function,
             f.invocations,
             rate,
@@ -512,6 +513,11 @@ fn print_stats(
             f.total_duration_us as f64 / ran / 1000.0,
             quantile(0.5),
             quantile(0.99),
+            if f.memory_bytes == 0 {
+                "-".to_owned()
+            } else {
+                crate::output::human_size(Some(f.memory_bytes))
+            },
             f.in_flight,
             f.cold_starts,
             f.crashes

@@ -43,6 +43,9 @@ pub struct FunctionStats {
     pub cold_starts: u64,
     /// Plugin processes that crashed or hung.
     pub crashes: u64,
+    /// Resident memory of the function's live plugin processes (last samples), in bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
     /// Invocations that ran, counted by duration: element `i` counts durations up to
     /// [`DURATION_BUCKETS_US`]`[i]` microseconds (and above the previous bound); the last
     /// element counts the longer ones. Fixed bounds, so instances' rows add up element-wise.
@@ -72,6 +75,7 @@ impl FunctionStats {
         self.in_flight += other.in_flight;
         self.cold_starts += other.cold_starts;
         self.crashes += other.crashes;
+        self.memory_bytes += other.memory_bytes;
         if self.duration_buckets.len() < other.duration_buckets.len() {
             self.duration_buckets
                 .resize(other.duration_buckets.len(), 0);
@@ -139,8 +143,8 @@ pub trait MetricsCollector: Send + Sync + 'static {
 
     /// A plugin process ended: stopped on purpose (idle, retired, shutdown) or not (`crashed`:
     /// it died, or hung and was replaced).
-    fn plugin_stopped(&self, function: &FunctionName, version: u64, crashed: bool) {
-        let _ = (function, version, crashed);
+    fn plugin_stopped(&self, function: &FunctionName, version: u64, pid: u32, crashed: bool) {
+        let _ = (function, version, pid, crashed);
     }
 
     /// The resident memory of one plugin process of `function` at `version`, sampled.
@@ -173,7 +177,8 @@ struct State {
     outcomes: HashMap<(FunctionName, Outcome), OutcomeStats>,
     in_flight: HashMap<FunctionName, u64>,
     rejected: HashMap<ErrorCode, u64>,
-    plugin_memory: HashMap<(FunctionName, u64), u64>,
+    /// Last resident-memory sample per live plugin process: (function, version, pid).
+    plugin_memory: HashMap<(FunctionName, u64, u32), u64>,
     plugin_starts: HashMap<FunctionName, u64>,
     plugin_crashes: HashMap<FunctionName, u64>,
     durations: HashMap<FunctionName, [u64; DURATION_BUCKETS_US.len() + 1]>,
@@ -225,11 +230,19 @@ impl InMemoryMetrics {
         state.in_flight.get(&function).copied().unwrap_or(0)
     }
 
-    /// The last sampled resident memory of a plugin process of `function` at `version`.
+    /// The resident memory of the live plugin processes of `function` at `version` (the sum
+    /// of their last samples); `None` when none was sampled or all have stopped.
     pub fn plugin_memory(&self, function: &str, version: u64) -> Option<u64> {
         let function = key(function)?;
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.plugin_memory.get(&(function, version)).copied()
+        let mut samples = state
+            .plugin_memory
+            .iter()
+            .filter(|((f, v, _), _)| *f == function && *v == version)
+            .map(|(_, rss)| *rss)
+            .peekable();
+        samples.peek()?;
+        Some(samples.sum())
     }
 
     /// Plugin processes of `function` started so far (all versions).
@@ -291,6 +304,9 @@ impl MetricsCollector for InMemoryMetrics {
         for (name, buckets) in &state.durations {
             row(&mut by_function, name).duration_buckets = buckets.to_vec();
         }
+        for ((name, _, _), rss) in &state.plugin_memory {
+            row(&mut by_function, name).memory_bytes += rss;
+        }
         let mut rows: Vec<FunctionStats> = by_function.into_values().collect();
         rows.sort_by(|a, b| a.function.cmp(&b.function));
         rows
@@ -301,18 +317,21 @@ impl MetricsCollector for InMemoryMetrics {
         *state.plugin_starts.entry(function.clone()).or_default() += 1;
     }
 
-    fn plugin_stopped(&self, function: &FunctionName, _version: u64, crashed: bool) {
+    fn plugin_stopped(&self, function: &FunctionName, version: u64, pid: u32, crashed: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .plugin_memory
+            .remove(&(function.clone(), version, pid));
         if crashed {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             *state.plugin_crashes.entry(function.clone()).or_default() += 1;
         }
     }
 
-    fn plugin_memory(&self, function: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
+    fn plugin_memory(&self, function: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state
             .plugin_memory
-            .insert((function.clone(), version), rss_bytes);
+            .insert((function.clone(), version, pid), rss_bytes);
     }
 
     fn invocation_started(&self, function: &FunctionName) {

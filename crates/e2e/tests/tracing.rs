@@ -7,7 +7,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use mycelium_client::{Client, InvokeOptions};
+use mycelium_core::logs::LogRecord;
 use mycelium_core::{
     cloudevents::{event::Data, EventBuilder, EventBuilderV10},
     envelope, Event, FunctionName, TraceContext,
@@ -62,8 +64,11 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
+    let (log_layer, function_logs) = mycelium_runtime::function_logs();
     tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(otel_layer(&provider)),
+        tracing_subscriber::registry()
+            .with(otel_layer(&provider))
+            .with(log_layer),
     )
     .unwrap();
 
@@ -85,6 +90,7 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
         .registry(registry.clone())
         .plugins(plugins)
         .tracing(Arc::new(OtelBridge))
+        .function_logs(function_logs)
         .serve(&server.url())
         .await
         .unwrap();
@@ -175,6 +181,44 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
     assert!(span.parent_span_is_remote, "the client started the trace");
     let value: Value = json!(hex_trace(span.span_context.trace_id()));
     assert_ne!(value, json!(trace_id), "a new trace, not the previous one");
+
+    // 5. A plugin's `tracing` line (through the SDK's log layer) is published attributed to
+    //    its invocation and trace.
+    let mut published = nats.subscribe("function.logs.traced").await.unwrap();
+    nats.flush().await.unwrap();
+    let trace = TraceContext::parse(CALLER, None).unwrap();
+    let events = client
+        .invoke_with(
+            "traced",
+            &event("log"),
+            InvokeOptions {
+                trace: Some(trace.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Some(Data::Json(ids)) = events[0].data() else {
+        panic!("the plugin replied without JSON data")
+    };
+    let record = loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), published.next())
+            .await
+            .expect("no log record within 30 s")
+            .unwrap();
+        let record: LogRecord = serde_json::from_slice(&message.payload).unwrap();
+        if record.message == "traced line from the plugin" {
+            break record;
+        }
+    };
+    assert_eq!(record.level, "warn");
+    assert_eq!(record.source, "stderr");
+    assert_eq!(record.version, version);
+    assert_eq!(
+        record.invocation_id.as_deref(),
+        ids["invocationId"].as_str()
+    );
+    assert_eq!(record.trace_id.as_deref(), Some(trace.trace_id()));
 
     runtime.shutdown().await;
 }

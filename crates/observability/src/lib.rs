@@ -191,6 +191,20 @@ impl PrometheusMetrics {
         }
     }
 
+    /// The gauge of a version's plugin memory: the sum over its live processes.
+    fn update_plugin_memory(&self, name: &FunctionName, version: u64) {
+        let rss = self
+            .summary
+            .plugin_memory(name.as_str(), version)
+            .unwrap_or(0);
+        self.plugin_memory
+            .get_or_create(&VersionLabels {
+                function: name.to_string(),
+                version: version.to_string(),
+            })
+            .set(i64::try_from(rss).unwrap_or(i64::MAX));
+    }
+
     /// Reports the reconnects of this NATS connection (read at each scrape).
     pub fn watch_nats(&self, client: &async_nats::Client) {
         *self.nats.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.statistics());
@@ -289,8 +303,9 @@ impl MetricsCollector for PrometheusMetrics {
             .observe(startup.as_secs_f64());
     }
 
-    fn plugin_stopped(&self, name: &FunctionName, version: u64, crashed: bool) {
-        self.summary.plugin_stopped(name, version, crashed);
+    fn plugin_stopped(&self, name: &FunctionName, version: u64, pid: u32, crashed: bool) {
+        self.summary.plugin_stopped(name, version, pid, crashed);
+        self.update_plugin_memory(name, version);
         let labels = function(name);
         self.plugin_processes.get_or_create(&labels).dec();
         if crashed {
@@ -311,13 +326,9 @@ impl MetricsCollector for PrometheusMetrics {
         self.summary.function_stats()
     }
 
-    fn plugin_memory(&self, name: &FunctionName, version: u64, _pid: u32, rss_bytes: u64) {
-        self.plugin_memory
-            .get_or_create(&VersionLabels {
-                function: name.to_string(),
-                version: version.to_string(),
-            })
-            .set(i64::try_from(rss_bytes).unwrap_or(i64::MAX));
+    fn plugin_memory(&self, name: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
+        MetricsCollector::plugin_memory(&self.summary, name, version, pid, rss_bytes);
+        self.update_plugin_memory(name, version);
     }
 }
 
@@ -383,7 +394,7 @@ mod tests {
         let name: FunctionName = "resize".parse().unwrap();
         metrics.plugin_started(&name, 3, Duration::from_millis(4));
         metrics.plugin_started(&name, 3, Duration::from_millis(6));
-        metrics.plugin_stopped(&name, 3, true);
+        metrics.plugin_stopped(&name, 3, 41, true);
         metrics.plugin_memory(&name, 3, 42, 10 << 20);
         let text = metrics.render();
         for line in [
@@ -399,5 +410,18 @@ mod tests {
             );
         }
         assert!(!text.contains("pid"), "no per-process labels");
+
+        // Two live processes add up; a stopped one no longer counts.
+        metrics.plugin_memory(&name, 3, 43, 5 << 20);
+        assert!(metrics.render().contains(
+            r#"mycelium_plugin_resident_memory_bytes{function="resize",version="3"} 15728640"#
+        ));
+        assert_eq!(metrics.function_stats()[0].memory_bytes, 15 << 20);
+        metrics.plugin_stopped(&name, 3, 42, false);
+        metrics.plugin_stopped(&name, 3, 43, false);
+        assert!(metrics
+            .render()
+            .contains(r#"mycelium_plugin_resident_memory_bytes{function="resize",version="3"} 0"#));
+        assert_eq!(metrics.function_stats()[0].memory_bytes, 0);
     }
 }

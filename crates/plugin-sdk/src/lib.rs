@@ -96,6 +96,32 @@ impl Plugin {
     }
 }
 
+/// The `tracing` layer the SDK logs with: one JSON object per line on stderr, with the fields of
+/// the current invocation span (`function`, `version`, `invocation_id`, `trace_id`), which the
+/// host turns into function log records (`mycelium logs`). [`serve`] installs it with an `info`
+/// filter (`RUST_LOG` overrides) unless the plugin installed a subscriber itself; a plugin that
+/// does can add this layer to keep its lines attributed.
+pub fn log_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+}
+
+fn install_default_logging() {
+    use tracing_subscriber::{layer::SubscriberExt, EnvFilter, Layer};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::registry().with(log_layer().with_filter(filter));
+    // Fails only when the plugin installed its own subscriber first: then that one stays.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
 fn serve_plugin(plugin: Plugin) -> ! {
     if std::env::var(handshake::MAGIC_COOKIE_KEY).as_deref() != Ok(handshake::MAGIC_COOKIE_VALUE) {
         eprintln!(
@@ -114,6 +140,7 @@ fn serve_plugin(plugin: Plugin) -> ! {
             std::process::exit(1);
         }
     }
+    install_default_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

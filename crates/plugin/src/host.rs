@@ -560,7 +560,9 @@ async fn relay(
     }
 }
 
-/// Logs one output line; go-plugin's hclog JSON lines keep their level and message.
+/// Logs one output line. JSON lines keep their level and message: go-plugin's hclog
+/// (`@level`, `@message`) and the Rust SDK's (`level`, `message`, and the invocation span's
+/// `invocation_id` and `trace_id`, which attribute the line to its call).
 fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line: &str) {
     if line.is_empty() {
         return;
@@ -569,26 +571,41 @@ fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line:
         .starts_with('{')
         .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
         .flatten();
-    let (level, message) = match &parsed {
-        Some(json) => (
-            json.get("@level")
-                .and_then(|l| l.as_str())
-                .unwrap_or("info"),
-            json.get("@message")
-                .and_then(|m| m.as_str())
-                .unwrap_or(line),
-        ),
-        None => ("info", line),
+    let text = |keys: &[&str]| {
+        let json = parsed.as_ref()?;
+        keys.iter().find_map(|key| {
+            json.get(key)
+                .or_else(|| json.get("span")?.get(key))
+                .and_then(|v| v.as_str())
+        })
     };
+    let level = text(&["@level", "level"])
+        .unwrap_or("info")
+        .to_ascii_lowercase();
+    let message = text(&["@message", "message"]).unwrap_or(line);
+    let invocation_id = text(&["invocation_id"]);
+    let trace_id = text(&["trace_id"]);
     macro_rules! emit {
         ($level:ident) => {
-            tracing::$level!(target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET, function = %function, version, pid, stream, "{message}")
+            match invocation_id {
+                Some(invocation_id) => tracing::$level!(
+                    target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
+                    function = %function, version, pid, stream, invocation_id,
+                    trace_id = trace_id.unwrap_or_default(),
+                    "{message}"
+                ),
+                None => tracing::$level!(
+                    target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
+                    function = %function, version, pid, stream,
+                    "{message}"
+                ),
+            }
         };
     }
-    match level {
+    match level.as_str() {
         "trace" => emit!(trace),
         "debug" => emit!(debug),
-        "warn" => emit!(warn),
+        "warn" | "warning" => emit!(warn),
         "error" => emit!(error),
         _ => emit!(info),
     }

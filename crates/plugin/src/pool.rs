@@ -322,7 +322,12 @@ impl PluginPool {
             return;
         }
         if let Some(metrics) = &self.shared.metrics {
-            metrics.plugin_stopped(&self.metadata.name, self.metadata.version, crashed);
+            metrics.plugin_stopped(
+                &self.metadata.name,
+                self.metadata.version,
+                slot.process.pid(),
+                crashed,
+            );
         }
     }
 

@@ -136,6 +136,9 @@ impl Visit for InvocationFields {
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
+        if value.is_empty() {
+            return;
+        }
         match field.name() {
             "function" => self.function = Some(value.to_owned()),
             "invocation_id" => self.invocation_id = Some(value.to_owned()),

@@ -8,7 +8,8 @@
 //! (a plain stdout line and an hclog JSON stderr line),
 //! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory),
 //! `trace` (replies with the trace context the host sent and the one the function runs in:
-//! the plugin installs an OpenTelemetry layer, so its span is a child of the host's).
+//! the plugin installs an OpenTelemetry layer, so its span is a child of the host's), `log`
+//! (a `tracing` warning through the SDK's log layer; replies with its invocation and trace ids).
 
 use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, Event},
@@ -90,6 +91,16 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
+            "log" => {
+                tracing::warn!(answer = 42, "traced line from the plugin");
+                Ok(reply(
+                    event,
+                    json!({
+                        "invocationId": ctx.invocation_id(),
+                        "traceId": ctx.trace().map(|t| t.trace_id().to_owned()),
+                    }),
+                ))
+            }
             "trace" => {
                 let received = LAST_RECEIVED_TRACE
                     .lock()
@@ -137,7 +148,7 @@ impl TraceBridge for RecordingBridge {
 }
 
 fn serve_traced() -> ! {
-    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{layer::SubscriberExt, Layer};
     // Spans get OpenTelemetry ids but go nowhere: the host's side of the test checks them.
     let provider = match mycelium_observability::tracer_provider("mycelium-test-plugin", None) {
         Ok(provider) => provider,
@@ -146,8 +157,12 @@ fn serve_traced() -> ! {
             std::process::exit(1);
         }
     };
-    let subscriber =
-        tracing_subscriber::registry().with(mycelium_observability::otel_layer(&provider));
+    let subscriber = tracing_subscriber::registry()
+        .with(mycelium_observability::otel_layer(&provider))
+        .with(
+            mycelium_plugin_sdk::log_layer()
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        );
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("a tracing subscriber was already installed");
     }
