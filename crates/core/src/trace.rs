@@ -150,6 +150,22 @@ impl fmt::Display for TraceContext {
     }
 }
 
+/// Records `trace_id` on `span`, and `span_id` when the backend gave the span an id of its own
+/// (`current` continues from a different span than the caller's), for log lines.
+pub fn record_ids(
+    span: &tracing::Span,
+    caller: Option<&TraceContext>,
+    current: Option<&TraceContext>,
+) {
+    let Some(current) = current else {
+        return;
+    };
+    span.record("trace_id", current.trace_id());
+    if caller.is_none_or(|caller| caller.parent_id() != current.parent_id()) {
+        span.record("span_id", current.parent_id());
+    }
+}
+
 /// Joins invocations to a tracing backend. The runtime calls [`TraceBridge::enter`] when it
 /// creates an invocation span, the plugin SDK when it creates its own, and the client
 /// [`TraceBridge::current`] before it sends a request.

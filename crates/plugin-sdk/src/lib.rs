@@ -298,11 +298,10 @@ impl FunctionService for Service {
             version = context.function_version,
             invocation_id = %context.invocation_id,
             trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
         let trace = self.tracing.enter(&span, incoming_trace.as_ref());
-        if let Some(trace) = &trace {
-            span.record("trace_id", trace.trace_id());
-        }
+        mycelium_core::trace::record_ids(&span, incoming_trace.as_ref(), trace.as_ref());
         let token = CancellationToken::new();
         let _cancel_on_drop = token.clone().drop_guard();
         let ctx = InvocationContext::new(

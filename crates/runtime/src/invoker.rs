@@ -160,11 +160,11 @@ impl Invoker {
             invocation_id = %invocation_id,
             event_id = %event.id(),
             trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
-        let trace = self.tracing.enter(&span, trace.as_ref());
-        if let Some(trace) = &trace {
-            span.record("trace_id", trace.trace_id());
-        }
+        let incoming = trace;
+        let trace = self.tracing.enter(&span, incoming.as_ref());
+        mycelium_core::trace::record_ids(&span, incoming.as_ref(), trace.as_ref());
         // A fresh token, not a child of `abort`: creating children locks the parent, a
         // contention point under load; the select below links the two on abort.
         let cancellation = CancellationToken::new();
