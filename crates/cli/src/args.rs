@@ -347,6 +347,10 @@ pub struct InvokeArgs {
     /// How long the function may run (e.g. 5s, 250ms).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub timeout: Duration,
+    /// Retry this many times when no runtime answered or one was shutting down or overloaded
+    /// (the function did not run); backoff with jitter.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
 }
 
 /// `mycelium list`.

@@ -362,7 +362,13 @@ fn nuid_like_id() -> String {
 
 async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Failure> {
     let event = build_event(&args)?;
-    let client = client(connection).await?;
+    let mut client = client(connection).await?;
+    if args.retries > 0 {
+        client = client.with_retry(mycelium_client::RetryPolicy {
+            attempts: args.retries.saturating_add(1),
+            ..Default::default()
+        });
+    }
     let options = InvokeOptions {
         version: args.version,
         timeout: Some(args.timeout),

@@ -2,11 +2,13 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
-use mycelium_test_support::{eventually, free_port, nats_server_binary, terminate, NatsServer};
+use mycelium_test_support::{
+    eventually, free_port, nats_server_binary, terminate, ChildGuard as Running, NatsServer,
+};
 use serde_json::{json, Value};
 
 fn mycelium() -> Command {
@@ -48,26 +50,6 @@ fn stdout_json(output: &Output) -> Value {
         }
     }
     value
-}
-
-/// Stops a child process on drop (SIGTERM, so `mycelium up` also stops its nats-server),
-/// so a failing test leaves nothing running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            terminate(self.0.id());
-            for _ in 0..500 {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -733,4 +715,35 @@ async fn logs_follow_shows_a_plugins_output_lines() {
     let bad = run(&["--nats-url", &url, "logs", "No.Such"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("error[invalid_function_name]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_with_retries_outlasts_a_missing_runtime() {
+    let server = NatsServer::start();
+    let url = server.url();
+    // No runtime yet: without retries this is `no_runtime` at once.
+    let alone = run(&["--nats-url", &url, "invoke", "echo"]);
+    assert_eq!(alone.status.code(), Some(3), "{alone:?}");
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("error[no_runtime]"));
+
+    let waiting = mycelium()
+        .args([
+            "--nats-url",
+            &url,
+            "invoke",
+            "echo",
+            "--id",
+            "r1",
+            "--retries",
+            "40",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _serve = start_serve(&server, &["--registry", "memory"]).await;
+    let output = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stdout_json(&output)["events"][0]["id"], "r1");
 }

@@ -104,6 +104,8 @@ pub struct ConnectOptions {
     pub subject_prefix: String,
     /// Where the JetStream registry lives (for deploy, versions, rollback, delete).
     pub registry: NatsRegistryConfig,
+    /// Retry invocations (off by default; see [`RetryPolicy`]).
+    pub retry: Option<RetryPolicy>,
 }
 
 impl ConnectOptions {
@@ -118,6 +120,7 @@ impl ConnectOptions {
             name: "mycelium-client".into(),
             subject_prefix: "function".into(),
             registry: NatsRegistryConfig::default(),
+            retry: None,
         }
     }
 
@@ -183,9 +186,13 @@ impl ConnectOptions {
     /// Connects and returns a Mycelium [`Client`].
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         let nats = self.connect_nats().await?;
-        Ok(Client::new(nats)
+        let client = Client::new(nats)
             .with_subject_prefix(&self.subject_prefix)
-            .with_registry_config(self.registry.clone()))
+            .with_registry_config(self.registry.clone());
+        Ok(match &self.retry {
+            Some(policy) => client.with_retry(policy.clone()),
+            None => client,
+        })
     }
 }
 
@@ -201,20 +208,86 @@ pub struct InvokeOptions {
     pub trace: Option<TraceContext>,
 }
 
-/// A new trace: random ids, sampled. Not for security, only to be unique.
-fn new_trace() -> TraceContext {
+/// A random number for ids and jitter (not for security: std's per-process random hash keys
+/// mixed with the clock).
+fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let random = || {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        hasher.finish() | 1
-    };
-    let trace_id = (u128::from(random()) << 64) | u128::from(random());
-    TraceContext::from_ids(trace_id, random(), true, None)
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// A new trace: random non-zero ids, sampled.
+fn new_trace() -> TraceContext {
+    let trace_id = (u128::from(random_u64() | 1) << 64) | u128::from(random_u64());
+    TraceContext::from_ids(trace_id, random_u64() | 1, true, None)
+}
+
+/// Opt-in retries of invocations ([`Client::with_retry`]).
+///
+/// Retried: no runtime listening (`NoResponders`), `unavailable` (a runtime shutting down),
+/// `overloaded`, a request that could not be sent, and, with `retry_timeouts`, a request that
+/// got no reply in time. Every attempt carries the same invocation id
+/// ([`envelope::INVOCATION_ID_HEADER`], the function's `ctx.invocation_id()`).
+///
+/// **At least once.** An `unavailable` or `overloaded` reply means the function did not run,
+/// but a timeout does not: the first attempt may still be running, or have finished with its
+/// reply lost (its runtime was killed), when the retry runs. Functions with side effects
+/// de-duplicate on the invocation id.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: no retry).
+    pub attempts: u32,
+    /// The wait before the first retry; it doubles with each retry, up to `max_backoff`, and
+    /// each wait is drawn at random below that bound ("full jitter").
+    pub initial_backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Also retry an attempt that got no reply within `attempt_timeout`.
+    pub retry_timeouts: bool,
+    /// With `retry_timeouts`: how long each attempt waits for its reply (default: the
+    /// invocation's timeout).
+    pub attempt_timeout: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            retry_timeouts: false,
+            attempt_timeout: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether `error` is worth another attempt under this policy.
+    pub fn is_retriable(&self, error: &RequestError) -> bool {
+        match error.kind() {
+            RequestErrorKind::NoResponders | RequestErrorKind::Transport => true,
+            RequestErrorKind::Remote(code) => {
+                matches!(code, ErrorCode::Unavailable | ErrorCode::Overloaded)
+            }
+            RequestErrorKind::TimedOut => self.retry_timeouts,
+            RequestErrorKind::InvalidName | RequestErrorKind::InvalidReply => false,
+        }
+    }
+
+    /// The wait before retry number `retry` (1 for the first), with full jitter.
+    fn backoff(&self, retry: u32) -> Duration {
+        let bound = self
+            .initial_backoff
+            .saturating_mul(1 << retry.saturating_sub(1).min(20))
+            .min(self.max_backoff);
+        let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(random_u64() % nanos.max(1))
+    }
 }
 
 /// Invokes and discovers functions. Cheap to clone.
@@ -227,6 +300,7 @@ pub struct Client {
     registry_config: NatsRegistryConfig,
     registry: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<NatsRegistry>>>,
     tracing: std::sync::Arc<dyn TraceBridge>,
+    retry: Option<RetryPolicy>,
 }
 
 impl std::fmt::Debug for Client {
@@ -249,8 +323,16 @@ impl Client {
             registry_config: NatsRegistryConfig::default(),
             registry: Default::default(),
             tracing: std::sync::Arc::new(mycelium_core::trace::PassThrough),
+            retry: None,
         }
         .with_subject_prefix("function")
+    }
+
+    /// Retries invocations that failed in a retriable way (see [`RetryPolicy`], and its
+    /// at-least-once consequence). Off by default.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
     }
 
     /// Continues the current span's trace through `bridge` (for example
@@ -345,13 +427,41 @@ impl Client {
         if let Some(state) = trace.tracestate() {
             headers.insert(TRACESTATE, state);
         }
+        headers.insert(
+            envelope::INVOCATION_ID_HEADER,
+            nuid::next().to_string().as_str(),
+        );
+        let body = Bytes::from(body);
+        let Some(policy) = &self.retry else {
+            return self
+                .invoke_once(body, headers, timeout + REPLY_MARGIN)
+                .await;
+        };
+        let wait = match policy.attempt_timeout {
+            Some(limit) if policy.retry_timeouts => limit,
+            _ => timeout + REPLY_MARGIN,
+        };
+        let mut attempt = 1;
+        loop {
+            match self.invoke_once(body.clone(), headers.clone(), wait).await {
+                Err(error) if attempt < policy.attempts.max(1) && policy.is_retriable(&error) => {
+                    tracing::debug!(%error, attempt, function, "retrying the invocation");
+                    tokio::time::sleep(policy.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn invoke_once(
+        &self,
+        body: Bytes,
+        headers: async_nats::HeaderMap,
+        wait: Duration,
+    ) -> Result<Vec<Event>, RequestError> {
         let reply = self
-            .request_with_headers(
-                &self.invoke_subject,
-                body.into(),
-                Some(headers),
-                timeout + REPLY_MARGIN,
-            )
+            .request_with_headers(&self.invoke_subject, body, Some(headers), wait)
             .await?;
         match envelope::decode_invoke_reply(&reply.payload) {
             Ok(Ok(events)) => Ok(events),
@@ -523,4 +633,55 @@ fn invalid_reply(reply: &async_nats::Message, problem: String) -> RequestError {
         }
     }
     RequestError::new(RequestErrorKind::InvalidReply, problem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_only_what_did_not_run_unless_told() {
+        let policy = RetryPolicy::default();
+        let error = |kind| RequestError::new(kind, "x");
+        for kind in [
+            RequestErrorKind::NoResponders,
+            RequestErrorKind::Transport,
+            RequestErrorKind::Remote(ErrorCode::Unavailable),
+            RequestErrorKind::Remote(ErrorCode::Overloaded),
+        ] {
+            assert!(policy.is_retriable(&error(kind)), "{kind:?}");
+        }
+        for kind in [
+            RequestErrorKind::TimedOut,
+            RequestErrorKind::InvalidName,
+            RequestErrorKind::InvalidReply,
+            RequestErrorKind::Remote(ErrorCode::FunctionError),
+            RequestErrorKind::Remote(ErrorCode::Timeout),
+            RequestErrorKind::Remote(ErrorCode::InvalidEvent),
+        ] {
+            assert!(!policy.is_retriable(&error(kind)), "{kind:?}");
+        }
+        let timeouts = RetryPolicy {
+            retry_timeouts: true,
+            ..RetryPolicy::default()
+        };
+        assert!(timeouts.is_retriable(&error(RequestErrorKind::TimedOut)));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_below_it() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        };
+        for _ in 0..200 {
+            assert!(policy.backoff(1) < Duration::from_millis(10));
+            assert!(policy.backoff(2) < Duration::from_millis(20));
+            assert!(policy.backoff(30) < Duration::from_millis(50));
+        }
+        let spread: std::collections::HashSet<Duration> =
+            (0..50).map(|_| policy.backoff(3)).collect();
+        assert!(spread.len() > 10, "jitter spreads the waits");
+    }
 }

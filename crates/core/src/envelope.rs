@@ -24,6 +24,17 @@ pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
 pub const VERSION_HEADER: &str = "Mycelium-Version";
 /// Header shortening the timeout in binding-mode requests, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Mycelium-Timeout-Ms";
+/// Header naming the invocation, so that a retried request keeps its id and a function can
+/// recognise a repeat (`InvocationContext::invocation_id`). Without it the runtime makes one.
+pub const INVOCATION_ID_HEADER: &str = "Mycelium-Invocation-Id";
+
+/// Whether a caller-chosen invocation id is usable: 1 to 64 characters of `A-Z a-z 0-9 - _ . :`.
+pub fn valid_invocation_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
 
 /// A decoded invocation request.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +47,8 @@ pub struct InvokeRequest {
     pub version: Option<u64>,
     /// A shorter timeout than the function's own.
     pub timeout: Option<Duration>,
+    /// The caller's name for this invocation (header [`INVOCATION_ID_HEADER`]), if valid.
+    pub invocation_id: Option<String>,
     /// The caller's W3C trace context: from the NATS headers (set by the endpoint, they win)
     /// or the event's distributed-tracing extension. Invalid contexts are dropped, not refused.
     pub trace: Option<TraceContext>,
@@ -92,6 +105,7 @@ pub fn decode_invoke_request(body: &[u8]) -> Result<InvokeRequest, ProtocolError
     let event = event_from_raw(raw.event.get())?;
     Ok(InvokeRequest {
         function,
+        invocation_id: None,
         trace: event_trace(&event),
         event,
         version: raw.version,

@@ -134,6 +134,7 @@ impl Invoker {
             version,
             timeout,
             trace,
+            invocation_id,
         } = request;
         let (metadata, function) = match self.resolve(&name, version) {
             Ok(found) => found,
@@ -152,7 +153,7 @@ impl Invoker {
         let limit = metadata.timeout.unwrap_or(self.default_timeout);
         let timeout = timeout.map_or(limit, |asked| asked.min(limit));
 
-        let invocation_id = nuid::next().to_string();
+        let invocation_id = invocation_id.unwrap_or_else(|| nuid::next().to_string());
         let span = tracing::info_span!(
             "invocation",
             function = %name,

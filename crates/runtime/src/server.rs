@@ -169,6 +169,7 @@ async fn handle_invocation(shared: &Shared, request: &Request, binding: bool) {
             if let Some(trace) = header_trace(&request.message) {
                 invoke.trace = Some(trace);
             }
+            invoke.invocation_id = header_invocation_id(&request.message);
             invoke
         })
     };
@@ -253,11 +254,23 @@ fn decode_binding_request(
         .transpose()?;
     Ok(InvokeRequest {
         function,
+        invocation_id: header_invocation_id(message),
         trace: header_trace(message).or_else(|| envelope::event_trace(&event)),
         event,
         version,
         timeout: envelope::parse_timeout_ms(timeout_ms)?,
     })
+}
+
+/// The caller's invocation id header, if present and valid (an invalid one is ignored: the
+/// runtime names the invocation itself).
+fn header_invocation_id(message: &Message) -> Option<String> {
+    let id = message
+        .headers
+        .as_ref()?
+        .get(envelope::INVOCATION_ID_HEADER)?
+        .as_str();
+    envelope::valid_invocation_id(id).then(|| id.to_owned())
 }
 
 /// The W3C trace context in a request's NATS headers, if any and valid.

@@ -48,6 +48,14 @@ async fn fixture(config: RuntimeConfig) -> Fixture {
         .builtin(name("sleeps"), "sleeps", sleeps)
         .builtin(name("gate"), "waits for the test", gate)
         .builtin(
+            name("whoami"),
+            "replies with its invocation id",
+            from_fn(|mut event, ctx| async move {
+                event.set_data("text/plain", ctx.invocation_id().to_owned());
+                Ok(vec![event])
+            }),
+        )
+        .builtin(
             name("big"),
             "replies with more than the server's max_payload",
             from_fn(|event, _ctx| async move {
@@ -594,4 +602,32 @@ async fn subject_prefix_is_configurable() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_invocation_id_is_kept_and_a_bad_one_replaced() {
+    let f = fixture(RuntimeConfig::default()).await;
+    let body = serde_json::to_vec(&json!({"functionName": "whoami",
+        "event": {"specversion": "1.0", "id": "1", "source": "s", "type": "t"}}))
+    .unwrap();
+    let ask = |id: &'static str| {
+        let (nats, body) = (f.nats.clone(), body.clone());
+        async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("Mycelium-Invocation-Id", id);
+            let reply = nats
+                .request_with_headers("function.invoke", headers, body.into())
+                .await
+                .unwrap();
+            let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+            reply["events"][0]["data"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(ask("order-42:attempt").await, "order-42:attempt");
+    // Not a usable id (a space, or too long): the runtime names the invocation itself.
+    let replaced = ask("has space").await;
+    assert_ne!(replaced, "has space");
+    assert!(!replaced.is_empty());
+    let long: &'static str = Box::leak("x".repeat(65).into_boxed_str());
+    assert_ne!(ask(long).await, long);
 }

@@ -374,3 +374,23 @@ pub mod functions {
         }
     }
 }
+
+/// A child process stopped on drop (SIGTERM, so `mycelium up` also stops its nats-server; up to
+/// 10 s to exit, then SIGKILL), so a failing test leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            terminate(self.0.id());
+            for _ in 0..500 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,211 @@
+//! Fault injection under load, every invocation accounted for: runtime instances (real
+//! `mycelium serve` processes) killed with SIGKILL or drained while a load generator runs, and
+//! the nats-server restarted under load. With the client's retry policy on, nothing fails.
+
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use mycelium_client::{Client, InvokeOptions, RequestErrorKind, RetryPolicy};
+use mycelium_core::cloudevents::AttributesReader;
+use mycelium_test_support::{
+    event, eventually, kill_now, nats_server_binary, terminate, ChildGuard, NatsServer,
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+fn serve(url: &str) -> ChildGuard {
+    ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_mycelium"))
+            .env("MYCELIUM_NATS_SERVER", nats_server_binary())
+            .env("RUST_LOG", "warn")
+            .args(["--nats-url", url, "serve", "--registry", "memory"])
+            .args(["--shutdown-grace", "10s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn wait_for_instances(client: &Client, count: usize) {
+    eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let stats = client.stats(Duration::from_secs(1)).await.ok()?;
+            (stats.instances == count).then_some(())
+        }
+    })
+    .await;
+}
+
+/// What a load run saw: successes, and failures by kind.
+#[derive(Debug, Default)]
+struct Tally {
+    succeeded: usize,
+    failed: BTreeMap<String, usize>,
+}
+
+/// Sends `total` invocations of `echo` from `workers` concurrent callers; `done` counts the
+/// finished ones so the test can inject faults at known points of the run.
+async fn load(
+    client: Client,
+    total: usize,
+    workers: usize,
+    timeout: Option<Duration>,
+    done: watch::Sender<usize>,
+) -> Tally {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(done);
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, next, done) = (client.clone(), next.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return tally;
+                }
+                let id = format!("load-{i}");
+                let options = InvokeOptions {
+                    timeout,
+                    ..Default::default()
+                };
+                match client
+                    .invoke_with("echo", &event(&id, json!({"i": i})), options)
+                    .await
+                {
+                    Ok(events) if events.len() == 1 && events[0].id() == id => tally.succeeded += 1,
+                    Ok(events) => panic!("invocation {i} answered with {events:?}"),
+                    Err(error) => {
+                        *tally
+                            .failed
+                            .entry(format!("{:?}", error.kind()))
+                            .or_default() += 1;
+                    }
+                }
+                done.send_modify(|n| *n += 1);
+            }
+        }));
+    }
+    let mut sum = Tally::default();
+    for task in tasks {
+        let tally = task.await.unwrap();
+        sum.succeeded += tally.succeeded;
+        for (kind, n) in tally.failed {
+            *sum.failed.entry(kind).or_default() += n;
+        }
+    }
+    sum
+}
+
+fn retrying() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 8,
+        retry_timeouts: true,
+        attempt_timeout: Some(Duration::from_secs(2)),
+        ..RetryPolicy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_killed_and_drained_under_load_lose_nothing_with_retries() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let mut instances = [serve(&url), serve(&url), serve(&url)];
+    let client = Client::new(server.connect().await).with_retry(retrying());
+    wait_for_instances(&client, 3).await;
+
+    const TOTAL: usize = 3000;
+    let (done, mut progress) = watch::channel(0);
+    let run = tokio::spawn(load(client.clone(), TOTAL, 16, None, done));
+
+    progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
+    kill_now(instances[0].0.id());
+    progress.wait_for(|n| *n >= 2 * TOTAL / 3).await.unwrap();
+    terminate(instances[1].0.id());
+
+    let tally = run.await.unwrap();
+    eprintln!("tally: {tally:?}");
+    assert_eq!(
+        (tally.succeeded, &tally.failed),
+        (TOTAL, &BTreeMap::new()),
+        "every invocation succeeded"
+    );
+    // The drained instance exited by itself, cleanly; the killed one did not get to.
+    let drained = instances[1].0.wait().unwrap();
+    assert!(drained.success(), "drain ended with {drained}");
+    let killed = instances[0].0.wait().unwrap();
+    assert!(!killed.success());
+    wait_for_instances(&client, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_retries_a_killed_instance_costs_only_its_in_flight_calls() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let instances = [serve(&url), serve(&url)];
+    let client = Client::new(server.connect().await);
+    wait_for_instances(&client, 2).await;
+
+    const TOTAL: usize = 1500;
+    let (done, mut progress) = watch::channel(0);
+    // A short timeout, so that calls lost with the killed instance end soon, as timeouts.
+    let timeout = Some(Duration::from_millis(500));
+    let run = tokio::spawn(load(client, TOTAL, 8, timeout, done));
+    progress.wait_for(|n| *n >= TOTAL / 2).await.unwrap();
+    kill_now(instances[0].0.id());
+    let tally = run.await.unwrap();
+    eprintln!("tally: {tally:?}");
+
+    // Every call is accounted for; the only failures are calls the killed instance held
+    // (at most the 8 in flight), and they fail as timeouts, not as anything else.
+    let failed: usize = tally.failed.values().sum();
+    assert_eq!(tally.succeeded + failed, TOTAL);
+    assert!(failed <= 8, "{:?}", tally.failed);
+    assert!(
+        tally
+            .failed
+            .keys()
+            .all(|kind| kind == &format!("{:?}", RequestErrorKind::TimedOut)),
+        "{:?}",
+        tally.failed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_under_load_loses_nothing_with_retries() {
+    let mut server = NatsServer::start();
+    let url = server.url();
+    let _instances = [serve(&url), serve(&url)];
+    let client = Client::new(server.connect().await).with_retry(RetryPolicy {
+        attempts: 30,
+        max_backoff: Duration::from_millis(500),
+        ..retrying()
+    });
+    wait_for_instances(&client, 2).await;
+
+    const TOTAL: usize = 2000;
+    let (done, mut progress) = watch::channel(0);
+    let run = tokio::spawn(load(client.clone(), TOTAL, 8, None, done));
+    progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
+    server.kill();
+    server.resume();
+
+    let tally = run.await.unwrap();
+    eprintln!("tally: {tally:?}");
+    assert_eq!(
+        (tally.succeeded, &tally.failed),
+        (TOTAL, &BTreeMap::new()),
+        "every invocation succeeded across the restart"
+    );
+    // Both runtimes came back by themselves.
+    wait_for_instances(&client, 2).await;
+}
