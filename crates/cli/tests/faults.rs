@@ -12,20 +12,29 @@ use std::{
     time::Duration,
 };
 
-use mycelium_client::{Client, InvokeOptions, RequestErrorKind, RetryPolicy};
-use mycelium_core::cloudevents::AttributesReader;
+use mycelium_client::{
+    Client, ConnectOptions, DeploySpec, InvokeOptions, RegistryAdmin, RequestErrorKind, RetryPolicy,
+};
+use mycelium_core::{cloudevents::AttributesReader, FunctionName};
 use mycelium_test_support::{
-    event, eventually, kill_now, nats_server_binary, terminate, ChildGuard, NatsServer,
+    event, eventually, kill_now, nats_server_binary, terminate, ChildGuard, NatsCluster, NatsServer,
 };
 use serde_json::json;
 use tokio::sync::watch;
 
 fn serve(url: &str) -> ChildGuard {
+    serve_with(url, &[], &["--registry", "memory"])
+}
+
+fn serve_with(url: &str, global: &[&str], options: &[&str]) -> ChildGuard {
     ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_mycelium"))
             .env("MYCELIUM_NATS_SERVER", nats_server_binary())
             .env("RUST_LOG", "warn")
-            .args(["--nats-url", url, "serve", "--registry", "memory"])
+            .args(["--nats-url", url])
+            .args(global)
+            .arg("serve")
+            .args(options)
             .args(["--shutdown-grace", "10s"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -56,6 +65,7 @@ struct Tally {
 /// finished ones so the test can inject faults at known points of the run.
 async fn load(
     client: Client,
+    function: &'static str,
     total: usize,
     workers: usize,
     timeout: Option<Duration>,
@@ -79,7 +89,7 @@ async fn load(
                     ..Default::default()
                 };
                 match client
-                    .invoke_with("echo", &event(&id, json!({"i": i})), options)
+                    .invoke_with(function, &event(&id, json!({"i": i})), options)
                     .await
                 {
                     Ok(events) if events.len() == 1 && events[0].id() == id => tally.succeeded += 1,
@@ -125,7 +135,7 @@ async fn instances_killed_and_drained_under_load_lose_nothing_with_retries() {
 
     const TOTAL: usize = 3000;
     let (done, mut progress) = watch::channel(0);
-    let run = tokio::spawn(load(client.clone(), TOTAL, 16, None, done));
+    let run = tokio::spawn(load(client.clone(), "echo", TOTAL, 16, None, done));
 
     progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
     kill_now(instances[0].0.id());
@@ -159,7 +169,7 @@ async fn without_retries_a_killed_instance_costs_only_its_in_flight_calls() {
     let (done, mut progress) = watch::channel(0);
     // A short timeout, so that calls lost with the killed instance end soon, as timeouts.
     let timeout = Some(Duration::from_millis(500));
-    let run = tokio::spawn(load(client, TOTAL, 8, timeout, done));
+    let run = tokio::spawn(load(client, "echo", TOTAL, 8, timeout, done));
     progress.wait_for(|n| *n >= TOTAL / 2).await.unwrap();
     kill_now(instances[0].0.id());
     let tally = run.await.unwrap();
@@ -194,7 +204,7 @@ async fn a_nats_server_restart_under_load_loses_nothing_with_retries() {
 
     const TOTAL: usize = 2000;
     let (done, mut progress) = watch::channel(0);
-    let run = tokio::spawn(load(client.clone(), TOTAL, 8, None, done));
+    let run = tokio::spawn(load(client.clone(), "echo", TOTAL, 8, None, done));
     progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
     server.kill();
     server.resume();
@@ -208,4 +218,86 @@ async fn a_nats_server_restart_under_load_loses_nothing_with_retries() {
     );
     // Both runtimes came back by themselves.
     wait_for_instances(&client, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_lost_and_back_under_load_loses_no_call_and_no_version() {
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let mut options = ConnectOptions::new(&urls);
+    options.registry.replicas = 3;
+    options.retry = Some(RetryPolicy {
+        attempts: 40,
+        max_backoff: Duration::from_millis(500),
+        ..retrying()
+    });
+    let client = options.connect().await.unwrap();
+    // The JetStream meta leader is elected shortly after the routes connect.
+    let registry = eventually(Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { client.registry().await.ok() }
+    })
+    .await;
+    let name: FunctionName = "svc".parse().unwrap();
+    let deploy = || {
+        let (registry, name) = (registry.clone(), name.clone());
+        async move {
+            // A deploy refused while the cluster elects a new leader is tried again; one that
+            // returns a version has stored it.
+            eventually(Duration::from_secs(60), || {
+                let (registry, name) = (registry.clone(), name.clone());
+                async move {
+                    registry
+                        .deploy(DeploySpec::builtin(name, "echo"))
+                        .await
+                        .ok()
+                }
+            })
+            .await
+            .version
+        }
+    };
+    let mut deployed = vec![deploy().await];
+    let _instances = [
+        serve_with(&urls, &["--replicas", "3"], &[]),
+        serve_with(&urls, &["--replicas", "3"], &[]),
+    ];
+    wait_for_instances(&client, 2).await;
+    eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.invoke("svc", event("warm", json!({}))).await.ok() }
+    })
+    .await;
+
+    const TOTAL: usize = 2000;
+    let (done, mut progress) = watch::channel(0);
+    let run = tokio::spawn(load(client.clone(), "svc", TOTAL, 8, None, done));
+    progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
+    cluster.nodes_mut()[0].kill();
+    deployed.push(deploy().await);
+    progress.wait_for(|n| *n >= 2 * TOTAL / 3).await.unwrap();
+    cluster.nodes_mut()[0].resume();
+    deployed.push(deploy().await);
+
+    let tally = run.await.unwrap();
+    eprintln!("tally: {tally:?}, deployed: {deployed:?}");
+    assert_eq!(
+        (tally.succeeded, &tally.failed),
+        (TOTAL, &BTreeMap::new()),
+        "every invocation succeeded while a node was down"
+    );
+    // Every deployed version is kept and the last is active (the local catalog follows the
+    // KV watch, which resumes after the node loss: wait for it to catch up, not for a loss).
+    let (kept, active) = eventually(Duration::from_secs(30), || {
+        let (registry, name, deployed) = (registry.clone(), name.clone(), deployed.clone());
+        async move {
+            let versions = registry.versions(&name).ok()?;
+            let kept: Vec<u64> = versions.versions.iter().map(|v| v.version).collect();
+            (deployed.iter().all(|v| kept.contains(v))
+                && versions.active == deployed.last().copied())
+            .then_some((kept, versions.active))
+        }
+    })
+    .await;
+    eprintln!("kept {kept:?}, active {active:?}");
 }
