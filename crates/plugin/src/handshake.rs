@@ -115,6 +115,23 @@ impl Handshake {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn any_line_parses_or_is_refused(line in ".{0,200}") {
+            if let Ok(handshake) = Handshake::parse(&line) {
+                // What is accepted has an address to connect to.
+                proptest::prop_assert!(!handshake.address.is_empty());
+            }
+        }
+
+        #[test]
+        fn handshake_shaped_lines_parse_or_are_refused(
+            fields in proptest::collection::vec("[0-9a-z/.:|]{0,30}", 0..8),
+        ) {
+            let _ = Handshake::parse(&fields.join("|"));
+        }
+    }
+
     #[test]
     fn parses_go_plugin_lines() {
         let unix = Handshake::parse("1|1|unix|/tmp/plugin123|grpc\n").unwrap();

@@ -742,3 +742,38 @@ impl tokio::io::AsyncRead for ProgressReader {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn any_key_is_understood_or_skipped(key in ".{0,80}") {
+            if let Some(Key::Version(name, _) | Key::Active(name)) = parse_key(&key) {
+                // Only keys of the documented layout are understood.
+                let prefix = format!("fn.{name}.");
+                proptest::prop_assert!(key.starts_with(&prefix), "{} lacks {}", key, prefix);
+            }
+        }
+    }
+
+    #[test]
+    fn the_documented_keys_are_understood() {
+        assert!(
+            matches!(parse_key("fn.resize.v.12"), Some(Key::Version(n, 12)) if n.as_str() == "resize")
+        );
+        assert!(
+            matches!(parse_key("fn.resize.active"), Some(Key::Active(n)) if n.as_str() == "resize")
+        );
+        for other in [
+            "seq.resize",
+            "fn.Resize.active",
+            "fn.resize.v.x",
+            "fn.resize",
+            "fn..active",
+        ] {
+            assert!(parse_key(other).is_none(), "{other}");
+        }
+    }
+}

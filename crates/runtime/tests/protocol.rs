@@ -631,3 +631,90 @@ async fn a_callers_invocation_id_is_kept_and_a_bad_one_replaced() {
     let long: &'static str = Box::leak("x".repeat(65).into_boxed_str());
     assert_ne!(ask(long).await, long);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrage_of_hostile_requests_gets_exact_codes_while_valid_traffic_flows() {
+    let f = fixture(RuntimeConfig::default()).await;
+    let valid = {
+        let nats = f.nats.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..500 {
+                let (headers, body) = raw_json(
+                    &nats,
+                    "function.invoke",
+                    json!({"functionName": "echo", "event": {"specversion": "1.0", "id": format!("v{i}"), "source": "s", "type": "t"}}),
+                )
+                .await;
+                if headers.is_none() && body["events"][0]["id"] == format!("v{i}") {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    let event = json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t"});
+    let nested = format!(
+        r#"{{"functionName": "echo", "event": {{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": {}{}}}}}"#,
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
+    let hostile: Vec<(Vec<u8>, ErrorCode)> = vec![
+        (b"\xff\xfe\x00\x01 binary garbage".to_vec(), ErrorCode::InvalidRequest),
+        (vec![0u8; 4096], ErrorCode::InvalidRequest),
+        (b"{\"functionName\": \"echo\", \"event\": {\"id\": \"\xff\xfe\"}}".to_vec(), ErrorCode::InvalidRequest),
+        (nested.into_bytes(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": "x".repeat(900_000), "event": event})).unwrap(), ErrorCode::InvalidFunctionName),
+        (serde_json::to_vec(&json!({"functionName": 5, "event": event})).unwrap(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": ["echo"], "event": event})).unwrap(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": "not an event"})).unwrap(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": {"specversion": "1.0", "source": "s", "type": "t"}})).unwrap(), ErrorCode::InvalidEvent),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": {"specversion": "9.9", "id": "1", "source": "s", "type": "t"}})).unwrap(), ErrorCode::InvalidEvent),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": event, "version": "one"})).unwrap(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": event, "timeoutMs": -1})).unwrap(), ErrorCode::InvalidRequest),
+        (serde_json::to_vec(&json!({"functionName": "echo", "event": event, "timeoutMs": 0})).unwrap(), ErrorCode::InvalidRequest),
+    ];
+    let injection = [
+        "a.b",
+        "a*",
+        ">",
+        "echo\r\nPUB evil 1",
+        "../etc/passwd",
+        "",
+        "ECHO",
+        "echo ",
+    ];
+    for (body, code) in hostile.into_iter().chain(injection.iter().map(|name| {
+        (
+            serde_json::to_vec(&json!({"functionName": name, "event": event})).unwrap(),
+            ErrorCode::InvalidFunctionName,
+        )
+    })) {
+        let preview = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
+        let reply = raw(&f.nats, "function.invoke", body).await;
+        assert_eq!(
+            reply.1["error"]["code"],
+            code.as_str(),
+            "{preview}: {}",
+            reply.1
+        );
+        assert_error(&reply, code, "");
+    }
+    // The binding: bad names in the subject, garbage in binary-mode headers.
+    let mut headers = HeaderMap::new();
+    headers.insert("ce-specversion", "1.0");
+    headers.insert("ce-id", "\u{7f}");
+    let reply = f
+        .nats
+        .request_with_headers("function.invoke.echo", headers, "x".into())
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_event", "{body}");
+    let reply = raw(&f.nats, "function.invoke.NOT-VALID", "x").await;
+    assert_error(&reply, ErrorCode::InvalidFunctionName, "");
+
+    assert_eq!(valid.await.unwrap(), 500, "valid traffic flowed throughout");
+    let (headers, body) = raw(&f.nats, "function.invoke", SEED_REQUEST).await;
+    assert!(headers.is_none(), "{body}");
+}
