@@ -60,9 +60,18 @@ pub struct ConnectionArgs {
     /// NATS credentials file (.creds).
     #[arg(long, global = true, env = "NATS_CREDS")]
     pub creds: Option<PathBuf>,
+    /// NKey seed file to authenticate with.
+    #[arg(long, global = true, env = "NATS_NKEY")]
+    pub nkey: Option<PathBuf>,
     /// CA certificate (PEM) to trust for TLS to NATS.
     #[arg(long, global = true, env = "NATS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS to NATS (with --tls-key).
+    #[arg(long, global = true, env = "NATS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM) (with --tls-cert).
+    #[arg(long, global = true, env = "NATS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// First token of Mycelium's subjects.
     #[arg(
         long,

@@ -78,7 +78,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
         Failure::new(code, error_chain(&e), EXIT_FAILED)
     })?;
     if args.json {
-        print_json(&json_value(&*metadata));
+        print_json(&json_value(&metadata.redacted()));
     } else {
         println!(
             "deployed {} v{} ({}, {}) in {:.2}s",
@@ -102,8 +102,11 @@ pub async fn versions(client: &Client, args: VersionsArgs) -> Result<(), Failure
         .versions(&name)
         .map_err(|e| Failure::new("function_not_found", e.to_string(), EXIT_FAILED))?;
     if args.json {
-        let list: Vec<serde_json::Value> =
-            versions.versions.iter().map(|m| json_value(&**m)).collect();
+        let list: Vec<serde_json::Value> = versions
+            .versions
+            .iter()
+            .map(|m| json_value(&m.redacted()))
+            .collect();
         print_json(&serde_json::json!({"name": name, "active": versions.active, "versions": list}));
         return Ok(());
     }

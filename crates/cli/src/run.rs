@@ -70,6 +70,8 @@ fn connect_options(connection: &Connection<'_>) -> ConnectOptions {
     options.token = connection.token.clone();
     options.credentials_file = connection.creds.clone();
     options.tls_ca = connection.tls_ca.clone();
+    options.nkey_file = connection.nkey.clone();
+    options.tls_client_cert = connection.tls_cert.clone().zip(connection.tls_key.clone());
     options.subject_prefix = connection.subject_prefix.clone();
     options.registry = registry;
     options
@@ -289,7 +291,7 @@ async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failu
         Path::new(".mycelium/plugins"),
     )
     .await?;
-    tracing::info!(nats_url = %connection.args.nats_url, "serving; Ctrl-C or SIGTERM stops gracefully");
+    tracing::info!(nats_url = %mycelium_client::redact_url(&connection.args.nats_url), "serving; Ctrl-C or SIGTERM stops gracefully");
     let reason = shutdown_signal().await;
     tracing::info!(reason, "stopping");
     handle.shutdown().await;

@@ -747,3 +747,108 @@ async fn invoke_with_retries_outlasts_a_missing_runtime() {
         .unwrap();
     assert_eq!(stdout_json(&output)["events"][0]["id"], "r1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_show_in_logs_errors_metrics_or_describe() {
+    const PASSWORD: &str = "pw-Zq81-never-print";
+    const SECRET_ENV: &str = "env-Vx42-never-print";
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = mycelium_natsd::ServerOptions::new(dir.path());
+    options.binary = Some(nats_server_binary());
+    options.extra_args = ["--user", "alice", "--pass", PASSWORD]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let server = mycelium_natsd::NatsServer::spawn(&options).unwrap();
+    let url = server.url().to_owned();
+    let auth = [
+        "--nats-url",
+        &url,
+        "--user",
+        "alice",
+        "--password",
+        PASSWORD,
+    ];
+    let with_auth = |args: &[&str]| run(&[&auth[..], args].concat());
+
+    let log = dir.path().join("serve.log");
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let serve = Running(
+        mycelium()
+            .args(auth)
+            .args(["serve", "--metrics-addr", &metrics_addr])
+            .args(["--plugin-dir", dir.path().join("plugins").to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(Duration::from_secs(30), || {
+        let out = with_auth(&["list"]);
+        async move { out.status.success().then_some(()) }
+    })
+    .await;
+
+    let deployed = with_auth(&[
+        "deploy",
+        "keyed",
+        "--builtin",
+        "echo",
+        "--env",
+        &format!("API_KEY={SECRET_ENV}"),
+        "--json",
+    ]);
+    assert!(deployed.status.success(), "{deployed:?}");
+    let mut shown = String::from_utf8_lossy(&deployed.stdout).into_owned();
+    for args in [
+        &["describe", "keyed", "--json"][..],
+        &["describe", "keyed"],
+        &["versions", "keyed", "--json"],
+        &["invoke", "keyed", "--id", "k1"],
+        &["invoke", "nobody"],
+    ] {
+        let out = with_auth(args);
+        shown.push_str(&String::from_utf8_lossy(&out.stdout));
+        shown.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(
+        shown.contains("API_KEY"),
+        "the variable's name is shown: {shown}"
+    );
+    // A connection error with the credentials in the URL, and a wrong password.
+    for url in [
+        format!("nats://alice:{PASSWORD}@127.0.0.1:1"),
+        url.replace("nats://", &format!("nats://alice:{PASSWORD}@")),
+    ] {
+        let out = run(&["--nats-url", &url, "list"]);
+        shown.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    let scrape = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    drop(serve);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("keyed"), "the log is not empty: {logged}");
+    for (what, text) in [
+        ("CLI output", &shown),
+        ("runtime log", &logged),
+        ("metrics", &scrape),
+    ] {
+        for secret in [PASSWORD, SECRET_ENV] {
+            assert!(!text.contains(secret), "{what} shows a secret:\n{text}");
+        }
+    }
+}

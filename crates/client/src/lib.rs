@@ -96,8 +96,12 @@ pub struct ConnectOptions {
     pub token: Option<String>,
     /// A `.creds` file (JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU...`) to authenticate with.
+    pub nkey_file: Option<PathBuf>,
     /// A PEM file of CA certificates to trust for TLS.
     pub tls_ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM files), for servers that verify clients.
+    pub tls_client_cert: Option<(PathBuf, PathBuf)>,
     /// Connection name shown in NATS monitoring.
     pub name: String,
     /// First token of the Mycelium subjects.
@@ -116,7 +120,9 @@ impl ConnectOptions {
             user_password: None,
             token: None,
             credentials_file: None,
+            nkey_file: None,
             tls_ca: None,
+            tls_client_cert: None,
             name: "mycelium-client".into(),
             subject_prefix: "function".into(),
             registry: NatsRegistryConfig::default(),
@@ -153,8 +159,23 @@ impl ConnectOptions {
         if let Some(token) = &self.token {
             options = options.token(token.clone());
         }
+        if let Some(path) = &self.nkey_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                ConnectError::with_source(
+                    ConnectErrorKind::Credentials,
+                    format!("reading the NKey seed file {}", path.display()),
+                    e,
+                )
+            })?;
+            options = options.nkey(seed.trim().to_owned());
+        }
         if let Some(ca) = &self.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.tls_client_cert {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
         }
         let urls: Vec<&str> = self
             .url
@@ -167,7 +188,7 @@ impl ConnectOptions {
         let addrs = addrs.map_err(|e| {
             ConnectError::with_source(
                 ConnectErrorKind::Connect,
-                format!("{:?} is not a NATS URL", self.url),
+                format!("{:?} is not a NATS URL", redact_url(&self.url)),
                 e,
             )
         })?;
@@ -176,7 +197,7 @@ impl ConnectOptions {
                 ConnectErrorKind::Connect,
                 format!(
                     "cannot connect to NATS at {}; is a server running? (`mycelium up` starts one)",
-                    self.url
+                    redact_url(&self.url)
                 ),
                 e,
             )
@@ -194,6 +215,20 @@ impl ConnectOptions {
             None => client,
         })
     }
+}
+
+/// The URL(s) with any `user:password@` or `token@` replaced by `***@`, for messages and logs.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            (None, Some(at)) => format!("***{}", &url[at..]),
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Per-call options of [`Client::invoke_with`].
@@ -638,6 +673,15 @@ fn invalid_reply(reply: &async_nats::Message, problem: String) -> RequestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            redact_url("nats://alice:s3cret@h1:4222, tls://t0ken@h2,nats://h3"),
+            "nats://***@h1:4222,tls://***@h2,nats://h3"
+        );
+        assert_eq!(redact_url("alice:pw@host:4222"), "***@host:4222");
+    }
 
     #[test]
     fn retries_only_what_did_not_run_unless_told() {

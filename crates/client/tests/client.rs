@@ -255,3 +255,182 @@ async fn stats_are_summed_over_runtime_instances() {
     assert_eq!((row("fails").invocations, row("fails").errors), (3, 3));
     assert!(row("echo").total_duration_us > 0);
 }
+
+/// The permissions README.md documents for a runtime (core NATS subjects; with the in-memory
+/// registry), a caller that may invoke, and a reader that may only discover.
+const LEAST_PRIVILEGE: &str = r#"
+authorization {
+  users = [
+    { user: runtime, password: rt, permissions: {
+        publish: { allow: ["_MYCELIUM.FENCE.>", "function.logs.>"] },
+        subscribe: { allow: ["function.invoke", "function.invoke.*", "function.list",
+                             "function.describe", "$SRV.>", "_INBOX.>"] },
+        allow_responses: true } },
+    { user: caller, password: c, permissions: {
+        publish: { allow: ["function.invoke", "function.invoke.*", "function.list",
+                           "function.describe", "$SRV.>"] },
+        subscribe: { allow: ["_INBOX.>"] } } },
+    { user: reader, password: r, permissions: {
+        publish: { allow: ["function.list", "function.describe"] },
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_permissions_decide_who_may_invoke_and_the_runtime_needs_only_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(&config, LEAST_PRIVILEGE).unwrap();
+    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let as_user = |user: &str, password: &str| {
+        let mut options = ConnectOptions::new(server.url());
+        options.user_password = Some((user.into(), password.into()));
+        options
+    };
+
+    let metrics = std::sync::Arc::new(mycelium_core::InMemoryMetrics::new());
+    let runtime_nats = as_user("runtime", "rt").connect_nats().await.unwrap();
+    let runtime = Runtime::builder()
+        .standard_builtins()
+        .metrics(metrics.clone())
+        .build(runtime_nats)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
+    // The caller invokes and discovers, over plain and binding subjects and $SRV.
+    let caller = as_user("caller", "c").connect().await.unwrap();
+    assert_eq!(
+        caller.invoke("echo", event("c1", json!({}))).await.unwrap()[0].id(),
+        "c1"
+    );
+    assert_eq!(
+        caller
+            .stats(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .instances,
+        1
+    );
+
+    // The reader may list but not invoke: its request never reaches the runtime.
+    let reader = as_user("reader", "r").connect().await.unwrap();
+    assert!(!reader.list().await.unwrap().is_empty());
+    let denied = reader
+        .invoke_with(
+            "echo",
+            &event("r1", json!({})),
+            InvokeOptions {
+                timeout: Some(Duration::from_millis(200)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(denied.kind(), RequestErrorKind::TimedOut, "{denied}");
+    assert_eq!(
+        metrics.count("echo", mycelium_core::Outcome::Success),
+        1,
+        "only the caller's invocation ran"
+    );
+
+    // Shutting down needs nothing more (its fence request is allowed): it reports no
+    // abandoned invocation.
+    assert_eq!(runtime.shutdown().await.abandoned, 0);
+}
+
+/// A runtime on the JetStream registry: its core subjects plus the JetStream API and the
+/// replies of its watchers and downloads (README.md lists the same).
+const LEAST_PRIVILEGE_JETSTREAM: &str = r#"
+jetstream { store_dir: "STORE" }
+authorization {
+  users = [
+    { user: runtime, password: rt, permissions: {
+        publish: { allow: ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "_MYCELIUM.FENCE.>",
+                           "function.logs.>"] },
+        subscribe: { allow: ["function.invoke", "function.invoke.*", "function.list",
+                             "function.describe", "$SRV.>", "_INBOX.>"] },
+        allow_responses: true } },
+    { user: deployer, password: d, permissions: {
+        publish: { allow: ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$O.mycelium_artifacts.>",
+                           "$KV.mycelium_functions.>", "function.>", "$SRV.>"] },
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_runtime_works_with_its_documented_permissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    let store = dir.path().join("store");
+    std::fs::write(
+        &config,
+        LEAST_PRIVILEGE_JETSTREAM.replace("STORE", store.to_str().unwrap()),
+    )
+    .unwrap();
+    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let as_user = |user: &str, password: &str| {
+        let mut options = ConnectOptions::new(server.url());
+        options.user_password = Some((user.into(), password.into()));
+        options
+    };
+    // The deployer creates the buckets and deploys; the runtime only reads and watches.
+    let deployer = as_user("deployer", "d").connect().await.unwrap();
+    let registry = deployer.registry().await.unwrap();
+    use mycelium_client::RegistryAdmin;
+    let name: mycelium_core::FunctionName = "greeter".parse().unwrap();
+    registry
+        .deploy(mycelium_client::DeploySpec::builtin(name.clone(), "echo"))
+        .await
+        .unwrap();
+
+    let runtime_nats = as_user("runtime", "rt").connect_nats().await.unwrap();
+    let runtime_registry = mycelium_runtime::presets::open_registry(
+        runtime_nats.clone(),
+        mycelium_client::NatsRegistryConfig::default(),
+    )
+    .await
+    .unwrap();
+    let runtime = Runtime::builder()
+        .standard_builtins()
+        .registry(runtime_registry.clone())
+        .build(runtime_nats)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        deployer
+            .invoke("greeter", event("g1", json!({})))
+            .await
+            .unwrap()[0]
+            .id(),
+        "g1"
+    );
+    // A new version reaches the runtime through its watch.
+    let v2 = registry
+        .deploy(mycelium_client::DeploySpec::builtin(
+            name.clone(),
+            "example",
+        ))
+        .await
+        .unwrap()
+        .version;
+    assert!(
+        runtime_registry
+            .wait_for_active(&name, v2, Duration::from_secs(30))
+            .await
+    );
+    assert_eq!(
+        deployer
+            .invoke("greeter", event("g2", json!({})))
+            .await
+            .unwrap()[0]
+            .id(),
+        "response-g2"
+    );
+    assert_eq!(runtime.shutdown().await.abandoned, 0);
+}

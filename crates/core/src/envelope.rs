@@ -273,7 +273,7 @@ pub fn encode_describe_request(request: &DescribeRequest) -> Vec<u8> {
 
 /// Encodes the reply of `<prefix>.describe`: the metadata record.
 pub fn encode_describe_reply(metadata: &FunctionMetadata) -> Vec<u8> {
-    to_vec(metadata)
+    to_vec(&metadata.redacted())
 }
 
 /// Encodes the reply of `<prefix>.list`.

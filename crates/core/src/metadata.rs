@@ -81,6 +81,16 @@ pub struct FunctionMetadata {
 }
 
 impl FunctionMetadata {
+    /// The record as shown to callers (`describe`, `versions`): environment variable values
+    /// replaced by `***`, since they often hold credentials. The names stay.
+    pub fn redacted(&self) -> FunctionMetadata {
+        let mut shown = self.clone();
+        for value in shown.env.values_mut() {
+            *value = "***".into();
+        }
+        shown
+    }
+
     /// Metadata for version 1 of a built-in function.
     pub fn builtin(name: FunctionName, description: impl Into<String>) -> Self {
         Self {

@@ -167,7 +167,14 @@ async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
     let echoed = f.call("rusty", "echo", json!({"n": 1})).await.unwrap();
     assert_eq!(echoed[0].id(), "t");
     assert_eq!(json_data(&echoed[0]), json!({"n": 1}));
-    let first_pid = pid_of(&f.call("rusty", "pid", json!({})).await.unwrap());
+    let identity = f.call("rusty", "pid", json!({})).await.unwrap();
+    let first_pid = pid_of(&identity);
+    // Its own process group, led by itself: signals to the group reach only the plugin.
+    assert_eq!(json_data(&identity[0])["pgid"], json!(first_pid));
+    #[allow(unsafe_code)]
+    // SAFETY: getpgid(0) only reads this process's group id.
+    let own_group = unsafe { libc::getpgid(0) };
+    assert_ne!(i64::from(own_group), first_pid as i64);
     for _ in 0..20 {
         assert_eq!(
             pid_of(&f.call("rusty", "pid", json!({})).await.unwrap()),

@@ -61,7 +61,10 @@ impl Function for TestPlugin {
                     .unwrap_or_default();
                 Ok(reply(event, json!({"names": names, "cwd": cwd})))
             }
-            "pid" => Ok(reply(event, json!({"pid": std::process::id()}))),
+            "pid" => Ok(reply(
+                event,
+                json!({"pid": std::process::id(), "pgid": process_group()}),
+            )),
             "sleep" => {
                 let ms = number(&event, "ms");
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -169,6 +172,12 @@ fn serve_traced() -> ! {
     mycelium_plugin_sdk::Plugin::new(TestPlugin)
         .tracing(std::sync::Arc::new(RecordingBridge(OtelBridge)))
         .serve()
+}
+
+#[allow(unsafe_code)]
+fn process_group() -> i32 {
+    // SAFETY: getpgid(0) only reads the calling process's group id.
+    unsafe { libc::getpgid(0) }
 }
 
 #[allow(unsafe_code)]
