@@ -221,6 +221,15 @@ pub struct DeployArgs {
     /// Label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub labels: Vec<(String, String)>,
+    /// Sign the binary's digest with this NKey seed file, for runtimes started with
+    /// --trusted-key (its public key).
+    #[arg(
+        long,
+        env = "MYCELIUM_SIGN_KEY",
+        value_name = "SEED_FILE",
+        conflicts_with = "builtin"
+    )]
+    pub sign_key: Option<PathBuf>,
     /// Print the new version's metadata as JSON.
     #[arg(long)]
     pub json: bool,
@@ -310,6 +319,15 @@ pub struct RuntimeArgs {
     /// default. Invocations then continue their callers' W3C traces with spans of their own.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Run only plugin binaries signed by this public NKey (repeatable); unsigned or otherwise
+    /// signed binaries are refused with `artifact_untrusted`. Off by default.
+    #[arg(
+        long = "trusted-key",
+        env = "MYCELIUM_TRUSTED_KEYS",
+        value_delimiter = ',',
+        value_name = "PUBLIC_NKEY"
+    )]
+    pub trusted_keys: Vec<String>,
     /// Where deployed functions are looked up.
     #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
     pub registry: RegistryKind,

@@ -46,6 +46,18 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     spec.max_concurrency = args.max_concurrency;
     spec.env = args.env.into_iter().collect::<BTreeMap<_, _>>();
     spec.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    if let Some(path) = &args.sign_key {
+        let seed = std::fs::read_to_string(path).map_err(|e| {
+            Failure::new(
+                "invalid_request",
+                format!("cannot read the signing key {}: {e}", path.display()),
+                EXIT_FAILED,
+            )
+        })?;
+        let key = mycelium_registry::SigningKey::from_seed(&seed)
+            .map_err(|e| Failure::new("invalid_request", error_chain(&e), EXIT_FAILED))?;
+        spec.signing_key = Some(key);
+    }
 
     // A progress bar only for a person watching; piped output stays clean.
     let bar = (spec.kind == FunctionKind::Plugin && std::io::stderr().is_terminal()).then(|| {

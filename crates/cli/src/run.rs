@@ -143,6 +143,7 @@ async fn start_runtime(
             max_processes: args.plugin_max_processes,
             concurrency_per_process: args.plugin_concurrency,
             idle_timeout: args.plugin_idle_timeout,
+            trusted_signers: args.trusted_keys.clone(),
             ..PoolSettings::default()
         };
         let plugins = PluginExecutor::new(

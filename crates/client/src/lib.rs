@@ -24,7 +24,7 @@
 pub use async_nats;
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
-    OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, Versions,
+    OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey, Versions,
 };
 
 use std::{path::PathBuf, time::Duration};

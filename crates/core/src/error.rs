@@ -42,6 +42,9 @@ pub enum ErrorCode {
     PluginStartFailed,
     /// The plugin process died during the call; the next call starts a new one.
     PluginCrashed,
+    /// The runtime trusts only signed binaries and this one is unsigned or signed by a key it
+    /// does not trust; it was not run.
+    ArtifactUntrusted,
     /// A code this version of Mycelium does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -49,7 +52,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::InvalidRequest,
         Self::InvalidEvent,
         Self::InvalidFunctionName,
@@ -64,6 +67,7 @@ impl ErrorCode {
         Self::ArtifactCorrupt,
         Self::PluginStartFailed,
         Self::PluginCrashed,
+        Self::ArtifactUntrusted,
         Self::Unknown,
     ];
 
@@ -84,6 +88,7 @@ impl ErrorCode {
             Self::ArtifactCorrupt => "artifact_corrupt",
             Self::PluginStartFailed => "plugin_start_failed",
             Self::PluginCrashed => "plugin_crashed",
+            Self::ArtifactUntrusted => "artifact_untrusted",
             Self::Unknown => "unknown",
         }
     }
@@ -94,6 +99,7 @@ impl ErrorCode {
             Self::InvalidRequest | Self::InvalidEvent | Self::InvalidFunctionName => 400,
             Self::FunctionNotFound | Self::VersionNotFound => 404,
             Self::PayloadTooLarge => 413,
+            Self::ArtifactUntrusted => 403,
             Self::Overloaded => 429,
             Self::Timeout => 504,
             Self::Unavailable => 503,

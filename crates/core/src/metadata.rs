@@ -65,6 +65,12 @@ pub struct FunctionMetadata {
     /// SHA-256 of the binary (plugins), as `sha256:<hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The public NKey (`U...`, `A...`, ...) that signed the digest, when the deploy signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The ed25519 signature of the `digest` text by `signer`, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     /// Size of the binary in bytes (plugins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
@@ -104,6 +110,8 @@ impl FunctionMetadata {
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             digest: None,
+            signer: None,
+            signature: None,
             size: None,
             created_at: None,
             entry_point: None,

@@ -681,3 +681,63 @@ fn no_orphans_when_the_host_is_killed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_binaries_signed_by_a_trusted_key_run() {
+    let trusted = nkeys::KeyPair::new_user();
+    let stranger = nkeys::KeyPair::new_user();
+    let f = fixture(
+        PoolSettings {
+            trusted_signers: vec![trusted.public_key()],
+            ..PoolSettings::default()
+        },
+        false,
+    )
+    .await;
+    let deploy = |function: &'static str, key: Option<&nkeys::KeyPair>| {
+        let mut spec = DeploySpec::plugin(name(function), ArtifactSource::File(TEST_PLUGIN.into()));
+        spec.signing_key =
+            key.map(|k| mycelium_registry::SigningKey::from_seed(&k.seed().unwrap()).unwrap());
+        let (admin, registry) = (&f.admin, f.runtime_registry.clone());
+        async move {
+            let deployed = admin.deploy(spec).await.unwrap();
+            assert!(
+                registry
+                    .wait_for_active(&deployed.name, deployed.version, Duration::from_secs(30))
+                    .await
+            );
+            deployed
+        }
+    };
+
+    deploy("unsigned", None).await;
+    let (unsigned, message) = code(f.call("unsigned", "echo", json!({})).await);
+    assert_eq!(unsigned, ErrorCode::ArtifactUntrusted, "{message}");
+    assert!(message.contains("is not signed"), "{message}");
+    assert!(
+        message.contains(&trusted.public_key()),
+        "says which key is trusted: {message}"
+    );
+
+    let by_stranger = deploy("stranger", Some(&stranger)).await;
+    assert_eq!(
+        by_stranger.signer.as_deref(),
+        Some(stranger.public_key().as_str())
+    );
+    let (refused, message) = code(f.call("stranger", "echo", json!({})).await);
+    assert_eq!(refused, ErrorCode::ArtifactUntrusted, "{message}");
+    assert!(message.contains("untrusted key"), "{message}");
+    assert_eq!(
+        f.plugins.process_count(),
+        0,
+        "nothing untrusted was started"
+    );
+    assert_eq!(
+        f.metrics.plugin_starts("unsigned") + f.metrics.plugin_starts("stranger"),
+        0
+    );
+
+    deploy("signed", Some(&trusted)).await;
+    let echoed = f.call("signed", "echo", json!({"ok": true})).await.unwrap();
+    assert_eq!(json_data(&echoed[0]), json!({"ok": true}));
+}

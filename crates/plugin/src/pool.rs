@@ -15,7 +15,7 @@ use mycelium_core::{
     ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName, InvocationContext,
     MetricsCollector, ProtocolError,
 };
-use mycelium_registry::{fetch_protocol_error, ArtifactCache, RegistryAdmin};
+use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::host::{PluginProcess, ProcessConfig, StartErrorKind};
@@ -39,6 +39,9 @@ pub struct PoolSettings {
     pub cpu_seconds: Option<u64>,
     /// Longest wait between restarts of a crash-looping plugin.
     pub max_restart_backoff: Duration,
+    /// Public NKeys whose signatures this runtime trusts; when any are set, binaries that are
+    /// unsigned or signed by another key are refused (`artifact_untrusted`).
+    pub trusted_signers: Vec<String>,
 }
 
 impl Default for PoolSettings {
@@ -52,6 +55,7 @@ impl Default for PoolSettings {
             max_open_files: 1024,
             cpu_seconds: None,
             max_restart_backoff: Duration::from_secs(30),
+            trusted_signers: Vec::new(),
         }
     }
 }
@@ -360,6 +364,9 @@ impl PluginPool {
     }
 
     async fn start(&self, state: &mut PoolState) -> Result<Arc<Slot>, ProtocolError> {
+        // Before anything is fetched or run: an untrusted binary never reaches the disk.
+        verify_signature(&self.metadata, &self.shared.settings.trusted_signers)
+            .map_err(|e| fetch_protocol_error(&e))?;
         let binary = match &state.binary {
             Some(binary) => binary.clone(),
             None => {
