@@ -434,3 +434,97 @@ async fn a_jetstream_runtime_works_with_its_documented_permissions() {
     );
     assert_eq!(runtime.shutdown().await.abandoned, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_authentication() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, format!("{}\n", user.seed().unwrap())).unwrap();
+
+    let mut options = ConnectOptions::new(server.url());
+    options.nkey_file = Some(seed_file);
+    let client = options.connect().await.unwrap();
+    let _runtime = Runtime::builder()
+        .standard_builtins()
+        .build(client.nats().clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .invoke("echo", event("nk", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Another key is refused; an unreadable seed file is a credentials error.
+    let stranger = dir.path().join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    options.nkey_file = Some(stranger);
+    assert_eq!(
+        options.connect().await.unwrap_err().kind(),
+        ConnectErrorKind::Connect
+    );
+    options.nkey_file = Some(dir.path().join("missing.nk"));
+    assert_eq!(
+        options.connect().await.unwrap_err().kind(),
+        ConnectErrorKind::Credentials
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_custom_ca_and_client_certificates() {
+    let pki = mycelium_test_support::TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(&config, pki.server_config()).unwrap();
+    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+
+    let mut options = ConnectOptions::new(server.url());
+    options.tls_ca = Some(pki.path("ca.pem"));
+    options.tls_client_cert = Some((pki.path("client.pem"), pki.path("client-key.pem")));
+    let client = options.connect().await.unwrap();
+    let _runtime = Runtime::builder()
+        .standard_builtins()
+        .build(client.nats().clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .invoke("echo", event("tls", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // No client certificate: the server refuses. No trusted CA: we refuse the server.
+    let mut without_cert = options.clone();
+    without_cert.tls_client_cert = None;
+    assert_eq!(
+        without_cert.connect().await.unwrap_err().kind(),
+        ConnectErrorKind::Connect
+    );
+    let mut without_ca = options.clone();
+    without_ca.tls_ca = None;
+    assert_eq!(
+        without_ca.connect().await.unwrap_err().kind(),
+        ConnectErrorKind::Connect
+    );
+}

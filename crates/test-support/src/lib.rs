@@ -394,3 +394,70 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// A throwaway PKI for TLS tests: a CA, a server certificate for `127.0.0.1` and `localhost`,
+/// and a client certificate, written as PEM files into a temp dir.
+pub struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    /// Generates the CA and both certificates.
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("mycelium-pki-")
+            .tempdir()
+            .expect("creating a temp dir for certificates");
+        let write = |name: &str, pem: String| {
+            std::fs::write(dir.path().join(name), pem).expect("writing a certificate")
+        };
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "Mycelium test CA");
+        write("ca.pem", ca.self_signed(&ca_key).expect("the CA").pem());
+        let issuer = Issuer::new(ca, ca_key);
+        for (name, sans, purpose) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                vec!["client.mycelium.test".to_owned()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let key = KeyPair::generate().expect("a key");
+            let mut params = CertificateParams::new(sans).expect("certificate parameters");
+            params.extended_key_usages = vec![purpose];
+            let cert = params.signed_by(&key, &issuer).expect("a certificate");
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}-key.pem"), key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    /// The PEM file `name` (`ca.pem`, `server.pem`, `server-key.pem`, `client.pem`,
+    /// `client-key.pem`).
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A nats-server `tls { ... }` block that requires clients to present a certificate from
+    /// this CA.
+    pub fn server_config(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+            self.path("server.pem"),
+            self.path("server-key.pem"),
+            self.path("ca.pem")
+        )
+    }
+}
