@@ -15,7 +15,10 @@ use std::{
 use mycelium_client::{
     Client, ConnectOptions, DeploySpec, InvokeOptions, RegistryAdmin, RequestErrorKind, RetryPolicy,
 };
-use mycelium_core::{cloudevents::AttributesReader, FunctionName};
+use mycelium_core::{
+    cloudevents::{AttributesReader, EventBuilder, EventBuilderV10},
+    FunctionName,
+};
 use mycelium_test_support::{
     event, eventually, kill_now, nats_server_binary, terminate, ChildGuard, NatsCluster, NatsServer,
 };
@@ -88,10 +91,15 @@ async fn load(
                     timeout,
                     ..Default::default()
                 };
-                match client
-                    .invoke_with(function, &event(&id, json!({"i": i})), options)
-                    .await
-                {
+                // Type `echo`: what both the built-in and the test plugin echo back.
+                let request = EventBuilderV10::new()
+                    .id(id.as_str())
+                    .source("load")
+                    .ty("echo")
+                    .data("application/json", json!({"i": i}))
+                    .build()
+                    .unwrap();
+                match client.invoke_with(function, &request, options).await {
                     Ok(events) if events.len() == 1 && events[0].id() == id => tally.succeeded += 1,
                     Ok(events) => panic!("invocation {i} answered with {events:?}"),
                     Err(error) => {
@@ -300,4 +308,140 @@ async fn a_cluster_node_lost_and_back_under_load_loses_no_call_and_no_version() 
     })
     .await;
     eprintln!("kept {kept:?}, active {active:?}");
+}
+
+/// Resident memory (KiB) and open file descriptors of a process.
+fn footprint(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+/// Processes whose executable lies under `dir` (plugin processes run from the binary cache).
+fn processes_under(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
+        })
+        .collect()
+}
+
+/// A soak at high concurrency over built-in and plugin calls, bounded by count
+/// (`MYCELIUM_SOAK_REQUESTS`, default 60 000, for longer runs): memory and descriptors stay
+/// flat after the warm-up, nothing fails, and nothing is left running afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_keeps_memory_descriptors_and_processes_flat() {
+    let plugin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("mycelium-test-plugin");
+    if !plugin.is_file() {
+        assert!(
+            std::env::var_os("MYCELIUM_E2E_REQUIRED").is_none(),
+            "{} is not built; run `cargo build -p mycelium-e2e`",
+            plugin.display()
+        );
+        eprintln!("SKIPPED: {} is not built", plugin.display());
+        return;
+    }
+    let total: usize = std::env::var("MYCELIUM_SOAK_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60_000);
+    let server = NatsServer::start();
+    let url = server.url();
+    let work = tempfile::tempdir().unwrap();
+    let plugin_dir = work.path().join("plugins");
+    let serve = serve_with(&url, &[], &["--plugin-dir", plugin_dir.to_str().unwrap()]);
+    let client = Client::new(server.connect().await);
+    wait_for_instances(&client, 1).await;
+    let registry = client.registry().await.unwrap();
+    registry
+        .deploy(mycelium_client::DeploySpec::plugin(
+            "soaked".parse().unwrap(),
+            mycelium_client::ArtifactSource::File(plugin),
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let warm = EventBuilderV10::new()
+                .id("w")
+                .source("soak")
+                .ty("echo")
+                .build()
+                .ok()?;
+            client.invoke("soaked", warm).await.ok()
+        }
+    })
+    .await;
+
+    let pid = serve.0.id();
+    let warm_up = total / 6;
+    let (done, mut progress) = watch::channel(0);
+    let builtin = tokio::spawn(load(client.clone(), "echo", total, 56, None, done));
+    let (plugin_done, _) = watch::channel(0);
+    let plugin_calls = tokio::spawn(load(
+        client.clone(),
+        "soaked",
+        total / 10,
+        8,
+        None,
+        plugin_done,
+    ));
+    progress.wait_for(|n| *n >= warm_up).await.unwrap();
+    let warm = footprint(pid);
+    let (builtin, plugin_calls) = (builtin.await.unwrap(), plugin_calls.await.unwrap());
+    let end = footprint(pid);
+    eprintln!(
+        "soak: {total} built-in + {} plugin calls; RSS {} -> {} KiB; fds {} -> {}",
+        total / 10,
+        warm.0,
+        end.0,
+        warm.1,
+        end.1
+    );
+    assert_eq!(
+        (builtin.succeeded, &builtin.failed),
+        (total, &BTreeMap::new())
+    );
+    assert_eq!(
+        (plugin_calls.succeeded, &plugin_calls.failed),
+        (total / 10, &BTreeMap::new())
+    );
+    assert!(
+        end.1 <= warm.1 + 4,
+        "descriptors grew: {} -> {}",
+        warm.1,
+        end.1
+    );
+    assert!(
+        end.0 <= warm.0 + warm.0 / 4 + 4096,
+        "memory grew: {} -> {} KiB",
+        warm.0,
+        end.0
+    );
+    assert_eq!(
+        processes_under(&plugin_dir).len(),
+        1,
+        "one plugin process served it all"
+    );
+    drop(serve);
+    assert_eq!(
+        processes_under(&plugin_dir),
+        Vec::<u32>::new(),
+        "nothing left running"
+    );
 }

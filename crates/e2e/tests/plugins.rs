@@ -741,3 +741,81 @@ async fn only_binaries_signed_by_a_trusted_key_run() {
     let echoed = f.call("signed", "echo", json!({"ok": true})).await.unwrap();
     assert_eq!(json_data(&echoed[0]), json!({"ok": true}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_hanging_and_crash_looping_plugins_under_load_hurt_only_their_own_calls() {
+    let f = fixture(PoolSettings::default(), false).await;
+    f.deploy("healthy", &[], None).await;
+    f.deploy("crashy", &[], None).await;
+    f.deploy("hangs", &[], None).await;
+    f.deploy("looping", &[("MYCELIUM_TEST_PLUGIN_START", "exit")], None)
+        .await;
+    f.call("healthy", "echo", json!({})).await.unwrap();
+
+    const HEALTHY: usize = 400;
+    let healthy = {
+        let mut tasks = Vec::new();
+        for worker in 0..8 {
+            let client = f.client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for i in 0..HEALTHY / 8 {
+                    let id = format!("h{worker}-{i}");
+                    let event = EventBuilderV10::new()
+                        .id(id.as_str())
+                        .source("e2e")
+                        .ty("echo")
+                        .data("application/json", json!({}))
+                        .build()
+                        .unwrap();
+                    if let Ok(events) = client.invoke("healthy", event).await {
+                        ok += usize::from(events[0].id() == id);
+                    }
+                }
+                ok
+            }));
+        }
+        tasks
+    };
+    // Meanwhile: calls that kill their process, a call that hangs its process, and calls to a
+    // plugin that cannot start at all.
+    let mut codes: std::collections::BTreeMap<&str, Vec<ErrorCode>> = Default::default();
+    for _ in 0..5 {
+        let (crashed, _) = code(f.call("crashy", "crash", json!({})).await);
+        codes.entry("crash").or_default().push(crashed);
+    }
+    let (hung, _) = code(
+        f.call_with("hangs", "hang", json!({}), Duration::from_millis(500))
+            .await,
+    );
+    codes.entry("hang").or_default().push(hung);
+    for _ in 0..3 {
+        let (looped, _) = code(
+            f.call_with("looping", "echo", json!({}), Duration::from_secs(1))
+                .await,
+        );
+        codes.entry("loop").or_default().push(looped);
+    }
+
+    let mut succeeded = 0;
+    for task in healthy {
+        succeeded += task.await.unwrap();
+    }
+    assert_eq!(succeeded, HEALTHY, "the healthy function kept answering");
+    assert!(
+        codes["crash"]
+            .iter()
+            .all(|c| *c == ErrorCode::PluginCrashed),
+        "{codes:?}"
+    );
+    assert_eq!(codes["hang"], [ErrorCode::Timeout]);
+    assert!(
+        codes["loop"].iter().all(|c| matches!(
+            c,
+            ErrorCode::PluginStartFailed | ErrorCode::Unavailable | ErrorCode::Timeout
+        )),
+        "{codes:?}"
+    );
+    // The crashing function recovers by itself: its next call starts a fresh process.
+    f.call("crashy", "echo", json!({})).await.unwrap();
+}
