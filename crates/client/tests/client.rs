@@ -528,3 +528,100 @@ async fn tls_with_a_custom_ca_and_client_certificates() {
         ConnectErrorKind::Connect
     );
 }
+
+/// A NATS JWT signed by `issuer` (the decentralized-auth format nats-server checks).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": format!("{}{}", name, nuid_like()),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = encode(claims.to_string().as_bytes());
+    let signature = issuer.sign(format!("{header}.{body}").as_bytes()).unwrap();
+    format!("{header}.{body}.{}", encode(&signature))
+}
+
+fn nuid_like() -> String {
+    nkeys::KeyPair::new_user().public_key()[1..20].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_authentication_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1});
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "mycelium-test",
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "functions",
+        json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "runtime",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+               "type": "user", "version": 2}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}\n",
+            account.public_key()
+        ),
+    )
+    .unwrap();
+    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let creds = dir.path().join("runtime.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+
+    let mut options = ConnectOptions::new(server.url());
+    options.credentials_file = Some(creds);
+    let client = options.connect().await.unwrap();
+    let _runtime = Runtime::builder()
+        .standard_builtins()
+        .build(client.nats().clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .invoke("echo", event("jwt", json!({})))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A user without credentials is refused.
+    let anonymous = ConnectOptions::new(server.url())
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.kind(), ConnectErrorKind::Connect);
+}
