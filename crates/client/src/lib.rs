@@ -678,7 +678,7 @@ mod tests {
     fn urls_lose_their_credentials_in_messages() {
         assert_eq!(
             redact_url("nats://alice:s3cret@h1:4222, tls://t0ken@h2,nats://h3"),
-            "nats://***@h1:4222,tls://***@h2,nats://h3"
+            "nats://***@h1:4222, tls://***@h2,nats://h3"
         );
         assert_eq!(redact_url("alice:pw@host:4222"), "***@host:4222");
     }

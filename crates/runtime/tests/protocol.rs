@@ -507,7 +507,7 @@ async fn list_and_describe() {
         .collect();
     assert_eq!(
         names,
-        ["big", "echo", "example", "fails", "gate", "panics", "resize", "sleeps"]
+        ["big", "echo", "example", "fails", "gate", "panics", "resize", "sleeps", "whoami"]
     );
     assert_eq!(
         body["functions"][2],
