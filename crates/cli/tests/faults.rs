@@ -229,7 +229,7 @@ async fn a_nats_server_restart_under_load_loses_nothing_with_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_lost_and_back_under_load_loses_no_call_and_no_version() {
+async fn cluster_nodes_lost_and_restarted_under_load_lose_no_call_and_no_version() {
     let mut cluster = NatsCluster::start(3);
     let urls = cluster.urls();
     let mut options = ConnectOptions::new(&urls);
@@ -283,8 +283,13 @@ async fn a_cluster_node_lost_and_back_under_load_loses_no_call_and_no_version() 
     progress.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
     cluster.nodes_mut()[0].kill();
     deployed.push(deploy().await);
-    progress.wait_for(|n| *n >= 2 * TOTAL / 3).await.unwrap();
+    progress.wait_for(|n| *n >= TOTAL / 2).await.unwrap();
     cluster.nodes_mut()[0].resume();
+    deployed.push(deploy().await);
+    // Then a rolling restart of another node.
+    progress.wait_for(|n| *n >= 3 * TOTAL / 4).await.unwrap();
+    cluster.nodes_mut()[1].kill();
+    cluster.nodes_mut()[1].resume();
     deployed.push(deploy().await);
 
     let tally = run.await.unwrap();
