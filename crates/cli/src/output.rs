@@ -135,8 +135,14 @@ pub fn init_logging(cli: &Cli) -> Option<TracerProvider> {
         layer.with_filter(plugin_output.or(filter()))
     });
     let otel = provider.as_ref().map(|provider| {
-        mycelium_observability::otel_layer(provider)
-            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        // Info and above, and every invocation span (debug level, so that without tracing
+        // the runtime does not build them).
+        mycelium_observability::otel_layer(provider).with_filter(
+            tracing_subscriber::filter::filter_fn(|metadata| {
+                *metadata.level() <= tracing::Level::INFO
+                    || (metadata.is_span() && metadata.name() == "invocation")
+            }),
+        )
     });
     tracing_subscriber::registry()
         .with(otel)

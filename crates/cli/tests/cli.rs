@@ -853,3 +853,38 @@ async fn credentials_never_show_in_logs_errors_metrics_or_describe() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exports_invocation_spans_over_otlp_in_the_callers_trace() {
+    let collector = mycelium_test_support::otlp::Collector::start();
+    let server = NatsServer::start();
+    // At the default log level: invocation spans are built for the exporter only.
+    let _serve = start_serve(
+        &server,
+        &[
+            "--registry",
+            "memory",
+            "--otlp-endpoint",
+            collector.endpoint(),
+        ],
+    )
+    .await;
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let event = r#"{"specversion": "1.0", "id": "o1", "source": "s", "type": "t"}"#;
+    let request = format!(r#"{{"functionName": "echo", "event": {event}}}"#);
+    let mut headers = mycelium_client::async_nats::HeaderMap::new();
+    headers.insert("traceparent", caller);
+    let reply = server
+        .connect()
+        .await
+        .request_with_headers("function.invoke", headers, request.into())
+        .await
+        .unwrap();
+    assert!(reply.headers.is_none(), "{reply:?}");
+    // The batch exporter sends within its 5 s schedule.
+    let span = collector
+        .wait_for(Duration::from_secs(30), |s| s.name == "invocation")
+        .await;
+    assert_eq!(span.trace_id, &caller[3..35]);
+    assert_eq!(span.parent_span_id, &caller[36..52]);
+}

@@ -1,5 +1,5 @@
 //! Function logs on NATS: a `tracing` layer picks out what functions log (plugin output the
-//! host relays, and events inside an invocation span) and a task publishes each line as a
+//! host relays, and events emitted while an invocation's code runs) and a task publishes each line as a
 //! [`LogRecord`] on `<prefix>.logs.<function>`.
 //!
 //! The layer never blocks the code that logs: records go through a bounded channel, and when
@@ -21,11 +21,19 @@ use mycelium_core::{
 use tokio::sync::mpsc;
 use tracing::{
     field::{Field, Visit},
-    span, Event, Subscriber,
+    Event, Subscriber,
 };
 use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
 
 pub use mycelium_core::logs::PLUGIN_OUTPUT_TARGET;
+tokio::task_local! {
+    /// The invocation whose code is running: what the log layer attributes events to.
+    pub(crate) static CURRENT_INVOCATION: mycelium_core::InvocationContext;
+}
+
+/// Libraries whose events inside an invocation are transport detail, not function output.
+const TRANSPORT_TARGETS: [&str; 5] = ["h2", "hyper", "tonic", "tower", "async_nats"];
+
 /// Records waiting for NATS; beyond this many they are dropped (and counted).
 const BACKLOG: usize = 4096;
 
@@ -192,60 +200,51 @@ impl<S> Layer<S> for FunctionLogLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
-        if attrs.metadata().name() != "invocation" {
-            return;
-        }
-        let mut fields = InvocationFields::default();
-        attrs.record(&mut fields);
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-
-    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(id) {
-            if let Some(fields) = span.extensions_mut().get_mut::<InvocationFields>() {
-                values.record(fields);
-            }
-        }
-    }
-
-    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let metadata = event.metadata();
-        let plugin_output = metadata.target() == PLUGIN_OUTPUT_TARGET;
-        let invocation = ctx.event_scope(event).and_then(|scope| {
-            scope
-                .into_iter()
-                .find_map(|span| span.extensions().get::<InvocationFields>().cloned())
-        });
-        if !plugin_output && invocation.is_none() {
+        let record = |invocation: InvocationFields, source: String, message: String| {
+            let function = invocation
+                .function
+                .and_then(|f| f.parse::<FunctionName>().ok())?;
+            Some(LogRecord {
+                time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                level: metadata.level().as_str().to_ascii_lowercase(),
+                function,
+                version: invocation.version,
+                invocation_id: invocation.invocation_id,
+                trace_id: invocation.trace_id,
+                source,
+                message,
+            })
+        };
+        let record = if metadata.target() == PLUGIN_OUTPUT_TARGET {
+            // Plugin output the host relays: the fields say whose.
+            let mut fields = EventFields::default();
+            event.record(&mut fields);
+            let source = fields.stream.unwrap_or_else(|| "stderr".into());
+            record(fields.invocation, source, fields.message)
+        } else if TRANSPORT_TARGETS
+            .iter()
+            .any(|t| metadata.target().starts_with(t))
+        {
+            // The plumbing of a plugin call, not something the function said.
             return;
+        } else {
+            // An event in an invocation's code (a built-in's, or the runtime's about it).
+            let Ok(invocation) = CURRENT_INVOCATION.try_with(|ctx| InvocationFields {
+                function: Some(ctx.function().to_string()),
+                version: ctx.version(),
+                invocation_id: Some(ctx.invocation_id().to_owned()),
+                trace_id: ctx.trace().map(|t| t.trace_id().to_owned()),
+            }) else {
+                return;
+            };
+            let mut fields = EventFields::default();
+            event.record(&mut fields);
+            record(invocation, "tracing".into(), fields.message)
+        };
+        if let Some(record) = record {
+            self.logs.send(record);
         }
-        let mut fields = EventFields::default();
-        event.record(&mut fields);
-        let (invocation, source) = match invocation {
-            Some(invocation) => (invocation, "tracing".to_owned()),
-            None => (
-                fields.invocation,
-                fields.stream.unwrap_or_else(|| "stderr".into()),
-            ),
-        };
-        let Some(function) = invocation
-            .function
-            .and_then(|f| f.parse::<FunctionName>().ok())
-        else {
-            return;
-        };
-        self.logs.send(LogRecord {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            level: metadata.level().as_str().to_ascii_lowercase(),
-            function,
-            version: invocation.version,
-            invocation_id: invocation.invocation_id,
-            trace_id: invocation.trace_id,
-            source,
-            message: fields.message,
-        });
     }
 }

@@ -2,6 +2,8 @@
 //! its own temp store, killed and removed on drop), a 3-node cluster, CloudEvent
 //! builders and event-driven waiting.
 
+pub mod otlp;
+
 use std::{future::Future, path::Path, time::Duration};
 
 use mycelium_core::{
