@@ -190,17 +190,18 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     options.name = "mycelium-runtime".into();
     let result = async {
         let nats = options.connect_nats().await?;
-        start_runtime(
-            nats,
+        let handle = start_runtime(
+            nats.clone(),
             connection,
             &args.runtime,
             &args.data_dir.join("plugins"),
         )
-        .await
+        .await?;
+        Ok::<_, Failure>((nats, handle))
     }
     .await;
-    let handle = match result {
-        Ok(handle) => handle,
+    let (nats, handle) = match result {
+        Ok(started) => started,
         Err(failure) => {
             server.stop(Duration::from_secs(5));
             return Err(failure);
@@ -214,6 +215,7 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     };
     tracing::info!(reason = stop_reason, "stopping");
     handle.shutdown().await;
+    close(&nats).await;
     tokio::task::spawn_blocking(move || server.stop(Duration::from_secs(10)))
         .await
         .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
@@ -286,7 +288,7 @@ async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failu
     options.name = "mycelium-runtime".into();
     let nats = options.connect_nats().await?;
     let handle = start_runtime(
-        nats,
+        nats.clone(),
         connection,
         &args.runtime,
         Path::new(".mycelium/plugins"),
@@ -296,7 +298,16 @@ async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failu
     let reason = shutdown_signal().await;
     tracing::info!(reason, "stopping");
     handle.shutdown().await;
+    close(&nats).await;
     Ok(())
+}
+
+/// Closes the runtime's NATS connection after a shutdown (the registry watch and the log
+/// publisher hold clones), so it does not try to reconnect while the process exits.
+async fn close(nats: &mycelium_client::async_nats::Client) {
+    if let Err(error) = nats.drain().await {
+        tracing::debug!(%error, "closing the NATS connection");
+    }
 }
 
 async fn client(connection: &Connection<'_>) -> Result<Client, Failure> {
