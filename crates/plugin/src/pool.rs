@@ -344,6 +344,17 @@ impl PluginPool {
     /// the pool is full; waits out the crash backoff first.
     async fn start_if_needed(&self) -> Result<(), ProtocolError> {
         let mut state = self.state.lock().await;
+        // The reaper ends a retired version's pool under this lock once it is empty; a call
+        // that picked the pool up just before must not start a process nobody would stop.
+        if self.is_finished() {
+            return Err(ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the processes of \"{}\" v{} were closed as this call arrived (the version was retired or the runtime is stopping); retry",
+                    self.metadata.name, self.metadata.version
+                ),
+            ));
+        }
         self.forget_dead(&mut state);
         let full = state.slots.len() >= self.shared.settings.max_processes.max(1);
         if full
