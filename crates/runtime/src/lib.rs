@@ -306,11 +306,12 @@ impl Runtime {
         )
         .await
         .map_err(|e| subscribe_error("registering with the NATS services API", e))?;
-        // The subscriptions must reach the server before we report ready, or a request
-        // sent right after start() returns could find no responder.
+        // The server must have processed the subscriptions before we report ready, or a
+        // request sent right after start() returns could find no responder (seen in tests).
         client.flush().await.map_err(|e| {
             StartError::with_source(StartErrorKind::Subscribe, "flushing subscriptions", e)
         })?;
+        fence(&client).await;
 
         let shared = Arc::new(Shared {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -421,15 +422,8 @@ impl RuntimeHandle {
         for task in self.endpoint_tasks {
             let _ = task.await;
         }
-        // A round trip the server answers only after it has processed our UNSUBs (a client's
-        // commands are handled in order); `flush` alone only waits for the socket write. Once
-        // this returns, no new request is routed to this instance.
-        let fence = format!("_MYCELIUM.FENCE.{}", nuid::next());
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            shared.client.request(fence, bytes::Bytes::new()),
-        )
-        .await;
+        // Once the server has processed the UNSUBs, no new request is routed here.
+        fence(&shared.client).await;
         shared.tracker.close();
         let mut abandoned = 0;
         if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
@@ -457,6 +451,18 @@ impl RuntimeHandle {
         tracing::info!(abandoned, "runtime stopped");
         ShutdownReport { abandoned }
     }
+}
+
+/// A round trip the server answers (with "no responders") only after it has processed every
+/// command this connection sent before it, SUBs and UNSUBs included: a client's commands are
+/// handled in order. `flush` alone only waits for the socket write.
+async fn fence(client: &async_nats::Client) {
+    let subject = format!("_MYCELIUM.FENCE.{}", nuid::next());
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.request(subject, bytes::Bytes::new()),
+    )
+    .await;
 }
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.

@@ -34,15 +34,25 @@ impl NatsServer {
         Self::start_with(ServerOptions::new(dir.path()), dir)
     }
 
-    fn start_with(mut options: ServerOptions, dir: TempDir) -> Self {
-        let process = spawn(&options);
+    fn start_with(options: ServerOptions, dir: TempDir) -> Self {
+        Self::try_start_with(options, dir).unwrap_or_else(|e| {
+            panic!("starting a test nats-server failed: {e}\n(hint: run the test suite with `./dev test`, which installs nats-server)")
+        })
+    }
+
+    fn try_start_with(
+        mut options: ServerOptions,
+        dir: TempDir,
+    ) -> Result<Self, mycelium_core::Error<mycelium_natsd::SpawnErrorKind>> {
+        options.binary = options.binary.or_else(workspace_tools_binary);
+        let process = mycelium_natsd::NatsServer::spawn(&options)?;
         // Pin the port so a restart comes back where clients reconnect.
         options.port = Some(process.port());
-        Self {
+        Ok(Self {
             process: Some(process),
             options,
             dir,
-        }
+        })
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -149,6 +159,23 @@ impl NatsCluster {
     /// once all accept clients (the JetStream meta leader may still be electing).
     pub fn start(size: usize) -> Self {
         assert!(size >= 1, "a cluster needs a node");
+        // The route ports are chosen before the servers bind them; another test's server can
+        // take one in between. Then the whole cluster starts again on fresh ports.
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(size) {
+                Ok(cluster) => return cluster,
+                Err(e) if attempt < 5 && e.to_string().contains("address already in use") => {
+                    attempt += 1;
+                }
+                Err(e) => panic!("starting a test nats-server cluster failed: {e}"),
+            }
+        }
+    }
+
+    fn try_start(
+        size: usize,
+    ) -> Result<Self, mycelium_core::Error<mycelium_natsd::SpawnErrorKind>> {
         // JetStream clustering wants every node to know its routes up front.
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes: Vec<String> = route_ports
@@ -174,10 +201,10 @@ impl NatsCluster {
                         .cloned()
                         .collect(),
                 });
-                NatsServer::start_with(options, dir)
+                NatsServer::try_start_with(options, dir)
             })
-            .collect();
-        Self { nodes }
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { nodes })
     }
 
     /// The nodes, to kill and resume individually.
