@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
     time::Duration,
 };
 
@@ -11,13 +11,9 @@ use mycelium_test_support::{
 };
 use serde_json::{json, Value};
 
-fn mycelium() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mycelium"));
-    command
-        .env_remove("NATS_URL")
-        .env("MYCELIUM_NATS_SERVER", nats_server_binary());
-    command
-}
+mod common;
+
+use common::{mycelium, sibling_binary};
 
 fn run(args: &[&str]) -> Output {
     mycelium().args(args).output().expect("running mycelium")
@@ -465,28 +461,6 @@ fn registry_commands_need_jetstream() {
 /// A binary another workspace package builds (`cargo test --workspace` builds them all
 /// before any test runs). Under `./dev test` (MYCELIUM_E2E_REQUIRED) a missing one fails the
 /// test; in a single-crate run it is skipped with a visible message.
-fn sibling_binary(name: &str, package: &str) -> Option<std::path::PathBuf> {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join(name);
-    if path.is_file() {
-        return Some(path);
-    }
-    let hint = format!(
-        "{} is not built; run `cargo build -p {package}` or the whole suite",
-        path.display()
-    );
-    assert!(
-        std::env::var_os("MYCELIUM_E2E_REQUIRED").is_none(),
-        "{hint}"
-    );
-    eprintln!("SKIPPED: {hint}");
-    None
-}
-
 #[test]
 fn cli_to_runtime_to_rust_plugin() {
     let Some(plugin) = sibling_binary("mycelium-example-plugin", "mycelium-example-plugin") else {

@@ -2,9 +2,11 @@
 //! `mycelium serve` processes) killed with SIGKILL or drained while a load generator runs, and
 //! the nats-server restarted under load. With the client's retry policy on, nothing fails.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -20,10 +22,12 @@ use mycelium_core::{
     FunctionName,
 };
 use mycelium_test_support::{
-    event, eventually, kill_now, nats_server_binary, terminate, ChildGuard, NatsCluster, NatsServer,
+    event, eventually, kill_now, terminate, ChildGuard, NatsCluster, NatsServer,
 };
 use serde_json::json;
 use tokio::sync::watch;
+
+use common::{mycelium, sibling_binary};
 
 fn serve(url: &str) -> ChildGuard {
     serve_with(url, &[], &["--registry", "memory"])
@@ -31,8 +35,7 @@ fn serve(url: &str) -> ChildGuard {
 
 fn serve_with(url: &str, global: &[&str], options: &[&str]) -> ChildGuard {
     ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_mycelium"))
-            .env("MYCELIUM_NATS_SERVER", nats_server_binary())
+        mycelium()
             .env("RUST_LOG", "warn")
             .args(["--nats-url", url])
             .args(global)
@@ -345,21 +348,9 @@ fn processes_under(dir: &std::path::Path) -> Vec<u32> {
 /// flat after the warm-up, nothing fails, and nothing is left running afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_keeps_memory_descriptors_and_processes_flat() {
-    let plugin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("mycelium-test-plugin");
-    if !plugin.is_file() {
-        assert!(
-            std::env::var_os("MYCELIUM_E2E_REQUIRED").is_none(),
-            "{} is not built; run `cargo build -p mycelium-e2e`",
-            plugin.display()
-        );
-        eprintln!("SKIPPED: {} is not built", plugin.display());
+    let Some(plugin) = sibling_binary("mycelium-test-plugin", "mycelium-e2e") else {
         return;
-    }
+    };
     let total: usize = std::env::var("MYCELIUM_SOAK_REQUESTS")
         .ok()
         .and_then(|v| v.parse().ok())

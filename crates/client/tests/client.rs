@@ -157,27 +157,37 @@ fn server_with_args(args: &[&str]) -> (mycelium_natsd::NatsServer, tempfile::Tem
     (mycelium_natsd::NatsServer::spawn(&options).unwrap(), dir)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_password_and_token_authentication() {
-    let (server, _dir) = server_with_args(&["--user", "alice", "--pass", "s3cret"]);
-    let mut options = ConnectOptions::new(server.url());
-    options.user_password = Some(("alice".into(), "s3cret".into()));
-    let client = options.connect().await.unwrap();
-    let _runtime = Runtime::builder()
+/// A nats-server started from the configuration `config` (`{DIR}` in it stands for a
+/// directory that lives as long as the returned guard).
+fn server_with_config(config: &str) -> (mycelium_natsd::NatsServer, [tempfile::TempDir; 2]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nats.conf");
+    std::fs::write(&path, config.replace("{DIR}", dir.path().to_str().unwrap())).unwrap();
+    let (server, server_dir) = server_with_args(&["-c", path.to_str().unwrap()]);
+    (server, [dir, server_dir])
+}
+
+/// Starts a runtime on `client`'s own connection and checks that it answers through it.
+async fn runtime_answering(client: &Client, id: &str) -> RuntimeHandle {
+    let runtime = Runtime::builder()
         .standard_builtins()
         .build(client.nats().clone())
         .unwrap()
         .start()
         .await
         .unwrap();
-    assert_eq!(
-        client
-            .invoke("echo", event("auth", json!({})))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let events = client.invoke("echo", event(id, json!({}))).await.unwrap();
+    assert_eq!(events.len(), 1);
+    runtime
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_and_token_authentication() {
+    let (server, _dir) = server_with_args(&["--user", "alice", "--pass", "s3cret"]);
+    let mut options = ConnectOptions::new(server.url());
+    options.user_password = Some(("alice".into(), "s3cret".into()));
+    let client = options.connect().await.unwrap();
+    let _runtime = runtime_answering(&client, "auth").await;
 
     options.user_password = Some(("alice".into(), "wrong".into()));
     let err = options.connect().await.unwrap_err();
@@ -279,10 +289,7 @@ authorization {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_permissions_decide_who_may_invoke_and_the_runtime_needs_only_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("nats.conf");
-    std::fs::write(&config, LEAST_PRIVILEGE).unwrap();
-    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let (server, _dirs) = server_with_config(LEAST_PRIVILEGE);
     let as_user = |user: &str, password: &str| {
         let mut options = ConnectOptions::new(server.url());
         options.user_password = Some((user.into(), password.into()));
@@ -344,7 +351,7 @@ async fn subject_permissions_decide_who_may_invoke_and_the_runtime_needs_only_it
 /// A runtime on the JetStream registry: its core subjects plus the JetStream API and the
 /// replies of its watchers and downloads (README.md lists the same).
 const LEAST_PRIVILEGE_JETSTREAM: &str = r#"
-jetstream { store_dir: "STORE" }
+jetstream { store_dir: "{DIR}/store" }
 authorization {
   users = [
     { user: runtime, password: rt, permissions: {
@@ -363,15 +370,7 @@ authorization {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jetstream_runtime_works_with_its_documented_permissions() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("nats.conf");
-    let store = dir.path().join("store");
-    std::fs::write(
-        &config,
-        LEAST_PRIVILEGE_JETSTREAM.replace("STORE", store.to_str().unwrap()),
-    )
-    .unwrap();
-    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let (server, _dirs) = server_with_config(LEAST_PRIVILEGE_JETSTREAM);
     let as_user = |user: &str, password: &str| {
         let mut options = ConnectOptions::new(server.url());
         options.user_password = Some((user.into(), password.into()));
@@ -438,38 +437,18 @@ async fn a_jetstream_runtime_works_with_its_documented_permissions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nkey_authentication() {
     let user = nkeys::KeyPair::new_user();
+    let (server, _dirs) = server_with_config(&format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ));
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "authorization {{ users = [ {{ nkey: {} }} ] }}",
-            user.public_key()
-        ),
-    )
-    .unwrap();
-    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
     let seed_file = dir.path().join("user.nk");
     std::fs::write(&seed_file, format!("{}\n", user.seed().unwrap())).unwrap();
 
     let mut options = ConnectOptions::new(server.url());
     options.nkey_file = Some(seed_file);
     let client = options.connect().await.unwrap();
-    let _runtime = Runtime::builder()
-        .standard_builtins()
-        .build(client.nats().clone())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    assert_eq!(
-        client
-            .invoke("echo", event("nk", json!({})))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let _runtime = runtime_answering(&client, "nk").await;
 
     // Another key is refused; an unreadable seed file is a credentials error.
     let stranger = dir.path().join("stranger.nk");
@@ -489,30 +468,13 @@ async fn nkey_authentication() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_custom_ca_and_client_certificates() {
     let pki = mycelium_test_support::TestPki::generate();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("nats.conf");
-    std::fs::write(&config, pki.server_config()).unwrap();
-    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
+    let (server, _dirs) = server_with_config(&pki.server_config());
 
     let mut options = ConnectOptions::new(server.url());
     options.tls_ca = Some(pki.path("ca.pem"));
     options.tls_client_cert = Some((pki.path("client.pem"), pki.path("client-key.pem")));
     let client = options.connect().await.unwrap();
-    let _runtime = Runtime::builder()
-        .standard_builtins()
-        .build(client.nats().clone())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    assert_eq!(
-        client
-            .invoke("echo", event("tls", json!({})))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let _runtime = runtime_answering(&client, "tls").await;
 
     // No client certificate: the server refuses. No trusted CA: we refuse the server.
     let mut without_cert = options.clone();
@@ -577,17 +539,11 @@ async fn credentials_file_authentication_in_operator_mode() {
         json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
                "type": "user", "version": 2}),
     );
+    let (server, _dirs) = server_with_config(&format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}\n",
+        account.public_key()
+    ));
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}\n",
-            account.public_key()
-        ),
-    )
-    .unwrap();
-    let (server, _server_dir) = server_with_args(&["-c", config.to_str().unwrap()]);
     let creds = dir.path().join("runtime.creds");
     std::fs::write(
         &creds,
@@ -602,21 +558,7 @@ async fn credentials_file_authentication_in_operator_mode() {
     let mut options = ConnectOptions::new(server.url());
     options.credentials_file = Some(creds);
     let client = options.connect().await.unwrap();
-    let _runtime = Runtime::builder()
-        .standard_builtins()
-        .build(client.nats().clone())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    assert_eq!(
-        client
-            .invoke("echo", event("jwt", json!({})))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let _runtime = runtime_answering(&client, "jwt").await;
 
     // A user without credentials is refused.
     let anonymous = ConnectOptions::new(server.url())

@@ -8,14 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mycelium_core::{
-    cloudevents::{EventBuilder, EventBuilderV10},
-    FunctionName,
-};
+use mycelium_core::cloudevents::{EventBuilder, EventBuilderV10};
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{
-    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin,
-};
+use mycelium_registry::{NatsRegistry, NatsRegistryConfig, Registry};
 use mycelium_runtime::{Runtime, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 
@@ -26,6 +21,17 @@ fn percentile(samples: &mut [Duration], q: f64) -> Duration {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// One row: p50, p90 and p99 of `samples` in microseconds.
+fn report(label: &str, samples: &mut [Duration]) {
+    println!(
+        "{:<22} {:>12.1} {:>12.1} {:>12.1}",
+        label,
+        micros(percentile(samples, 0.5)),
+        micros(percentile(samples, 0.9)),
+        micros(percentile(samples, 0.99))
+    );
 }
 
 #[tokio::main]
@@ -68,16 +74,8 @@ async fn main() {
         println!("go: skipped (the Go toolchain is missing)");
     }
     for (label, binary) in &targets {
-        let name: FunctionName = format!("bench-{label}").parse().unwrap();
-        let version = registry
-            .deploy(DeploySpec::plugin(
-                name.clone(),
-                ArtifactSource::File(binary.clone()),
-            ))
-            .await
-            .unwrap()
-            .version;
-        assert_eq!(registry.get(&name, None).unwrap().version, version);
+        let name = format!("bench-{label}");
+        mycelium_e2e::deploy_plugin(&*registry, &registry, &name, binary.clone()).await;
     }
 
     let nats = server.connect().await;
@@ -121,13 +119,7 @@ async fn main() {
             warm.push(start.elapsed());
         }
     }
-    println!(
-        "{:<22} {:>12.1} {:>12.1} {:>12.1}",
-        "builtin echo (warm)",
-        micros(percentile(&mut warm, 0.5)),
-        micros(percentile(&mut warm, 0.9)),
-        micros(percentile(&mut warm, 0.99))
-    );
+    report("builtin echo (warm)", &mut warm);
 
     for (label, _) in &targets {
         let request = body(&format!("bench-{label}"));
@@ -180,27 +172,9 @@ async fn main() {
                 direct.push(start.elapsed());
             }
         }
-        println!(
-            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
-            format!("{label} executor only"),
-            micros(percentile(&mut direct, 0.5)),
-            micros(percentile(&mut direct, 0.9)),
-            micros(percentile(&mut direct, 0.99))
-        );
-        println!(
-            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
-            format!("{label} plugin cold start"),
-            micros(percentile(&mut cold, 0.5)),
-            micros(percentile(&mut cold, 0.9)),
-            micros(percentile(&mut cold, 0.99))
-        );
-        println!(
-            "{:<22} {:>12.1} {:>12.1} {:>12.1}",
-            format!("{label} plugin warm"),
-            micros(percentile(&mut warm, 0.5)),
-            micros(percentile(&mut warm, 0.9)),
-            micros(percentile(&mut warm, 0.99))
-        );
+        report(&format!("{label} executor only"), &mut direct);
+        report(&format!("{label} plugin cold start"), &mut cold);
+        report(&format!("{label} plugin warm"), &mut warm);
     }
     runtime.shutdown().await;
 }

@@ -7,14 +7,9 @@
 use std::{sync::Arc, time::Duration};
 
 use mycelium_client::{Client, InvokeOptions};
-use mycelium_core::{
-    cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10},
-    FunctionName,
-};
+use mycelium_core::cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10};
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{
-    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
-};
+use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
 use mycelium_runtime::Runtime;
 use mycelium_test_support::NatsServer;
 
@@ -61,20 +56,7 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     let admin = NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
         .await
         .unwrap();
-    let name: FunctionName = "upper".parse().unwrap();
-    let version = admin
-        .deploy(DeploySpec::plugin(
-            name.clone(),
-            ArtifactSource::File(binary),
-        ))
-        .await
-        .unwrap()
-        .version;
-    assert!(
-        registry
-            .wait_for_active(&name, version, Duration::from_secs(30))
-            .await
-    );
+    mycelium_e2e::deploy_plugin(&admin, &registry, "upper", binary).await;
 
     let client = Client::new(server.connect().await);
     let options = InvokeOptions {

@@ -6,13 +6,11 @@ use std::{sync::Arc, time::Duration};
 use mycelium_client::{Client, InvokeOptions};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    Event, FunctionName,
+    Event,
 };
 use mycelium_observability::PrometheusMetrics;
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{
-    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
-};
+use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
 use mycelium_runtime::{Runtime, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 use serde_json::json;
@@ -56,20 +54,7 @@ async fn a_scrape_counts_cold_starts_fetches_and_outcomes_exactly() {
         .serve(&server.url())
         .await
         .unwrap();
-    let name: FunctionName = "counted".parse().unwrap();
-    let version = registry
-        .deploy(DeploySpec::plugin(
-            name.clone(),
-            ArtifactSource::File(TEST_PLUGIN.into()),
-        ))
-        .await
-        .unwrap()
-        .version;
-    assert!(
-        registry
-            .wait_for_active(&name, version, Duration::from_secs(30))
-            .await
-    );
+    mycelium_e2e::deploy_plugin(&*registry, &registry, "counted", TEST_PLUGIN).await;
     let client = Client::new(server.connect().await);
     let call = |ty: &'static str, timeout_ms: u64| {
         let client = client.clone();

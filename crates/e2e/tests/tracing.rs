@@ -12,13 +12,11 @@ use mycelium_client::{Client, InvokeOptions};
 use mycelium_core::logs::LogRecord;
 use mycelium_core::{
     cloudevents::{event::Data, EventBuilder, EventBuilderV10},
-    envelope, Event, FunctionName, TraceContext,
+    envelope, Event, TraceContext,
 };
 use mycelium_observability::{otel_layer, OtelBridge};
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{
-    ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
-};
+use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
 use mycelium_runtime::{Runtime, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 use opentelemetry::trace::{SpanId, TraceId};
@@ -94,20 +92,7 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
         .serve(&server.url())
         .await
         .unwrap();
-    let name: FunctionName = "traced".parse().unwrap();
-    let version = registry
-        .deploy(DeploySpec::plugin(
-            name.clone(),
-            ArtifactSource::File(TEST_PLUGIN.into()),
-        ))
-        .await
-        .unwrap()
-        .version;
-    assert!(
-        registry
-            .wait_for_active(&name, version, Duration::from_secs(30))
-            .await
-    );
+    let version = mycelium_e2e::deploy_plugin(&*registry, &registry, "traced", TEST_PLUGIN).await;
     let nats = server.connect().await;
 
     // 1. A caller that is not our client: a raw NATS request with a traceparent header.
