@@ -42,17 +42,12 @@ pub struct ConnectionArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
-    /// NATS user (with --password).
-    #[arg(long, global = true, env = "NATS_USER", requires = "password")]
+    /// NATS user (with --password or NATS_PASSWORD).
+    // Paired in `run`, not with clap's `requires`: that ignores a partner from the environment.
+    #[arg(long, global = true, env = "NATS_USER")]
     pub user: Option<String>,
-    /// NATS password (with --user).
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_PASSWORD",
-        hide_env_values = true,
-        requires = "user"
-    )]
+    /// NATS password (with --user or NATS_USER).
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// NATS authentication token.
     #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
@@ -153,6 +148,14 @@ pub enum Command {
     Top(TopArgs),
     /// A function's log lines (plugin output, built-in `tracing` events) from every instance.
     Logs(LogsArgs),
+}
+
+impl Command {
+    /// Whether this command runs a runtime (long-lived, hosting plugin processes) rather than
+    /// printing a result and exiting.
+    pub fn runs_a_runtime(&self) -> bool {
+        matches!(self, Command::Up(_) | Command::Serve(_))
+    }
 }
 
 /// `mycelium logs`.

@@ -13,8 +13,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    restore_sigpipe();
     let cli = args::Cli::parse();
+    if cli.command.runs_a_runtime() {
+        protect_runtime_process();
+    } else {
+        restore_sigpipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,10 +51,30 @@ fn main() -> ExitCode {
 
 /// `mycelium list | head` should end quietly, as Unix tools do, not panic on a closed pipe:
 /// Rust ignores SIGPIPE by default, which turns every later print into an error.
+///
+/// Only for the commands that print: a runtime (`up`, `serve`) keeps SIGPIPE ignored, because
+/// a plugin closing its socket while the host writes to it (an HTTP/2 PING ACK) would
+/// otherwise kill the whole runtime and every invocation in flight.
 #[allow(unsafe_code)]
 fn restore_sigpipe() {
     // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// A runtime process is made non-dumpable: its `/proc/<pid>/environ`, `mem` and `maps` are
+/// then readable only with CAP_SYS_PTRACE, which plugin processes never hold (the plugin host
+/// drops every capability), so a plugin running as the same user cannot read the runtime's
+/// credentials from its environment.
+#[allow(unsafe_code)]
+fn protect_runtime_process() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers and touches no memory of ours.
+    let result = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if result != 0 {
+        eprintln!(
+            "warning: cannot make the runtime non-dumpable ({}); plugins running as this user may read its environment",
+            std::io::Error::last_os_error()
+        );
     }
 }

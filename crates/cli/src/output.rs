@@ -7,6 +7,8 @@ use crate::args::{Cli, Command, LogFormat};
 
 /// The request reached a runtime and failed (the error code says why).
 pub const EXIT_FAILED: u8 = 1;
+/// The command line is wrong (clap exits with the same code for what it catches itself).
+pub const EXIT_USAGE: u8 = 2;
 /// NATS or a runtime could not be reached, or no reply came in time.
 pub const EXIT_UNREACHABLE: u8 = 3;
 /// Mycelium itself failed.

@@ -2,10 +2,12 @@
 
 use std::{io::Read, path::Path, time::Duration};
 
-use mycelium_client::{Client, ConnectOptions, InvokeOptions, NatsRegistryConfig};
+use mycelium_client::{
+    Client, ConnectOptions, InvokeOptions, NatsRegistryConfig, RequestErrorKind,
+};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    envelope, Event, FunctionName,
+    envelope, ErrorCode, Event, FunctionName,
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
@@ -17,11 +19,28 @@ use crate::{
         Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, LogsArgs, RegistryArgs,
         RegistryKind, RuntimeArgs, ServeArgs, UpArgs,
     },
-    output::{error_chain, Failure, EXIT_FAILED, EXIT_INTERNAL, EXIT_UNREACHABLE},
+    output::{error_chain, Failure, EXIT_FAILED, EXIT_INTERNAL, EXIT_UNREACHABLE, EXIT_USAGE},
     registry_commands,
 };
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match (&cli.connection.user, &cli.connection.password) {
+        (Some(_), None) => {
+            return Err(Failure::new(
+                "usage",
+                "--user needs a password: pass --password or set NATS_PASSWORD",
+                EXIT_USAGE,
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Failure::new(
+                "usage",
+                "a password needs a user: pass --user or set NATS_USER",
+                EXIT_USAGE,
+            ))
+        }
+        _ => {}
+    }
     let connection = Connection {
         args: &cli.connection,
         registry: registry_config(&cli.registry),
@@ -170,10 +189,16 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     let mut options = ServerOptions::new(&nats_dir);
     options.host = args.listen.ip().to_string();
     options.port = Some(args.listen.port());
-    let mut server = tokio::task::spawn_blocking(move || NatsServer::spawn(&options))
-        .await
-        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?
+    options.die_with_parent = true;
+    options.lock_dir = true;
+    // On this thread, not a blocking-pool one: the server's parent-death signal follows the
+    // thread that spawned it, and this one (main, under block_on) lives as long as we do.
+    // Nothing else runs on it while the server starts.
+    let mut server = NatsServer::spawn(&options)
         .map_err(|e| {
+            if e.kind() == SpawnErrorKind::Locked {
+                return Failure::new("data_dir_in_use", e.to_string(), EXIT_FAILED);
+            }
             let mut message = error_chain(&e);
             if e.kind() == SpawnErrorKind::Failed && message.contains("address already in use") {
                 message.push_str(&format!(
@@ -304,9 +329,12 @@ async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failu
 
 /// Closes the runtime's NATS connection after a shutdown (the registry watch and the log
 /// publisher hold clones), so it does not try to reconnect while the process exits.
+/// Bounded: with the server gone, a drain would wait for a reconnect that may never come.
 async fn close(nats: &mycelium_client::async_nats::Client) {
-    if let Err(error) = nats.drain().await {
-        tracing::debug!(%error, "closing the NATS connection");
+    match tokio::time::timeout(Duration::from_secs(1), nats.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "closing the NATS connection"),
+        Err(_) => tracing::debug!("NATS is unreachable; closing without draining"),
     }
 }
 
@@ -664,6 +692,23 @@ async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure
     }
     for payload in &recent {
         print(payload);
+    }
+    if recent.is_empty() && !args.follow {
+        // Nothing kept: say whether the name is wrong or the function has been quiet, rather
+        // than print nothing and succeed either way.
+        return match client.describe(&args.name, None).await {
+            Err(error) if error.kind() == RequestErrorKind::Remote(ErrorCode::FunctionNotFound) => {
+                Err(Failure::new(
+                    ErrorCode::FunctionNotFound.as_str(),
+                    format!("no function {name} and no kept log lines for it; `mycelium list` shows the functions"),
+                    EXIT_FAILED,
+                ))
+            }
+            _ => {
+                eprintln!("no log lines kept for {name} (the runtime keeps an hour)");
+                Ok(())
+            }
+        };
     }
     if !args.follow {
         return Ok(());

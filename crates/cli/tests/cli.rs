@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{mycelium, sibling_binary};
+use common::{mycelium, sibling_binary, start_up, start_up_quiet};
 
 fn run(args: &[&str]) -> Output {
     mycelium().args(args).output().expect("running mycelium")
@@ -233,49 +233,6 @@ fn unreachable_nats_is_a_clear_error() {
         stderr.starts_with("error[connection]: cannot connect to NATS"),
         "{stderr}"
     );
-}
-
-/// `mycelium up` in the background, stopped on drop; returns once it is ready, with its
-/// NATS URL, the banner it printed and the rest of its stdout.
-fn start_up(
-    data_dir: &std::path::Path,
-) -> (
-    Running,
-    String,
-    String,
-    BufReader<std::process::ChildStdout>,
-) {
-    let port = free_port();
-    let mut up = Running(
-        mycelium()
-            .args([
-                "up",
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    while !banner.contains("Press Ctrl-C") {
-        assert!(
-            stdout.read_line(&mut banner).unwrap() > 0,
-            "mycelium up exited early:\n{banner}"
-        );
-    }
-    (up, format!("nats://127.0.0.1:{port}"), banner, stdout)
-}
-
-/// [`start_up`] for tests that do not read its output (drained so it never blocks).
-fn start_up_quiet(data_dir: &std::path::Path) -> (Running, String) {
-    let (up, url, _, mut stdout) = start_up(data_dir);
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (up, url)
 }
 
 fn stderr_of(output: &Output) -> String {

@@ -32,6 +32,8 @@ pub enum SpawnErrorKind {
     Failed,
     /// It did not open its listeners in time.
     Timeout,
+    /// Another process (named in the message) uses the data directory.
+    Locked,
 }
 
 /// A failed [`NatsServer::spawn`].
@@ -98,6 +100,13 @@ pub struct ServerOptions {
     pub extra_args: Vec<String>,
     /// How long to wait for the listeners.
     pub ready_timeout: Duration,
+    /// Kill the server (SIGTERM) when the thread that spawned it exits, even if this process
+    /// is SIGKILLed. Spawn from a thread that lives as long as the process (`main`): the
+    /// signal follows the spawning thread, not the process.
+    pub die_with_parent: bool,
+    /// Hold an exclusive lock on `dir` while the server runs ([`DirLock`]), so a second
+    /// server never opens the same JetStream store.
+    pub lock_dir: bool,
 }
 
 impl ServerOptions {
@@ -112,6 +121,8 @@ impl ServerOptions {
             cluster: None,
             extra_args: Vec::new(),
             ready_timeout: Duration::from_secs(30),
+            die_with_parent: false,
+            lock_dir: false,
         }
     }
 }
@@ -124,6 +135,7 @@ pub struct NatsServer {
     port: u16,
     cluster_port: Option<u16>,
     log_path: PathBuf,
+    _lock: Option<DirLock>,
 }
 
 #[derive(serde::Deserialize)]
@@ -147,6 +159,10 @@ impl NatsServer {
         let ports_dir = options.dir.join("ports");
         std::fs::create_dir_all(&ports_dir)
             .map_err(|e| failed(&format!("creating {}", ports_dir.display()), e))?;
+        let mut lock = options
+            .lock_dir
+            .then(|| DirLock::acquire(&options.dir))
+            .transpose()?;
         let log_path = options.dir.join("nats-server.log");
         let log = File::options()
             .create(true)
@@ -195,9 +211,15 @@ impl NatsServer {
             // Own process group: a Ctrl-C at the terminal reaches us, and we stop the
             // server after the runtime has drained, not at the same instant.
             .process_group(0);
+        if options.die_with_parent {
+            die_with_parent(&mut command);
+        }
         let mut child = command
             .spawn()
             .map_err(|e| failed(&format!("starting {}", binary.display()), e))?;
+        if let Some(lock) = &mut lock {
+            lock.record_server(child.id());
+        }
 
         let ports_file = ports_dir.join(format!(
             "{}_{}.ports",
@@ -250,6 +272,7 @@ impl NatsServer {
             port,
             cluster_port,
             log_path,
+            _lock: lock,
         })
     }
 
@@ -310,6 +333,132 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The child gets SIGTERM when the spawning thread dies: nats-server then shuts down cleanly
+/// and lets go of the port and the store instead of living on as an orphan.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Exclusive use of a data directory: an advisory lock (`flock`) on `<dir>/lock`, held for as
+/// long as this value lives and released by the kernel when the process dies, however it dies.
+/// The file names the holder and its nats-server, so a refused start can say who holds the
+/// directory, and an orphaned nats-server of an earlier holder (which keeps using the store
+/// after its parent died) is recognised and named too.
+#[derive(Debug)]
+pub struct DirLock {
+    file: File,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct LockRecord {
+    pid: u32,
+    #[serde(default)]
+    server_pid: Option<u32>,
+}
+
+impl DirLock {
+    /// Takes the lock on `dir`, or says which process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, SpawnError> {
+        let path = dir.join("lock");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| {
+                SpawnError::with_source(
+                    SpawnErrorKind::Failed,
+                    format!("opening {}", path.display()),
+                    e,
+                )
+            })?;
+        let previous = std::fs::read(&path)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<LockRecord>(&text).ok());
+        if !try_lock(&file) {
+            let holder = previous.map_or_else(
+                || "another process".to_owned(),
+                |record| format!("process {}", record.pid),
+            );
+            return Err(SpawnError::new(
+                SpawnErrorKind::Locked,
+                format!(
+                    "{} is in use by {holder} (another `mycelium up`?); stop it, or pick another directory with --data-dir",
+                    dir.display()
+                ),
+            ));
+        }
+        if let Some(server) = previous
+            .and_then(|record| record.server_pid)
+            .filter(|&pid| is_server_of(pid, dir))
+        {
+            return Err(SpawnError::new(
+                SpawnErrorKind::Locked,
+                format!(
+                    "an orphaned nats-server (pid {server}) of an earlier `mycelium up` still uses {} (and its port); stop it with `kill {server}` and start again",
+                    dir.display()
+                ),
+            ));
+        }
+        let mut lock = Self { file };
+        lock.write(&LockRecord {
+            pid: std::process::id(),
+            server_pid: None,
+        });
+        Ok(lock)
+    }
+
+    /// Notes the nats-server that uses the directory, for the next holder's checks.
+    pub fn record_server(&mut self, server_pid: u32) {
+        self.write(&LockRecord {
+            pid: std::process::id(),
+            server_pid: Some(server_pid),
+        });
+    }
+
+    fn write(&mut self, record: &LockRecord) {
+        use std::io::Write;
+        let text = serde_json::to_vec(record).unwrap_or_default();
+        // Only informative: the lock itself is the flock.
+        let _ = self.file.set_len(0);
+        let _ = self.file.seek(SeekFrom::Start(0));
+        let _ = self.file.write_all(&text);
+    }
+}
+
+#[allow(unsafe_code)]
+fn try_lock(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this `File` owns; no memory is shared.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Whether `pid` is a live nats-server whose command line names `dir`'s store.
+fn is_server_of(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let store = dir.join("jetstream");
+    let store = store.as_os_str().as_encoded_bytes();
+    cmdline.split(|&b| b == 0).any(|arg| arg == store)
 }
 
 #[allow(unsafe_code)]

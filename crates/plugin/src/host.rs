@@ -644,7 +644,7 @@ impl Limits {
     #[allow(unsafe_code)]
     fn apply_in_child(self, command: &mut std::process::Command) {
         // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, setrlimit, getppid, _exit); it allocates nothing.
+        // async-signal-safe functions (prctl, setrlimit, getppid, capset, _exit); it allocates nothing.
         unsafe {
             command.pre_exec(move || {
                 // Die with the runtime, even if it is SIGKILLed: no orphans.
@@ -672,8 +672,62 @@ impl Limits {
                 if let Some(seconds) = self.cpu_seconds {
                     set(libc::RLIMIT_CPU, seconds)?;
                 }
+                drop_capabilities();
                 Ok(())
             });
         }
+    }
+}
+
+/// Leaves the plugin no capabilities, even when the runtime runs as root: without
+/// CAP_SYS_PTRACE it cannot read the (non-dumpable) runtime's `/proc/<pid>/environ` or memory,
+/// and without the rest it cannot undo its limits. Emptying the bounding and inheritable sets
+/// is what makes it stick across `execve`, where root would otherwise get every capability
+/// back. Best effort: an unprivileged runtime has nothing to drop and may not drop it.
+///
+/// Runs in the forked child before exec: only raw system calls, no allocation.
+#[allow(unsafe_code)]
+fn drop_capabilities() {
+    // The kernel's capability ABI (linux/capability.h), version 3: two 32-bit words per set.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    // SAFETY: prctl and capset take plain integers and pointers to the live locals above.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        // Capability numbers beyond the kernel's last one fail with EINVAL, harmlessly.
+        for capability in 0..64 {
+            libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0);
+        }
+        let mut header = Header {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        libc::syscall(
+            libc::SYS_capset,
+            std::ptr::addr_of_mut!(header),
+            data.as_ptr(),
+        );
     }
 }

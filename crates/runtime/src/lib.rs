@@ -415,18 +415,33 @@ impl RuntimeHandle {
 
     /// Stops taking requests, lets in-flight invocations finish within the grace period,
     /// answers the rest `unavailable`, and flushes the replies.
+    ///
+    /// The grace bounds the whole shutdown, whether NATS is there or not: steps that need the
+    /// server (draining the subscriptions, the fence, the last flush) give up when it is gone,
+    /// so a runtime stopped together with its nats-server still exits (after at most the
+    /// grace and a second for the last replies).
     pub async fn shutdown(self) -> ShutdownReport {
         let shared = &self.shared;
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
         tracing::info!(in_flight = self.in_flight(), "runtime stopping");
         shared.stop.cancel();
-        for task in self.endpoint_tasks {
-            let _ = task.await;
+        // Draining needs the server to take the UNSUBs; without it the loops would wait
+        // for as long as the server is away.
+        let aborts: Vec<_> = self
+            .endpoint_tasks
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect();
+        let drained = futures_util::future::join_all(self.endpoint_tasks);
+        if tokio::time::timeout_at(deadline, drained).await.is_err() {
+            tracing::warn!("NATS did not confirm the end of the subscriptions within the grace period (is the server gone?); stopping without it");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
         // Once the server has processed the UNSUBs, no new request is routed here.
-        fence(&shared.client).await;
+        let _ = tokio::time::timeout_at(deadline, fence(&shared.client)).await;
         shared.tracker.close();
         let mut abandoned = 0;
-        if tokio::time::timeout(shared.config.shutdown_grace, shared.tracker.wait())
+        if tokio::time::timeout_at(deadline, shared.tracker.wait())
             .await
             .is_err()
         {
@@ -445,13 +460,21 @@ impl RuntimeHandle {
         if let Some(plugins) = &shared.invoker.plugins {
             plugins.shutdown().await;
         }
-        if let Err(error) = shared.client.flush().await {
-            tracing::warn!(%error, "flushing the last replies failed");
+        let last_replies = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(LAST_FLUSH);
+        match tokio::time::timeout(last_replies, shared.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "flushing the last replies failed"),
+            Err(_) => tracing::warn!("NATS is unreachable; the last replies may be lost"),
         }
         tracing::info!(abandoned, "runtime stopped");
         ShutdownReport { abandoned }
     }
 }
+
+/// The least time the last replies get to leave, even when the grace is used up.
+const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A round trip the server answers (with "no responders") only after it has processed every
 /// command this connection sent before it, SUBs and UNSUBs included: a client's commands are

@@ -1,8 +1,14 @@
 //! What the CLI's test files share: the `mycelium` command and the binaries built beside it.
 
-use std::{path::PathBuf, process::Command};
+#![allow(dead_code)] // Each test file uses its own part of this.
 
-use mycelium_test_support::nats_server_binary;
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use mycelium_test_support::{free_port, nats_server_binary, ChildGuard as Running};
 
 /// The `mycelium` binary under test, with the test nats-server and no ambient NATS URL.
 pub fn mycelium() -> Command {
@@ -35,4 +41,96 @@ pub fn sibling_binary(name: &str, package: &str) -> Option<PathBuf> {
     );
     eprintln!("SKIPPED: {hint}");
     None
+}
+
+/// `mycelium up` in the background, stopped on drop; returns once it is ready, with its
+/// NATS URL, the banner it printed and the rest of its stdout.
+pub fn start_up(
+    data_dir: &std::path::Path,
+) -> (
+    Running,
+    String,
+    String,
+    BufReader<std::process::ChildStdout>,
+) {
+    let port = free_port();
+    let mut up = Running(
+        mycelium()
+            .args([
+                "up",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Press Ctrl-C") {
+        assert!(
+            stdout.read_line(&mut banner).unwrap() > 0,
+            "mycelium up exited early:\n{banner}"
+        );
+    }
+    (up, format!("nats://127.0.0.1:{port}"), banner, stdout)
+}
+
+/// [`start_up`] for tests that do not read its output (drained so it never blocks).
+pub fn start_up_quiet(data_dir: &std::path::Path) -> (Running, String) {
+    let (up, url, _, mut stdout) = start_up(data_dir);
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (up, url)
+}
+
+/// Builds the example Go plugin into `out`; `false` (the test skips) without Debian's Go
+/// packages, unless `MYCELIUM_GO_REQUIRED` is set (CI).
+pub fn go_plugin(out: &Path) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    let output = Command::new(script)
+        .arg(out)
+        .output()
+        .expect("running build.sh");
+    if output.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
+        "building the Go plugin failed: {why}"
+    );
+    eprintln!("SKIPPED: this test needs Debian's Go packages: {why}");
+    false
+}
+
+/// The child processes of `pid` (all its threads' children).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.sort_unstable();
+    children
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
 }
