@@ -85,6 +85,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
             DeployErrorKind::ArtifactUnreadable => "artifact_unreadable",
             DeployErrorKind::ArtifactEmpty => "artifact_empty",
             DeployErrorKind::ArtifactTooLarge => "payload_too_large",
+            DeployErrorKind::NotExecutable => "not_executable",
             DeployErrorKind::Storage => "registry",
         };
         Failure::new(code, error_chain(&e), EXIT_FAILED)

@@ -250,7 +250,10 @@ fn deploy_versions_rollback_delete_through_the_cli() {
     };
 
     let binary = data_dir.path().join("plugin.bin");
-    std::fs::write(&binary, vec![42u8; 4096]).unwrap();
+    // A script (deploy takes programs only), never run here: only stored and described.
+    let mut script = b"#!/bin/sh\n".to_vec();
+    script.resize(4096, b'#');
+    std::fs::write(&binary, script).unwrap();
     let v1 = stdout_json(&cli(&[
         "deploy",
         "resize",
@@ -333,7 +336,23 @@ fn deploy_versions_rollback_delete_through_the_cli() {
     // Bad input is refused before anything is written.
     let empty = data_dir.path().join("empty.bin");
     std::fs::write(&empty, b"").unwrap();
+    let text = data_dir.path().join("notes.txt");
+    std::fs::write(&text, b"not a program\n").unwrap();
     for (args, code) in [
+        (
+            vec!["deploy", "ghost", text.to_str().unwrap()],
+            "not_executable",
+        ),
+        (
+            vec![
+                "deploy",
+                "ghost",
+                binary.to_str().unwrap(),
+                "--memory-mb",
+                "0",
+            ],
+            "invalid_request",
+        ),
         (
             vec!["deploy", "ghost", "/nonexistent/plugin"],
             "artifact_unreadable",

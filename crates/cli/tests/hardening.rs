@@ -350,3 +350,68 @@ async fn logs_of_an_unknown_function_fail() {
     assert!(quiet.status.success(), "{}", stderr_of(&quiet));
     assert!(quiet.stdout.is_empty());
 }
+
+/// A plugin running as the runtime's user cannot read the runtime's environment through
+/// `/proc/<runtime pid>/environ` (the runtime is non-dumpable and plugins hold no
+/// capabilities, even under root), and a start failure quoting a plugin's output to its caller
+/// cuts the function's own secrets out of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_read_the_runtimes_credentials() {
+    const RUNTIME_SECRET: &str = "rt-Hq93-never-leak";
+    const FUNCTION_SECRET: &str = "fn-Lm27-never-leak";
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = Client::new(server.connect().await);
+    let _runtime = Running(
+        mycelium()
+            .env(
+                "DATABASE_URL",
+                format!("postgres://app:{RUNTIME_SECRET}@db/app"),
+            )
+            .args(["--nats-url", &url, "serve"])
+            .args(["--plugin-dir", dir.path().join("plugins").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&client).await;
+    let script = dir.path().join("snoop.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         if tr '\\0' '\\n' < /proc/$PPID/environ >&2; then echo READ-ALLOWED >&2; else echo READ-DENIED >&2; fi\n\
+         echo \"my key is $API_KEY\" >&2\n\
+         exit 1\n",
+    )
+    .unwrap();
+    let deploy = mycelium()
+        .args(["--nats-url", &url, "deploy", "snoop"])
+        .arg(&script)
+        .args(["--env", &format!("API_KEY={FUNCTION_SECRET}")])
+        .output()
+        .unwrap();
+    assert!(deploy.status.success(), "{}", stderr_of(&deploy));
+    let error = client
+        .invoke(
+            "snoop",
+            mycelium_test_support::event("s1", serde_json::json!({})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        mycelium_client::RequestErrorKind::Remote(mycelium_core::ErrorCode::PluginStartFailed),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("READ-DENIED"), "{message}");
+    assert!(message.contains("my key is [redacted]"), "{message}");
+    for secret in [RUNTIME_SECRET, FUNCTION_SECRET] {
+        assert!(
+            !message.contains(secret),
+            "a secret reached the caller: {message}"
+        );
+    }
+}

@@ -79,6 +79,61 @@ pub struct ProcessConfig {
     pub start_timeout: Duration,
     /// How long a stopping plugin gets before it is killed.
     pub stop_grace: Duration,
+    /// Texts never shown to callers: a plugin's output quoted in an error is redacted of them
+    /// (the function's env values and the runtime's secrets; see [`Redactions`]).
+    pub redactions: Redactions,
+}
+
+/// Secret texts to cut from plugin output before it reaches a caller in an error message:
+/// callers of a function are not necessarily its deployer, and a plugin that prints its
+/// environment (or anything it could read) would otherwise hand it to them.
+#[derive(Debug, Clone, Default)]
+pub struct Redactions(Arc<[String]>);
+
+/// The shortest value treated as a secret.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// Variables of the runtime's environment known to hold no secrets (their values are shown).
+const PUBLIC_VARIABLES: [&str; 12] = [
+    "PATH", "HOME", "PWD", "OLDPWD", "SHELL", "USER", "LOGNAME", "TERM", "LANG", "TMPDIR",
+    "HOSTNAME", "RUST_LOG",
+];
+
+impl Redactions {
+    /// The values of `env` (a function's own variables) and of the runtime's environment,
+    /// except variables known to be harmless. Values shorter than [`MIN_SECRET_LEN`] are
+    /// left: cutting words like `exit` or `true` out of text garbles it and hides nothing.
+    pub fn for_function(env: &BTreeMap<String, String>) -> Self {
+        let runtime = std::env::vars_os().filter_map(|(key, value)| {
+            let key = key.to_str()?;
+            let public = PUBLIC_VARIABLES.contains(&key)
+                || ["LC_", "XDG_", "MYCELIUM_", "CARGO"]
+                    .iter()
+                    .any(|prefix| key.starts_with(prefix));
+            (!public).then(|| value.into_string().ok()).flatten()
+        });
+        let mut values: Vec<String> = env
+            .values()
+            .cloned()
+            .chain(runtime)
+            .filter(|value| value.len() >= MIN_SECRET_LEN)
+            .collect();
+        // Longest first, so a secret containing another is cut whole.
+        values.sort_by_key(|value| std::cmp::Reverse(value.len()));
+        values.dedup();
+        Self(values.into())
+    }
+
+    /// `text` with every secret replaced by `[redacted]`.
+    pub fn apply(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for secret in self.0.iter() {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        text
+    }
 }
 
 /// A running plugin process.
@@ -103,16 +158,41 @@ impl std::fmt::Debug for PluginProcess {
     }
 }
 
-fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+/// The stderr tail for an error message, redacted: it goes to callers.
+fn tail_text(tail: &Mutex<VecDeque<String>>, redactions: &Redactions) -> String {
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
     if tail.is_empty() {
         "(the plugin wrote nothing to stderr)".into()
     } else {
-        format!(
+        redactions.apply(&format!(
             "its stderr ended with:\n{}",
             tail.iter().cloned().collect::<Vec<_>>().join("\n")
-        )
+        ))
     }
+}
+
+/// Refuses what is not a program before the kernel (or the shell's fallback for files
+/// without a format it knows, which runs them as scripts) gets to try.
+fn check_executable(binary: &Path) -> Result<(), StartError> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let read = std::fs::File::open(binary)
+        .and_then(|mut file| file.read(&mut head))
+        .map_err(|e| {
+            StartError::with_source(
+                StartErrorKind::Spawn,
+                format!("cannot read the plugin {}", binary.display()),
+                e,
+            )
+        })?;
+    let head = &head[..read];
+    if head.starts_with(b"\x7fELF") || head.starts_with(b"#!") {
+        return Ok(());
+    }
+    Err(StartError::new(
+        StartErrorKind::Spawn,
+        "the plugin binary is not an executable (neither an ELF binary nor a script starting with #!); deploy a program built for this machine",
+    ))
 }
 
 impl PluginProcess {
@@ -121,6 +201,7 @@ impl PluginProcess {
         let spawn_failed = |what: String, e: std::io::Error| {
             StartError::with_source(StartErrorKind::Spawn, what, e)
         };
+        check_executable(binary)?;
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
         let mut command = tokio::process::Command::new(binary);
@@ -181,7 +262,10 @@ impl PluginProcess {
 
         let fail = |kind, message: String| {
             kill_group(pid);
-            StartError::new(kind, format!("{message}; {}", tail_text(&stderr_tail)))
+            StartError::new(
+                kind,
+                format!("{message}; {}", tail_text(&stderr_tail, &config.redactions)),
+            )
         };
         let deadline = Instant::now() + config.start_timeout;
         let mut exited = exit.clone();
@@ -407,7 +491,7 @@ impl PluginProcess {
                     "the plugin process of \"{}\" v{} died during the call ({status_text}); the next call starts a new one; {}",
                     ctx.function(),
                     ctx.version(),
-                    tail_text(&self.stderr_tail)
+                    tail_text(&self.stderr_tail, &self.config.redactions)
                 ),
             );
         }

@@ -18,7 +18,7 @@ use mycelium_core::{
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::host::{PluginProcess, ProcessConfig, StartErrorKind};
+use crate::host::{PluginProcess, ProcessConfig, Redactions, StartErrorKind};
 
 /// How plugin processes are run. Defaults suit small functions.
 #[derive(Debug, Clone)]
@@ -175,6 +175,8 @@ struct PoolState {
     /// Crashes in a row; restarts wait longer each time.
     crashes: u32,
     not_before: Option<Instant>,
+    /// Why the last start failed, answered at once to calls arriving during the backoff.
+    last_start_error: Option<String>,
     binary: Option<PathBuf>,
 }
 
@@ -187,17 +189,19 @@ pub struct PluginPool {
     finished: AtomicBool,
     /// Processes running now, readable without the async state lock.
     process_count: std::sync::atomic::AtomicUsize,
+    redactions: Redactions,
 }
 
 impl PluginPool {
     fn new(metadata: Arc<FunctionMetadata>, shared: Arc<Shared>) -> Arc<Self> {
         let pool = Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            metadata,
             shared,
             state: tokio::sync::Mutex::default(),
             finished: AtomicBool::new(false),
             process_count: std::sync::atomic::AtomicUsize::new(0),
+            redactions: Redactions::for_function(&metadata.env),
+            metadata,
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -227,38 +231,38 @@ impl PluginPool {
                 }
             }
             if state.slots.len() < settings.max_processes.max(1) {
-                if let Some(not_before) = state.not_before {
-                    if not_before > deadline {
-                        return Err(ProtocolError::new(ErrorCode::Unavailable,
-                            format!(
-                                "the plugin of \"{}\" v{} keeps crashing; the next restart is in {:?}",
-                                self.metadata.name,
-                                self.metadata.version,
-                                not_before.saturating_duration_since(Instant::now())
-                            ),
-                        ));
+                // During a backoff, answer at once: holding callers (and their in-flight
+                // slots) for the wait would let one broken plugin starve everything else.
+                if let Some(not_before) = state.not_before.filter(|&t| t > Instant::now()) {
+                    if state.slots.is_empty() {
+                        return Err(self.backing_off(&state, not_before));
                     }
-                }
-                drop(state);
-                // The start runs in its own task: a caller that gives up (its deadline) must
-                // not abandon a half-started process or lose the crash accounting.
-                let Some(pool) = self.me.upgrade() else {
-                    return Err(ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        "the plugin pool is shutting down",
-                    ));
-                };
-                let start = tokio::spawn(async move { pool.start_if_needed().await });
-                match start.await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(error)) => return Err(error),
-                    Err(join) => {
+                    // Some processes run: wait for one of them instead of starting another.
+                } else {
+                    drop(state);
+                    // The start runs in its own task: a caller that gives up (its deadline)
+                    // must not abandon a half-started process or lose the crash accounting.
+                    let Some(pool) = self.me.upgrade() else {
                         return Err(ProtocolError::new(
-                            ErrorCode::Internal,
-                            format!("starting the plugin failed: {join}"),
-                        ))
+                            ErrorCode::Unavailable,
+                            "the plugin pool is shutting down",
+                        ));
+                    };
+                    let start = tokio::spawn(async move { pool.start_if_needed().await });
+                    match start.await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(error)) => return Err(error),
+                        Err(join) => {
+                            return Err(ProtocolError::new(
+                                ErrorCode::Internal,
+                                format!("starting the plugin failed: {join}"),
+                            ))
+                        }
                     }
                 }
+            }
+            if state.slots.is_empty() {
+                continue;
             }
             // Every process is at its limit: wait for the first free permit.
             let slot = state.slots[0].clone();
@@ -281,6 +285,27 @@ impl PluginPool {
         }
     }
 
+    /// The answer to a call arriving while restarts back off: the last start error when the
+    /// plugin fails to start, `unavailable` when it keeps crashing once started.
+    fn backing_off(&self, state: &PoolState, not_before: Instant) -> ProtocolError {
+        let wait = not_before.saturating_duration_since(Instant::now());
+        let (name, version, failures) = (&self.metadata.name, self.metadata.version, state.crashes);
+        match &state.last_start_error {
+            Some(error) => ProtocolError::new(
+                ErrorCode::PluginStartFailed,
+                format!(
+                    "the plugin of \"{name}\" v{version} failed {failures} times in a row; the next attempt is in {wait:.1?}; the last one: {error}"
+                ),
+            ),
+            None => ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the plugin of \"{name}\" v{version} keeps crashing ({failures} times in a row); the next restart is in {wait:.1?}"
+                ),
+            ),
+        }
+    }
+
     /// Drops slots whose process has died; an unexpected death counts as a crash.
     fn forget_dead(&self, state: &mut PoolState) {
         let before = state.slots.len();
@@ -298,6 +323,7 @@ impl PluginPool {
         });
         if let Some(uptime) = crashed_after {
             self.record_crash(state, uptime);
+            state.last_start_error = None;
         }
         if state.slots.len() != before {
             self.publish_count(state);
@@ -410,6 +436,7 @@ impl PluginPool {
             cpu_seconds: settings.cpu_seconds,
             start_timeout: settings.start_timeout,
             stop_grace: settings.stop_grace,
+            redactions: self.redactions.clone(),
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();
@@ -417,6 +444,7 @@ impl PluginPool {
             let _ = std::fs::remove_dir_all(&work_dir);
             if e.kind() != StartErrorKind::Spawn {
                 self.record_crash(state, started.elapsed());
+                state.last_start_error = Some(e.to_string());
             }
             ProtocolError::new(
                 ErrorCode::PluginStartFailed,

@@ -309,6 +309,8 @@ pub enum DeployErrorKind {
     ArtifactEmpty,
     /// The binary is larger than the registry accepts.
     ArtifactTooLarge,
+    /// The file is not a program (neither an ELF binary nor a `#!` script).
+    NotExecutable,
     /// The store failed or is unreachable.
     Storage,
 }
@@ -460,6 +462,11 @@ pub(crate) async fn prepare(
             )));
         }
     }
+    if let Some(mb) = spec.memory_mb.filter(|&mb| mb < MIN_MEMORY_MB) {
+        return Err(invalid(format!(
+            "a memory limit of {mb} MiB leaves a plugin no room to start; give it at least {MIN_MEMORY_MB} MiB, or none"
+        )));
+    }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains(['=', '\0']) {
             return Err(invalid(format!(
@@ -492,6 +499,16 @@ pub(crate) async fn prepare(
         source: source.clone(),
         signature,
     }))
+}
+
+/// The least memory limit a deploy accepts, in MiB.
+pub const MIN_MEMORY_MB: u64 = 16;
+
+/// Whether a file starting with `head` is something `execve` runs: an ELF binary or a `#!`
+/// script. Anything else would be run by the shell's fallback as a script, which is never
+/// what was meant. Checked for binaries deployed from files (what `mycelium deploy` sends).
+fn is_program(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
 }
 
 fn check_size(size: u64, max_size: u64, name: &FunctionName) -> Result<(), DeployError> {
@@ -534,10 +551,20 @@ async fn hash_file(
     check_size(meta.len(), max_size, name)?;
     let mut hasher = digest::Hasher::new();
     let mut buffer = vec![0; 256 * 1024];
+    let mut first = true;
     loop {
         let read = file.read(&mut buffer).await.map_err(unreadable)?;
         if read == 0 {
             break;
+        }
+        if std::mem::take(&mut first) && !is_program(&buffer[..read]) {
+            return Err(DeployError::new(
+                DeployErrorKind::NotExecutable,
+                format!(
+                    "{} is not a program: it is neither an ELF binary nor a script starting with #!; deploy the built binary",
+                    path.display()
+                ),
+            ));
         }
         hasher.update(&buffer[..read]);
     }

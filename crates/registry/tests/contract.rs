@@ -183,6 +183,8 @@ async fn bad_deploys_leave_nothing_behind<F: std::future::Future<Output = Subjec
     std::fs::write(&empty, b"").unwrap();
     let big = dir.path().join("big");
     std::fs::write(&big, [7u8; 17]).unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"echo hi\n").unwrap();
 
     let cases: Vec<(DeploySpec, DeployErrorKind, &str)> = vec![
         (
@@ -204,6 +206,19 @@ async fn bad_deploys_leave_nothing_behind<F: std::future::Future<Output = Subjec
             DeploySpec::plugin(name("f"), ArtifactSource::File(big)),
             DeployErrorKind::ArtifactTooLarge,
             "limit of 16 bytes",
+        ),
+        (
+            DeploySpec::plugin(name("f"), ArtifactSource::File(text)),
+            DeployErrorKind::NotExecutable,
+            "neither an ELF binary nor a script starting with #!",
+        ),
+        (
+            DeploySpec {
+                memory_mb: Some(0),
+                ..plugin("f", b"x")
+            },
+            DeployErrorKind::InvalidSpec,
+            "at least 16 MiB",
         ),
         (plugin("f", b""), DeployErrorKind::ArtifactEmpty, "empty"),
         (

@@ -22,6 +22,7 @@ async fn main() {
         cpu_seconds: None,
         start_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
+        redactions: Default::default(),
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await
