@@ -337,6 +337,11 @@ pub struct RuntimeArgs {
     /// Invocations executing at once; beyond it requests are answered `overloaded`.
     #[arg(long, env = "MYCELIUM_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// Invocations of one function executing at once, for functions deployed without
+    /// --max-concurrency; beyond it that function's requests are answered `overloaded`, so
+    /// one function's flood cannot take every in-flight slot.
+    #[arg(long, env = "MYCELIUM_MAX_CONCURRENCY", default_value_t = 256)]
+    pub max_concurrency: usize,
     /// Largest accepted request, in bytes.
     #[arg(long, env = "MYCELIUM_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
     pub max_payload: usize,

@@ -102,6 +102,7 @@ fn runtime_config(connection: &Connection<'_>, args: &RuntimeArgs) -> RuntimeCon
         subject_prefix: connection.subject_prefix.clone(),
         queue_group: args.queue_group.clone(),
         max_in_flight: args.max_in_flight,
+        max_concurrency: args.max_concurrency,
         max_payload: args.max_payload,
         default_timeout: args.default_timeout,
         shutdown_grace: args.shutdown_grace,

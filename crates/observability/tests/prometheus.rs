@@ -35,7 +35,7 @@ async fn a_scrape_shows_exact_counts() {
         .serve(&server.url())
         .await
         .unwrap();
-    let (addr, _server_task) = serve_metrics("127.0.0.1:0".parse().unwrap(), metrics)
+    let (addr, _server_task) = serve_metrics("127.0.0.1:0".parse().unwrap(), metrics.clone())
         .await
         .unwrap();
 
@@ -62,7 +62,11 @@ async fn a_scrape_shows_exact_counts() {
         call("fails", json!({})).await;
     }
     call("sleeps", json!({"timeoutMs": 50})).await;
-    call("nobody", json!({})).await;
+    // Names nobody registered count under their code only: a caller sending a thousand
+    // made-up names must not make a thousand series.
+    for i in 0..50 {
+        call(&format!("no-such-{i}"), json!({})).await;
+    }
     nats.request("function.invoke", "not json".into())
         .await
         .unwrap();
@@ -75,8 +79,7 @@ async fn a_scrape_shows_exact_counts() {
         r#"mycelium_invocations_total{function="echo",version="1",outcome="success"} 3"#,
         r#"mycelium_invocations_total{function="fails",version="1",outcome="function_error"} 2"#,
         r#"mycelium_invocations_total{function="sleeps",version="1",outcome="timeout"} 1"#,
-        r#"mycelium_invocations_total{function="nobody",version="",outcome="function_not_found"} 1"#,
-        r#"mycelium_requests_rejected_total{code="function_not_found"} 1"#,
+        r#"mycelium_requests_rejected_total{code="function_not_found"} 50"#,
         r#"mycelium_requests_rejected_total{code="invalid_request"} 1"#,
         r#"mycelium_invocation_duration_seconds_count{function="echo"} 3"#,
         r#"mycelium_invocation_duration_seconds_count{function="sleeps"} 1"#,
@@ -88,6 +91,13 @@ async fn a_scrape_shows_exact_counts() {
         );
     }
     assert!(!response.contains("invocation_id"), "no unbounded labels");
+    assert!(!response.contains("no-such"), "no series per unknown name");
+    let rows = mycelium_core::MetricsCollector::function_stats(metrics.as_ref());
+    assert!(
+        rows.iter().all(|row| !row.function.starts_with("no-such")),
+        "no stats row per unknown name: {:?}",
+        rows.iter().map(|r| &r.function).collect::<Vec<_>>()
+    );
     let rss = response
         .lines()
         .find_map(|l| l.strip_prefix("mycelium_process_resident_memory_bytes "))

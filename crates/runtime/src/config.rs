@@ -13,6 +13,10 @@ pub struct RuntimeConfig {
     pub service_name: String,
     /// Invocations executing at once on this instance; beyond it requests get `overloaded`.
     pub max_in_flight: usize,
+    /// Invocations of one function version executing at once on this instance, for functions
+    /// that set no `maxConcurrency` of their own; beyond it that function's requests get
+    /// `overloaded`, so one function's flood cannot take every in-flight slot.
+    pub max_concurrency: usize,
     /// Largest accepted request body, in bytes; beyond it requests get `payload_too_large`.
     pub max_payload: usize,
     /// Timeout of functions whose metadata sets none.
@@ -30,6 +34,7 @@ impl Default for RuntimeConfig {
             queue_group: "mycelium".into(),
             service_name: "mycelium".into(),
             max_in_flight: 1024,
+            max_concurrency: 256,
             max_payload: 1024 * 1024,
             default_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),

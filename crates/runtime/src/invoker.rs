@@ -30,9 +30,13 @@ pub(crate) struct Builtin {
 pub(crate) struct Invoker {
     pub builtins: HashMap<FunctionName, Builtin>,
     pub plugins: Option<Arc<mycelium_plugin::pool::PluginExecutor>>,
-    /// Per-version limits of functions that set `maxConcurrency`; created on first use.
+    /// Per-version concurrency limits (`maxConcurrency`, else `max_concurrency`), created on
+    /// first use; only resolved (registered) versions get one, and versions that left the
+    /// registry are pruned, so callers' names cannot grow it.
     pub function_limits:
-        std::sync::Mutex<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
+        std::sync::RwLock<HashMap<(FunctionName, u64), Arc<tokio::sync::Semaphore>>>,
+    /// The limit of functions that set none.
+    pub max_concurrency: usize,
     pub registry: Arc<dyn Registry>,
     pub metrics: Arc<dyn MetricsCollector>,
     pub tracing: Arc<dyn TraceBridge>,
@@ -141,7 +145,11 @@ impl Invoker {
         let (metadata, function) = match self.resolve(&name, version) {
             Ok(found) => found,
             Err(err) => {
-                self.metrics.request_rejected(Some(&name), err.code);
+                // Names nobody registered are counted under their code alone: per-name
+                // figures for whatever callers send would grow without bound.
+                let known = err.code != ErrorCode::FunctionNotFound;
+                self.metrics
+                    .request_rejected(known.then_some(&name), err.code);
                 return Err(err);
             }
         };
@@ -245,33 +253,66 @@ impl Invoker {
 }
 
 impl Invoker {
-    /// Takes one of the function's own concurrency slots, if it limits itself.
+    /// Takes one of the function version's concurrency slots.
     fn function_permit(
         &self,
         metadata: &FunctionMetadata,
-    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ProtocolError> {
-        let Some(max) = metadata.max_concurrency else {
-            return Ok(None);
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ProtocolError> {
+        let max = metadata
+            .max_concurrency
+            .map_or(self.max_concurrency, |max| max as usize);
+        let key = (metadata.name.clone(), metadata.version);
+        let found = self
+            .function_limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let semaphore = match found {
+            Some(semaphore) => semaphore,
+            None => {
+                let mut limits = self
+                    .function_limits
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
+                // New versions are rare: the moment to forget the deleted and retired ones.
+                limits.retain(|(name, version), _| self.is_registered(name, *version));
+                limits
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
+                    .clone()
+            }
         };
-        let semaphore = {
-            let mut limits = self
-                .function_limits
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            limits
-                .entry((metadata.name.clone(), metadata.version))
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max as usize)))
-                .clone()
-        };
-        semaphore.try_acquire_owned().map(Some).map_err(|_| {
+        semaphore.try_acquire_owned().map_err(|_| {
+            let source = if metadata.max_concurrency.is_some() {
+                "its maxConcurrency, set by `mycelium deploy --max-concurrency`"
+            } else {
+                "the runtime's per-function limit, `mycelium serve --max-concurrency`"
+            };
             ProtocolError::new(
                 ErrorCode::Overloaded,
                 format!(
-                    "function \"{}\" is running its limit of {max} concurrent invocations (maxConcurrency); retry with backoff",
+                    "function \"{}\" is running its limit of {max} concurrent invocations ({source}); retry with backoff",
                     metadata.name
                 ),
             )
         })
+    }
+
+    fn is_registered(&self, name: &FunctionName, version: u64) -> bool {
+        self.builtins
+            .get(name)
+            .is_some_and(|b| b.metadata.version == version)
+            || self.registry.get(name, Some(version)).is_ok()
+    }
+
+    /// Concurrency limits held now (one per function version called since it was deployed).
+    #[cfg(test)]
+    pub fn limits_held(&self) -> usize {
+        self.function_limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }
 
@@ -281,4 +322,67 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(a non-text panic payload)")
+}
+
+#[cfg(test)]
+mod tests {
+    use mycelium_core::InMemoryMetrics;
+    use mycelium_registry::{MemoryRegistry, RegistryAdmin};
+
+    use super::*;
+
+    fn invoker(registry: Arc<MemoryRegistry>) -> Invoker {
+        Invoker {
+            builtins: HashMap::new(),
+            plugins: None,
+            function_limits: std::sync::RwLock::default(),
+            max_concurrency: 4,
+            registry,
+            metrics: Arc::new(InMemoryMetrics::new()),
+            tracing: Arc::new(mycelium_core::trace::PassThrough),
+            default_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn limits_held(invoker: &Invoker) -> Vec<String> {
+        let limits = invoker.function_limits.read().unwrap();
+        let mut held: Vec<String> = limits
+            .keys()
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect();
+        held.sort();
+        held
+    }
+
+    /// Limits exist only for registered versions, and those of deleted functions go.
+    #[tokio::test]
+    async fn concurrency_limits_follow_the_registry() {
+        let registry = Arc::new(MemoryRegistry::new());
+        let invoker = invoker(registry.clone());
+        let deploy = |name: &str| {
+            let name: FunctionName = name.parse().unwrap();
+            registry.insert(FunctionMetadata::builtin(name.clone(), "test"));
+            registry.get(&name, None).unwrap()
+        };
+        let a = deploy("a");
+        drop(invoker.function_permit(&a).unwrap());
+        assert_eq!(limits_held(&invoker), ["a@1"]);
+        // Four permits held: the fifth call is refused with the runtime's limit.
+        let held: Vec<_> = (0..4)
+            .map(|_| invoker.function_permit(&a).unwrap())
+            .collect();
+        let refused = invoker.function_permit(&a).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Overloaded);
+        assert!(
+            refused.message.contains("limit of 4"),
+            "{}",
+            refused.message
+        );
+        drop(held);
+
+        registry.delete(&a.name).await.unwrap();
+        let b = deploy("b");
+        drop(invoker.function_permit(&b).unwrap());
+        assert_eq!(limits_held(&invoker), ["b@1"], "a's limit was pruned");
+    }
 }

@@ -167,10 +167,10 @@ impl RuntimeBuilder {
     /// Builds the runtime on an existing NATS connection.
     pub fn build(self, client: async_nats::Client) -> Result<Runtime, StartError> {
         let config = self.config;
-        if config.max_in_flight == 0 || config.max_payload == 0 {
+        if config.max_in_flight == 0 || config.max_payload == 0 || config.max_concurrency == 0 {
             return Err(StartError::new(
                 StartErrorKind::Config,
-                "max_in_flight and max_payload must be at least 1",
+                "max_in_flight, max_concurrency and max_payload must be at least 1",
             ));
         }
         let prefix_ok = config.subject_prefix.split('.').all(|token| {
@@ -185,7 +185,8 @@ impl RuntimeBuilder {
         let invoker = Invoker {
             builtins: self.builtins,
             plugins: self.plugins,
-            function_limits: std::sync::Mutex::default(),
+            function_limits: std::sync::RwLock::default(),
+            max_concurrency: config.max_concurrency,
             registry: self
                 .registry
                 .unwrap_or_else(|| Arc::new(MemoryRegistry::new())),

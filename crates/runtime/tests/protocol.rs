@@ -495,6 +495,60 @@ async fn beyond_the_in_flight_limit_is_overloaded() {
     assert_eq!(body["events"][0]["id"], "response-123");
 }
 
+/// One function's flood takes only its own share of the in-flight slots: with room for 32
+/// invocations and 8 per function, 40 held calls to one function leave 24 slots for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_functions_flood_does_not_starve_the_others() {
+    let mut f = fixture(RuntimeConfig {
+        max_in_flight: 32,
+        max_concurrency: 8,
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let gate_request = serde_json::to_vec(
+        &json!({"functionName": "gate", "event": {"id": "g", "source": "s", "type": "t"}}),
+    )
+    .unwrap();
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let nats = f.nats.clone();
+            let body = gate_request.clone();
+            tokio::spawn(async move { nats.request("function.invoke", body.into()).await.unwrap() })
+        })
+        .collect();
+    f.gate.entered(8).await;
+    // Every call beyond the function's 8 is refused at once (before any is released, so no
+    // late call can take a slot the first ones free).
+    let metrics = f.metrics.clone();
+    mycelium_test_support::eventually(std::time::Duration::from_secs(30), || {
+        let refused = metrics.count("gate", Outcome::Failure(ErrorCode::Overloaded));
+        async move { (refused == 32).then_some(()) }
+    })
+    .await;
+    // Other functions keep answering while the flood is held.
+    let (_, body) = raw(&f.nats, "function.invoke", SEED_REQUEST).await;
+    assert_eq!(body["events"][0]["id"], "response-123");
+    f.gate.release(8);
+    let (mut answered, mut overloaded) = (0, 0);
+    for call in flood {
+        let reply = call.await.unwrap();
+        let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+        if body["events"][0]["id"] == "g" {
+            answered += 1;
+        } else {
+            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+            assert!(
+                body["error"]["message"].as_str().unwrap().contains(
+                    "limit of 8 concurrent invocations (the runtime's per-function limit"
+                ),
+                "{body}"
+            );
+            overloaded += 1;
+        }
+    }
+    assert_eq!((answered, overloaded), (8, 32));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_describe() {
     let f = fixture(RuntimeConfig::default()).await;
