@@ -305,15 +305,6 @@ impl Invoker {
             .is_some_and(|b| b.metadata.version == version)
             || self.registry.get(name, Some(version)).is_ok()
     }
-
-    /// Concurrency limits held now (one per function version called since it was deployed).
-    #[cfg(test)]
-    pub fn limits_held(&self) -> usize {
-        self.function_limits
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
