@@ -164,6 +164,7 @@ async fn start_runtime(
             concurrency_per_process: args.plugin_concurrency,
             idle_timeout: args.plugin_idle_timeout,
             trusted_signers: args.trusted_keys.clone(),
+            log_lines_per_second: args.plugin_log_lines,
             ..PoolSettings::default()
         };
         let plugins = PluginExecutor::new(

@@ -480,10 +480,51 @@ async fn idle_processes_scale_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_and_memory_limits_do_not_hurt_the_runtime() {
-    let f = fixture(PoolSettings::default(), false).await;
+    let logs = LOGS.clone();
+    let f = fixture(
+        PoolSettings {
+            log_lines_per_second: 100,
+            ..PoolSettings::default()
+        },
+        false,
+    )
+    .await;
     f.deploy("loud", &[], None).await;
     assert_eq!(f.call("loud", "flood", json!({})).await.unwrap().len(), 1);
     assert_eq!(f.call("loud", "echo", json!({})).await.unwrap().len(), 1);
+    // 10,000 lines in a burst (some the plugin's SDK already drops when the host does not
+    // read fast enough): 100 a second reach the log, and the rest are counted in records of
+    // their own, the last when the process ends.
+    let mut f = f;
+    f.runtime.take().unwrap().shutdown().await;
+    let (passed, dropped) = eventually(Duration::from_secs(30), || {
+        let logs = logs.clone();
+        async move {
+            let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+            let loud = text.lines().filter(|l| l.contains("function=loud"));
+            let (mut passed, mut dropped) = (0u64, 0u64);
+            for line in loud {
+                if line.contains(" xxxxxxxx") {
+                    passed += 1;
+                } else if let Some(n) = line
+                    .split(" lines dropped: the function's output exceeded 100 lines per second")
+                    .next()
+                    .filter(|_| line.contains("lines dropped"))
+                    .and_then(|head| head.rsplit(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    dropped += n;
+                }
+            }
+            (dropped > 0).then_some((passed, dropped))
+        }
+    })
+    .await;
+    assert!(
+        (100..1_000).contains(&passed),
+        "{passed} lines passed, {dropped} dropped"
+    );
+    let f = fixture(PoolSettings::default(), false).await;
 
     f.deploy("greedy", &[], Some(256)).await;
     assert_eq!(

@@ -342,8 +342,15 @@ pub async fn serve_metrics(
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    if let Some(pause) = accept_backoff(&error) {
+                        tracing::warn!(%error, ?pause, "accepting a metrics connection failed; pausing");
+                        tokio::time::sleep(pause).await;
+                    }
+                    continue;
+                }
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
@@ -361,6 +368,19 @@ pub async fn serve_metrics(
         }
     });
     Ok((bound, task))
+}
+
+/// How long to wait after a failed `accept`, as axum does: errors of one connection (it was
+/// reset before we took it) are skipped at once, anything else (EMFILE: out of descriptors)
+/// is waited out, because retrying at once would spin a core until it clears.
+fn accept_backoff(error: &std::io::Error) -> Option<std::time::Duration> {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::ConnectionRefused
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::ConnectionReset => None,
+        _ => Some(std::time::Duration::from_secs(1)),
+    }
 }
 
 fn respond(request: &Request<Incoming>, metrics: &PrometheusMetrics) -> Response<Full<Bytes>> {
@@ -423,5 +443,26 @@ mod tests {
             .render()
             .contains(r#"mycelium_plugin_resident_memory_bytes{function="resize",version="3"} 0"#));
         assert_eq!(metrics.function_stats()[0].memory_bytes, 0);
+    }
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::accept_backoff;
+
+    #[test]
+    fn running_out_of_descriptors_pauses_the_accept_loop() {
+        let emfile = std::io::Error::from_raw_os_error(libc_emfile());
+        assert_eq!(
+            accept_backoff(&emfile),
+            Some(std::time::Duration::from_secs(1))
+        );
+        let aborted = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        assert_eq!(accept_backoff(&aborted), None);
+    }
+
+    /// EMFILE on Linux ("Too many open files").
+    const fn libc_emfile() -> i32 {
+        24
     }
 }

@@ -82,6 +82,68 @@ pub struct ProcessConfig {
     /// Texts never shown to callers: a plugin's output quoted in an error is redacted of them
     /// (the function's env values and the runtime's secrets; see [`Redactions`]).
     pub redactions: Redactions,
+    /// How many output lines the function may log; shared by its processes.
+    pub output_budget: Arc<OutputBudget>,
+}
+
+/// A function's allowance of output lines per second, shared by its processes. Lines beyond
+/// it are dropped, and the next line let through is preceded by one record counting them: a
+/// plugin printing in a loop must not flood the runtime's log, its CPU, or the log stream
+/// every function shares.
+#[derive(Debug)]
+pub struct OutputBudget {
+    lines_per_second: u32,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    window: Instant,
+    used: u32,
+    dropped: u64,
+}
+
+/// What to do with one line.
+enum Admit {
+    /// Log it, after a record of the `dropped` lines before it (when not 0).
+    Pass {
+        dropped: u64,
+    },
+    Drop,
+}
+
+impl OutputBudget {
+    /// An allowance of `lines_per_second` (at least 1).
+    pub fn new(lines_per_second: u32) -> Arc<Self> {
+        Arc::new(Self {
+            lines_per_second: lines_per_second.max(1),
+            state: Mutex::new(BudgetState {
+                window: Instant::now(),
+                used: 0,
+                dropped: 0,
+            }),
+        })
+    }
+
+    fn admit(&self) -> Admit {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.window.elapsed() >= Duration::from_secs(1) {
+            state.window = Instant::now();
+            state.used = 0;
+        }
+        if state.used >= self.lines_per_second {
+            state.dropped += 1;
+            return Admit::Drop;
+        }
+        state.used += 1;
+        Admit::Pass {
+            dropped: std::mem::take(&mut state.dropped),
+        }
+    }
+
+    fn take_dropped(&self) -> u64 {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).dropped)
+    }
 }
 
 /// Secret texts to cut from plugin output before it reaches a caller in an error message:
@@ -241,9 +303,7 @@ impl PluginProcess {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(relay(
                 BufReader::new(stderr),
-                config.function.clone(),
-                config.version,
-                pid,
+                Output::new(&config, pid),
                 Some(stderr_tail.clone()),
                 "stderr",
             ));
@@ -293,14 +353,7 @@ impl PluginProcess {
         };
         let handshake = Handshake::parse(&line)
             .map_err(|e| fail(StartErrorKind::BadHandshake, e.to_string()))?;
-        tokio::spawn(relay(
-            stdout,
-            config.function.clone(),
-            config.version,
-            pid,
-            None,
-            "stdout",
-        ));
+        tokio::spawn(relay(stdout, Output::new(&config, pid), None, "stdout"));
 
         let remaining = deadline
             .saturating_duration_since(Instant::now())
@@ -350,24 +403,36 @@ impl PluginProcess {
         // offer the service, and their output arrives on the pipes instead.
         let mut stdio = GrpcStdioClient::new(channel.clone());
         if let Ok(stream) = stdio.stream_stdio(()).await {
-            let (function, version) = (config.function.clone(), config.version);
+            let output = Output::new(&config, pid);
             tokio::spawn(async move {
                 let mut stream = stream.into_inner();
+                // A chunk is one write, not one line (an unbuffered stderr writes a line in
+                // pieces): lines are assembled per channel.
+                let mut pending = [Vec::new(), Vec::new()];
                 while let Ok(Some(chunk)) = stream.message().await {
-                    for line in String::from_utf8_lossy(&chunk.data).lines() {
-                        log_line(
-                            &function,
-                            version,
-                            pid,
-                            if chunk.channel == 2 {
-                                "stderr"
-                            } else {
-                                "stdout"
-                            },
-                            line,
-                        );
+                    let (index, channel) = if chunk.channel == 2 {
+                        (1, "stderr")
+                    } else {
+                        (0, "stdout")
+                    };
+                    let partial = &mut pending[index];
+                    for piece in chunk.data.split_inclusive(|&b| b == b'\n') {
+                        let room = MAX_LINE.saturating_sub(partial.len());
+                        let complete = piece.ends_with(b"\n");
+                        let text = piece.strip_suffix(b"\n").unwrap_or(piece);
+                        partial.extend_from_slice(&text[..text.len().min(room)]);
+                        if complete {
+                            output.line(channel, &String::from_utf8_lossy(partial));
+                            partial.clear();
+                        }
                     }
                 }
+                for (partial, channel) in pending.iter().zip(["stdout", "stderr"]) {
+                    if !partial.is_empty() {
+                        output.line(channel, &String::from_utf8_lossy(partial));
+                    }
+                }
+                output.finish();
             });
         }
         tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
@@ -623,12 +688,56 @@ async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> Option<String> {
     }
 }
 
-/// Relays a plugin's output into the log, tagged with the function; keeps a tail if asked.
-async fn relay(
-    mut reader: BufReader<impl AsyncRead + Unpin>,
+/// Where one process's output lines go: the log, within the function's budget.
+struct Output {
     function: FunctionName,
     version: u64,
     pid: u32,
+    budget: Arc<OutputBudget>,
+}
+
+impl Output {
+    fn new(config: &ProcessConfig, pid: u32) -> Self {
+        Self {
+            function: config.function.clone(),
+            version: config.version,
+            pid,
+            budget: config.output_budget.clone(),
+        }
+    }
+
+    fn line(&self, stream: &str, line: &str) {
+        match self.budget.admit() {
+            Admit::Drop => {}
+            Admit::Pass { dropped } => {
+                self.report_dropped(dropped);
+                log_line(&self.function, self.version, self.pid, stream, line);
+            }
+        }
+    }
+
+    /// At the end of the output: the lines dropped since the last one let through.
+    fn finish(&self) {
+        self.report_dropped(self.budget.take_dropped());
+    }
+
+    fn report_dropped(&self, dropped: u64) {
+        if dropped > 0 {
+            tracing::warn!(
+                target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
+                function = %self.function, version = self.version, pid = self.pid, stream = "stderr",
+                "{dropped} lines dropped: the function's output exceeded {} lines per second",
+                self.budget.lines_per_second
+            );
+        }
+    }
+}
+
+/// Relays a plugin's output into the log, tagged with the function; keeps a tail if asked
+/// (the tail sees every line: it is for error messages, not the log).
+async fn relay(
+    mut reader: BufReader<impl AsyncRead + Unpin>,
+    output: Output,
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
     stream: &'static str,
 ) {
@@ -640,8 +749,9 @@ async fn relay(
             }
             tail.push_back(line.clone());
         }
-        log_line(&function, version, pid, stream, &line);
+        output.line(stream, &line);
     }
+    output.finish();
 }
 
 /// Logs one output line. JSON lines keep their level and message: go-plugin's hclog

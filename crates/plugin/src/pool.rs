@@ -18,7 +18,7 @@ use mycelium_core::{
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::host::{PluginProcess, ProcessConfig, Redactions, StartErrorKind};
+use crate::host::{OutputBudget, PluginProcess, ProcessConfig, Redactions, StartErrorKind};
 
 /// How plugin processes are run. Defaults suit small functions.
 #[derive(Debug, Clone)]
@@ -39,6 +39,9 @@ pub struct PoolSettings {
     pub cpu_seconds: Option<u64>,
     /// Longest wait between restarts of a crash-looping plugin.
     pub max_restart_backoff: Duration,
+    /// Output lines per second one function's processes may log; beyond it lines are dropped
+    /// and counted in a record of their own.
+    pub log_lines_per_second: u32,
     /// Public NKeys whose signatures this runtime trusts; when any are set, binaries that are
     /// unsigned or signed by another key are refused (`artifact_untrusted`).
     pub trusted_signers: Vec<String>,
@@ -55,6 +58,7 @@ impl Default for PoolSettings {
             max_open_files: 1024,
             cpu_seconds: None,
             max_restart_backoff: Duration::from_secs(30),
+            log_lines_per_second: 1000,
             trusted_signers: Vec::new(),
         }
     }
@@ -190,18 +194,20 @@ pub struct PluginPool {
     /// Processes running now, readable without the async state lock.
     process_count: std::sync::atomic::AtomicUsize,
     redactions: Redactions,
+    output_budget: Arc<OutputBudget>,
 }
 
 impl PluginPool {
     fn new(metadata: Arc<FunctionMetadata>, shared: Arc<Shared>) -> Arc<Self> {
         let pool = Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            shared,
             state: tokio::sync::Mutex::default(),
             finished: AtomicBool::new(false),
             process_count: std::sync::atomic::AtomicUsize::new(0),
+            output_budget: OutputBudget::new(shared.settings.log_lines_per_second),
             redactions: Redactions::for_function(&metadata.env),
             metadata,
+            shared,
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -437,6 +443,7 @@ impl PluginPool {
             start_timeout: settings.start_timeout,
             stop_grace: settings.stop_grace,
             redactions: self.redactions.clone(),
+            output_budget: self.output_budget.clone(),
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();

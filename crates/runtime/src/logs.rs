@@ -104,8 +104,13 @@ impl FunctionLogs {
     }
 }
 
-/// Keeps the last hour (at most 64 MiB) of function logs, so `mycelium logs` can show what
-/// happened before it was started. Best effort: without JetStream, logs are live only.
+/// Lines kept per function: one function's flood replaces its own history, not another's.
+const LINES_KEPT_PER_FUNCTION: i64 = 10_000;
+
+/// Keeps the last hour (at most 64 MiB, and [`LINES_KEPT_PER_FUNCTION`] per function) of
+/// function logs, so `mycelium logs` can show what happened before it was started. A stream
+/// made by an older runtime gets the per-function limit too. Best effort: without JetStream,
+/// logs are live only.
 async fn ensure_stream(client: &async_nats::Client, prefix: &str) {
     let jetstream = async_nats::jetstream::new(client.clone());
     let config = async_nats::jetstream::stream::Config {
@@ -113,10 +118,11 @@ async fn ensure_stream(client: &async_nats::Client, prefix: &str) {
         subjects: vec![format!("{prefix}.logs.>")],
         max_age: Duration::from_secs(3600),
         max_bytes: 64 * 1024 * 1024,
+        max_messages_per_subject: LINES_KEPT_PER_FUNCTION,
         discard: async_nats::jetstream::stream::DiscardPolicy::Old,
         ..Default::default()
     };
-    if let Err(error) = jetstream.get_or_create_stream(config).await {
+    if let Err(error) = jetstream.create_or_update_stream(config).await {
         tracing::debug!(%error, "function logs are live only (no JetStream stream for them)");
     }
 }

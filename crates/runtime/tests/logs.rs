@@ -18,6 +18,18 @@ async fn a_builtins_tracing_events_are_published_with_their_invocation() {
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
 
     let server = NatsServer::start();
+    // The log stream as an older runtime made it, without a per-function limit.
+    let jetstream = async_nats::jetstream::new(server.connect().await);
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: mycelium_core::logs::LOG_STREAM.into(),
+            subjects: vec!["function.logs.>".into()],
+            max_age: Duration::from_secs(3600),
+            max_bytes: 64 * 1024 * 1024,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let chatty: FunctionName = "chatty".parse().unwrap();
     let runtime = Runtime::builder()
         .builtin(
@@ -66,5 +78,39 @@ async fn a_builtins_tracing_events_are_published_with_their_invocation() {
     let invocation_id = record.invocation_id.expect("the invocation id");
     assert!(!invocation_id.is_empty());
     assert_eq!(logs.dropped(), 0);
+
+    // One function's flood replaces its own history, not another's.
+    let mut stream = jetstream
+        .get_stream(mycelium_core::logs::LOG_STREAM)
+        .await
+        .unwrap();
+    let kept = stream.info().await.unwrap().config.max_messages_per_subject;
+    assert_eq!(kept, 10_000, "the runtime set the per-function limit");
+    nats.publish("function.logs.quiet", "a quiet line".into())
+        .await
+        .unwrap();
+    for i in 0..10_050 {
+        nats.publish("function.logs.flood", format!("line {i}").into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    let count = |subject: &'static str| {
+        let stream = stream.clone();
+        async move {
+            stream
+                .info_with_subjects(subject)
+                .await
+                .unwrap()
+                .next()
+                .await
+                .map_or(0, |entry| entry.unwrap().1)
+        }
+    };
+    mycelium_test_support::eventually(Duration::from_secs(30), || async {
+        (count("function.logs.flood").await == 10_000).then_some(())
+    })
+    .await;
+    assert_eq!(count("function.logs.quiet").await, 1);
     runtime.shutdown().await;
 }

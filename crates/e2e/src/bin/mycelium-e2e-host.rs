@@ -23,6 +23,7 @@ async fn main() {
         start_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
         redactions: Default::default(),
+        output_budget: mycelium_plugin::host::OutputBudget::new(1000),
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await
