@@ -233,6 +233,10 @@ pub struct DeployArgs {
         conflicts_with = "builtin"
     )]
     pub sign_key: Option<PathBuf>,
+    /// Deploy under the name of a runtime's built-in function, replacing it for every caller
+    /// (refused without this flag).
+    #[arg(long)]
+    pub replace_builtin: bool,
     /// Print the new version's metadata as JSON.
     #[arg(long)]
     pub json: bool,

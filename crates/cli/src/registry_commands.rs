@@ -74,6 +74,9 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     }
 
     let registry = registry(client).await?;
+    if !args.replace_builtin {
+        refuse_builtin_name(client, &registry, &spec.name).await?;
+    }
     let started = Instant::now();
     let result = registry.deploy(spec).await;
     if let Some(bar) = &bar {
@@ -104,6 +107,30 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
             human_size(metadata.size),
             started.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// A name the runtimes answer with a compiled-in built-in (listed as one, with nothing of it in
+/// the registry) is taken: deploying there would silently replace it for every caller. When
+/// no runtime answers, there is nothing to compare with and the deploy goes ahead.
+async fn refuse_builtin_name(
+    client: &Client,
+    registry: &NatsRegistry,
+    name: &FunctionName,
+) -> Result<(), Failure> {
+    let Ok(functions) = client.list().await else {
+        return Ok(());
+    };
+    let builtin = functions
+        .iter()
+        .any(|f| &f.name == name && f.kind == FunctionKind::Builtin);
+    if builtin && registry.versions(name).is_err() {
+        return Err(Failure::new(
+            "builtin_name",
+            format!("\"{name}\" is a built-in function of the running runtimes; deploying under its name would replace it for every caller: pick another name, or pass --replace-builtin to replace it"),
+            EXIT_FAILED,
+        ));
     }
     Ok(())
 }

@@ -415,3 +415,66 @@ async fn a_plugin_cannot_read_the_runtimes_credentials() {
         );
     }
 }
+
+/// Deploying under a built-in's name is refused unless asked for; when asked, the deployed
+/// function replaces the built-in for every caller, and deleting it brings the built-in back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_builtin_takes_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = Client::new(server.connect().await);
+    let _runtime = serve(&url, dir.path(), &[]);
+    wait_ready(&client).await;
+    let cli = |args: &[&str]| {
+        mycelium()
+            .args(["--nats-url", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let refused = cli(&["deploy", "echo", "--builtin", "example"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr_of(&refused));
+    assert!(
+        stderr_of(&refused).starts_with("error[builtin_name]:")
+            && stderr_of(&refused).contains("--replace-builtin"),
+        "{}",
+        stderr_of(&refused)
+    );
+    let echo = || async {
+        let events = client
+            .invoke(
+                "echo",
+                mycelium_test_support::event("r1", serde_json::json!({})),
+            )
+            .await
+            .unwrap();
+        mycelium_core::cloudevents::AttributesReader::id(&events[0]).to_owned()
+    };
+    assert_eq!(echo().await, "r1", "the built-in echo");
+
+    let replaced = cli(&[
+        "deploy",
+        "echo",
+        "--builtin",
+        "example",
+        "--replace-builtin",
+    ]);
+    assert!(replaced.status.success(), "{}", stderr_of(&replaced));
+    eventually(Duration::from_secs(30), || async {
+        (echo().await == "response-r1").then_some(())
+    })
+    .await;
+    let listed = client.list().await.unwrap();
+    assert_eq!(
+        listed.iter().filter(|f| f.name.as_str() == "echo").count(),
+        1
+    );
+
+    let deleted = cli(&["delete", "echo"]);
+    assert!(deleted.status.success(), "{}", stderr_of(&deleted));
+    eventually(Duration::from_secs(30), || async {
+        (echo().await == "r1").then_some(())
+    })
+    .await;
+}

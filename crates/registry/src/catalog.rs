@@ -39,6 +39,13 @@ impl Catalog {
             .ok_or_else(|| version_not_found(name, version, entry.versions.keys().copied()))
     }
 
+    /// Whether `name` has an active version.
+    pub fn contains(&self, name: &FunctionName) -> bool {
+        self.functions
+            .get(name)
+            .is_some_and(|entry| entry.active.is_some())
+    }
+
     pub fn list(&self) -> Vec<FunctionSummary> {
         let mut list: Vec<FunctionSummary> = self
             .functions

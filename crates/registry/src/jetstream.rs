@@ -514,6 +514,10 @@ impl Registry for NatsRegistry {
         self.catalog().list()
     }
 
+    fn contains(&self, name: &FunctionName) -> bool {
+        self.catalog().contains(name)
+    }
+
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.applied.clone())
     }

@@ -62,6 +62,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Every function at its active version, sorted by name.
     fn list(&self) -> Vec<FunctionSummary>;
 
+    /// Whether `name` has an active version (without building an error when it has not: the
+    /// runtime asks this for every call of a built-in, which a deploy may replace).
+    fn contains(&self, name: &FunctionName) -> bool {
+        self.get(name, None).is_ok()
+    }
+
     /// A signal that changes whenever the catalog changes, for registries that change under
     /// the runtime (the JetStream registry); `None` for static ones.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -95,6 +95,10 @@ impl Registry for MemoryRegistry {
         self.read().catalog.get(name, version)
     }
 
+    fn contains(&self, name: &FunctionName) -> bool {
+        self.read().catalog.contains(name)
+    }
+
     fn list(&self) -> Vec<FunctionSummary> {
         self.read().catalog.list()
     }

@@ -44,7 +44,8 @@ pub(crate) struct Invoker {
 }
 
 impl Invoker {
-    /// Finds what to run. Built-ins shadow registry entries of the same name.
+    /// Finds what to run. A deployed function replaces a built-in of the same name (deploy
+    /// asks for `--replace-builtin` before it lets that happen).
     fn resolve(
         &self,
         name: &FunctionName,
@@ -54,6 +55,14 @@ impl Invoker {
             return Ok((builtin.metadata.clone(), builtin.function.clone()));
         }
         let metadata = self.registry.get(name, version).map_err(protocol_error)?;
+        self.run_deployed(name, metadata)
+    }
+
+    fn run_deployed(
+        &self,
+        name: &FunctionName,
+        metadata: Arc<FunctionMetadata>,
+    ) -> Result<(Arc<FunctionMetadata>, Arc<dyn Function>), ProtocolError> {
         match metadata.kind {
             FunctionKind::Builtin => {
                 // A deployed name running a built-in implementation with its own settings.
@@ -94,7 +103,8 @@ impl Invoker {
         }
     }
 
-    /// The built-in of that name, if any; built-ins have exactly one version.
+    /// The built-in of that name, unless a deployed function replaced it; built-ins have
+    /// exactly one version.
     fn builtin(
         &self,
         name: &FunctionName,
@@ -103,6 +113,9 @@ impl Invoker {
         let Some(builtin) = self.builtins.get(name) else {
             return Ok(None);
         };
+        if self.registry.contains(name) {
+            return Ok(None);
+        }
         match version {
             Some(v) if v != builtin.metadata.version => Err(ProtocolError::new(
                 ErrorCode::VersionNotFound,
@@ -120,8 +133,12 @@ impl Invoker {
             .registry
             .list()
             .into_iter()
-            .filter(|summary| !self.builtins.contains_key(&summary.name))
-            .chain(self.builtins.values().map(|b| b.metadata.summary()))
+            .chain(
+                self.builtins
+                    .values()
+                    .filter(|b| !self.registry.contains(&b.metadata.name))
+                    .map(|b| b.metadata.summary()),
+            )
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
