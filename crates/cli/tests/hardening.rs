@@ -190,6 +190,43 @@ async fn a_go_plugin_never_kills_the_runtime_through_redeploys_deletes_crashes_a
     }
 }
 
+/// `--memory-mb` limits resident memory (a control group) where the runtime can make control
+/// groups: a Go plugin starts under 64 MiB, which as an address-space limit (`RLIMIT_AS`, what
+/// it was) it never could, Go reserving far more than it uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_plugin_runs_under_a_small_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("go-upper");
+    if !go_plugin(&binary) {
+        return;
+    }
+    if mycelium_plugin::cgroup::CgroupRoot::detect().is_err() {
+        eprintln!("SKIPPED: this machine does not let us create control groups (run as root)");
+        return;
+    }
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = Client::new(server.connect().await);
+    let _runtime = serve(&url, &dir.path().join("plugins"), &[]);
+    wait_ready(&client).await;
+    let deploy = mycelium()
+        .args(["--nats-url", &url, "deploy", "upper"])
+        .arg(&binary)
+        .args(["--memory-mb", "64"])
+        .output()
+        .unwrap();
+    assert!(deploy.status.success(), "{}", stderr_of(&deploy));
+    let events = eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.invoke("upper", upper_event("m1")).await.ok() }
+    })
+    .await;
+    assert_eq!(
+        mycelium_core::cloudevents::AttributesReader::id(&events[0]),
+        "upper-m1"
+    );
+}
+
 /// `serve` stopped at the moment its nats-server goes away still exits, within its grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_when_nats_is_gone() {

@@ -540,6 +540,46 @@ async fn floods_and_memory_limits_do_not_hurt_the_runtime() {
     assert_eq!(f.call("greedy", "echo", json!({})).await.unwrap().len(), 1);
 }
 
+/// With control groups, what a plugin starts in a session of its own (out of reach of its
+/// process group) dies with it, and its memory limit is on resident memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_daemons_die_with_it_and_memory_is_limited_in_its_cgroup() {
+    let mut f = fixture(PoolSettings::default(), false).await;
+    if !f.plugins.has_cgroups() {
+        assert!(
+            std::env::var_os("MYCELIUM_CGROUPS_REQUIRED").is_none(),
+            "control groups are required here"
+        );
+        eprintln!("SKIPPED: this runtime cannot create control groups (run as root)");
+        return;
+    }
+    f.deploy("spawner", &[], Some(64)).await;
+    let reply = f.call("spawner", "daemon", json!({})).await.unwrap();
+    let daemon = json_data(&reply[0])["pid"].as_u64().unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{daemon}/cgroup")).unwrap();
+    assert!(cgroup.contains("mycelium-spawner-v1-"), "{cgroup}");
+    // 16 MiB fits in 64; 128 MiB of resident memory does not, whatever the address space.
+    assert_eq!(
+        json_data(&f.call("spawner", "alloc", json!({"mb": 16})).await.unwrap()[0])["touched"],
+        16 << 20
+    );
+    let (code_, message) = code(f.call("spawner", "alloc", json!({"mb": 128})).await);
+    assert_eq!(code_, ErrorCode::PluginCrashed, "{message}");
+
+    f.runtime.take().unwrap().shutdown().await;
+    eventually(Duration::from_secs(30), || async {
+        let state = std::fs::read_to_string(format!("/proc/{daemon}/stat")).ok();
+        let alive = state.is_some_and(|s| {
+            !matches!(
+                s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()),
+                Some('Z' | 'X')
+            )
+        });
+        (!alive).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_binary_is_never_executed() {
     let f = fixture(PoolSettings::default(), false).await;

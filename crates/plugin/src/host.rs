@@ -22,6 +22,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
+    cgroup::{CgroupRoot, ProcessCgroup},
     convert,
     handshake::{self, Handshake, Network},
     proto::{
@@ -69,8 +70,12 @@ pub struct ProcessConfig {
     pub work_dir: PathBuf,
     /// The function's configured environment; nothing else of the runtime's leaks in.
     pub env: BTreeMap<String, String>,
-    /// Address-space limit in MiB (`RLIMIT_AS`).
+    /// Memory limit in MiB: resident memory of the process's control group when `cgroups` is
+    /// set, else its address space (`RLIMIT_AS`).
     pub memory_mb: Option<u64>,
+    /// Where the process gets a control group of its own (see [`crate::cgroup`]); `None`
+    /// runs it without one.
+    pub cgroups: Option<Arc<CgroupRoot>>,
     /// Open file limit (`RLIMIT_NOFILE`).
     pub max_open_files: u64,
     /// CPU time limit in seconds (`RLIMIT_CPU`).
@@ -208,6 +213,8 @@ pub struct PluginProcess {
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     config: ProcessConfig,
     started: Instant,
+    /// Dropped last (declared last): kills whatever the plugin left running.
+    cgroup: Option<ProcessCgroup>,
 }
 
 impl std::fmt::Debug for PluginProcess {
@@ -285,10 +292,34 @@ impl PluginProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        let memory_bytes = config.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024));
+        let cgroup =
+            match &config.cgroups {
+                Some(root) => {
+                    let name = format!(
+                        "mycelium-{}",
+                        config
+                            .work_dir
+                            .file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default()
+                    );
+                    Some(root.create(&name, memory_bytes).map_err(|e| {
+                        spawn_failed("creating the plugin's control group".into(), e)
+                    })?)
+                }
+                None => None,
+            };
         let limits = Limits {
-            address_space: config.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            // With a control group the limit is on resident memory, there; without one it
+            // can only be on address space.
+            address_space: memory_bytes.filter(|_| cgroup.is_none()),
             open_files: config.max_open_files,
             cpu_seconds: config.cpu_seconds,
+            cgroup_files: cgroup
+                .as_ref()
+                .map(ProcessCgroup::join_files)
+                .unwrap_or_default(),
         };
         limits.apply_in_child(command.as_std_mut());
         let mut child = command
@@ -446,6 +477,7 @@ impl PluginProcess {
             stderr_tail,
             config,
             started: Instant::now(),
+            cgroup,
         })
     }
 
@@ -609,9 +641,13 @@ impl PluginProcess {
         self.kill();
     }
 
-    /// Kills the plugin's whole process group at once.
+    /// Kills the plugin's whole process group at once, and with a control group everything it
+    /// started, even in sessions of their own.
     pub fn kill(&self) {
         kill_group(self.pid);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
     }
 
     /// Resident memory of the process in bytes, read from `/proc`.
@@ -832,13 +868,16 @@ struct Limits {
     address_space: Option<u64>,
     open_files: u64,
     cpu_seconds: Option<u64>,
+    /// `cgroup.procs` files to join, prepared before the fork.
+    cgroup_files: Vec<std::ffi::CString>,
 }
 
 impl Limits {
     #[allow(unsafe_code)]
     fn apply_in_child(self, command: &mut std::process::Command) {
         // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, setrlimit, getppid, capset, _exit); it allocates nothing.
+        // async-signal-safe functions (prctl, open/write/close, setrlimit, getppid, capset,
+        // _exit); it allocates nothing.
         unsafe {
             command.pre_exec(move || {
                 // Die with the runtime, even if it is SIGKILLed: no orphans.
@@ -849,6 +888,7 @@ impl Limits {
                 if libc::getppid() == 1 {
                     libc::_exit(1);
                 }
+                crate::cgroup::join_in_child(&self.cgroup_files)?;
                 let set = |resource, value: u64| {
                     let limit = libc::rlimit {
                         rlim_cur: value as libc::rlim_t,

@@ -2,6 +2,7 @@
 //! CloudEvent conversion, the handshake, and the host side that runs plugin processes.
 //! The only crate (with the SDK) that knows protobuf.
 
+pub mod cgroup;
 pub mod convert;
 pub mod handshake;
 pub mod host;

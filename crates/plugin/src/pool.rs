@@ -18,7 +18,10 @@ use mycelium_core::{
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::host::{OutputBudget, PluginProcess, ProcessConfig, Redactions, StartErrorKind};
+use crate::{
+    cgroup::CgroupRoot,
+    host::{OutputBudget, PluginProcess, ProcessConfig, Redactions, StartErrorKind},
+};
 
 /// How plugin processes are run. Defaults suit small functions.
 #[derive(Debug, Clone)]
@@ -39,6 +42,9 @@ pub struct PoolSettings {
     pub cpu_seconds: Option<u64>,
     /// Longest wait between restarts of a crash-looping plugin.
     pub max_restart_backoff: Duration,
+    /// Give each process a control group where the runtime may make them (memory limits on
+    /// resident memory, everything the plugin starts dies with it); else `RLIMIT_AS` only.
+    pub cgroups: bool,
     /// Output lines per second one function's processes may log; beyond it lines are dropped
     /// and counted in a record of their own.
     pub log_lines_per_second: u32,
@@ -59,6 +65,7 @@ impl Default for PoolSettings {
             cpu_seconds: None,
             max_restart_backoff: Duration::from_secs(30),
             log_lines_per_second: 1000,
+            cgroups: true,
             trusted_signers: Vec::new(),
         }
     }
@@ -75,6 +82,7 @@ struct Shared {
     settings: PoolSettings,
     metrics: Option<Arc<dyn MetricsCollector>>,
     is_active: ActiveCheck,
+    cgroups: Option<Arc<CgroupRoot>>,
 }
 
 /// Runs plugin functions: one [`PluginPool`] per function version.
@@ -94,6 +102,20 @@ impl PluginExecutor {
         metrics: Option<Arc<dyn MetricsCollector>>,
     ) -> Self {
         let lookup = registry.clone();
+        let cgroups = if settings.cgroups {
+            match CgroupRoot::detect() {
+                Ok(root) => {
+                    tracing::debug!(?root, "plugin processes get control groups");
+                    Some(Arc::new(root))
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "plugin processes run without control groups: memory limits fall back to RLIMIT_AS (address space), and processes a plugin starts in a session of their own can outlive it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Self {
             shared: Arc::new(Shared {
                 registry,
@@ -101,6 +123,7 @@ impl PluginExecutor {
                 work_root,
                 settings,
                 metrics,
+                cgroups,
                 is_active: Arc::new(move |name, version| {
                     lookup
                         .get(name, None)
@@ -138,6 +161,11 @@ impl PluginExecutor {
         let pool = self.pool(metadata);
         let deadline = Instant::now() + self.shared.settings.start_timeout * 2;
         pool.acquire(deadline).await.map(drop)
+    }
+
+    /// Whether plugin processes get control groups here (see [`PoolSettings::cgroups`]).
+    pub fn has_cgroups(&self) -> bool {
+        self.shared.cgroups.is_some()
     }
 
     /// Processes running now, over all pools.
@@ -438,6 +466,7 @@ impl PluginPool {
             )),
             env: self.metadata.env.clone(),
             memory_mb: self.metadata.memory_mb,
+            cgroups: self.shared.cgroups.clone(),
             max_open_files: settings.max_open_files,
             cpu_seconds: settings.cpu_seconds,
             start_timeout: settings.start_timeout,

@@ -18,6 +18,7 @@ async fn main() {
         work_dir: work_dir.into(),
         env: Default::default(),
         memory_mb: None,
+        cgroups: None,
         max_open_files: 1024,
         cpu_seconds: None,
         start_timeout: Duration::from_secs(10),

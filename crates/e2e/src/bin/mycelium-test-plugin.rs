@@ -9,7 +9,8 @@
 //! `flood` (writes megabytes to stdout and stderr), `alloc` (`{"mb": n}` touched memory),
 //! `trace` (replies with the trace context the host sent and the one the function runs in:
 //! the plugin installs an OpenTelemetry layer, so its span is a child of the host's), `log`
-//! (a `tracing` warning through the SDK's log layer; replies with its invocation and trace ids).
+//! (a `tracing` warning through the SDK's log layer; replies with its invocation and trace ids),
+//! `daemon` (starts `setsid sleep 600`, a process in a session of its own; replies with its pid).
 
 use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, Event},
@@ -60,6 +61,16 @@ impl Function for TestPlugin {
                     .map(|d| d.display().to_string())
                     .unwrap_or_default();
                 Ok(reply(event, json!({"names": names, "cwd": cwd})))
+            }
+            "daemon" => {
+                let child = std::process::Command::new("setsid")
+                    .args(["sleep", "600"])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| FunctionError::new(format!("starting setsid: {e}")))?;
+                Ok(reply(event, json!({"pid": child.id()})))
             }
             "pid" => Ok(reply(
                 event,
