@@ -13,8 +13,8 @@ use std::{
 use mycelium_client::{Client, InvokeOptions};
 use mycelium_core::cloudevents::{EventBuilder, EventBuilderV10};
 use mycelium_test_support::{
-    eventually, free_port, kill_now, nats_server_binary, terminate, ChildGuard as Running,
-    NatsServer,
+    eventually, free_port, interrupt, kill_now, nats_server_binary, terminate,
+    ChildGuard as Running, NatsServer,
 };
 
 use common::{children_of, go_plugin, is_alive, mycelium, start_up_quiet};
@@ -514,4 +514,47 @@ async fn replacing_a_builtin_takes_a_flag() {
         (echo().await == "r1").then_some(())
     })
     .await;
+}
+
+/// `up` keeps SIGPIPE ignored too: stopped with SIGINT (Ctrl-C) while a Go plugin is warm, it
+/// exits 0 every time and takes its nats-server with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_warm_go_plugin_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("go-upper");
+    if !go_plugin(&binary) {
+        return;
+    }
+    let data_dir = dir.path().join("data");
+    for round in 0..3 {
+        let (mut up, url) = start_up_quiet(&data_dir);
+        let client = Client::new(
+            mycelium_client::async_nats::connect(url.as_str())
+                .await
+                .unwrap(),
+        );
+        if round == 0 {
+            let deploy = mycelium()
+                .args(["--nats-url", &url, "deploy", "upper"])
+                .arg(&binary)
+                .output()
+                .unwrap();
+            assert!(deploy.status.success(), "{}", stderr_of(&deploy));
+        }
+        eventually(Duration::from_secs(30), || {
+            let client = client.clone();
+            async move { client.invoke("upper", upper_event("warm")).await.ok() }
+        })
+        .await;
+        let pid = up.0.id();
+        assert_eq!(ignored_signals(pid) >> (libc::SIGPIPE - 1) & 1, 1);
+        interrupt(pid);
+        let status = wait_exit(&mut up.0, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("round {round}: up did not exit"));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: up ended with {status}"
+        );
+    }
 }

@@ -114,6 +114,11 @@ pub fn terminate(pid: u32) {
     signal(pid, libc::SIGTERM);
 }
 
+/// Sends SIGINT to a process, as Ctrl-C at its terminal would.
+pub fn interrupt(pid: u32) {
+    signal(pid, libc::SIGINT);
+}
+
 /// Sends SIGKILL to a process, as `kill -9` would.
 pub fn kill_now(pid: u32) {
     signal(pid, libc::SIGKILL);
