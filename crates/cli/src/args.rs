@@ -320,6 +320,10 @@ pub struct RuntimeArgs {
     /// counted in a record of its own.
     #[arg(long, env = "MYCELIUM_PLUGIN_LOG_LINES", default_value_t = 1000)]
     pub plugin_log_lines: u32,
+    /// Run plugin processes without control groups of their own even where they can be made
+    /// (memory limits then fall back to RLIMIT_AS).
+    #[arg(long, env = "MYCELIUM_NO_PLUGIN_CGROUPS")]
+    pub no_plugin_cgroups: bool,
     /// Do not start plugin processes ahead of their first call.
     #[arg(long, env = "MYCELIUM_NO_PRESTART")]
     pub no_prestart: bool,

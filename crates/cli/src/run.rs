@@ -165,6 +165,7 @@ async fn start_runtime(
             idle_timeout: args.plugin_idle_timeout,
             trusted_signers: args.trusted_keys.clone(),
             log_lines_per_second: args.plugin_log_lines,
+            cgroups: !args.no_plugin_cgroups,
             ..PoolSettings::default()
         };
         let plugins = PluginExecutor::new(

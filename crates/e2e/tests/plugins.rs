@@ -553,27 +553,46 @@ async fn a_plugins_daemons_die_with_it_and_memory_is_limited_in_its_cgroup() {
         eprintln!("SKIPPED: this runtime cannot create control groups (run as root)");
         return;
     }
-    f.deploy("spawner", &[], Some(64)).await;
-    let reply = f.call("spawner", "daemon", json!({})).await.unwrap();
-    let daemon = json_data(&reply[0])["pid"].as_u64().unwrap();
-    let cgroup = std::fs::read_to_string(format!("/proc/{daemon}/cgroup")).unwrap();
-    assert!(cgroup.contains("mycelium-spawner-v1-"), "{cgroup}");
+    // With a memory limit the process joins its group before exec; without one the host
+    // moves it in while it starts (the wait below), off the cold start's path.
+    f.deploy("limited", &[], Some(64)).await;
+    f.deploy("spawner", &[], None).await;
+    let in_group = |pid: u64, function: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|text| text.contains(&format!("mycelium-{function}-v1-")))
+    };
+    let plugin = pid_of(&f.call("spawner", "pid", json!({})).await.unwrap());
+    eventually(Duration::from_secs(30), || async {
+        in_group(plugin, "spawner").then_some(())
+    })
+    .await;
+    let mut daemons = Vec::new();
+    for function in ["limited", "spawner"] {
+        let reply = f.call(function, "daemon", json!({})).await.unwrap();
+        let daemon = json_data(&reply[0])["pid"].as_u64().unwrap();
+        assert!(
+            in_group(daemon, function),
+            "{function}'s daemon is in its group"
+        );
+        daemons.push(daemon);
+    }
     // 16 MiB fits in 64; 128 MiB of resident memory does not, whatever the address space.
     assert_eq!(
-        json_data(&f.call("spawner", "alloc", json!({"mb": 16})).await.unwrap()[0])["touched"],
+        json_data(&f.call("limited", "alloc", json!({"mb": 16})).await.unwrap()[0])["touched"],
         16 << 20
     );
-    let (code_, message) = code(f.call("spawner", "alloc", json!({"mb": 128})).await);
+    let (code_, message) = code(f.call("limited", "alloc", json!({"mb": 128})).await);
     assert_eq!(code_, ErrorCode::PluginCrashed, "{message}");
 
     f.runtime.take().unwrap().shutdown().await;
     eventually(Duration::from_secs(30), || async {
-        let state = std::fs::read_to_string(format!("/proc/{daemon}/stat")).ok();
-        let alive = state.is_some_and(|s| {
-            !matches!(
-                s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()),
-                Some('Z' | 'X')
-            )
+        let alive = daemons.iter().any(|daemon| {
+            std::fs::read_to_string(format!("/proc/{daemon}/stat")).is_ok_and(|s| {
+                !matches!(
+                    s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()),
+                    Some('Z' | 'X')
+                )
+            })
         });
         (!alive).then_some(())
     })

@@ -4,8 +4,12 @@
 //! and dies with it.
 //!
 //! Works with cgroup v2 (the memory controller enabled for our subtree) and with v1's memory
-//! and pids hierarchies (hybrid machines mount both). The process joins its group between
-//! fork and exec, so nothing it does escapes it. Written here rather than with `cgroups-rs`:
+//! hierarchy (hybrid machines mount both). One hierarchy is enough: it both limits and lists
+//! every process of the group. Joining costs a kernel RCU grace period (10-15 ms measured on
+//! this v1 VM, more than a whole cold start), which is why it is one hierarchy and not two, and
+//! why only a process with a memory limit joins between fork and exec (nothing it does escapes
+//! the limit); one without is moved in by the host from another thread while it starts, so its
+//! start does not wait (a daemon it forked in those first milliseconds would escape). Written here rather than with `cgroups-rs`:
 //! its current release pulls in a D-Bus stack for systemd, and the older one creates groups
 //! in every v1 hierarchy (cpuset ones reject tasks until configured), cannot nest a subset of
 //! controllers under the runtime's own groups, and joins processes only after they run.
@@ -19,8 +23,8 @@ use std::{
 /// Where this runtime can make control groups, found once.
 #[derive(Debug, Clone)]
 pub struct CgroupRoot {
-    /// v2: the one directory; v1: the memory directory, then the pids one if mounted.
-    dirs: Vec<PathBuf>,
+    /// The runtime's own group in the hierarchy with the memory controller.
+    dir: PathBuf,
     v2: bool,
 }
 
@@ -39,33 +43,30 @@ impl CgroupRoot {
         match probe {
             Ok(group) => {
                 drop(group);
+                root.sweep();
                 Ok(root)
             }
             Err(error) => Err(format!(
                 "cannot create control groups under {}: {error}",
-                root.dirs[0].display()
+                root.dir.display()
             )),
         }
     }
 
     fn v1(own: &str, mounts: &str) -> Option<Self> {
-        let dir = |controller: &str| {
-            let path = own.lines().find_map(|line| {
-                let mut fields = line.splitn(3, ':');
-                let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-                controllers
-                    .split(',')
-                    .any(|c| c == controller)
-                    .then_some(path)
-            })?;
-            let (mount_root, mount_point) = mount_of(mounts, |fstype, options| {
-                fstype == "cgroup" && options.split(',').any(|o| o == controller)
-            })?;
-            Some(join(&mount_point, &mount_root, path))
-        };
-        let mut dirs = vec![dir("memory")?];
-        dirs.extend(dir("pids"));
-        Some(Self { dirs, v2: false })
+        let is_memory = |list: &str| list.split(',').any(|c| c == "memory");
+        let path = own.lines().find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            is_memory(controllers).then_some(path)
+        })?;
+        let (mount_root, mount_point) = mount_of(mounts, |fstype, options| {
+            fstype == "cgroup" && is_memory(options)
+        })?;
+        Some(Self {
+            dir: join(&mount_point, &mount_root, path),
+            v2: false,
+        })
     }
 
     fn v2(own: &str, mounts: &str) -> Option<Self> {
@@ -76,25 +77,49 @@ impl CgroupRoot {
         enabled
             .split_whitespace()
             .any(|c| c == "memory")
-            .then(|| Self {
-                dirs: vec![dir],
-                v2: true,
-            })
+            .then_some(Self { dir, v2: true })
+    }
+
+    /// Removes the groups of runtimes that are gone (SIGKILLed ones leave theirs behind),
+    /// killing what still runs in them: daemons their plugins started in sessions of their
+    /// own outlive a SIGKILLed runtime, and end here. Groups are named
+    /// `mycelium-<function>-v<version>-<runtime pid>-<n>`; those of live runtimes are left.
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(owner) = name
+                .to_str()
+                .filter(|name| name.starts_with("mycelium-"))
+                .and_then(|name| name.rsplit('-').nth(1))
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            tracing::info!(group = %entry.path().display(), "removing the control group of a runtime that is gone");
+            drop(ProcessCgroup {
+                dir: Some(entry.path()),
+                v2: self.v2,
+            });
+        }
     }
 
     /// Makes the group `name` with a memory limit (bytes of resident memory, swap included).
     pub fn create(&self, name: &str, memory: Option<u64>) -> std::io::Result<ProcessCgroup> {
-        let mut group = ProcessCgroup {
-            dirs: Vec::with_capacity(self.dirs.len()),
+        let dir = self.dir.join(name);
+        std::fs::create_dir(&dir)?;
+        // From here on, dropping the group removes the directory again.
+        let group = ProcessCgroup {
+            dir: Some(dir),
             v2: self.v2,
         };
-        for parent in &self.dirs {
-            let dir = parent.join(name);
-            std::fs::create_dir(&dir)?;
-            group.dirs.push(dir);
-        }
         if let Some(bytes) = memory {
-            let memory_dir = &group.dirs[0];
+            let memory_dir = group.dir();
             let bytes = bytes.to_string();
             if self.v2 {
                 std::fs::write(memory_dir.join("memory.max"), &bytes)?;
@@ -134,29 +159,36 @@ fn join(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
 /// One plugin process's control group. Dropping it kills whatever is still in it and removes it.
 #[derive(Debug)]
 pub struct ProcessCgroup {
-    dirs: Vec<PathBuf>,
+    /// `None` once handed to the removal.
+    dir: Option<PathBuf>,
     v2: bool,
 }
 
 impl ProcessCgroup {
-    /// The `cgroup.procs` files a child writes `0` to (itself) between fork and exec.
-    pub(crate) fn join_files(&self) -> Vec<CString> {
-        self.dirs
-            .iter()
-            .filter_map(|dir| CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok())
-            .collect()
+    fn dir(&self) -> &Path {
+        self.dir.as_deref().unwrap_or(Path::new("/nonexistent"))
+    }
+
+    /// The group's `cgroup.procs`: writing a pid there moves that process in.
+    pub(crate) fn procs_file(&self) -> PathBuf {
+        self.dir().join("cgroup.procs")
+    }
+
+    /// [`Self::procs_file`] for a child to write `0` to (itself) between fork and exec.
+    pub(crate) fn join_file(&self) -> Option<CString> {
+        CString::new(self.procs_file().as_os_str().as_bytes()).ok()
     }
 
     /// Kills every process in the group, `setsid` daemons included.
     pub fn kill_all(&self) {
-        if self.v2 && std::fs::write(self.dirs[0].join("cgroup.kill"), "1").is_ok() {
+        if self.v2 && std::fs::write(self.dir().join("cgroup.kill"), "1").is_ok() {
             return;
         }
         // v1 (or v2 before 5.14): kill what is listed until nothing is; a fork in between shows
         // up in the next read.
-        let procs = self.dirs.last().map(|dir| dir.join("cgroup.procs"));
+        let procs = self.procs_file();
         for _ in 0..100 {
-            let Some(text) = procs.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) else {
+            let Ok(text) = std::fs::read_to_string(&procs) else {
                 return;
             };
             let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -173,24 +205,21 @@ impl ProcessCgroup {
 impl Drop for ProcessCgroup {
     fn drop(&mut self) {
         self.kill_all();
-        let dirs = std::mem::take(&mut self.dirs);
+        let Some(dir) = self.dir.take() else { return };
         // A group can be removed once its killed processes have exited, usually within a few
         // milliseconds: waited for here, so a runtime that exits right after leaves nothing.
         // Anything slower is left to a thread rather than the caller.
-        if remove_dirs(&dirs, 50, 2) {
+        if remove_dir(&dir, 50, 2) {
             return;
         }
-        std::thread::spawn(move || remove_dirs(&dirs, 500, 10));
+        std::thread::spawn(move || remove_dir(&dir, 500, 10));
     }
 }
 
-/// Removes `dirs`, trying `tries` times `pause_ms` apart; whether they are gone.
-fn remove_dirs(dirs: &[PathBuf], tries: u32, pause_ms: u64) -> bool {
+/// Removes `dir`, trying `tries` times `pause_ms` apart; whether it is gone.
+fn remove_dir(dir: &Path, tries: u32, pause_ms: u64) -> bool {
     for _ in 0..tries {
-        if dirs
-            .iter()
-            .all(|dir| std::fs::remove_dir(dir).is_ok() || !dir.exists())
-        {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(pause_ms));
@@ -209,11 +238,11 @@ fn kill(pid: i32) {
     }
 }
 
-/// Joins the groups whose `cgroup.procs` paths are given: writes `0` (the writer) to each.
+/// Joins the group whose `cgroup.procs` path is given: writes `0` (the writer) to it.
 /// Runs in the forked child before exec: only raw system calls, no allocation.
 #[allow(unsafe_code)]
-pub(crate) fn join_in_child(files: &[CString]) -> std::io::Result<()> {
-    for file in files {
+pub(crate) fn join_in_child(file: Option<&CString>) -> std::io::Result<()> {
+    if let Some(file) = file {
         // SAFETY: open/write/close on a NUL-terminated path we own and a one-byte buffer.
         unsafe {
             let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -240,17 +269,38 @@ mod tests {
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
 
     #[test]
-    fn finds_v1_memory_and_pids_of_a_hybrid_machine() {
+    fn finds_v1_memory_of_a_hybrid_machine() {
         let own = "8:pids:/\n4:memory:/process_api/abc\n0::/\n";
         let root = CgroupRoot::v1(own, MOUNTS).unwrap();
         assert_eq!(
-            root.dirs,
-            [
-                PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"),
-                PathBuf::from("/sys/fs/cgroup/pids"),
-            ]
+            root.dir,
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/abc")
         );
         assert!(!root.v2);
+        // No v2 memory controller delegated there: the unified mount is not used.
+        assert!(CgroupRoot::v2(own, MOUNTS).is_none());
+    }
+
+    /// Needs a machine where groups can be made (root); elsewhere there is nothing to sweep.
+    #[test]
+    fn groups_of_runtimes_that_are_gone_are_swept() {
+        let Ok(root) = CgroupRoot::detect() else {
+            eprintln!("SKIPPED: no control groups here");
+            return;
+        };
+        // A runtime pid that cannot exist (above the kernel's limit of 2^22).
+        let leftover = root
+            .create("mycelium-ghost-v1-4194305-0", Some(64 << 20))
+            .unwrap();
+        let dir = leftover.dir().to_owned();
+        std::mem::forget(leftover);
+        let mine = root
+            .create(&format!("mycelium-alive-v1-{}-0", std::process::id()), None)
+            .unwrap();
+        assert!(dir.exists());
+        CgroupRoot::detect().unwrap();
+        assert!(!dir.exists(), "the dead runtime's group was removed");
+        assert!(mine.dir().exists(), "a live runtime's group is left");
     }
 
     #[test]
