@@ -6,5 +6,6 @@ pub mod cgroup;
 pub mod convert;
 pub mod handshake;
 pub mod host;
+mod output;
 pub mod pool;
 pub mod proto;
