@@ -558,3 +558,69 @@ async fn up_with_a_warm_go_plugin_stops_cleanly_on_ctrl_c() {
         );
     }
 }
+
+/// The metrics endpoint out of file descriptors (EMFILE on accept) pauses instead of spinning,
+/// says so, and serves again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_out_of_descriptors_pauses_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start();
+    let port = free_port();
+    let log = dir.path().join("serve.log");
+    // 40 descriptors: the runtime needs about 13 at rest; the connections below take the rest.
+    let _runtime = Running(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=40:40")
+            .arg(env!("CARGO_BIN_EXE_mycelium"))
+            .env("RUST_LOG", "warn")
+            .env("MYCELIUM_NATS_SERVER", nats_server_binary())
+            .args(["--nats-url", &server.url(), "serve", "--registry", "memory"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let client = Client::new(server.connect().await);
+    wait_ready(&client).await;
+    let scrape = move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        text.starts_with("HTTP/1.1 200").then_some(())
+    };
+    // Held open, these connections use up the runtime's descriptors (the kernel keeps
+    // completing handshakes into the listen backlog after accept starts failing).
+    let held: Vec<std::net::TcpStream> = (0..60)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let log_path = log.clone();
+    eventually(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move {
+            text.contains("accepting a metrics connection failed; pausing")
+                .then_some(())
+        }
+    })
+    .await;
+    drop(held);
+    eventually(Duration::from_secs(30), || async {
+        tokio::task::spawn_blocking(scrape).await.unwrap()
+    })
+    .await;
+    // The runtime itself kept answering throughout.
+    client
+        .invoke(
+            "echo",
+            mycelium_test_support::event("fd", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+}
