@@ -10,9 +10,8 @@ use mycelium_core::{
     envelope, ErrorCode, Event, FunctionName,
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
-use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
-use mycelium_registry::ArtifactCache;
-use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
+use mycelium_plugin::pool::PoolSettings;
+use mycelium_runtime::{presets::Assembly, Runtime, RuntimeConfig, RuntimeHandle, StartErrorKind};
 
 use crate::{
     args::{
@@ -118,13 +117,11 @@ async fn start_runtime(
 ) -> Result<RuntimeHandle, Failure> {
     let mut config = runtime_config(connection, args);
     config.prestart_plugins = !args.no_prestart;
-    let mut builder = Runtime::builder().config(config).standard_builtins();
-    if let Some(logs) = crate::output::function_logs() {
-        builder = builder.function_logs(logs);
-    }
-    if args.otlp_endpoint.is_some() {
-        builder = builder.tracing(std::sync::Arc::new(mycelium_observability::OtelBridge));
-    }
+    let logs = crate::output::function_logs();
+    let tracing = args.otlp_endpoint.is_some().then(|| {
+        std::sync::Arc::new(mycelium_observability::OtelBridge)
+            as std::sync::Arc<dyn mycelium_core::TraceBridge>
+    });
     let mut metrics: Option<std::sync::Arc<dyn mycelium_core::MetricsCollector>> = None;
     if let Some(addr) = args.metrics_addr {
         let prometheus = std::sync::Arc::new(mycelium_observability::PrometheusMetrics::new());
@@ -139,49 +136,59 @@ async fn start_runtime(
             })?;
         tracing::info!(%bound, "serving Prometheus metrics at /metrics");
         prometheus.watch_nats(&nats);
-        builder = builder.metrics(prometheus.clone());
         metrics = Some(prometheus);
     }
-    if args.registry == RegistryKind::Jetstream {
-        let registry =
-            mycelium_runtime::presets::open_registry(nats.clone(), connection.registry.clone())
-                .await
-                .map_err(|e| Failure::new("registry", error_chain(&e), EXIT_UNREACHABLE))?;
-        let plugin_dir = args
-            .plugin_dir
-            .clone()
-            .unwrap_or_else(|| default_plugin_dir.to_owned());
-        let cache =
-            ArtifactCache::new(plugin_dir.join("cache"), args.plugin_cache_size).map_err(|e| {
-                Failure::new(
-                    "plugin_dir",
-                    format!("cannot use {} for plugins: {e}", plugin_dir.display()),
-                    EXIT_INTERNAL,
-                )
-            })?;
-        let settings = PoolSettings {
-            max_processes: args.plugin_max_processes,
-            concurrency_per_process: args.plugin_concurrency,
-            idle_timeout: args.plugin_idle_timeout,
-            trusted_signers: args.trusted_keys.clone(),
-            log_lines_per_second: args.plugin_log_lines,
-            cgroups: !args.no_plugin_cgroups,
-            ..PoolSettings::default()
+    let runtime = if args.registry == RegistryKind::Jetstream {
+        let assembly = Assembly {
+            config,
+            registry: connection.registry.clone(),
+            plugin_dir: args
+                .plugin_dir
+                .clone()
+                .unwrap_or_else(|| default_plugin_dir.to_owned()),
+            plugin_cache_size: args.plugin_cache_size,
+            plugins: PoolSettings {
+                max_processes: args.plugin_max_processes,
+                concurrency_per_process: args.plugin_concurrency,
+                idle_timeout: args.plugin_idle_timeout,
+                trusted_signers: args.trusted_keys.clone(),
+                log_lines_per_second: args.plugin_log_lines,
+                cgroups: !args.no_plugin_cgroups,
+                ..PoolSettings::default()
+            },
+            metrics,
+            logs,
+            tracing,
         };
-        let plugins = PluginExecutor::new(
-            registry.clone(),
-            cache,
-            plugin_dir.join("run"),
-            settings,
-            metrics.clone(),
-        );
-        builder = builder
-            .registry(registry)
-            .plugins(std::sync::Arc::new(plugins));
-    }
-    builder
-        .build(nats)
-        .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
+        assembly
+            .build(nats)
+            .await
+            .map_err(|e| {
+                let (code, exit) = match e.kind() {
+                    StartErrorKind::Registry => ("registry", EXIT_UNREACHABLE),
+                    StartErrorKind::PluginDir => ("plugin_dir", EXIT_INTERNAL),
+                    _ => ("config", EXIT_INTERNAL),
+                };
+                Failure::new(code, error_chain(&e), exit)
+            })?
+            .runtime
+    } else {
+        // The in-memory registry: the built-ins only, nothing deployed, no plugins.
+        let mut builder = Runtime::builder().config(config).standard_builtins();
+        if let Some(logs) = logs {
+            builder = builder.function_logs(logs);
+        }
+        if let Some(tracing) = tracing {
+            builder = builder.tracing(tracing);
+        }
+        if let Some(metrics) = metrics {
+            builder = builder.metrics(metrics);
+        }
+        builder
+            .build(nats)
+            .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
+    };
+    runtime
         .start()
         .await
         .map_err(|e| Failure::new("start", error_chain(&e), EXIT_UNREACHABLE))

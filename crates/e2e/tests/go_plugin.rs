@@ -4,13 +4,12 @@
 //! and sets MYCELIUM_GO_REQUIRED, so CI always runs this; elsewhere, without Go, the test is
 //! skipped with a visible message.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use mycelium_client::{Client, InvokeOptions};
 use mycelium_core::cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10};
-use mycelium_plugin::pool::PoolSettings;
 use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
-use mycelium_runtime::Runtime;
+use mycelium_runtime::presets::Assembly;
 use mycelium_test_support::NatsServer;
 
 fn build_go_plugin(out: &std::path::Path) -> bool {
@@ -40,19 +39,15 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
         return;
     }
     let server = NatsServer::start();
-    let registry = Arc::new(
-        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
-            .await
-            .unwrap(),
-    );
-    let plugins =
-        mycelium_e2e::plugin_executor(registry.clone(), dir.path(), PoolSettings::default(), None);
-    let runtime = Runtime::builder()
-        .registry(registry.clone())
-        .plugins(plugins.clone())
-        .serve(&server.url())
-        .await
-        .unwrap();
+    let assembled = Assembly {
+        plugin_dir: dir.path().to_owned(),
+        ..Assembly::default()
+    }
+    .build(server.connect().await)
+    .await
+    .unwrap();
+    let (registry, plugins) = (assembled.registry, assembled.plugins);
+    let runtime = assembled.runtime.start().await.unwrap();
     let admin = NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
         .await
         .unwrap();

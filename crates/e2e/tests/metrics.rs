@@ -9,9 +9,7 @@ use mycelium_core::{
     Event,
 };
 use mycelium_observability::PrometheusMetrics;
-use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
-use mycelium_runtime::{Runtime, RuntimeConfig};
+use mycelium_runtime::{presets::Assembly, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 use serde_json::json;
 
@@ -31,29 +29,21 @@ fn event(ty: &str) -> Event {
 async fn a_scrape_counts_cold_starts_fetches_and_outcomes_exactly() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(
-        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
-            .await
-            .unwrap(),
-    );
     let metrics = Arc::new(PrometheusMetrics::new());
-    let plugins = mycelium_e2e::plugin_executor(
-        registry.clone(),
-        dir.path(),
-        PoolSettings::default(),
-        Some(metrics.clone()),
-    );
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
+    let assembled = Assembly {
+        config: RuntimeConfig {
             prestart_plugins: false,
             ..RuntimeConfig::default()
-        })
-        .registry(registry.clone())
-        .plugins(plugins.clone())
-        .metrics(metrics.clone())
-        .serve(&server.url())
-        .await
-        .unwrap();
+        },
+        plugin_dir: dir.path().to_owned(),
+        metrics: Some(metrics.clone()),
+        ..Assembly::default()
+    }
+    .build(server.connect().await)
+    .await
+    .unwrap();
+    let (registry, plugins) = (assembled.registry, assembled.plugins);
+    let runtime = assembled.runtime.start().await.unwrap();
     mycelium_e2e::deploy_plugin(&*registry, &registry, "counted", TEST_PLUGIN).await;
     let client = Client::new(server.connect().await);
     let call = |ty: &'static str, timeout_ms: u64| {

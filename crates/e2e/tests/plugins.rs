@@ -18,7 +18,7 @@ use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
 use mycelium_registry::{
     ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin,
 };
-use mycelium_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
+use mycelium_runtime::{presets::Assembly, RuntimeConfig, RuntimeHandle};
 use mycelium_test_support::{eventually, NatsServer};
 use serde_json::{json, Value};
 
@@ -42,39 +42,30 @@ struct Fixture {
 async fn fixture(settings: PoolSettings, prestart: bool) -> Fixture {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let runtime_registry = Arc::new(
-        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
-            .await
-            .unwrap(),
-    );
     let metrics = Arc::new(InMemoryMetrics::new());
-    let plugins = mycelium_e2e::plugin_executor(
-        runtime_registry.clone(),
-        dir.path(),
-        settings,
-        Some(metrics.clone()),
-    );
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
+    let assembled = Assembly {
+        config: RuntimeConfig {
             prestart_plugins: prestart,
             ..RuntimeConfig::default()
-        })
-        .registry(runtime_registry.clone())
-        .plugins(plugins.clone())
-        .metrics(metrics.clone())
-        .serve(&server.url())
-        .await
-        .unwrap();
+        },
+        plugin_dir: dir.path().to_owned(),
+        plugins: settings,
+        metrics: Some(metrics.clone()),
+        ..Assembly::default()
+    }
+    .build(server.connect().await)
+    .await
+    .unwrap();
     Fixture {
         admin: NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
             .await
             .unwrap(),
         client: Client::new(server.connect().await),
         server,
-        runtime_registry,
-        plugins,
+        runtime_registry: assembled.registry,
+        plugins: assembled.plugins,
         metrics,
-        runtime: Some(runtime),
+        runtime: Some(assembled.runtime.start().await.unwrap()),
         _dir: dir,
     }
 }

@@ -15,9 +15,7 @@ use mycelium_core::{
     envelope, Event, TraceContext,
 };
 use mycelium_observability::{otel_layer, OtelBridge};
-use mycelium_plugin::pool::PoolSettings;
-use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
-use mycelium_runtime::{Runtime, RuntimeConfig};
+use mycelium_runtime::{presets::Assembly, RuntimeConfig};
 use mycelium_test_support::NatsServer;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -72,26 +70,21 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
 
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(
-        NatsRegistry::open(server.connect().await, NatsRegistryConfig::default())
-            .await
-            .unwrap(),
-    );
-    let plugins =
-        mycelium_e2e::plugin_executor(registry.clone(), dir.path(), PoolSettings::default(), None);
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
+    let assembled = Assembly {
+        config: RuntimeConfig {
             prestart_plugins: false,
             ..RuntimeConfig::default()
-        })
-        .standard_builtins()
-        .registry(registry.clone())
-        .plugins(plugins)
-        .tracing(Arc::new(OtelBridge))
-        .function_logs(function_logs)
-        .serve(&server.url())
-        .await
-        .unwrap();
+        },
+        plugin_dir: dir.path().to_owned(),
+        tracing: Some(Arc::new(OtelBridge)),
+        logs: Some(function_logs),
+        ..Assembly::default()
+    }
+    .build(server.connect().await)
+    .await
+    .unwrap();
+    let registry = assembled.registry;
+    let runtime = assembled.runtime.start().await.unwrap();
     let version = mycelium_e2e::deploy_plugin(&*registry, &registry, "traced", TEST_PLUGIN).await;
     let nats = server.connect().await;
 

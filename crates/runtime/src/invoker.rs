@@ -11,25 +11,23 @@ use std::{
 use futures_util::FutureExt;
 use mycelium_core::{
     cloudevents::AttributesReader, envelope::InvokeRequest, ErrorCode, Event, Function,
-    FunctionKind, FunctionMetadata, FunctionName, FunctionSummary, InvocationContext,
-    MetricsCollector, Outcome, ProtocolError, TraceBridge,
+    FunctionMetadata, FunctionName, FunctionSummary, InvocationContext, MetricsCollector, Outcome,
+    ProtocolError, TraceBridge,
 };
 use mycelium_registry::{protocol_error, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::logs::CURRENT_INVOCATION;
-
-/// A function compiled into the runtime.
-#[derive(Clone)]
-pub(crate) struct Builtin {
-    pub metadata: Arc<FunctionMetadata>,
-    pub function: Arc<dyn Function>,
-}
+use crate::{
+    executor::{Builtin, Executors},
+    logs::CURRENT_INVOCATION,
+};
 
 pub(crate) struct Invoker {
-    pub builtins: HashMap<FunctionName, Builtin>,
-    pub plugins: Option<Arc<mycelium_plugin::pool::PluginExecutor>>,
+    /// Compiled-in functions, answering under their own names.
+    pub builtins: Arc<HashMap<FunctionName, Builtin>>,
+    /// What runs deployed functions, by kind.
+    pub executors: Executors,
     /// Per-version concurrency limits (`maxConcurrency`, else `max_concurrency`), created on
     /// first use; only resolved (registered) versions get one, and versions that left the
     /// registry are pruned, so callers' names cannot grow it.
@@ -63,33 +61,15 @@ impl Invoker {
         name: &FunctionName,
         metadata: Arc<FunctionMetadata>,
     ) -> Result<(Arc<FunctionMetadata>, Arc<dyn Function>), ProtocolError> {
-        match metadata.kind {
-            FunctionKind::Builtin => {
-                // A deployed name running a built-in implementation with its own settings.
-                let entry = metadata.entry_point.as_deref().unwrap_or(name.as_str());
-                let builtin = FunctionName::new(entry).ok().and_then(|entry| self.builtins.get(&entry));
-                match builtin {
-                    Some(builtin) => Ok((metadata, builtin.function.clone())),
-                    None => Err(ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "\"{name}\" v{} runs the built-in \"{entry}\", which this runtime does not have; \
-                             deploy it with an entry point this runtime lists, or run a runtime that includes it",
-                            metadata.version
-                        ),
-                    )),
-                }
-            }
-            FunctionKind::Plugin if self.plugins.is_some() => {
-                let plugins = self.plugins.as_ref().expect("checked");
-                let function = plugins.function(&metadata);
-                Ok((metadata, function))
-            }
-            kind => Err(ProtocolError::new(
+        let kind = metadata.kind;
+        let Some(executor) = self.executors.get(kind) else {
+            return Err(ProtocolError::new(
                 ErrorCode::Unavailable,
                 format!("\"{name}\" is a {kind} function and this runtime has no {kind} executor; run a runtime with {kind} support"),
-            )),
-        }
+            ));
+        };
+        let function = executor.function(&metadata)?;
+        Ok((metadata, function))
     }
 
     pub fn describe(
@@ -341,8 +321,8 @@ mod tests {
 
     fn invoker(registry: Arc<MemoryRegistry>) -> Invoker {
         Invoker {
-            builtins: HashMap::new(),
-            plugins: None,
+            builtins: Arc::default(),
+            executors: crate::executor::Executors::default(),
             function_limits: std::sync::RwLock::default(),
             max_concurrency: 4,
             registry,

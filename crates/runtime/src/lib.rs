@@ -15,6 +15,7 @@
 
 mod builtins;
 mod config;
+pub mod executor;
 mod invoker;
 pub mod logs;
 mod micro;
@@ -36,10 +37,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use builtins::{Echo, Example};
 pub use config::RuntimeConfig;
+pub use executor::Executor;
 
 use crate::{
     config::Subjects,
-    invoker::{Builtin, Invoker},
+    executor::{Builtin, BuiltinExecutor, Executors},
+    invoker::Invoker,
     server::{serve_endpoint, EndpointKind, Shared},
 };
 
@@ -57,6 +60,8 @@ pub enum StartErrorKind {
     Config,
     /// The registry could not be opened.
     Registry,
+    /// The plugin directory cannot be used.
+    PluginDir,
 }
 
 /// A failed [`RuntimeBuilder::connect`] or [`Runtime::start`].
@@ -65,7 +70,7 @@ pub type StartError = Error<StartErrorKind>;
 /// Assembles a [`Runtime`].
 pub struct RuntimeBuilder {
     config: RuntimeConfig,
-    plugins: Option<Arc<PluginExecutor>>,
+    executors: Executors,
     registry: Option<Arc<dyn Registry>>,
     metrics: Option<Arc<dyn MetricsCollector>>,
     tracing: Option<Arc<dyn TraceBridge>>,
@@ -84,7 +89,7 @@ impl RuntimeBuilder {
     pub fn new() -> Self {
         Self {
             config: RuntimeConfig::default(),
-            plugins: None,
+            executors: Executors::default(),
             registry: None,
             metrics: None,
             tracing: None,
@@ -105,10 +110,17 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Runs functions of kind `plugin` with this executor; without one they are `unavailable`.
-    pub fn plugins(mut self, executor: Arc<PluginExecutor>) -> Self {
-        self.plugins = Some(executor);
+    /// Runs deployed functions of `executor`'s kind with it (replacing any earlier one of that
+    /// kind). A kind without an executor answers `unavailable`; deployed built-ins always have
+    /// one.
+    pub fn executor(mut self, executor: Arc<dyn Executor>) -> Self {
+        self.executors.insert(executor);
         self
+    }
+
+    /// Runs functions of kind `plugin` with this executor: [`Self::executor`] for plugins.
+    pub fn plugins(self, executor: Arc<PluginExecutor>) -> Self {
+        self.executor(executor)
     }
 
     /// Where measurements go (default: an [`InMemoryMetrics`]).
@@ -182,9 +194,14 @@ impl RuntimeBuilder {
                 format!("subject prefix {:?} is not a literal NATS subject (tokens separated by '.', no wildcards or spaces)", config.subject_prefix),
             ));
         }
+        let builtins = Arc::new(self.builtins);
+        let mut executors = self.executors;
+        executors.insert(Arc::new(BuiltinExecutor {
+            builtins: builtins.clone(),
+        }));
         let invoker = Invoker {
-            builtins: self.builtins,
-            plugins: self.plugins,
+            builtins,
+            executors,
             function_limits: std::sync::RwLock::default(),
             max_concurrency: config.max_concurrency,
             registry: self
@@ -327,7 +344,7 @@ impl Runtime {
         let prestart = shared
             .config
             .prestart_plugins
-            .then(|| prestart_plugins(&shared))
+            .then(|| prestart(&shared))
             .flatten();
         let endpoint_tasks = subscribed
             .into_iter()
@@ -358,23 +375,23 @@ pub struct RuntimeHandle {
     prestart: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts the active version of every plugin function ahead of its first call, now and
-/// whenever the registry changes (deploy, rollback), so callers pay no cold start.
-fn prestart_plugins(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
-    let plugins = shared.invoker.plugins.clone()?;
+/// Gets the active version of every deployed function ready ahead of its first call (a plugin
+/// process started), now and whenever the registry changes (deploy, rollback), so callers pay
+/// no cold start.
+fn prestart(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let executors = shared.invoker.executors.clone();
     let registry = shared.invoker.registry.clone();
     let mut changes = registry.changes();
     Some(tokio::spawn(async move {
         loop {
             for summary in registry.list() {
-                if summary.kind != mycelium_core::FunctionKind::Plugin {
+                let Some(executor) = executors.get(summary.kind).cloned() else {
                     continue;
-                }
+                };
                 if let Ok(metadata) = registry.get(&summary.name, None) {
-                    let plugins = plugins.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = plugins.prestart(&metadata).await {
-                            tracing::warn!(function = %metadata.name, version = metadata.version, %error, "starting the plugin ahead of time failed");
+                        if let Err(error) = executor.prestart(&metadata).await {
+                            tracing::warn!(function = %metadata.name, version = metadata.version, %error, "getting the function ready ahead of time failed");
                         }
                     });
                 }
@@ -458,8 +475,8 @@ impl RuntimeHandle {
         if let Some(prestart) = self.prestart {
             prestart.abort();
         }
-        if let Some(plugins) = &shared.invoker.plugins {
-            plugins.shutdown().await;
+        for executor in shared.invoker.executors.iter() {
+            executor.shutdown().await;
         }
         let last_replies = deadline
             .saturating_duration_since(tokio::time::Instant::now())

@@ -1,10 +1,15 @@
-//! Ready-made runtimes, the Rust counterparts of the seed's constructors.
+//! Ready-made runtimes: the Rust counterparts of the seed's constructors, and [`Assembly`],
+//! the one place a full runtime (JetStream registry, binary cache, plugin executor, metrics,
+//! function logs, tracing) is put together, for `mycelium up`, `mycelium serve`, the
+//! production preset and the tests alike.
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
-use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
+use mycelium_core::{MetricsCollector, TraceBridge};
+use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig};
 
-use crate::{Runtime, RuntimeBuilder, StartError, StartErrorKind};
+use crate::{FunctionLogs, Runtime, RuntimeBuilder, RuntimeConfig, StartError, StartErrorKind};
 
 /// The seed's `CreateExampleRuntimeService(natsURL)`: the built-in functions on an
 /// in-memory registry.
@@ -16,14 +21,104 @@ pub async fn example_runtime(nats_url: &str) -> Result<Runtime, StartError> {
 }
 
 /// The seed's `CreateProductionRuntimeService(natsURL)`: the built-ins plus every function
-/// deployed to the JetStream registry (default buckets), hot-reloaded as it changes.
+/// deployed to the JetStream registry (default buckets), plugins included, hot-reloaded as it
+/// changes. Plugin binaries are cached under `$MYCELIUM_PLUGIN_DIR`, else `.mycelium/plugins`
+/// (as `mycelium serve` does).
 pub async fn production_runtime(nats_url: &str) -> Result<Runtime, StartError> {
     let client = crate::connect(nats_url).await?;
-    let registry = open_registry(client.clone(), NatsRegistryConfig::default()).await?;
-    RuntimeBuilder::new()
-        .standard_builtins()
-        .registry(registry)
-        .build(client)
+    Ok(Assembly::default().build(client).await?.runtime)
+}
+
+/// Everything a full runtime is made of that its user chooses; [`Assembly::build`] puts it
+/// together.
+#[derive(Clone)]
+pub struct Assembly {
+    /// The runtime's settings.
+    pub config: RuntimeConfig,
+    /// The JetStream registry's buckets and limits.
+    pub registry: NatsRegistryConfig,
+    /// Where plugin binaries are cached (`<dir>/cache`) and plugin processes get their working
+    /// directories (`<dir>/run`).
+    pub plugin_dir: PathBuf,
+    /// Bytes of plugin binaries kept in the cache.
+    pub plugin_cache_size: u64,
+    /// How plugin processes are run.
+    pub plugins: PoolSettings,
+    /// Where measurements go (default: in memory).
+    pub metrics: Option<Arc<dyn MetricsCollector>>,
+    /// Function log publishing, if its layer is installed.
+    pub logs: Option<Arc<FunctionLogs>>,
+    /// A tracing backend (default: pass the caller's context through).
+    pub tracing: Option<Arc<dyn TraceBridge>>,
+}
+
+impl Default for Assembly {
+    fn default() -> Self {
+        Self {
+            config: RuntimeConfig::default(),
+            registry: NatsRegistryConfig::default(),
+            plugin_dir: std::env::var_os("MYCELIUM_PLUGIN_DIR")
+                .filter(|dir| !dir.is_empty())
+                .map_or_else(|| PathBuf::from(".mycelium/plugins"), PathBuf::from),
+            plugin_cache_size: 1 << 30,
+            plugins: PoolSettings::default(),
+            metrics: None,
+            logs: None,
+            tracing: None,
+        }
+    }
+}
+
+/// A runtime put together by [`Assembly::build`], with the parts its user may want to watch.
+pub struct Assembled {
+    /// The runtime, ready to [`Runtime::start`].
+    pub runtime: Runtime,
+    /// Its view of the registry.
+    pub registry: Arc<NatsRegistry>,
+    /// Its plugin executor.
+    pub plugins: Arc<PluginExecutor>,
+}
+
+impl Assembly {
+    /// Opens the registry on `client`, makes the binary cache and the plugin executor, and
+    /// builds the runtime with the standard built-ins.
+    pub async fn build(self, client: async_nats::Client) -> Result<Assembled, StartError> {
+        let registry = open_registry(client.clone(), self.registry).await?;
+        let cache = ArtifactCache::new(self.plugin_dir.join("cache"), self.plugin_cache_size)
+            .map_err(|e| {
+                StartError::with_source(
+                    StartErrorKind::PluginDir,
+                    format!("cannot use {} for plugins", self.plugin_dir.display()),
+                    e,
+                )
+            })?;
+        let plugins = Arc::new(PluginExecutor::new(
+            registry.clone(),
+            cache,
+            self.plugin_dir.join("run"),
+            self.plugins,
+            self.metrics.clone(),
+        ));
+        let mut builder = RuntimeBuilder::new()
+            .config(self.config)
+            .standard_builtins()
+            .registry(registry.clone())
+            .plugins(plugins.clone());
+        if let Some(metrics) = self.metrics {
+            builder = builder.metrics(metrics);
+        }
+        if let Some(logs) = self.logs {
+            builder = builder.function_logs(logs);
+        }
+        if let Some(tracing) = self.tracing {
+            builder = builder.tracing(tracing);
+        }
+        Ok(Assembled {
+            runtime: builder.build(client)?,
+            registry,
+            plugins,
+        })
+    }
 }
 
 /// Opens the JetStream registry for a runtime.
