@@ -376,7 +376,10 @@ fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
 fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
     let invalid =
         |message: String| Failure::new("invalid_event", message, crate::output::EXIT_FAILED);
-    let id = args.id.clone().unwrap_or_else(nuid_like_id);
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("cli-{}", nuid::next()));
     let mut builder = EventBuilderV10::new()
         .id(id)
         .source(&args.source)
@@ -401,15 +404,6 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
     builder
         .build()
         .map_err(|e| invalid(format!("cannot build the event: {e}")))
-}
-
-/// A unique event id without another dependency: time and process id are enough for a CLI.
-fn nuid_like_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("cli-{nanos:x}-{:x}", std::process::id())
 }
 
 async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Failure> {

@@ -33,7 +33,7 @@ use mycelium_core::{
     trace::{PassThrough, TRACEPARENT, TRACESTATE},
     Function, FunctionName, InvocationContext, TraceBridge, TraceContext,
 };
-use mycelium_plugin::{
+use mycelium_plugin_protocol::{
     convert,
     handshake::{self, Handshake, Network},
     proto::{
@@ -162,7 +162,7 @@ fn serve_plugin(plugin: Plugin) -> ! {
 }
 
 fn socket_path() -> PathBuf {
-    let dir = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR")
+    let dir = std::env::var_os(handshake::UNIX_SOCKET_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let nanos = SystemTime::now()

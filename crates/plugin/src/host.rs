@@ -164,9 +164,9 @@ impl PluginProcess {
                 handshake::PROTOCOL_VERSIONS_ENV,
                 handshake::APP_PROTOCOL_VERSION.to_string(),
             )
-            .env("PLUGIN_MIN_PORT", "10000")
-            .env("PLUGIN_MAX_PORT", "25000")
-            .env("PLUGIN_UNIX_SOCKET_DIR", &config.work_dir)
+            .env(handshake::MIN_PORT_ENV, "10000")
+            .env(handshake::MAX_PORT_ENV, "25000")
+            .env(handshake::UNIX_SOCKET_DIR_ENV, &config.work_dir)
             .env("TMPDIR", &config.work_dir)
             .current_dir(&config.work_dir)
             .stdin(Stdio::null())

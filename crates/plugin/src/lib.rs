@@ -3,9 +3,8 @@
 //! The only crate (with the SDK) that knows protobuf.
 
 pub mod cgroup;
-pub mod convert;
-pub mod handshake;
 pub mod host;
 mod output;
 pub mod pool;
-pub mod proto;
+
+pub use mycelium_plugin_protocol::{convert, handshake, proto};

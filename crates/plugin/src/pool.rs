@@ -462,7 +462,7 @@ impl PluginPool {
                 "{}-v{}-{}",
                 self.metadata.name,
                 self.metadata.version,
-                nuid_like()
+                owner_suffix()
             )),
             env: self.metadata.env.clone(),
             memory_mb: self.metadata.memory_mb,
@@ -661,7 +661,9 @@ async fn reap(pool: Weak<PluginPool>) {
     }
 }
 
-fn nuid_like() -> String {
+/// `<runtime pid>-<n>`: unique among this runtime's processes, and naming the runtime, which
+/// the sweep of control groups left by dead runtimes reads back (`cgroup::CgroupRoot`).
+fn owner_suffix() -> String {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!(

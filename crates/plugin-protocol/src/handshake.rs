@@ -15,6 +15,12 @@ pub const APP_PROTOCOL_VERSION: u32 = 1;
 pub const HEALTH_SERVICE: &str = "plugin";
 /// Application protocol versions the host offers, comma-separated.
 pub const PROTOCOL_VERSIONS_ENV: &str = "PLUGIN_PROTOCOL_VERSIONS";
+/// Directory in which the plugin should create its Unix socket.
+pub const UNIX_SOCKET_DIR_ENV: &str = "PLUGIN_UNIX_SOCKET_DIR";
+/// Lowest TCP port a plugin listening on TCP may use.
+pub const MIN_PORT_ENV: &str = "PLUGIN_MIN_PORT";
+/// Highest TCP port a plugin listening on TCP may use.
+pub const MAX_PORT_ENV: &str = "PLUGIN_MAX_PORT";
 
 /// How the plugin listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mycelium_core::cloudevents::{EventBuilder, EventBuilderV10};
-use mycelium_plugin::convert;
+use mycelium_plugin_protocol::convert;
 use prost::Message;
 
 fn convert_benches(c: &mut Criterion) {
@@ -26,7 +26,7 @@ fn convert_benches(c: &mut Criterion) {
     let bytes = convert::to_proto(&event).encode_to_vec();
     c.bench_function("decode + from_proto", |b| {
         b.iter(|| {
-            let proto = mycelium_plugin::proto::cloudevents::CloudEvent::decode(
+            let proto = mycelium_plugin_protocol::proto::cloudevents::CloudEvent::decode(
                 std::hint::black_box(bytes.as_slice()),
             )
             .unwrap();
