@@ -329,9 +329,7 @@ impl RetryPolicy {
 #[derive(Clone)]
 pub struct Client {
     nats: async_nats::Client,
-    invoke_subject: String,
-    list_subject: String,
-    describe_subject: String,
+    subjects: mycelium_core::Subjects,
     registry_config: NatsRegistryConfig,
     registry: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<NatsRegistry>>>,
     tracing: std::sync::Arc<dyn TraceBridge>,
@@ -341,7 +339,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("invoke_subject", &self.invoke_subject)
+            .field("invoke_subject", &self.subjects.invoke)
             .field("registry", &self.registry_config)
             .finish_non_exhaustive()
     }
@@ -352,15 +350,12 @@ impl Client {
     pub fn new(nats: async_nats::Client) -> Self {
         Self {
             nats,
-            invoke_subject: String::new(),
-            list_subject: String::new(),
-            describe_subject: String::new(),
+            subjects: mycelium_core::Subjects::default(),
             registry_config: NatsRegistryConfig::default(),
             registry: Default::default(),
             tracing: std::sync::Arc::new(mycelium_core::trace::PassThrough),
             retry: None,
         }
-        .with_subject_prefix("function")
     }
 
     /// Retries invocations that failed in a retriable way (see [`RetryPolicy`], and its
@@ -413,9 +408,7 @@ impl Client {
 
     /// Uses `prefix` instead of `function` for all subjects.
     pub fn with_subject_prefix(mut self, prefix: &str) -> Self {
-        self.invoke_subject = format!("{prefix}.invoke");
-        self.list_subject = format!("{prefix}.list");
-        self.describe_subject = format!("{prefix}.describe");
+        self.subjects = mycelium_core::Subjects::new(prefix);
         self
     }
 
@@ -496,7 +489,7 @@ impl Client {
         wait: Duration,
     ) -> Result<Vec<Event>, RequestError> {
         let reply = self
-            .request_with_headers(&self.invoke_subject, body, Some(headers), wait)
+            .request_with_headers(&self.subjects.invoke, body, Some(headers), wait)
             .await?;
         match envelope::decode_invoke_reply(&reply.payload) {
             Ok(Ok(events)) => Ok(events),
@@ -508,7 +501,7 @@ impl Client {
     /// Lists every function at its active version.
     pub async fn list(&self) -> Result<Vec<FunctionSummary>, RequestError> {
         let reply = self
-            .request(&self.list_subject, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)
+            .request(&self.subjects.list, Bytes::new(), DEFAULT_REQUEST_TIMEOUT)
             .await?;
         match envelope::decode_reply::<ListReply>(&reply.payload) {
             Ok(Ok(list)) => Ok(list.functions),
@@ -530,7 +523,7 @@ impl Client {
             version,
         }));
         let reply = self
-            .request(&self.describe_subject, body, DEFAULT_REQUEST_TIMEOUT)
+            .request(&self.subjects.describe, body, DEFAULT_REQUEST_TIMEOUT)
             .await?;
         match envelope::decode_reply::<FunctionMetadata>(&reply.payload) {
             Ok(Ok(metadata)) => Ok(metadata),
@@ -594,8 +587,9 @@ pub struct ClusterStats {
 }
 
 impl Client {
-    /// Gathers `$SRV.STATS` from every runtime instance (service `mycelium`) and sums the
-    /// per-function figures. Waits up to `wait` for the first answer and a moment for the rest.
+    /// Gathers `$SRV.STATS` from every runtime instance serving this client's subjects
+    /// (whatever service name it registered under) and sums the per-function figures. Waits
+    /// up to `wait` for the first answer and a moment for the rest.
     pub async fn stats(&self, wait: Duration) -> Result<ClusterStats, RequestError> {
         use futures_util::StreamExt;
         let transport = |e: &dyn std::fmt::Display| {
@@ -608,7 +602,7 @@ impl Client {
             .await
             .map_err(|e| transport(&e))?;
         self.nats
-            .publish_with_reply("$SRV.STATS.mycelium", inbox, Bytes::new())
+            .publish_with_reply("$SRV.STATS", inbox, Bytes::new())
             .await
             .map_err(|e| transport(&e))?;
         let mut per_function: std::collections::BTreeMap<String, mycelium_core::FunctionStats> =
@@ -622,14 +616,23 @@ impl Client {
             else {
                 continue;
             };
-            instances += 1;
-            let functions = stats
+            // Other services on this NATS answer too: a runtime is one with our invoke subject.
+            let Some(invoke) = stats
                 .endpoints
                 .iter()
-                .filter(|e| e.name == "invoke")
-                .filter_map(|e| e.data.as_ref()?.get("functions").cloned())
-                .filter_map(|f| serde_json::from_value::<Vec<mycelium_core::FunctionStats>>(f).ok())
-                .flatten();
+                .find(|e| e.subject == self.subjects.invoke)
+            else {
+                continue;
+            };
+            instances += 1;
+            let functions = invoke
+                .data
+                .clone()
+                .and_then(|data| {
+                    serde_json::from_value::<mycelium_core::subjects::InvokeEndpointData>(data).ok()
+                })
+                .map(|data| data.functions)
+                .unwrap_or_default();
             for row in functions {
                 let sum = per_function.entry(row.function.clone()).or_insert_with(|| {
                     mycelium_core::FunctionStats {
@@ -643,7 +646,10 @@ impl Client {
         if instances == 0 {
             return Err(RequestError::new(
                 RequestErrorKind::NoResponders,
-                "no Mycelium runtime answered $SRV.STATS.mycelium; start one with `mycelium up` or `mycelium serve`",
+                format!(
+                    "no Mycelium runtime serving {} answered $SRV.STATS; start one with `mycelium up` or `mycelium serve`",
+                    self.subjects.invoke
+                ),
             ));
         }
         Ok(ClusterStats {

@@ -217,9 +217,20 @@ async fn unreadable_credentials_file_is_a_credentials_error() {
 async fn stats_are_summed_over_runtime_instances() {
     let server = NatsServer::start();
     let mut runtimes = Vec::new();
-    for _ in 0..2 {
+    // Whatever name an instance registers under, it counts if it serves our subjects; an
+    // installation on another prefix does not.
+    for (service, prefix) in [
+        ("mycelium", "function"),
+        ("payments-runtime", "function"),
+        ("mycelium", "other"),
+    ] {
         runtimes.push(
             Runtime::builder()
+                .config(mycelium_runtime::RuntimeConfig {
+                    service_name: service.into(),
+                    subject_prefix: prefix.into(),
+                    ..Default::default()
+                })
                 .standard_builtins()
                 .builtin(
                     "fails".parse().unwrap(),

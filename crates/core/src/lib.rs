@@ -18,6 +18,7 @@ pub mod logs;
 pub mod metadata;
 pub mod metrics;
 pub mod name;
+pub mod subjects;
 pub mod trace;
 
 pub use cloudevents;
@@ -27,4 +28,5 @@ pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
 pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome, DURATION_BUCKETS_US};
 pub use name::{FunctionName, InvalidFunctionName};
+pub use subjects::Subjects;
 pub use trace::{TraceBridge, TraceContext};

@@ -30,38 +30,15 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            subject_prefix: "function".into(),
+            subject_prefix: mycelium_core::subjects::DEFAULT_PREFIX.into(),
             queue_group: "mycelium".into(),
-            service_name: "mycelium".into(),
+            service_name: mycelium_core::subjects::DEFAULT_SERVICE_NAME.into(),
             max_in_flight: 1024,
             max_concurrency: 256,
             max_payload: 1024 * 1024,
             default_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             prestart_plugins: true,
-        }
-    }
-}
-
-/// The subjects a runtime listens on, derived once from the prefix.
-#[derive(Debug, Clone)]
-pub(crate) struct Subjects {
-    pub invoke: String,
-    pub binding: String,
-    /// `<prefix>.invoke.`, stripped from binding subjects to get the name.
-    pub binding_prefix: String,
-    pub list: String,
-    pub describe: String,
-}
-
-impl Subjects {
-    pub fn new(prefix: &str) -> Self {
-        Self {
-            invoke: format!("{prefix}.invoke"),
-            binding: format!("{prefix}.invoke.*"),
-            binding_prefix: format!("{prefix}.invoke."),
-            list: format!("{prefix}.list"),
-            describe: format!("{prefix}.describe"),
         }
     }
 }

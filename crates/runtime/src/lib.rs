@@ -28,7 +28,7 @@ pub use logs::{function_logs, FunctionLogLayer, FunctionLogs};
 
 use mycelium_core::{
     trace::PassThrough, Error, Function, FunctionMetadata, FunctionName, InMemoryMetrics,
-    MetricsCollector, TraceBridge,
+    MetricsCollector, Subjects, TraceBridge,
 };
 use mycelium_plugin::pool::PluginExecutor;
 use mycelium_registry::{MemoryRegistry, Registry};
@@ -40,7 +40,6 @@ pub use config::RuntimeConfig;
 pub use executor::Executor;
 
 use crate::{
-    config::Subjects,
     executor::{Builtin, BuiltinExecutor, Executors},
     invoker::Invoker,
     server::{serve_endpoint, EndpointKind, Shared},
@@ -275,7 +274,11 @@ impl Runtime {
             |what: &str, e| StartError::with_source(StartErrorKind::Subscribe, what.to_owned(), e);
         let subjects = Subjects::new(&config.subject_prefix);
         let endpoints = [
-            ("invoke", subjects.invoke.clone(), EndpointKind::Invoke),
+            (
+                mycelium_core::subjects::INVOKE_ENDPOINT,
+                subjects.invoke.clone(),
+                EndpointKind::Invoke,
+            ),
             (
                 "invoke-binding",
                 subjects.binding.clone(),
@@ -299,8 +302,12 @@ impl Runtime {
             // The invoke endpoint carries the per-function figures (`mycelium stats`).
             let data: Option<micro::StatsData> = matches!(kind, EndpointKind::Invoke).then(|| {
                 let metrics = invoker.metrics.clone();
-                Arc::new(move || serde_json::json!({ "functions": metrics.function_stats() }))
-                    as micro::StatsData
+                Arc::new(move || {
+                    let data = mycelium_core::subjects::InvokeEndpointData {
+                        functions: metrics.function_stats(),
+                    };
+                    serde_json::to_value(data).unwrap_or_default()
+                }) as micro::StatsData
             });
             entries.push(micro::EndpointEntry {
                 data,

@@ -8,12 +8,12 @@ use futures_util::StreamExt;
 use mycelium_core::{
     envelope::{self, InvokeRequest},
     event::{self, BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE},
-    ErrorCode, Event, FunctionName, ProtocolError, TraceContext,
+    ErrorCode, Event, FunctionName, ProtocolError, Subjects, TraceContext,
 };
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Subjects, invoker::Invoker, micro::EndpointStats, RuntimeConfig};
+use crate::{invoker::Invoker, micro::EndpointStats, RuntimeConfig};
 
 /// What the endpoint loops share.
 pub(crate) struct Shared {
