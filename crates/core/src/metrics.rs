@@ -375,6 +375,27 @@ impl MetricsCollector for InMemoryMetrics {
     }
 }
 
+/// Resident memory in bytes from the text of a Linux `/proc/<pid>/status` (its `VmRSS` line, in
+/// kB, so no page size is involved). The reading is the caller's; this is the one parser.
+pub fn resident_bytes_from_proc_status(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod proc_tests {
+    #[test]
+    fn resident_memory_from_proc_status() {
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmRSS:\t    1234 kB\nThreads:\t3\n";
+        assert_eq!(
+            super::resident_bytes_from_proc_status(status),
+            Some(1234 * 1024)
+        );
+        assert_eq!(super::resident_bytes_from_proc_status("Name:\tx\n"), None);
+    }
+}
+
 #[cfg(test)]
 mod quantile_tests {
     use super::*;

@@ -233,11 +233,10 @@ impl PrometheusMetrics {
     }
 }
 
-/// This process's resident memory, from `/proc/self/statm` (Linux).
+/// This process's resident memory, from `/proc/self/status` (Linux).
 fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    mycelium_core::metrics::resident_bytes_from_proc_status(&status)
 }
 
 fn function(name: &FunctionName) -> FunctionLabels {

@@ -546,11 +546,10 @@ impl PluginProcess {
         }
     }
 
-    /// Resident memory of the process in bytes, read from `/proc`.
+    /// Resident memory of the process in bytes, read from `/proc/<pid>/status`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
-        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-        Some(pages * page_size())
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        mycelium_core::metrics::resident_bytes_from_proc_status(&status)
     }
 }
 
@@ -596,13 +595,6 @@ async fn connect(handshake: &Handshake) -> Result<Channel, tonic::transport::Err
                 .await
         }
     }
-}
-
-fn page_size() -> u64 {
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
 }
 
 #[allow(unsafe_code)]
