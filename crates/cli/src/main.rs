@@ -43,8 +43,8 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error[{}]: {}", failure.code, failure.message);
-            ExitCode::from(failure.exit)
+            eprintln!("error[{}]: {}", failure.code.as_str(), failure.message);
+            ExitCode::from(failure.code.exit())
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Logging set-up, exit codes and how failures are shown.
 
 use mycelium_client::{ConnectError, RequestError, RequestErrorKind};
+use mycelium_core::ErrorCode;
 use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command, LogFormat};
@@ -14,47 +15,146 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 /// Mycelium itself failed.
 pub const EXIT_INTERNAL: u8 = 4;
 
-/// A command's failure: printed as `error[<code>]: <message>` and exited with `exit`.
+/// What failed: the `<code>` of `error[<code>]` and the exit status it means, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// A code of the invocation protocol: the request reached Mycelium and was refused.
+    Remote(ErrorCode),
+    /// Flags that do not go together.
+    Usage,
+    /// `--data` could not be read.
+    InvalidData,
+    /// A deploy under the name of a runtime's built-in, without `--replace-builtin`.
+    BuiltinName,
+    /// A deploy of a file that is not a program.
+    NotExecutable,
+    /// A deploy of a binary that cannot be read.
+    ArtifactUnreadable,
+    /// A deploy of an empty binary.
+    ArtifactEmpty,
+    /// `up` on a data directory another process uses.
+    DataDirInUse,
+    /// `logs` without a log stream to read history from.
+    NoLogHistory,
+    /// NATS could not be reached.
+    Connection,
+    /// No runtime answered.
+    NoRuntime,
+    /// No reply came in time.
+    NoReply,
+    /// The embedded nats-server failed.
+    NatsServer,
+    /// The NATS server has no JetStream.
+    NoJetstream,
+    /// The registry could not be used.
+    Registry,
+    /// The runtime could not subscribe.
+    Start,
+    /// Reading from NATS failed midway.
+    Unreachable,
+    /// A reply that is not the protocol's.
+    InvalidReply,
+    /// The runtime's settings are unusable.
+    Config,
+    /// The metrics address cannot be served.
+    MetricsAddr,
+    /// The plugin directory cannot be used.
+    PluginDir,
+    /// Anything else inside the CLI.
+    Internal,
+}
+
+impl Code {
+    /// The text inside `error[...]`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Remote(code) => code.as_str(),
+            Code::Usage => "usage",
+            Code::InvalidData => "invalid_data",
+            Code::BuiltinName => "builtin_name",
+            Code::NotExecutable => "not_executable",
+            Code::ArtifactUnreadable => "artifact_unreadable",
+            Code::ArtifactEmpty => "artifact_empty",
+            Code::DataDirInUse => "data_dir_in_use",
+            Code::NoLogHistory => "no_log_history",
+            Code::Connection => "connection",
+            Code::NoRuntime => "no_runtime",
+            Code::NoReply => "no_reply",
+            Code::NatsServer => "nats_server",
+            Code::NoJetstream => "no_jetstream",
+            Code::Registry => "registry",
+            Code::Start => "start",
+            Code::Unreachable => "unreachable",
+            Code::InvalidReply => "invalid_reply",
+            Code::Config => "config",
+            Code::MetricsAddr => "metrics_addr",
+            Code::PluginDir => "plugin_dir",
+            Code::Internal => "internal",
+        }
+    }
+
+    /// The exit status.
+    pub fn exit(self) -> u8 {
+        match self {
+            Code::Remote(_)
+            | Code::InvalidData
+            | Code::BuiltinName
+            | Code::NotExecutable
+            | Code::ArtifactUnreadable
+            | Code::ArtifactEmpty
+            | Code::DataDirInUse
+            | Code::NoLogHistory => EXIT_FAILED,
+            Code::Usage => EXIT_USAGE,
+            Code::Connection
+            | Code::NoRuntime
+            | Code::NoReply
+            | Code::NatsServer
+            | Code::NoJetstream
+            | Code::Registry
+            | Code::Start
+            | Code::Unreachable => EXIT_UNREACHABLE,
+            Code::InvalidReply
+            | Code::Config
+            | Code::MetricsAddr
+            | Code::PluginDir
+            | Code::Internal => EXIT_INTERNAL,
+        }
+    }
+}
+
+/// A command's failure: printed as `error[<code>]: <message>`, exiting with the code's status.
 #[derive(Debug)]
 pub struct Failure {
-    pub code: String,
+    pub code: Code,
     pub message: String,
-    pub exit: u8,
 }
 
 impl Failure {
-    pub fn new(code: impl Into<String>, message: impl Into<String>, exit: u8) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
+            code,
             message: message.into(),
-            exit,
         }
     }
 }
 
 impl From<RequestError> for Failure {
     fn from(error: RequestError) -> Self {
-        let (code, exit) = match error.kind() {
-            RequestErrorKind::Remote(code) => (code.as_str(), EXIT_FAILED),
-            RequestErrorKind::InvalidName => ("invalid_function_name", EXIT_FAILED),
-            RequestErrorKind::NoResponders => ("no_runtime", EXIT_UNREACHABLE),
-            RequestErrorKind::TimedOut => ("no_reply", EXIT_UNREACHABLE),
-            RequestErrorKind::Transport => ("connection", EXIT_UNREACHABLE),
-            RequestErrorKind::InvalidReply => ("invalid_reply", EXIT_INTERNAL),
+        let code = match error.kind() {
+            RequestErrorKind::Remote(code) => Code::Remote(code),
+            RequestErrorKind::InvalidName => Code::Remote(ErrorCode::InvalidFunctionName),
+            RequestErrorKind::NoResponders => Code::NoRuntime,
+            RequestErrorKind::TimedOut => Code::NoReply,
+            RequestErrorKind::Transport => Code::Connection,
+            RequestErrorKind::InvalidReply => Code::InvalidReply,
         };
-        Failure::new(code, error_chain(&error), exit)
+        Failure::new(code, error_chain(&error))
     }
 }
 
 impl From<ConnectError> for Failure {
     fn from(error: ConnectError) -> Self {
-        Failure::new("connection", error_chain(&error), EXIT_UNREACHABLE)
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Self {
-        Failure::new("cli", format!("{error:#}"), EXIT_FAILED)
+        Failure::new(Code::Connection, error_chain(&error))
     }
 }
 

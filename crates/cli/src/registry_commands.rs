@@ -6,27 +6,27 @@ use mycelium_client::{
     ArtifactSource, Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry,
     OpenErrorKind, RegistryAdmin, RollbackErrorKind,
 };
-use mycelium_core::{FunctionKind, FunctionName};
+use mycelium_core::{ErrorCode, FunctionKind, FunctionName};
 
 use crate::{
     args::{DeleteArgs, DeployArgs, RollbackArgs, VersionsArgs},
-    output::{error_chain, human_size, short_digest, Failure, EXIT_FAILED, EXIT_UNREACHABLE},
+    output::{error_chain, human_size, short_digest, Code, Failure},
     run::print_json,
 };
 
 async fn registry(client: &Client) -> Result<Arc<NatsRegistry>, Failure> {
     client.registry().await.map_err(|e| {
         let code = match e.kind() {
-            OpenErrorKind::NoJetStream => "no_jetstream",
-            OpenErrorKind::Storage => "registry",
+            OpenErrorKind::NoJetStream => Code::NoJetstream,
+            OpenErrorKind::Storage => Code::Registry,
         };
-        Failure::new(code, error_chain(&e), EXIT_UNREACHABLE)
+        Failure::new(code, error_chain(&e))
     })
 }
 
 fn function_name(text: &str) -> Result<FunctionName, Failure> {
     FunctionName::new(text)
-        .map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))
+        .map_err(|e| Failure::new(Code::Remote(ErrorCode::InvalidFunctionName), e.to_string()))
 }
 
 fn json_value(value: &impl serde::Serialize) -> serde_json::Value {
@@ -49,13 +49,12 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     if let Some(path) = &args.sign_key {
         let seed = std::fs::read_to_string(path).map_err(|e| {
             Failure::new(
-                "invalid_request",
+                Code::Remote(ErrorCode::InvalidRequest),
                 format!("cannot read the signing key {}: {e}", path.display()),
-                EXIT_FAILED,
             )
         })?;
         let key = mycelium_registry::SigningKey::from_seed(&seed)
-            .map_err(|e| Failure::new("invalid_request", error_chain(&e), EXIT_FAILED))?;
+            .map_err(|e| Failure::new(Code::Remote(ErrorCode::InvalidRequest), error_chain(&e)))?;
         spec.signing_key = Some(key);
     }
 
@@ -84,14 +83,14 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     }
     let metadata = result.map_err(|e| {
         let code = match e.kind() {
-            DeployErrorKind::InvalidSpec => "invalid_request",
-            DeployErrorKind::ArtifactUnreadable => "artifact_unreadable",
-            DeployErrorKind::ArtifactEmpty => "artifact_empty",
-            DeployErrorKind::ArtifactTooLarge => "payload_too_large",
-            DeployErrorKind::NotExecutable => "not_executable",
-            DeployErrorKind::Storage => "registry",
+            DeployErrorKind::InvalidSpec => Code::Remote(ErrorCode::InvalidRequest),
+            DeployErrorKind::ArtifactUnreadable => Code::ArtifactUnreadable,
+            DeployErrorKind::ArtifactEmpty => Code::ArtifactEmpty,
+            DeployErrorKind::ArtifactTooLarge => Code::Remote(ErrorCode::PayloadTooLarge),
+            DeployErrorKind::NotExecutable => Code::NotExecutable,
+            DeployErrorKind::Storage => Code::Registry,
         };
-        Failure::new(code, error_chain(&e), EXIT_FAILED)
+        Failure::new(code, error_chain(&e))
     })?;
     if args.json {
         print_json(&json_value(&metadata.redacted()));
@@ -126,11 +125,7 @@ async fn refuse_builtin_name(
         .iter()
         .any(|f| &f.name == name && f.kind == FunctionKind::Builtin);
     if builtin && registry.versions(name).is_err() {
-        return Err(Failure::new(
-            "builtin_name",
-            format!("\"{name}\" is a built-in function of the running runtimes; deploying under its name would replace it for every caller: pick another name, or pass --replace-builtin to replace it"),
-            EXIT_FAILED,
-        ));
+        return Err(Failure::new(Code::BuiltinName, format!("\"{name}\" is a built-in function of the running runtimes; deploying under its name would replace it for every caller: pick another name, or pass --replace-builtin to replace it")));
     }
     Ok(())
 }
@@ -140,7 +135,7 @@ pub async fn versions(client: &Client, args: VersionsArgs) -> Result<(), Failure
     let registry = registry(client).await?;
     let versions = registry
         .versions(&name)
-        .map_err(|e| Failure::new("function_not_found", e.to_string(), EXIT_FAILED))?;
+        .map_err(|e| Failure::new(Code::Remote(ErrorCode::FunctionNotFound), e.to_string()))?;
     if args.json {
         let list: Vec<serde_json::Value> = versions
             .versions
@@ -180,11 +175,11 @@ pub async fn rollback(client: &Client, args: RollbackArgs) -> Result<(), Failure
     let registry = registry(client).await?;
     let metadata = registry.rollback(&name, args.to).await.map_err(|e| {
         let code = match e.kind() {
-            RollbackErrorKind::FunctionNotFound => "function_not_found",
-            RollbackErrorKind::VersionNotFound => "version_not_found",
-            RollbackErrorKind::Storage => "registry",
+            RollbackErrorKind::FunctionNotFound => Code::Remote(ErrorCode::FunctionNotFound),
+            RollbackErrorKind::VersionNotFound => Code::Remote(ErrorCode::VersionNotFound),
+            RollbackErrorKind::Storage => Code::Registry,
         };
-        Failure::new(code, error_chain(&e), EXIT_FAILED)
+        Failure::new(code, error_chain(&e))
     })?;
     println!("{} now runs version {}", metadata.name, metadata.version);
     Ok(())
@@ -195,10 +190,10 @@ pub async fn delete(client: &Client, args: DeleteArgs) -> Result<(), Failure> {
     let registry = registry(client).await?;
     registry.delete(&name).await.map_err(|e| {
         let code = match e.kind() {
-            DeleteErrorKind::FunctionNotFound => "function_not_found",
-            DeleteErrorKind::Storage => "registry",
+            DeleteErrorKind::FunctionNotFound => Code::Remote(ErrorCode::FunctionNotFound),
+            DeleteErrorKind::Storage => Code::Registry,
         };
-        Failure::new(code, error_chain(&e), EXIT_FAILED)
+        Failure::new(code, error_chain(&e))
     })?;
     println!("deleted {name}");
     Ok(())

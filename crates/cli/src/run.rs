@@ -18,7 +18,7 @@ use crate::{
         Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, LogsArgs, RegistryArgs,
         RegistryKind, RuntimeArgs, ServeArgs, UpArgs,
     },
-    output::{error_chain, Failure, EXIT_FAILED, EXIT_INTERNAL, EXIT_UNREACHABLE, EXIT_USAGE},
+    output::{error_chain, Code, Failure},
     registry_commands,
 };
 
@@ -26,16 +26,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     match (&cli.connection.user, &cli.connection.password) {
         (Some(_), None) => {
             return Err(Failure::new(
-                "usage",
+                Code::Usage,
                 "--user needs a password: pass --password or set NATS_PASSWORD",
-                EXIT_USAGE,
             ))
         }
         (None, Some(_)) => {
             return Err(Failure::new(
-                "usage",
+                Code::Usage,
                 "a password needs a user: pass --user or set NATS_USER",
-                EXIT_USAGE,
             ))
         }
         _ => {}
@@ -129,9 +127,8 @@ async fn start_runtime(
             .await
             .map_err(|e| {
                 Failure::new(
-                    "metrics_addr",
+                    Code::MetricsAddr,
                     format!("cannot serve metrics on {addr}: {e}"),
-                    EXIT_INTERNAL,
                 )
             })?;
         tracing::info!(%bound, "serving Prometheus metrics at /metrics");
@@ -164,12 +161,12 @@ async fn start_runtime(
             .build(nats)
             .await
             .map_err(|e| {
-                let (code, exit) = match e.kind() {
-                    StartErrorKind::Registry => ("registry", EXIT_UNREACHABLE),
-                    StartErrorKind::PluginDir => ("plugin_dir", EXIT_INTERNAL),
-                    _ => ("config", EXIT_INTERNAL),
+                let code = match e.kind() {
+                    StartErrorKind::Registry => Code::Registry,
+                    StartErrorKind::PluginDir => Code::PluginDir,
+                    _ => Code::Config,
                 };
-                Failure::new(code, error_chain(&e), exit)
+                Failure::new(code, error_chain(&e))
             })?
             .runtime
     } else {
@@ -186,12 +183,12 @@ async fn start_runtime(
         }
         builder
             .build(nats)
-            .map_err(|e| Failure::new("config", error_chain(&e), EXIT_INTERNAL))?
+            .map_err(|e| Failure::new(Code::Config, error_chain(&e)))?
     };
     runtime
         .start()
         .await
-        .map_err(|e| Failure::new("start", error_chain(&e), EXIT_UNREACHABLE))
+        .map_err(|e| Failure::new(Code::Start, error_chain(&e)))
 }
 
 async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
@@ -207,7 +204,7 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     let mut server = NatsServer::spawn(&options)
         .map_err(|e| {
             if e.kind() == SpawnErrorKind::Locked {
-                return Failure::new("data_dir_in_use", e.to_string(), EXIT_FAILED);
+                return Failure::new(Code::DataDirInUse, e.to_string());
             }
             let mut message = error_chain(&e);
             if e.kind() == SpawnErrorKind::Failed && message.contains("address already in use") {
@@ -216,7 +213,7 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
                     args.listen
                 ));
             }
-            Failure::new("nats_server", message, EXIT_UNREACHABLE)
+            Failure::new(Code::NatsServer, message)
         })?;
     let url = server.url().to_owned();
 
@@ -253,15 +250,14 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     close(&nats).await;
     tokio::task::spawn_blocking(move || server.stop(Duration::from_secs(10)))
         .await
-        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     if stop_reason == "nats-server exited" {
         return Err(Failure::new(
-            "nats_server",
+            Code::NatsServer,
             format!(
                 "the embedded nats-server stopped unexpectedly; see {}",
                 nats_dir.join("nats-server.log").display()
             ),
-            EXIT_UNREACHABLE,
         ));
     }
     println!("Mycelium stopped.");
@@ -354,11 +350,7 @@ async fn client(connection: &Connection<'_>) -> Result<Client, Failure> {
 
 fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
     let read_failed = |what: &str, e: std::io::Error| {
-        Failure::new(
-            "invalid_data",
-            format!("reading {what}: {e}"),
-            crate::output::EXIT_FAILED,
-        )
+        Failure::new(Code::InvalidData, format!("reading {what}: {e}"))
     };
     if data == "-" {
         let mut buffer = Vec::new();
@@ -374,8 +366,7 @@ fn read_data(data: &str) -> Result<Vec<u8>, Failure> {
 }
 
 fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
-    let invalid =
-        |message: String| Failure::new("invalid_event", message, crate::output::EXIT_FAILED);
+    let invalid = |message: String| Failure::new(Code::Remote(ErrorCode::InvalidEvent), message);
     let id = args
         .id
         .clone()
@@ -422,7 +413,7 @@ async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Fai
     };
     let events = client.invoke_with(&args.name, &event, options).await?;
     let reply: serde_json::Value = serde_json::from_slice(&envelope::encode_events(&events))
-        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     print_json(&reply);
     Ok(())
 }
@@ -466,8 +457,8 @@ async fn describe(connection: &Connection<'_>, args: DescribeArgs) -> Result<(),
         .await?
         .describe(&args.name, args.version)
         .await?;
-    let value = serde_json::to_value(&metadata)
-        .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+    let value =
+        serde_json::to_value(&metadata).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     if args.json {
         print_json(&value);
         return Ok(());
@@ -495,7 +486,7 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
     }
     if args.json {
         let mut value = serde_json::to_value(&stats)
-            .map_err(|e| Failure::new("internal", e.to_string(), EXIT_INTERNAL))?;
+            .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
         // The quantiles, computed from the merged buckets, next to the raw figures.
         if let Some(rows) = value["functions"].as_array_mut() {
             for (row, f) in rows.iter_mut().zip(&stats.functions) {
@@ -622,7 +613,7 @@ async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure
     use mycelium_core::logs::{logs_subject, LogRecord, LOG_STREAM};
 
     let name = FunctionName::new(&args.name)
-        .map_err(|e| Failure::new("invalid_function_name", e.to_string(), EXIT_FAILED))?;
+        .map_err(|e| Failure::new(Code::Remote(ErrorCode::InvalidFunctionName), e.to_string()))?;
     let client = client(connection).await?;
     let subject = logs_subject(&connection.args.subject_prefix, &name);
     let print = |payload: &[u8]| {
@@ -641,24 +632,15 @@ async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure
             );
         }
     };
-    let unreachable = |e: &dyn std::fmt::Display| {
-        Failure::new(
-            "unreachable",
-            format!("reading logs: {e}"),
-            EXIT_UNREACHABLE,
-        )
-    };
+    let unreachable =
+        |e: &dyn std::fmt::Display| Failure::new(Code::Unreachable, format!("reading logs: {e}"));
 
     let stream = jetstream::new(client.nats().clone())
         .get_stream(LOG_STREAM)
         .await;
     let Ok(stream) = stream else {
         if !args.follow {
-            return Err(Failure::new(
-                "no_log_history",
-                format!("no runtime keeps logs on this NATS (stream {LOG_STREAM} is missing: it needs JetStream); use --follow to see new lines live"),
-                EXIT_FAILED,
-            ));
+            return Err(Failure::new(Code::NoLogHistory, format!("no runtime keeps logs on this NATS (stream {LOG_STREAM} is missing: it needs JetStream); use --follow to see new lines live")));
         }
         let mut live = client
             .nats()
@@ -703,9 +685,8 @@ async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure
         return match client.describe(&args.name, None).await {
             Err(error) if error.kind() == RequestErrorKind::Remote(ErrorCode::FunctionNotFound) => {
                 Err(Failure::new(
-                    ErrorCode::FunctionNotFound.as_str(),
+                    Code::Remote(ErrorCode::FunctionNotFound),
                     format!("no function {name} and no kept log lines for it; `mycelium list` shows the functions"),
-                    EXIT_FAILED,
                 ))
             }
             _ => {
