@@ -4,7 +4,8 @@ use cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
 use mycelium_core::{cloudevents, Event, Function, FunctionError, InvocationContext};
 use serde_json::json;
 
-/// The seed document's example: one event `response-<id>` from `example-function`.
+/// Replies with one event, `response-<id>` from `example-function`, whose data says which
+/// function processed the event (the reply shape of the protocol's examples).
 pub struct Example;
 
 #[async_trait::async_trait]

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // The seed's CreateExampleRuntimeService: built-ins on an in-memory registry.
+//! // The built-in functions on an in-memory registry.
 //! let runtime = mycelium_runtime::presets::example_runtime("nats://127.0.0.1:4222").await?;
 //! let handle = runtime.start().await?;
 //! tokio::signal::ctrl_c().await?;
@@ -165,7 +165,7 @@ impl RuntimeBuilder {
     pub fn standard_builtins(self) -> Self {
         self.builtin(
             FunctionName::new("example").expect("valid name"),
-            "the seed's example: replies with one event response-<id>",
+            "replies with one event, response-<id>, saying which function processed the event",
             Example,
         )
         .builtin(

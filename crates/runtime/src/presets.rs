@@ -1,4 +1,4 @@
-//! Ready-made runtimes: the Rust counterparts of the seed's constructors, and [`Assembly`],
+//! Ready-made runtimes ([`example_runtime`], [`production_runtime`]) and [`Assembly`],
 //! the one place a full runtime (JetStream registry, binary cache, plugin executor, metrics,
 //! function logs, tracing) is put together, for `mycelium up`, `mycelium serve`, the
 //! production preset and the tests alike.
@@ -11,8 +11,8 @@ use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig};
 
 use crate::{FunctionLogs, Runtime, RuntimeBuilder, RuntimeConfig, StartError, StartErrorKind};
 
-/// The seed's `CreateExampleRuntimeService(natsURL)`: the built-in functions on an
-/// in-memory registry.
+/// The built-in functions on an in-memory registry: nothing to deploy, nothing kept (the Go
+/// design's `CreateExampleRuntimeService`).
 pub async fn example_runtime(nats_url: &str) -> Result<Runtime, StartError> {
     RuntimeBuilder::new()
         .standard_builtins()
@@ -20,9 +20,9 @@ pub async fn example_runtime(nats_url: &str) -> Result<Runtime, StartError> {
         .await
 }
 
-/// The seed's `CreateProductionRuntimeService(natsURL)`: the built-ins plus every function
-/// deployed to the JetStream registry (default buckets), plugins included, hot-reloaded as it
-/// changes. Plugin binaries are cached under `$MYCELIUM_PLUGIN_DIR`, else `.mycelium/plugins`
+/// The built-ins plus every function deployed to the JetStream registry (default buckets),
+/// plugins included, hot-reloaded as it changes (the Go design's
+/// `CreateProductionRuntimeService`). Plugin binaries are cached under `$MYCELIUM_PLUGIN_DIR`, else `.mycelium/plugins`
 /// (as `mycelium serve` does).
 pub async fn production_runtime(nats_url: &str) -> Result<Runtime, StartError> {
     let client = crate::connect(nats_url).await?;

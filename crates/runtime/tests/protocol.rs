@@ -566,7 +566,7 @@ async fn list_and_describe() {
     assert_eq!(
         body["functions"][2],
         json!({"name": "example", "version": 1, "kind": "builtin",
-               "description": "the seed's example: replies with one event response-<id>"})
+               "description": "replies with one event, response-<id>, saying which function processed the event"})
     );
     assert_eq!(body["functions"][6]["kind"], "plugin");
 
