@@ -11,7 +11,7 @@ use mycelium_core::{
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_runtime::{presets::Assembly, Runtime, RuntimeConfig, RuntimeHandle, StartErrorKind};
+use mycelium_runtime::{presets::Assembly, RuntimeConfig, RuntimeHandle, StartErrorKind};
 
 use crate::{
     args::{
@@ -135,56 +135,39 @@ async fn start_runtime(
         prometheus.watch_nats(&nats);
         metrics = Some(prometheus);
     }
-    let runtime = if args.registry == RegistryKind::Jetstream {
-        let assembly = Assembly {
-            config,
-            registry: connection.registry.clone(),
-            plugin_dir: args
-                .plugin_dir
-                .clone()
-                .unwrap_or_else(|| default_plugin_dir.to_owned()),
-            plugin_cache_size: args.plugin_cache_size,
-            plugins: PoolSettings {
-                max_processes: args.plugin_max_processes,
-                concurrency_per_process: args.plugin_concurrency,
-                idle_timeout: args.plugin_idle_timeout,
-                trusted_signers: args.trusted_keys.clone(),
-                log_lines_per_second: args.plugin_log_lines,
-                cgroups: !args.no_plugin_cgroups,
-                ..PoolSettings::default()
-            },
-            metrics,
-            logs,
-            tracing,
-        };
-        assembly
-            .build(nats)
-            .await
-            .map_err(|e| {
-                let code = match e.kind() {
-                    StartErrorKind::Registry => Code::Registry,
-                    StartErrorKind::PluginDir => Code::PluginDir,
-                    _ => Code::Config,
-                };
-                Failure::new(code, error_chain(&e))
-            })?
-            .runtime
-    } else {
-        // The in-memory registry: the built-ins only, nothing deployed, no plugins.
-        let mut builder = Runtime::builder().config(config).standard_builtins();
-        if let Some(logs) = logs {
-            builder = builder.function_logs(logs);
-        }
-        if let Some(tracing) = tracing {
-            builder = builder.tracing(tracing);
-        }
-        if let Some(metrics) = metrics {
-            builder = builder.metrics(metrics);
-        }
-        builder
-            .build(nats)
-            .map_err(|e| Failure::new(Code::Config, error_chain(&e)))?
+    let assembly = Assembly {
+        config,
+        registry: connection.registry.clone(),
+        plugin_dir: args
+            .plugin_dir
+            .clone()
+            .unwrap_or_else(|| default_plugin_dir.to_owned()),
+        plugin_cache_size: args.plugin_cache_size,
+        plugins: PoolSettings {
+            max_processes: args.plugin_max_processes,
+            concurrency_per_process: args.plugin_concurrency,
+            idle_timeout: args.plugin_idle_timeout,
+            trusted_signers: args.trusted_keys.clone(),
+            log_lines_per_second: args.plugin_log_lines,
+            cgroups: !args.no_plugin_cgroups,
+            ..PoolSettings::default()
+        },
+        metrics,
+        logs,
+        tracing,
     };
+    let built = match args.registry {
+        RegistryKind::Jetstream => assembly.build(nats).await.map(|built| built.runtime),
+        RegistryKind::Memory => assembly.build_builtins_only(nats),
+    };
+    let runtime = built.map_err(|e| {
+        let code = match e.kind() {
+            StartErrorKind::Registry => Code::Registry,
+            StartErrorKind::PluginDir => Code::PluginDir,
+            _ => Code::Config,
+        };
+        Failure::new(code, error_chain(&e))
+    })?;
     runtime
         .start()
         .await

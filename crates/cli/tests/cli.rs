@@ -704,13 +704,7 @@ async fn credentials_never_show_in_logs_errors_metrics_or_describe() {
     const PASSWORD: &str = "pw-Zq81-never-print";
     const SECRET_ENV: &str = "env-Vx42-never-print";
     let dir = tempfile::tempdir().unwrap();
-    let mut options = mycelium_natsd::ServerOptions::new(dir.path());
-    options.binary = Some(nats_server_binary());
-    options.extra_args = ["--user", "alice", "--pass", PASSWORD]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    let server = mycelium_natsd::NatsServer::spawn(&options).unwrap();
+    let server = common::server_with_password(dir.path(), PASSWORD);
     let url = server.url().to_owned();
     let auth = [
         "--nats-url",

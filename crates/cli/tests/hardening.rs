@@ -17,7 +17,8 @@ use mycelium_test_support::{
     ChildGuard as Running, NatsServer,
 };
 
-use common::{children_of, go_plugin, is_alive, mycelium, start_up_quiet};
+use common::{children_of, is_alive, mycelium, start_up_quiet};
+use mycelium_test_support::go_plugin;
 
 fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -335,13 +336,7 @@ fn an_orphaned_nats_server_on_the_data_dir_is_named() {
 fn user_flag_with_password_from_the_environment() {
     const PASSWORD: &str = "pw-from-env";
     let dir = tempfile::tempdir().unwrap();
-    let mut options = mycelium_natsd::ServerOptions::new(dir.path());
-    options.binary = Some(nats_server_binary());
-    options.extra_args = ["--user", "alice", "--pass", PASSWORD]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    let server = mycelium_natsd::NatsServer::spawn(&options).unwrap();
+    let server = common::server_with_password(dir.path(), PASSWORD);
     let list = mycelium()
         .env("NATS_PASSWORD", PASSWORD)
         .args(["--nats-url", server.url(), "--user", "alice", "deploy"])

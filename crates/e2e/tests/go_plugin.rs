@@ -12,30 +12,11 @@ use mycelium_registry::{NatsRegistry, NatsRegistryConfig};
 use mycelium_runtime::presets::Assembly;
 use mycelium_test_support::NatsServer;
 
-fn build_go_plugin(out: &std::path::Path) -> bool {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    let output = std::process::Command::new(script)
-        .arg(out)
-        .output()
-        .expect("running build.sh");
-    if output.status.success() {
-        return true;
-    }
-    let why = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
-        "building the Go plugin failed: {why}"
-    );
-    eprintln!("SKIPPED: the Go plugin test needs Debian's Go packages: {why}");
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("go-upper");
-    if !build_go_plugin(&binary) {
+    if !mycelium_test_support::go_plugin(&binary) {
         return;
     }
     let server = NatsServer::start();

@@ -103,7 +103,7 @@ impl CgroupRoot {
             }
             tracing::info!(group = %entry.path().display(), "removing the control group of a runtime that is gone");
             drop(ProcessCgroup {
-                dir: Some(entry.path()),
+                dir: entry.path(),
                 v2: self.v2,
             });
         }
@@ -114,12 +114,9 @@ impl CgroupRoot {
         let dir = self.dir.join(name);
         std::fs::create_dir(&dir)?;
         // From here on, dropping the group removes the directory again.
-        let group = ProcessCgroup {
-            dir: Some(dir),
-            v2: self.v2,
-        };
+        let group = ProcessCgroup { dir, v2: self.v2 };
         if let Some(bytes) = memory {
-            let memory_dir = group.dir();
+            let memory_dir = &group.dir;
             let bytes = bytes.to_string();
             if self.v2 {
                 std::fs::write(memory_dir.join("memory.max"), &bytes)?;
@@ -159,19 +156,14 @@ fn join(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
 /// One plugin process's control group. Dropping it kills whatever is still in it and removes it.
 #[derive(Debug)]
 pub struct ProcessCgroup {
-    /// `None` once handed to the removal.
-    dir: Option<PathBuf>,
+    dir: PathBuf,
     v2: bool,
 }
 
 impl ProcessCgroup {
-    fn dir(&self) -> &Path {
-        self.dir.as_deref().unwrap_or(Path::new("/nonexistent"))
-    }
-
     /// The group's `cgroup.procs`: writing a pid there moves that process in.
     pub(crate) fn procs_file(&self) -> PathBuf {
-        self.dir().join("cgroup.procs")
+        self.dir.join("cgroup.procs")
     }
 
     /// [`Self::procs_file`] for a child to write `0` to (itself) between fork and exec.
@@ -181,7 +173,7 @@ impl ProcessCgroup {
 
     /// Kills every process in the group, `setsid` daemons included.
     pub fn kill_all(&self) {
-        if self.v2 && std::fs::write(self.dir().join("cgroup.kill"), "1").is_ok() {
+        if self.v2 && std::fs::write(self.dir.join("cgroup.kill"), "1").is_ok() {
             return;
         }
         // v1 (or v2 before 5.14): kill what is listed until nothing is; a fork in between shows
@@ -205,7 +197,7 @@ impl ProcessCgroup {
 impl Drop for ProcessCgroup {
     fn drop(&mut self) {
         self.kill_all();
-        let Some(dir) = self.dir.take() else { return };
+        let dir = std::mem::take(&mut self.dir);
         // A group can be removed once its killed processes have exited, usually within a few
         // milliseconds: waited for here, so a runtime that exits right after leaves nothing.
         // Anything slower is left to a thread rather than the caller.
@@ -292,7 +284,7 @@ mod tests {
         let leftover = root
             .create("mycelium-ghost-v1-4194305-0", Some(64 << 20))
             .unwrap();
-        let dir = leftover.dir().to_owned();
+        let dir = leftover.dir.clone();
         std::mem::forget(leftover);
         let mine = root
             .create(&format!("mycelium-alive-v1-{}-0", std::process::id()), None)
@@ -300,7 +292,7 @@ mod tests {
         assert!(dir.exists());
         CgroupRoot::detect().unwrap();
         assert!(!dir.exists(), "the dead runtime's group was removed");
-        assert!(mine.dir().exists(), "a live runtime's group is left");
+        assert!(mine.dir.exists(), "a live runtime's group is left");
     }
 
     #[test]

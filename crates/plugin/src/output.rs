@@ -94,11 +94,10 @@ const PUBLIC_VARIABLES: [&str; 12] = [
 ];
 
 impl Redactions {
-    /// The values of `env` (a function's own variables) and of the runtime's environment,
-    /// except variables known to be harmless. Values shorter than [`MIN_SECRET_LEN`] are
-    /// left: cutting words like `exit` or `true` out of text garbles it and hides nothing.
-    pub fn for_function(env: &BTreeMap<String, String>) -> Self {
-        let runtime = std::env::vars_os().filter_map(|(key, value)| {
+    /// The values of the runtime's environment, except variables known to be harmless (read
+    /// once per executor; [`Self::with_env`] adds each function's own).
+    pub fn of_runtime() -> Self {
+        let values = std::env::vars_os().filter_map(|(key, value)| {
             let key = key.to_str()?;
             let public = PUBLIC_VARIABLES.contains(&key)
                 || ["LC_", "XDG_", "MYCELIUM_", "CARGO"]
@@ -106,12 +105,18 @@ impl Redactions {
                     .any(|prefix| key.starts_with(prefix));
             (!public).then(|| value.into_string().ok()).flatten()
         });
-        let mut values: Vec<String> = env
-            .values()
-            .cloned()
-            .chain(runtime)
-            .filter(|value| value.len() >= MIN_SECRET_LEN)
-            .collect();
+        Self::from_values(values)
+    }
+
+    /// These secrets and the values of `env` (a function's own variables).
+    pub fn with_env(&self, env: &BTreeMap<String, String>) -> Self {
+        Self::from_values(self.0.iter().chain(env.values()).cloned())
+    }
+
+    /// Values shorter than [`MIN_SECRET_LEN`] are left: cutting words like `exit` or `true`
+    /// out of text garbles it and hides nothing.
+    fn from_values(values: impl Iterator<Item = String>) -> Self {
+        let mut values: Vec<String> = values.filter(|v| v.len() >= MIN_SECRET_LEN).collect();
         // Longest first, so a secret containing another is cut whole.
         values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         values.dedup();

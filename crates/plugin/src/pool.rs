@@ -83,6 +83,8 @@ struct Shared {
     metrics: Option<Arc<dyn MetricsCollector>>,
     is_active: ActiveCheck,
     cgroups: Option<Arc<CgroupRoot>>,
+    /// The runtime's own secrets, to which each pool adds its function's `env`.
+    redactions: Redactions,
 }
 
 /// Runs plugin functions: one [`PluginPool`] per function version.
@@ -124,6 +126,7 @@ impl PluginExecutor {
                 settings,
                 metrics,
                 cgroups,
+                redactions: Redactions::of_runtime(),
                 is_active: Arc::new(move |name, version| {
                     lookup
                         .get(name, None)
@@ -233,7 +236,7 @@ impl PluginPool {
             finished: AtomicBool::new(false),
             process_count: std::sync::atomic::AtomicUsize::new(0),
             output_budget: OutputBudget::new(shared.settings.log_lines_per_second),
-            redactions: Redactions::for_function(&metadata.env),
+            redactions: shared.redactions.with_env(&metadata.env),
             metadata,
             shared,
         });
@@ -264,42 +267,38 @@ impl PluginPool {
                     return Ok((slot.clone(), permit));
                 }
             }
-            if state.slots.len() < settings.max_processes.max(1) {
-                // During a backoff, answer at once: holding callers (and their in-flight
-                // slots) for the wait would let one broken plugin starve everything else.
-                if let Some(not_before) = state.not_before.filter(|&t| t > Instant::now()) {
-                    if state.slots.is_empty() {
-                        return Err(self.backing_off(&state, not_before));
-                    }
-                    // Some processes run: wait for one of them instead of starting another.
-                } else {
-                    drop(state);
-                    // The start runs in its own task: a caller that gives up (its deadline)
-                    // must not abandon a half-started process or lose the crash accounting.
-                    let Some(pool) = self.me.upgrade() else {
+            // During a restart backoff, answer at once when nothing runs: holding callers (and
+            // their in-flight slots) for the wait would let one broken plugin starve the rest.
+            let backoff = state.not_before.filter(|&t| t > Instant::now());
+            let first = state.slots.first().cloned();
+            if let (None, Some(not_before)) = (&first, backoff) {
+                return Err(self.backing_off(&state, not_before));
+            }
+            if backoff.is_none() && state.slots.len() < settings.max_processes.max(1) {
+                drop(state);
+                // The start runs in its own task: a caller that gives up (its deadline) must
+                // not abandon a half-started process or lose the crash accounting.
+                let Some(pool) = self.me.upgrade() else {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "the plugin pool is shutting down",
+                    ));
+                };
+                let start = tokio::spawn(async move { pool.start_if_needed().await });
+                match start.await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(error)) => return Err(error),
+                    Err(join) => {
                         return Err(ProtocolError::new(
-                            ErrorCode::Unavailable,
-                            "the plugin pool is shutting down",
-                        ));
-                    };
-                    let start = tokio::spawn(async move { pool.start_if_needed().await });
-                    match start.await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(error)) => return Err(error),
-                        Err(join) => {
-                            return Err(ProtocolError::new(
-                                ErrorCode::Internal,
-                                format!("starting the plugin failed: {join}"),
-                            ))
-                        }
+                            ErrorCode::Internal,
+                            format!("starting the plugin failed: {join}"),
+                        ))
                     }
                 }
             }
-            if state.slots.is_empty() {
-                continue;
-            }
-            // Every process is at its limit: wait for the first free permit.
-            let slot = state.slots[0].clone();
+            // Every process is busy (or restarts back off while one runs): wait for the first
+            // one's free permit. With no process, one of the branches above was taken.
+            let Some(slot) = first else { continue };
             drop(state);
             match tokio::time::timeout_at(deadline.into(), slot.permits.clone().acquire_owned())
                 .await

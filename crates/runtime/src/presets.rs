@@ -83,7 +83,7 @@ impl Assembly {
     /// Opens the registry on `client`, makes the binary cache and the plugin executor, and
     /// builds the runtime with the standard built-ins.
     pub async fn build(self, client: async_nats::Client) -> Result<Assembled, StartError> {
-        let registry = open_registry(client.clone(), self.registry).await?;
+        let registry = open_registry(client.clone(), self.registry.clone()).await?;
         let cache = ArtifactCache::new(self.plugin_dir.join("cache"), self.plugin_cache_size)
             .map_err(|e| {
                 StartError::with_source(
@@ -96,28 +96,42 @@ impl Assembly {
             registry.clone(),
             cache,
             self.plugin_dir.join("run"),
-            self.plugins,
+            self.plugins.clone(),
             self.metrics.clone(),
         ));
-        let mut builder = RuntimeBuilder::new()
-            .config(self.config)
-            .standard_builtins()
+        let runtime = self
+            .builder()
             .registry(registry.clone())
-            .plugins(plugins.clone());
-        if let Some(metrics) = self.metrics {
-            builder = builder.metrics(metrics);
-        }
-        if let Some(logs) = self.logs {
-            builder = builder.function_logs(logs);
-        }
-        if let Some(tracing) = self.tracing {
-            builder = builder.tracing(tracing);
-        }
+            .plugins(plugins.clone())
+            .build(client)?;
         Ok(Assembled {
-            runtime: builder.build(client)?,
+            runtime,
             registry,
             plugins,
         })
+    }
+
+    /// The same runtime without a registry: the built-ins only, nothing deployed, no plugins
+    /// (`mycelium serve --registry memory`).
+    pub fn build_builtins_only(self, client: async_nats::Client) -> Result<Runtime, StartError> {
+        self.builder().build(client)
+    }
+
+    /// Settings, built-ins and observability: what every runtime assembled here has.
+    fn builder(&self) -> RuntimeBuilder {
+        let mut builder = RuntimeBuilder::new()
+            .config(self.config.clone())
+            .standard_builtins();
+        if let Some(metrics) = &self.metrics {
+            builder = builder.metrics(metrics.clone());
+        }
+        if let Some(logs) = &self.logs {
+            builder = builder.function_logs(logs.clone());
+        }
+        if let Some(tracing) = &self.tracing {
+            builder = builder.tracing(tracing.clone());
+        }
+        builder
     }
 }
 

@@ -132,6 +132,26 @@ fn signal(pid: u32, signal: libc::c_int) {
     assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
 }
 
+/// Builds the example Go plugin (`examples/go-plugin/build.sh`) into `out`; `false` (the test
+/// skips, saying so) without Debian's Go packages, unless `MYCELIUM_GO_REQUIRED` is set (CI).
+pub fn go_plugin(out: &Path) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
+    let output = std::process::Command::new(script)
+        .arg(out)
+        .output()
+        .expect("running build.sh");
+    if output.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
+        "building the Go plugin failed: {why}"
+    );
+    eprintln!("SKIPPED: this test needs Debian's Go packages: {why}");
+    false
+}
+
 /// A loopback port that was free a moment ago, for processes that must be told a port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -86,24 +86,15 @@ pub fn start_up_quiet(data_dir: &std::path::Path) -> (Running, String) {
     (up, url)
 }
 
-/// Builds the example Go plugin into `out`; `false` (the test skips) without Debian's Go
-/// packages, unless `MYCELIUM_GO_REQUIRED` is set (CI).
-pub fn go_plugin(out: &Path) -> bool {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    let output = Command::new(script)
-        .arg(out)
-        .output()
-        .expect("running build.sh");
-    if output.status.success() {
-        return true;
-    }
-    let why = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
-        "building the Go plugin failed: {why}"
-    );
-    eprintln!("SKIPPED: this test needs Debian's Go packages: {why}");
-    false
+/// A nats-server that requires user `alice` with `password`.
+pub fn server_with_password(dir: &Path, password: &str) -> mycelium_natsd::NatsServer {
+    let mut options = mycelium_natsd::ServerOptions::new(dir);
+    options.binary = Some(nats_server_binary());
+    options.extra_args = ["--user", "alice", "--pass", password]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    mycelium_natsd::NatsServer::spawn(&options).unwrap()
 }
 
 /// The child processes of `pid` (all its threads' children).
