@@ -181,18 +181,8 @@ pub fn short_digest(digest: Option<&str>) -> String {
 }
 
 /// An error and its sources on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    mycelium_core::Chain(error).to_string()
 }
 
 /// Logs go to stderr, filtered by RUST_LOG; servers log at info, one-shot commands at warn.
@@ -222,19 +212,14 @@ pub fn init_logging(cli: &Cli) -> Option<TracerProvider> {
         LogFormat::Human => fmt.with_filter(filter()).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter()).boxed(),
     };
-    // Each layer has its own filter: RUST_LOG sets what the runtime prints, not what its
-    // functions publish (their output at info and above always is) nor which spans a trace
-    // has (invocations always, when exporting).
+    // Each layer has its own filter: RUST_LOG sets what the runtime prints and which events of
+    // built-ins are published, not which spans a trace has (invocations always, when
+    // exporting). Plugin output is published whole (within its budget) by the plugin host.
     // A runtime publishes what its functions log; other commands have no functions.
     let function_logs = matches!(cli.command, Command::Up(_) | Command::Serve(_)).then(|| {
-        use tracing_subscriber::filter::{filter_fn, FilterExt};
         let (layer, logs) = mycelium_runtime::function_logs();
         let _ = FUNCTION_LOGS.set(logs);
-        let plugin_output = filter_fn(|metadata| {
-            metadata.target() == mycelium_runtime::logs::PLUGIN_OUTPUT_TARGET
-                && *metadata.level() <= tracing::Level::INFO
-        });
-        layer.with_filter(plugin_output.or(filter()))
+        layer.with_filter(filter())
     });
     let otel = provider.as_ref().map(|provider| {
         // Info and above, and every invocation span (debug level, so that without tracing

@@ -208,11 +208,38 @@ impl<K: fmt::Debug> fmt::Debug for Error<K> {
     }
 }
 
+/// `{}` prints the message only, so that a printer walking [`std::error::Error::source`]
+/// does not print a cause twice; `{:#}` prints the message and every cause, as [`Chain`] does.
 impl<K> fmt::Display for Error<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
+        if f.alternate() {
+            if let Some(source) = &self.source {
+                write!(f, ": {}", Chain(source.as_ref()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error and all its causes on one line, `message: cause: cause`.
+///
+/// Errors of other crates (async-nats among them) print their own cause in their `Display`;
+/// a cause the text printed so far already ends with is not printed again.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !previous.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            previous = text;
+            source = cause.source();
         }
         Ok(())
     }
@@ -254,14 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn error_displays_message_then_source() {
+    fn error_displays_message_alone_and_chain_in_full() {
         #[derive(Debug, Clone)]
         enum Kind {
             Io,
         }
         let err = Error::with_source(Kind::Io, "reading config", std::io::Error::other("disk"));
-        assert_eq!(err.to_string(), "reading config: disk");
+        assert_eq!(err.to_string(), "reading config");
+        assert_eq!(format!("{err:#}"), "reading config: disk");
+        assert_eq!(Chain(&err).to_string(), "reading config: disk");
         assert!(matches!(err.kind(), Kind::Io));
         assert!(std::error::Error::source(&err).is_some());
+        let outer = Error::with_source(Kind::Io, "starting", err);
+        assert_eq!(format!("{outer:#}"), "starting: reading config: disk");
+        assert_eq!(Chain(&outer).to_string(), "starting: reading config: disk");
     }
 }

@@ -23,7 +23,7 @@ pub mod trace;
 
 pub use cloudevents;
 pub use cloudevents::Event;
-pub use error::{Error, ErrorCode, ProtocolError};
+pub use error::{Chain, Error, ErrorCode, ProtocolError};
 pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
 pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome, DURATION_BUCKETS_US};

@@ -5,8 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::FunctionName;
 
-/// The `tracing` target under which the plugin host relays plugin output lines.
+/// The `tracing` target under which the plugin host echoes plugin output lines into the
+/// runtime's own log (they reach function logs as [`LogRecord`]s through a [`LogSink`]).
 pub const PLUGIN_OUTPUT_TARGET: &str = "mycelium::plugin";
+
+/// Where function log records go: the runtime's publisher. Executors whose functions print
+/// outside the runtime's `tracing` (plugin processes) hand their lines to it as records.
+pub trait LogSink: Send + Sync + std::fmt::Debug + 'static {
+    /// Takes one record; never blocks (a sink that cannot keep up drops and counts).
+    fn record(&self, record: LogRecord);
+}
 
 /// The JetStream stream that keeps recent log records (when the runtime has JetStream).
 pub const LOG_STREAM: &str = "MYCELIUM_LOGS";
@@ -39,4 +47,26 @@ pub struct LogRecord {
     pub source: String,
     /// The text.
     pub message: String,
+}
+
+impl LogRecord {
+    /// A record stamped with the current time, not attributed to an invocation.
+    pub fn now(
+        level: &str,
+        function: FunctionName,
+        version: u64,
+        source: &str,
+        message: String,
+    ) -> Self {
+        Self {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            level: level.to_owned(),
+            function,
+            version,
+            invocation_id: None,
+            trace_id: None,
+            source: source.to_owned(),
+            message,
+        }
+    }
 }

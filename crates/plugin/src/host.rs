@@ -11,7 +11,9 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use mycelium_core::{Error, ErrorCode, Event, FunctionName, InvocationContext, ProtocolError};
+use mycelium_core::{
+    logs::LogSink, Error, ErrorCode, Event, FunctionName, InvocationContext, ProtocolError,
+};
 use tokio::{io::BufReader, sync::watch};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
@@ -83,6 +85,8 @@ pub struct ProcessConfig {
     pub redactions: Redactions,
     /// How many output lines the function may log; shared by its processes.
     pub output_budget: Arc<OutputBudget>,
+    /// Where the function's output lines go as log records (besides the runtime's log).
+    pub log_sink: Option<Arc<dyn LogSink>>,
 }
 
 /// A running plugin process.

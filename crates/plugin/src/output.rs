@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mycelium_core::FunctionName;
+use mycelium_core::{
+    logs::{LogRecord, LogSink},
+    FunctionName,
+};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 
 use crate::host::ProcessConfig;
@@ -157,12 +160,14 @@ pub(crate) async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> Optio
     }
 }
 
-/// Where one process's output lines go: the log, within the function's budget.
+/// Where one process's output lines go: the function's log records and the runtime's own
+/// log, within the function's budget.
 pub(crate) struct Output {
     function: FunctionName,
     version: u64,
     pid: u32,
     budget: Arc<OutputBudget>,
+    sink: Option<Arc<dyn LogSink>>,
 }
 
 impl Output {
@@ -172,15 +177,19 @@ impl Output {
             version: config.version,
             pid,
             budget: config.output_budget.clone(),
+            sink: config.log_sink.clone(),
         }
     }
 
-    pub(crate) fn line(&self, stream: &str, line: &str) {
+    pub(crate) fn line(&self, stream: &'static str, line: &str) {
+        if line.is_empty() {
+            return;
+        }
         match self.budget.admit() {
             Admit::Drop => {}
             Admit::Pass { dropped } => {
                 self.report_dropped(dropped);
-                log_line(&self.function, self.version, self.pid, stream, line);
+                self.emit(Line::parse(stream, line));
             }
         }
     }
@@ -192,12 +201,107 @@ impl Output {
 
     fn report_dropped(&self, dropped: u64) {
         if dropped > 0 {
-            tracing::warn!(
-                target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
-                function = %self.function, version = self.version, pid = self.pid, stream = "stderr",
-                "{dropped} lines dropped: the function's output exceeded {} lines per second",
-                self.budget.lines_per_second
-            );
+            self.emit(Line {
+                stream: "stderr",
+                level: "warn",
+                message: format!(
+                    "{dropped} lines dropped: the function's output exceeded {} lines per second",
+                    self.budget.lines_per_second
+                ),
+                invocation_id: None,
+                trace_id: None,
+            });
+        }
+    }
+
+    /// Hands the line to the function's log records and echoes it into the runtime's log.
+    fn emit(&self, line: Line) {
+        let Line {
+            stream,
+            level,
+            message,
+            invocation_id,
+            trace_id,
+        } = line;
+        let function = &self.function;
+        let (version, pid) = (self.version, self.pid);
+        macro_rules! echo {
+            ($level:ident) => {
+                match &invocation_id {
+                    Some(invocation_id) => tracing::$level!(
+                        target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
+                        function = %function, version, pid, stream, invocation_id,
+                        trace_id = trace_id.as_deref().unwrap_or_default(),
+                        "{message}"
+                    ),
+                    None => tracing::$level!(
+                        target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
+                        function = %function, version, pid, stream,
+                        "{message}"
+                    ),
+                }
+            };
+        }
+        match level {
+            "trace" => echo!(trace),
+            "debug" => echo!(debug),
+            "warn" => echo!(warn),
+            "error" => echo!(error),
+            _ => echo!(info),
+        }
+        if let Some(sink) = &self.sink {
+            let mut record = LogRecord::now(level, function.clone(), version, stream, message);
+            record.invocation_id = invocation_id;
+            record.trace_id = trace_id;
+            sink.record(record);
+        }
+    }
+}
+
+/// One output line as the log shows it.
+struct Line {
+    stream: &'static str,
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    level: &'static str,
+    message: String,
+    invocation_id: Option<String>,
+    trace_id: Option<String>,
+}
+
+impl Line {
+    /// JSON lines keep their level and message: go-plugin's hclog (`@level`, `@message`) and
+    /// the Rust SDK's (`level`, `message`, and the invocation span's `invocation_id` and
+    /// `trace_id`, which attribute the line to its call). Anything else is an info line.
+    fn parse(stream: &'static str, line: &str) -> Line {
+        let parsed = line
+            .starts_with('{')
+            .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+            .flatten();
+        let text = |keys: &[&str]| -> Option<String> {
+            let json = parsed.as_ref()?;
+            keys.iter().find_map(|key| {
+                json.get(key)
+                    .or_else(|| json.get("span")?.get(key))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+        };
+        let level = match text(&["@level", "level"])
+            .map(|l| l.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("trace") => "trace",
+            Some("debug") => "debug",
+            Some("warn" | "warning") => "warn",
+            Some("error") => "error",
+            _ => "info",
+        };
+        Line {
+            stream,
+            level,
+            message: text(&["@message", "message"]).unwrap_or_else(|| line.to_owned()),
+            invocation_id: text(&["invocation_id"]),
+            trace_id: text(&["trace_id"]),
         }
     }
 }
@@ -223,53 +327,95 @@ pub(crate) async fn relay(
     output.finish();
 }
 
-/// Logs one output line. JSON lines keep their level and message: go-plugin's hclog
-/// (`@level`, `@message`) and the Rust SDK's (`level`, `message`, and the invocation span's
-/// `invocation_id` and `trace_id`, which attribute the line to its call).
-fn log_line(function: &FunctionName, version: u64, pid: u32, stream: &str, line: &str) {
-    if line.is_empty() {
-        return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<LogRecord>>);
+
+    impl LogSink for Collect {
+        fn record(&self, record: LogRecord) {
+            self.0.lock().unwrap().push(record);
+        }
     }
-    let parsed = line
-        .starts_with('{')
-        .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
-        .flatten();
-    let text = |keys: &[&str]| {
-        let json = parsed.as_ref()?;
-        keys.iter().find_map(|key| {
-            json.get(key)
-                .or_else(|| json.get("span")?.get(key))
-                .and_then(|v| v.as_str())
-        })
-    };
-    let level = text(&["@level", "level"])
-        .unwrap_or("info")
-        .to_ascii_lowercase();
-    let message = text(&["@message", "message"]).unwrap_or(line);
-    let invocation_id = text(&["invocation_id"]);
-    let trace_id = text(&["trace_id"]);
-    macro_rules! emit {
-        ($level:ident) => {
-            match invocation_id {
-                Some(invocation_id) => tracing::$level!(
-                    target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
-                    function = %function, version, pid, stream, invocation_id,
-                    trace_id = trace_id.unwrap_or_default(),
-                    "{message}"
-                ),
-                None => tracing::$level!(
-                    target: mycelium_core::logs::PLUGIN_OUTPUT_TARGET,
-                    function = %function, version, pid, stream,
-                    "{message}"
-                ),
-            }
+
+    fn output(lines_per_second: u32) -> (Output, Arc<Collect>) {
+        let sink = Arc::new(Collect::default());
+        let output = Output {
+            function: "chatty".parse().unwrap(),
+            version: 3,
+            pid: 42,
+            budget: OutputBudget::new(lines_per_second),
+            sink: Some(sink.clone()),
         };
+        (output, sink)
     }
-    match level.as_str() {
-        "trace" => emit!(trace),
-        "debug" => emit!(debug),
-        "warn" | "warning" => emit!(warn),
-        "error" => emit!(error),
-        _ => emit!(info),
+
+    #[test]
+    fn output_lines_become_typed_records() {
+        let (output, sink) = output(100);
+        output.line("stdout", "plain text");
+        output.line(
+            "stderr",
+            r#"{"@level":"WARN","@message":"from hclog","@module":"p"}"#,
+        );
+        output.line(
+            "stderr",
+            r#"{"level":"ERROR","message":"from the SDK","span":{"invocation_id":"inv-1","trace_id":"0af7"}}"#,
+        );
+        output.line("stdout", "");
+        output.line("stdout", "{not json");
+        let records = sink.0.lock().unwrap();
+        let seen: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.level.as_str(),
+                    r.source.as_str(),
+                    r.message.as_str(),
+                    r.invocation_id.as_deref(),
+                    r.trace_id.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("info", "stdout", "plain text", None, None),
+                ("warn", "stderr", "from hclog", None, None),
+                (
+                    "error",
+                    "stderr",
+                    "from the SDK",
+                    Some("inv-1"),
+                    Some("0af7")
+                ),
+                ("info", "stdout", "{not json", None, None),
+            ]
+        );
+        assert!(records
+            .iter()
+            .all(|r| r.function.as_str() == "chatty" && r.version == 3));
+    }
+
+    #[test]
+    fn lines_over_the_budget_are_counted_in_one_record() {
+        let (output, sink) = output(2);
+        for n in 0..5 {
+            output.line("stdout", &format!("line {n}"));
+        }
+        output.finish();
+        let records = sink.0.lock().unwrap();
+        let messages: Vec<_> = records.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "line 0",
+                "line 1",
+                "3 lines dropped: the function's output exceeded 2 lines per second"
+            ]
+        );
+        assert_eq!(records[2].level, "warn");
     }
 }

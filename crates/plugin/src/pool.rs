@@ -6,14 +6,14 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, Weak,
+        Arc, Mutex, OnceLock, Weak,
     },
     time::{Duration, Instant},
 };
 
 use mycelium_core::{
-    ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName, InvocationContext,
-    MetricsCollector, ProtocolError,
+    logs::LogSink, ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName,
+    InvocationContext, MetricsCollector, ProtocolError,
 };
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -85,6 +85,8 @@ struct Shared {
     cgroups: Option<Arc<CgroupRoot>>,
     /// The runtime's own secrets, to which each pool adds its function's `env`.
     redactions: Redactions,
+    /// Where plugin output goes as function log records, once the runtime says.
+    log_sink: OnceLock<Arc<dyn LogSink>>,
 }
 
 /// Runs plugin functions: one [`PluginPool`] per function version.
@@ -127,6 +129,7 @@ impl PluginExecutor {
                 metrics,
                 cgroups,
                 redactions: Redactions::of_runtime(),
+                log_sink: OnceLock::new(),
                 is_active: Arc::new(move |name, version| {
                     lookup
                         .get(name, None)
@@ -136,6 +139,12 @@ impl PluginExecutor {
             }),
             pools: Mutex::default(),
         }
+    }
+
+    /// Sends what plugin processes print to `sink` as function log records (processes started
+    /// from now on). Only the first call counts.
+    pub fn set_log_sink(&self, sink: Arc<dyn LogSink>) {
+        let _ = self.shared.log_sink.set(sink);
     }
 
     /// The pool running `metadata`'s version (created on first use).
@@ -472,6 +481,7 @@ impl PluginPool {
             stop_grace: settings.stop_grace,
             redactions: self.redactions.clone(),
             output_budget: self.output_budget.clone(),
+            log_sink: self.shared.log_sink.get().cloned(),
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();
@@ -479,12 +489,12 @@ impl PluginPool {
             let _ = std::fs::remove_dir_all(&work_dir);
             if e.kind() != StartErrorKind::Spawn {
                 self.record_crash(state, started.elapsed());
-                state.last_start_error = Some(e.to_string());
+                state.last_start_error = Some(format!("{e:#}"));
             }
             ProtocolError::new(
                 ErrorCode::PluginStartFailed,
                 format!(
-                    "the plugin of \"{}\" v{} did not start: {e}",
+                    "the plugin of \"{}\" v{} did not start: {e:#}",
                     self.metadata.name, self.metadata.version
                 ),
             )

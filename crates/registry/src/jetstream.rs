@@ -32,6 +32,8 @@ use crate::{
     RollbackErrorKind, Versions,
 };
 
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Where and how the JetStream registry stores things.
 #[derive(Debug, Clone)]
 pub struct NatsRegistryConfig {
@@ -309,10 +311,10 @@ impl NatsRegistry {
     async fn compare_and_set<T>(
         &self,
         key: &str,
-        mut next: impl FnMut(Option<&[u8]>) -> Result<Option<(bytes::Bytes, T)>, String>,
-    ) -> Result<Option<T>, String> {
+        mut next: impl FnMut(Option<&[u8]>) -> Result<Option<(bytes::Bytes, T)>, BoxError>,
+    ) -> Result<Option<T>, BoxError> {
         for _ in 0..100 {
-            let entry = self.kv.entry(key).await.map_err(|e| e.to_string())?;
+            let entry = self.kv.entry(key).await?;
             let current = entry.as_ref().filter(|e| e.operation == kv::Operation::Put);
             let Some((value, decided)) = next(current.map(|e| e.value.as_ref()))? else {
                 return Ok(None);
@@ -321,12 +323,12 @@ impl NatsRegistry {
                 Some(entry) => match self.kv.update(key, value, entry.revision).await {
                     Ok(_) => false,
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => true,
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 },
                 None => match self.kv.create(key, value).await {
                     Ok(_) => false,
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 },
             };
             if !conflict {
@@ -341,22 +343,19 @@ impl NatsRegistry {
         let allocated = self
             .compare_and_set(&counter_key(name), |current| {
                 let last = match current {
-                    Some(bytes) => {
-                        serde_json::from_slice::<Counter>(bytes)
-                            .map_err(|e| e.to_string())?
-                            .last
-                    }
+                    Some(bytes) => serde_json::from_slice::<Counter>(bytes)?.last,
                     None => 0,
                 };
                 Ok(Some((json(&Counter { last: last + 1 }), last + 1)))
             })
             .await;
         allocated
-            .and_then(|version| version.ok_or_else(|| "no version was allocated".to_owned()))
+            .and_then(|version| version.ok_or_else(|| "no version was allocated".into()))
             .map_err(|e| {
-                DeployError::new(
+                DeployError::with_source(
                     DeployErrorKind::Storage,
-                    format!("allocating a version for \"{name}\": {e}"),
+                    format!("allocating a version for \"{name}\""),
+                    e,
                 )
             })
     }
@@ -372,9 +371,10 @@ impl NatsRegistry {
         .await
         .map(drop)
         .map_err(|e| {
-            DeployError::new(
+            DeployError::with_source(
                 DeployErrorKind::Storage,
-                format!("activating \"{name}\" v{version}: {e}"),
+                format!("activating \"{name}\" v{version}"),
+                e,
             )
         })
     }
@@ -598,10 +598,11 @@ impl RegistryAdmin for NatsRegistry {
         name: &FunctionName,
         version: u64,
     ) -> Result<Arc<FunctionMetadata>, RollbackError> {
-        let failed = |e: &dyn std::fmt::Display| {
-            RollbackError::new(
+        let failed = |e: BoxError| {
+            RollbackError::with_source(
                 RollbackErrorKind::Storage,
-                format!("rolling back \"{name}\": {e}"),
+                format!("rolling back \"{name}\""),
+                e,
             )
         };
         // Read the store, not the snapshot: the version must exist now, wherever it was written.
@@ -609,13 +610,13 @@ impl RegistryAdmin for NatsRegistry {
             .kv
             .get(version_key(name, version))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(e.into()))?;
         let Some(stored) = stored else {
             let known = self
                 .kv
                 .get(counter_key(name))
                 .await
-                .map_err(|e| failed(&e))?
+                .map_err(|e| failed(e.into()))?
                 .is_some()
                 && self.catalog().versions(name).is_some();
             return Err(if known {
@@ -636,11 +637,12 @@ impl RegistryAdmin for NatsRegistry {
                 )
             });
         };
-        let metadata: FunctionMetadata = serde_json::from_slice(&stored).map_err(|e| failed(&e))?;
+        let metadata: FunctionMetadata =
+            serde_json::from_slice(&stored).map_err(|e| failed(e.into()))?;
         self.kv
             .put(active_key(name), json(&ActivePointer { version }))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(e.into()))?;
         let metadata = Arc::new(metadata);
         let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
         catalog.insert_version(metadata.clone());
@@ -649,17 +651,14 @@ impl RegistryAdmin for NatsRegistry {
     }
 
     async fn delete(&self, name: &FunctionName) -> Result<(), DeleteError> {
-        let failed = |e: &dyn std::fmt::Display| {
-            DeleteError::new(
-                DeleteErrorKind::Storage,
-                format!("deleting \"{name}\": {e}"),
-            )
+        let failed = |e: BoxError| {
+            DeleteError::with_source(DeleteErrorKind::Storage, format!("deleting \"{name}\""), e)
         };
         let active = self
             .kv
             .get(active_key(name))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(e.into()))?;
         let kept = self
             .catalog()
             .versions(name)
@@ -675,12 +674,12 @@ impl RegistryAdmin for NatsRegistry {
         self.kv
             .purge(active_key(name))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(e.into()))?;
         for meta in &kept {
             self.kv
                 .purge(version_key(name, meta.version))
                 .await
-                .map_err(|e| failed(&e))?;
+                .map_err(|e| failed(e.into()))?;
         }
         self.catalog
             .write()

@@ -47,7 +47,7 @@ pub fn protocol_error(err: LookupError) -> ProtocolError {
         LookupErrorKind::VersionNotFound => ErrorCode::VersionNotFound,
         LookupErrorKind::Unavailable => ErrorCode::Unavailable,
     };
-    ProtocolError::new(code, err.to_string())
+    ProtocolError::new(code, format!("{err:#}"))
 }
 
 /// A catalogue of function versions and which one of each is active.
@@ -385,7 +385,7 @@ pub fn fetch_protocol_error(error: &FetchError) -> ProtocolError {
         FetchErrorKind::Untrusted => ErrorCode::ArtifactUntrusted,
         _ => ErrorCode::Unavailable,
     };
-    ProtocolError::new(code, error.to_string())
+    ProtocolError::new(code, format!("{error:#}"))
 }
 
 /// A function's kept versions and which one is active.

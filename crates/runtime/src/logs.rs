@@ -1,6 +1,7 @@
-//! Function logs on NATS: a `tracing` layer picks out what functions log (plugin output the
-//! host relays, and events emitted while an invocation's code runs) and a task publishes each line as a
-//! [`LogRecord`] on `<prefix>.logs.<function>`.
+//! Function logs on NATS: what functions log reaches [`FunctionLogs`] as [`LogRecord`]s
+//! (plugin output from the plugin host through [`LogSink`]; events emitted while a built-in's
+//! invocation runs through a `tracing` layer), and a task publishes each on
+//! `<prefix>.logs.<function>`.
 //!
 //! The layer never blocks the code that logs: records go through a bounded channel, and when
 //! NATS cannot keep up the excess is counted and dropped.
@@ -14,10 +15,7 @@ use std::{
     time::Duration,
 };
 
-use mycelium_core::{
-    logs::{logs_subject, LogRecord, LOG_STREAM},
-    FunctionName,
-};
+use mycelium_core::logs::{logs_subject, LogRecord, LogSink, LOG_STREAM};
 use tokio::sync::mpsc;
 use tracing::{
     field::{Field, Visit},
@@ -70,12 +68,6 @@ impl FunctionLogs {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn send(&self, record: LogRecord) {
-        if self.sender.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Publishes records on `<prefix>.logs.<function>` until the runtime stops; keeps recent
     /// ones in the JetStream stream [`LOG_STREAM`] when the server has JetStream. Only the
     /// first call starts a publisher.
@@ -101,6 +93,14 @@ impl FunctionLogs {
                 }
             }
         });
+    }
+}
+
+impl LogSink for FunctionLogs {
+    fn record(&self, record: LogRecord) {
+        if self.sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -132,72 +132,20 @@ pub struct FunctionLogLayer {
     logs: Arc<FunctionLogs>,
 }
 
-/// What the invocation span says about the invocation, kept in the span's extensions.
-#[derive(Default, Clone)]
-struct InvocationFields {
-    /// Kept as text: validated only when a record is made, not for every span.
-    function: Option<String>,
-    version: u64,
-    invocation_id: Option<String>,
-    trace_id: Option<String>,
-}
-
-impl Visit for InvocationFields {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name() == "version" {
-            self.version = value;
-        }
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if value.is_empty() {
-            return;
-        }
-        match field.name() {
-            "function" => self.function = Some(value.to_owned()),
-            "invocation_id" => self.invocation_id = Some(value.to_owned()),
-            "trace_id" => self.trace_id = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let slot = match field.name() {
-            "function" => &mut self.function,
-            "invocation_id" => &mut self.invocation_id,
-            "trace_id" => &mut self.trace_id,
-            _ => return,
-        };
-        *slot = Some(format!("{value:?}"));
-    }
-}
-
-/// An event's message and the fields the plugin host adds to relayed output.
+/// An event's message.
 #[derive(Default)]
-struct EventFields {
-    message: String,
-    stream: Option<String>,
-    invocation: InvocationFields,
-}
+struct Message(String);
 
-impl Visit for EventFields {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.invocation.record_u64(field, value);
-    }
-
+impl Visit for Message {
     fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "message" => self.message = value.to_owned(),
-            "stream" => self.stream = Some(value.to_owned()),
-            _ => self.invocation.record_str(field, value),
+        if field.name() == "message" {
+            value.clone_into(&mut self.0);
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        match field.name() {
-            "message" => self.message = format!("{value:?}"),
-            "stream" => self.stream = Some(format!("{value:?}")),
-            _ => self.invocation.record_debug(field, value),
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
         }
     }
 }
@@ -208,49 +156,34 @@ where
 {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let metadata = event.metadata();
-        let record = |invocation: InvocationFields, source: String, message: String| {
-            let function = invocation
-                .function
-                .and_then(|f| f.parse::<FunctionName>().ok())?;
-            Some(LogRecord {
-                time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                level: metadata.level().as_str().to_ascii_lowercase(),
-                function,
-                version: invocation.version,
-                invocation_id: invocation.invocation_id,
-                trace_id: invocation.trace_id,
-                source,
-                message,
-            })
-        };
-        let record = if metadata.target() == PLUGIN_OUTPUT_TARGET {
-            // Plugin output the host relays: the fields say whose.
-            let mut fields = EventFields::default();
-            event.record(&mut fields);
-            let source = fields.stream.unwrap_or_else(|| "stderr".into());
-            record(fields.invocation, source, fields.message)
-        } else if TRANSPORT_TARGETS
-            .iter()
-            .any(|t| metadata.target().starts_with(t))
+        // Plugin output reaches the logs as records from the plugin host (this is its echo in
+        // the runtime's own log); transport events are the plumbing of a call, not something
+        // the function said.
+        if metadata.target() == PLUGIN_OUTPUT_TARGET
+            || TRANSPORT_TARGETS
+                .iter()
+                .any(|t| metadata.target().starts_with(t))
         {
-            // The plumbing of a plugin call, not something the function said.
             return;
-        } else {
-            // An event in an invocation's code (a built-in's, or the runtime's about it).
-            let Ok(invocation) = CURRENT_INVOCATION.try_with(|ctx| InvocationFields {
-                function: Some(ctx.function().to_string()),
-                version: ctx.version(),
-                invocation_id: Some(ctx.invocation_id().to_owned()),
-                trace_id: ctx.trace().map(|t| t.trace_id().to_owned()),
-            }) else {
-                return;
-            };
-            let mut fields = EventFields::default();
-            event.record(&mut fields);
-            record(invocation, "tracing".into(), fields.message)
-        };
-        if let Some(record) = record {
-            self.logs.send(record);
         }
+        // An event in an invocation's code (a built-in's, or the runtime's about it).
+        let Ok(mut record) = CURRENT_INVOCATION.try_with(|ctx| {
+            let mut record = LogRecord::now(
+                &metadata.level().as_str().to_ascii_lowercase(),
+                ctx.function().clone(),
+                ctx.version(),
+                "tracing",
+                String::new(),
+            );
+            record.invocation_id = Some(ctx.invocation_id().to_owned());
+            record.trace_id = ctx.trace().map(|t| t.trace_id().to_owned());
+            record
+        }) else {
+            return;
+        };
+        let mut message = Message::default();
+        event.record(&mut message);
+        record.message = message.0;
+        self.logs.record(record);
     }
 }

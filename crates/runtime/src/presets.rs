@@ -99,6 +99,9 @@ impl Assembly {
             self.plugins.clone(),
             self.metrics.clone(),
         ));
+        if let Some(logs) = &self.logs {
+            plugins.set_log_sink(logs.clone());
+        }
         let runtime = self
             .builder()
             .registry(registry.clone())

@@ -25,6 +25,7 @@ async fn main() {
         stop_grace: Duration::from_secs(1),
         redactions: Default::default(),
         output_budget: mycelium_plugin::host::OutputBudget::new(1000),
+        log_sink: None,
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await
