@@ -25,7 +25,7 @@ use crate::{
     cgroup::{CgroupRoot, ProcessCgroup},
     convert,
     handshake::{self, Handshake, Network},
-    output::{read_line, relay, Output, MAX_LINE, STDERR_TAIL},
+    output::{read_line, relay, relay_stdio_stream, Output, STDERR_TAIL},
     proto::{
         function::{
             execute_response::Result as ExecuteResult, function_client::FunctionClient,
@@ -126,6 +126,169 @@ fn tail_text(tail: &Mutex<VecDeque<String>>, redactions: &Redactions) -> String 
     }
 }
 
+fn spawn_failed(what: String, e: std::io::Error) -> StartError {
+    StartError::with_source(StartErrorKind::Spawn, what, e)
+}
+
+/// The plugin's command: only the function's environment and go-plugin's handshake settings,
+/// in its working directory, in a process group of its own.
+fn command(binary: &Path, config: &ProcessConfig) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .env_clear()
+        .envs(&config.env)
+        .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
+        .env(
+            handshake::PROTOCOL_VERSIONS_ENV,
+            handshake::APP_PROTOCOL_VERSION.to_string(),
+        )
+        .env(handshake::MIN_PORT_ENV, "10000")
+        .env(handshake::MAX_PORT_ENV, "25000")
+        .env(handshake::UNIX_SOCKET_DIR_ENV, &config.work_dir)
+        .env("TMPDIR", &config.work_dir)
+        .current_dir(&config.work_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    command
+}
+
+/// The process's control group, named after its working directory, when the host makes them.
+fn control_group(
+    config: &ProcessConfig,
+    memory_bytes: Option<u64>,
+) -> Result<Option<ProcessCgroup>, StartError> {
+    let Some(root) = &config.cgroups else {
+        return Ok(None);
+    };
+    let name = format!(
+        "mycelium-{}",
+        config
+            .work_dir
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    root.create(&name, memory_bytes)
+        .map(Some)
+        .map_err(|e| spawn_failed("creating the plugin's control group".into(), e))
+}
+
+/// Moves `pid` into `group` from a blocking thread, off the start's critical path.
+fn join_later_from_elsewhere(group: &ProcessCgroup, pid: u32, function: FunctionName) {
+    let procs = group.procs_file();
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = std::fs::write(procs, pid.to_string()) {
+            tracing::warn!(%function, pid, %error, "the plugin process could not join its control group; stopping it will not reach processes it starts in sessions of their own");
+        }
+    });
+}
+
+/// A process between spawn and its first healthy answer.
+struct Starting<'a> {
+    pid: u32,
+    stderr_tail: &'a Mutex<VecDeque<String>>,
+    config: &'a ProcessConfig,
+    deadline: Instant,
+}
+
+impl Starting<'_> {
+    /// Kills the process group and says why, with the end of what the plugin printed.
+    fn fail(&self, kind: StartErrorKind, message: String) -> StartError {
+        kill_group(self.pid);
+        StartError::new(
+            kind,
+            format!(
+                "{message}; {}",
+                tail_text(self.stderr_tail, &self.config.redactions)
+            ),
+        )
+    }
+
+    /// The time left until the deadline (a little at least, so a last step can answer).
+    fn remaining(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    }
+
+    /// Reads go-plugin's handshake line from the plugin's stdout.
+    async fn handshake(
+        &self,
+        stdout: &mut BufReader<tokio::process::ChildStdout>,
+        mut exited: watch::Receiver<Option<String>>,
+    ) -> Result<Handshake, StartError> {
+        let timeout = self.config.start_timeout;
+        let line = tokio::select! {
+            line = read_line(stdout) => line,
+            _ = exited.wait_for(Option::is_some) => None,
+            () = tokio::time::sleep(timeout) => {
+                return Err(self.fail(StartErrorKind::Timeout, format!("the plugin printed no handshake within {timeout:?}")));
+            }
+        };
+        let Some(line) = line else {
+            // Let the exit status arrive so the message can name it.
+            let status =
+                tokio::time::timeout(Duration::from_secs(1), exited.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|s| s.ok().and_then(|s| s.clone()))
+                    .unwrap_or_else(|| "closed its stdout".into());
+            // The stderr relay may still be draining; give it a moment to fill the tail.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(self.fail(
+                StartErrorKind::ExitedEarly,
+                format!("the plugin exited before its handshake ({status})"),
+            ));
+        };
+        Handshake::parse(&line).map_err(|e| self.fail(StartErrorKind::BadHandshake, e.to_string()))
+    }
+
+    /// Connects to the address of the handshake and waits for the plugin to report serving.
+    async fn connect_healthy(
+        &self,
+        handshake: &Handshake,
+    ) -> Result<(Channel, HealthClient<Channel>), StartError> {
+        let channel = tokio::time::timeout(self.remaining(), connect(handshake))
+            .await
+            .map_err(|_| {
+                self.fail(
+                    StartErrorKind::Unhealthy,
+                    "connecting to the plugin timed out".into(),
+                )
+            })?
+            .map_err(|e| {
+                self.fail(
+                    StartErrorKind::Unhealthy,
+                    format!("connecting to the plugin at {}: {e}", handshake.address),
+                )
+            })?;
+        let mut health = HealthClient::new(channel.clone());
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: handshake::HEALTH_SERVICE.into(),
+        });
+        request.set_timeout(self.remaining());
+        match health.check(request).await {
+            Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {
+                Ok((channel, health))
+            }
+            Ok(response) => Err(self.fail(
+                StartErrorKind::Unhealthy,
+                format!(
+                    "the plugin reports status {} for service \"plugin\"",
+                    response.get_ref().status
+                ),
+            )),
+            Err(status) => Err(self.fail(
+                StartErrorKind::Unhealthy,
+                format!("the plugin's health check failed: {status}"),
+            )),
+        }
+    }
+}
+
 /// Refuses what is not a program before the kernel (or the shell's fallback for files
 /// without a format it knows, which runs them as scripts) gets to try.
 fn check_executable(binary: &Path) -> Result<(), StartError> {
@@ -153,49 +316,12 @@ fn check_executable(binary: &Path) -> Result<(), StartError> {
 impl PluginProcess {
     /// Starts `binary` and returns once it has shaken hands and reports healthy.
     pub async fn start(binary: &Path, config: ProcessConfig) -> Result<Self, StartError> {
-        let spawn_failed = |what: String, e: std::io::Error| {
-            StartError::with_source(StartErrorKind::Spawn, what, e)
-        };
         check_executable(binary)?;
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
-        let mut command = tokio::process::Command::new(binary);
-        command
-            .env_clear()
-            .envs(&config.env)
-            .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
-            .env(
-                handshake::PROTOCOL_VERSIONS_ENV,
-                handshake::APP_PROTOCOL_VERSION.to_string(),
-            )
-            .env(handshake::MIN_PORT_ENV, "10000")
-            .env(handshake::MAX_PORT_ENV, "25000")
-            .env(handshake::UNIX_SOCKET_DIR_ENV, &config.work_dir)
-            .env("TMPDIR", &config.work_dir)
-            .current_dir(&config.work_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
         let memory_bytes = config.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024));
-        let cgroup =
-            match &config.cgroups {
-                Some(root) => {
-                    let name = format!(
-                        "mycelium-{}",
-                        config
-                            .work_dir
-                            .file_name()
-                            .map(|n| n.to_string_lossy())
-                            .unwrap_or_default()
-                    );
-                    Some(root.create(&name, memory_bytes).map_err(|e| {
-                        spawn_failed("creating the plugin's control group".into(), e)
-                    })?)
-                }
-                None => None,
-            };
+        let cgroup = control_group(&config, memory_bytes)?;
+        let mut command = command(binary, &config);
         let limits = Limits {
             // With a control group the limit is on resident memory, there; without one it
             // can only be on address space.
@@ -206,7 +332,7 @@ impl PluginProcess {
             // cgroup v1 VM, more than the whole cold start), so it happens before exec only
             // where it must: with a memory limit, no byte may be charged outside the group.
             // Otherwise the host moves the process in from another thread, off the start's
-            // critical path (see `join_later` below).
+            // critical path (see `join_later`).
             cgroup_file: cgroup
                 .as_ref()
                 .filter(|_| memory_bytes.is_some())
@@ -222,12 +348,7 @@ impl PluginProcess {
         // dropping the future) kills the process.
         let mut unfinished = KillOnDrop(Some(pid));
         if let Some(group) = cgroup.as_ref().filter(|_| join_later) {
-            let (procs, function) = (group.procs_file(), config.function.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(error) = std::fs::write(procs, pid.to_string()) {
-                    tracing::warn!(%function, pid, %error, "the plugin process could not join its control group; stopping it will not reach processes it starts in sessions of their own");
-                }
-            });
+            join_later_from_elsewhere(group, pid, config.function.clone());
         }
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
@@ -240,7 +361,6 @@ impl PluginProcess {
             ));
         }
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-
         let (exit_tx, exit) = watch::channel(None);
         tokio::spawn(async move {
             let status = child
@@ -251,120 +371,22 @@ impl PluginProcess {
             let _ = exit_tx.send(Some(status));
         });
 
-        let fail = |kind, message: String| {
-            kill_group(pid);
-            StartError::new(
-                kind,
-                format!("{message}; {}", tail_text(&stderr_tail, &config.redactions)),
-            )
+        let starting = Starting {
+            pid,
+            stderr_tail: &stderr_tail,
+            config: &config,
+            deadline: Instant::now() + config.start_timeout,
         };
-        let deadline = Instant::now() + config.start_timeout;
-        let mut exited = exit.clone();
-        let line = tokio::select! {
-            line = read_line(&mut stdout) => line,
-            _ = exited.wait_for(Option::is_some) => None,
-            () = tokio::time::sleep(config.start_timeout) => {
-                return Err(fail(StartErrorKind::Timeout, format!("the plugin printed no handshake within {:?}", config.start_timeout)));
-            }
-        };
-        let Some(line) = line else {
-            // Let the exit status arrive so the message can name it.
-            let status =
-                tokio::time::timeout(Duration::from_secs(1), exited.wait_for(Option::is_some))
-                    .await
-                    .ok()
-                    .and_then(|s| s.ok().and_then(|s| s.clone()))
-                    .unwrap_or_else(|| "closed its stdout".into());
-            // The stderr relay may still be draining; give it a moment to fill the tail.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            return Err(fail(
-                StartErrorKind::ExitedEarly,
-                format!("the plugin exited before its handshake ({status})"),
-            ));
-        };
-        let handshake = Handshake::parse(&line)
-            .map_err(|e| fail(StartErrorKind::BadHandshake, e.to_string()))?;
+        let handshake = starting.handshake(&mut stdout, exit.clone()).await?;
         tokio::spawn(relay(stdout, Output::new(&config, pid), None, "stdout"));
-
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
-        let channel = tokio::time::timeout(remaining, connect(&handshake))
-            .await
-            .map_err(|_| {
-                fail(
-                    StartErrorKind::Unhealthy,
-                    "connecting to the plugin timed out".into(),
-                )
-            })?
-            .map_err(|e| {
-                fail(
-                    StartErrorKind::Unhealthy,
-                    format!("connecting to the plugin at {}: {e}", handshake.address),
-                )
-            })?;
-        let mut health = HealthClient::new(channel.clone());
-        let mut request = tonic::Request::new(HealthCheckRequest {
-            service: handshake::HEALTH_SERVICE.into(),
-        });
-        request.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100)),
-        );
-        match health.check(request).await {
-            Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {}
-            Ok(response) => {
-                return Err(fail(
-                    StartErrorKind::Unhealthy,
-                    format!(
-                        "the plugin reports status {} for service \"plugin\"",
-                        response.get_ref().status
-                    ),
-                ))
-            }
-            Err(status) => {
-                return Err(fail(
-                    StartErrorKind::Unhealthy,
-                    format!("the plugin's health check failed: {status}"),
-                ))
-            }
-        }
+        let (channel, health) = starting.connect_healthy(&handshake).await?;
         // go-plugin >= 1.2 streams the plugin's stdio over gRPC; older plugins (1.0.x) do not
         // offer the service, and their output arrives on the pipes instead.
-        let mut stdio = GrpcStdioClient::new(channel.clone());
-        if let Ok(stream) = stdio.stream_stdio(()).await {
-            let output = Output::new(&config, pid);
-            tokio::spawn(async move {
-                let mut stream = stream.into_inner();
-                // A chunk is one write, not one line (an unbuffered stderr writes a line in
-                // pieces): lines are assembled per channel.
-                let mut pending = [Vec::new(), Vec::new()];
-                while let Ok(Some(chunk)) = stream.message().await {
-                    let (index, channel) = if chunk.channel == 2 {
-                        (1, "stderr")
-                    } else {
-                        (0, "stdout")
-                    };
-                    let partial = &mut pending[index];
-                    for piece in chunk.data.split_inclusive(|&b| b == b'\n') {
-                        let room = MAX_LINE.saturating_sub(partial.len());
-                        let complete = piece.ends_with(b"\n");
-                        let text = piece.strip_suffix(b"\n").unwrap_or(piece);
-                        partial.extend_from_slice(&text[..text.len().min(room)]);
-                        if complete {
-                            output.line(channel, &String::from_utf8_lossy(partial));
-                            partial.clear();
-                        }
-                    }
-                }
-                for (partial, channel) in pending.iter().zip(["stdout", "stderr"]) {
-                    if !partial.is_empty() {
-                        output.line(channel, &String::from_utf8_lossy(partial));
-                    }
-                }
-                output.finish();
-            });
+        if let Ok(stream) = GrpcStdioClient::new(channel.clone()).stream_stdio(()).await {
+            tokio::spawn(relay_stdio_stream(
+                stream.into_inner(),
+                Output::new(&config, pid),
+            ));
         }
         tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
         unfinished.0 = None;

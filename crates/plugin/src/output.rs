@@ -327,6 +327,39 @@ pub(crate) async fn relay(
     output.finish();
 }
 
+/// Relays go-plugin's stdio stream. A chunk is one write, not one line (an unbuffered stderr
+/// writes a line in pieces): lines are assembled per channel.
+pub(crate) async fn relay_stdio_stream(
+    mut stream: tonic::Streaming<crate::proto::go_plugin::StdioData>,
+    output: Output,
+) {
+    let mut pending = [Vec::new(), Vec::new()];
+    while let Ok(Some(chunk)) = stream.message().await {
+        let (index, channel) = if chunk.channel == 2 {
+            (1, "stderr")
+        } else {
+            (0, "stdout")
+        };
+        let partial = &mut pending[index];
+        for piece in chunk.data.split_inclusive(|&b| b == b'\n') {
+            let room = MAX_LINE.saturating_sub(partial.len());
+            let complete = piece.ends_with(b"\n");
+            let text = piece.strip_suffix(b"\n").unwrap_or(piece);
+            partial.extend_from_slice(&text[..text.len().min(room)]);
+            if complete {
+                output.line(channel, &String::from_utf8_lossy(partial));
+                partial.clear();
+            }
+        }
+    }
+    for (partial, channel) in pending.iter().zip(["stdout", "stderr"]) {
+        if !partial.is_empty() {
+            output.line(channel, &String::from_utf8_lossy(partial));
+        }
+    }
+    output.finish();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
