@@ -7,7 +7,7 @@ use mycelium_client::{
 };
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    envelope, ErrorCode, Event, FunctionName,
+    envelope, ErrorCode, Event,
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_plugin::pool::PoolSettings;
@@ -587,22 +587,15 @@ pub fn print_json(value: &serde_json::Value) {
     }
 }
 
-/// Prints a function's kept log lines, then (with `--follow`) new ones as they arrive. Reads
-/// the runtime's JetStream log stream with an ordered consumer, so nothing falls between the
-/// history and the live lines; without the stream (no JetStream) only `--follow` works.
+/// Prints a function's kept log lines, then (with `--follow`) new ones as they arrive.
 async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure> {
-    use futures_util::StreamExt;
-    use mycelium_client::async_nats::jetstream;
-    use mycelium_core::logs::{logs_subject, LogRecord, LOG_STREAM};
+    use mycelium_client::{LogLine, LogsErrorKind, LogsOptions};
 
-    let name = FunctionName::new(&args.name)
-        .map_err(|e| Failure::new(Code::Remote(ErrorCode::InvalidFunctionName), e.to_string()))?;
     let client = client(connection).await?;
-    let subject = logs_subject(&connection.args.subject_prefix, &name);
-    let print = |payload: &[u8]| {
+    let print = |line: &LogLine| {
         if args.json {
-            println!("{}", String::from_utf8_lossy(payload));
-        } else if let Ok(record) = serde_json::from_slice::<LogRecord>(payload) {
+            println!("{}", String::from_utf8_lossy(&line.payload));
+        } else if let Some(record) = line.record() {
             let invocation = record.invocation_id.as_deref().unwrap_or("-");
             println!(
                 "{} {:<5} v{} {} {}: {}",
@@ -615,75 +608,38 @@ async fn logs(connection: &Connection<'_>, args: LogsArgs) -> Result<(), Failure
             );
         }
     };
-    let unreachable =
-        |e: &dyn std::fmt::Display| Failure::new(Code::Unreachable, format!("reading logs: {e}"));
-
-    let stream = jetstream::new(client.nats().clone())
-        .get_stream(LOG_STREAM)
-        .await;
-    let Ok(stream) = stream else {
-        if !args.follow {
-            return Err(Failure::new(Code::NoLogHistory, format!("no runtime keeps logs on this NATS (stream {LOG_STREAM} is missing: it needs JetStream); use --follow to see new lines live")));
-        }
-        let mut live = client
-            .nats()
-            .subscribe(subject)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        while let Some(message) = live.next().await {
-            print(&message.payload);
-        }
-        return Ok(());
+    let options = LogsOptions {
+        lines: args.lines,
+        follow: args.follow,
     };
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let mut kept = consumer.cached_info().num_pending;
-    let mut recent = std::collections::VecDeque::with_capacity(args.lines.min(10_000));
-    let mut messages = consumer.messages().await.map_err(|e| unreachable(&e))?;
-    while kept > 0 {
-        let Some(message) = messages.next().await else {
-            break;
+    let mut log = client.logs(&args.name, options).await.map_err(|e| {
+        let code = match e.kind() {
+            LogsErrorKind::InvalidName => Code::Remote(ErrorCode::InvalidFunctionName),
+            LogsErrorKind::NoHistory => Code::NoLogHistory,
+            LogsErrorKind::Transport => Code::Unreachable,
         };
-        let message = message.map_err(|e| unreachable(&e))?;
-        kept = message.info().map_or(0, |info| info.pending);
-        if recent.len() == args.lines {
-            recent.pop_front();
-        }
-        if args.lines > 0 {
-            recent.push_back(message.message.payload.clone());
-        }
-    }
-    for payload in &recent {
-        print(payload);
-    }
-    if recent.is_empty() && !args.follow {
+        Failure::new(code, error_chain(&e))
+    })?;
+    log.history.iter().for_each(print);
+    if log.history.is_empty() && !args.follow {
         // Nothing kept: say whether the name is wrong or the function has been quiet, rather
         // than print nothing and succeed either way.
         return match client.describe(&args.name, None).await {
             Err(error) if error.kind() == RequestErrorKind::Remote(ErrorCode::FunctionNotFound) => {
                 Err(Failure::new(
                     Code::Remote(ErrorCode::FunctionNotFound),
-                    format!("no function {name} and no kept log lines for it; `mycelium list` shows the functions"),
+                    format!("no function {} and no kept log lines for it; `mycelium list` shows the functions", args.name),
                 ))
             }
             _ => {
-                eprintln!("no log lines kept for {name} (the runtime keeps an hour)");
+                eprintln!("no log lines kept for {} (the runtime keeps an hour)", args.name);
                 Ok(())
             }
         };
     }
-    if !args.follow {
-        return Ok(());
-    }
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| unreachable(&e))?;
-        print(&message.message.payload);
+    while let Some(line) = log.next().await {
+        let line = line.map_err(|e| Failure::new(Code::Unreachable, error_chain(&e)))?;
+        print(&line);
     }
     Ok(())
 }

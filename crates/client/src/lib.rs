@@ -21,7 +21,10 @@
 //! # }
 //! ```
 
+mod logs;
+
 pub use async_nats;
+pub use logs::{FunctionLog, LogLine, LogsError, LogsErrorKind, LogsOptions};
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
     OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey, Versions,

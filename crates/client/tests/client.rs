@@ -578,3 +578,92 @@ async fn credentials_file_authentication_in_operator_mode() {
         .unwrap_err();
     assert_eq!(anonymous.kind(), ConnectErrorKind::Connect);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_give_the_last_kept_lines_then_the_live_ones() {
+    use mycelium_client::{LogsErrorKind, LogsOptions};
+    use mycelium_core::logs::{LogRecord, LOG_STREAM};
+
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let client = Client::new(nats.clone());
+    let history_only = LogsOptions {
+        lines: 2,
+        follow: false,
+    };
+    let error = client.logs("quiet", history_only).await.unwrap_err();
+    assert_eq!(error.kind(), LogsErrorKind::NoHistory, "{error}");
+    assert_eq!(
+        client
+            .logs("not a name", history_only)
+            .await
+            .unwrap_err()
+            .kind(),
+        LogsErrorKind::InvalidName
+    );
+
+    // The stream as a runtime makes it, with three lines of `chatty` and one of another.
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: LOG_STREAM.into(),
+            subjects: vec!["function.logs.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let line = |n: u64| {
+        let record = LogRecord::now(
+            "info",
+            "chatty".parse().unwrap(),
+            n,
+            "stdout",
+            format!("line {n}"),
+        );
+        serde_json::to_vec(&record).unwrap().into()
+    };
+    for n in 1..=3 {
+        jetstream
+            .publish("function.logs.chatty", line(n))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    jetstream
+        .publish("function.logs.other", line(9))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let messages = |lines: &[mycelium_client::LogLine]| -> Vec<String> {
+        lines.iter().map(|l| l.record().unwrap().message).collect()
+    };
+    let log = client.logs("chatty", history_only).await.unwrap();
+    assert_eq!(messages(&log.history), ["line 2", "line 3"]);
+
+    let mut log = client
+        .logs(
+            "chatty",
+            LogsOptions {
+                lines: 10,
+                follow: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(messages(&log.history), ["line 1", "line 2", "line 3"]);
+    jetstream
+        .publish("function.logs.chatty", line(4))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), log.next())
+        .await
+        .expect("the live line arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.record().unwrap().message, "line 4");
+}

@@ -1,6 +1,5 @@
 //! The NATS subjects and service names of a Mycelium installation, built in one place for the
-//! runtime that answers on them and the clients that call them (log subjects:
-//! [`crate::logs::logs_subject`]).
+//! runtime that answers on them and the clients that call them.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +17,8 @@ pub const INVOKE_ENDPOINT: &str = "invoke";
 /// The subjects of one installation, derived once from its prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subjects {
+    /// The first token.
+    pub prefix: String,
     /// `<prefix>.invoke`: the invocation envelope.
     pub invoke: String,
     /// `<prefix>.invoke.*`: the CloudEvents NATS binding, one subject per function.
@@ -34,6 +35,7 @@ impl Subjects {
     /// The subjects under `prefix`.
     pub fn new(prefix: &str) -> Self {
         Self {
+            prefix: prefix.to_owned(),
             invoke: format!("{prefix}.invoke"),
             binding: format!("{prefix}.invoke.*"),
             binding_prefix: format!("{prefix}.invoke."),
@@ -45,6 +47,11 @@ impl Subjects {
     /// The binding subject of `function`.
     pub fn binding_of(&self, function: &FunctionName) -> String {
         format!("{}{function}", self.binding_prefix)
+    }
+
+    /// The subject `function`'s log records are published on.
+    pub fn logs_of(&self, function: &FunctionName) -> String {
+        crate::logs::logs_subject(&self.prefix, function)
     }
 }
 
@@ -74,6 +81,7 @@ mod tests {
         assert_eq!(subjects.binding_of(&name), "fx.invoke.resize");
         assert_eq!(subjects.list, "fx.list");
         assert_eq!(subjects.describe, "fx.describe");
+        assert_eq!(subjects.logs_of(&name), "fx.logs.resize");
         assert_eq!(Subjects::default().invoke, "function.invoke");
     }
 }
