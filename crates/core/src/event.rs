@@ -23,7 +23,7 @@ fn invalid(message: impl Into<String>) -> ProtocolError {
 
 /// Builds an event from its JSON-format object.
 ///
-/// A missing `specversion` is taken as `1.0` (the seed document's own example omits it);
+/// A missing `specversion` is taken as `1.0` (the protocol's own examples may omit it);
 /// `id`, `source` and `type` must be present, non-empty strings.
 pub fn event_from_json_object(mut object: Map<String, Value>) -> Result<Event, ProtocolError> {
     for attribute in ["id", "source", "type"] {

@@ -11,8 +11,7 @@ use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig};
 
 use crate::{FunctionLogs, Runtime, RuntimeBuilder, RuntimeConfig, StartError, StartErrorKind};
 
-/// The built-in functions on an in-memory registry: nothing to deploy, nothing kept (the Go
-/// design's `CreateExampleRuntimeService`).
+/// The built-in functions on an in-memory registry: nothing to deploy, nothing kept.
 pub async fn example_runtime(nats_url: &str) -> Result<Runtime, StartError> {
     RuntimeBuilder::new()
         .standard_builtins()
@@ -21,9 +20,8 @@ pub async fn example_runtime(nats_url: &str) -> Result<Runtime, StartError> {
 }
 
 /// The built-ins plus every function deployed to the JetStream registry (default buckets),
-/// plugins included, hot-reloaded as it changes (the Go design's
-/// `CreateProductionRuntimeService`). Plugin binaries are cached under `$MYCELIUM_PLUGIN_DIR`, else `.mycelium/plugins`
-/// (as `mycelium serve` does).
+/// plugins included, hot-reloaded as it changes. Plugin binaries are cached under
+/// `$MYCELIUM_PLUGIN_DIR`, else `.mycelium/plugins` (as `mycelium serve` does).
 pub async fn production_runtime(nats_url: &str) -> Result<Runtime, StartError> {
     let client = crate::connect(nats_url).await?;
     Ok(Assembly::default().build(client).await?.runtime)

@@ -1,4 +1,4 @@
-//! The invocation protocol against a real nats-server: the seed's exact JSON, the
+//! The invocation protocol against a real nats-server: the documented JSON (docs/protocol.md), the
 //! CloudEvents binding, discovery, and every error code from a real bad request.
 
 use std::{sync::Arc, time::Duration};
