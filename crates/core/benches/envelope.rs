@@ -9,7 +9,9 @@ fn envelope_benches(c: &mut Criterion) {
     c.bench_function("decode_invoke_request (protocol.md example)", |b| {
         b.iter(|| envelope::decode_invoke_request(std::hint::black_box(EXAMPLE_REQUEST)).unwrap())
     });
-    let event = envelope::decode_invoke_request(EXAMPLE_REQUEST).unwrap().event;
+    let event = envelope::decode_invoke_request(EXAMPLE_REQUEST)
+        .unwrap()
+        .event;
     let events = vec![event];
     c.bench_function("encode_events (one event)", |b| {
         b.iter(|| envelope::encode_events(std::hint::black_box(&events)))
