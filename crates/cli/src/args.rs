@@ -148,6 +148,41 @@ pub enum Command {
     Top(TopArgs),
     /// A function's log lines (plugin output, built-in `tracing` events) from every instance.
     Logs(LogsArgs),
+    /// Dead letters of asynchronous invocations: list, replay, purge.
+    Dlq(DlqArgs),
+}
+
+/// `mycelium dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// The `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List a function's dead letters.
+    List {
+        /// The function.
+        name: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a function's dead letters again (all, or those of one event) and remove them.
+    Replay {
+        /// The function.
+        name: String,
+        /// Only the dead letters of this event id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove all of a function's dead letters.
+    Purge {
+        /// The function.
+        name: String,
+    },
 }
 
 impl Command {
@@ -237,6 +272,23 @@ pub struct DeployArgs {
     /// (refused without this flag).
     #[arg(long)]
     pub replace_builtin: bool,
+    /// Retries of a failed asynchronous invocation after its first attempt (default 2).
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Waits before each retry, e.g. 1s,10s,60s (the last repeats; default: exponential from
+    /// 1s with jitter, at most 5m).
+    #[arg(long, value_parser = parse_duration, value_delimiter = ',', value_name = "DURATIONS")]
+    pub retry_backoff: Vec<Duration>,
+    /// How long an accepted asynchronous invocation may wait to run before it is
+    /// dead-lettered (default 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_event_age: Option<Duration>,
+    /// Where results of asynchronous invocations go when the call names no result subject.
+    #[arg(long, value_name = "SUBJECT")]
+    pub on_success: Option<String>,
+    /// Where failures of asynchronous invocations (dead letters) are announced.
+    #[arg(long, value_name = "SUBJECT")]
+    pub on_failure: Option<String>,
     /// Print the new version's metadata as JSON.
     #[arg(long)]
     pub json: bool,
@@ -366,6 +418,32 @@ pub struct RuntimeArgs {
     /// Queue group shared by the runtime instances.
     #[arg(long, env = "MYCELIUM_QUEUE_GROUP", default_value = "mycelium")]
     pub queue_group: String,
+    /// Subjects (NATS patterns) results of asynchronous invocations may be published to
+    /// (default: any that is not a system `$...` subject nor one of the platform's own).
+    #[arg(
+        long,
+        env = "MYCELIUM_RESULT_SUBJECTS",
+        num_args = 1..,
+        value_delimiter = ',',
+        value_name = "PATTERN"
+    )]
+    pub result_subjects: Vec<String>,
+    /// How long an idempotency key (Nats-Msg-Id) of an asynchronous submission is remembered.
+    #[arg(long, env = "MYCELIUM_ASYNC_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
+    pub async_duplicate_window: Duration,
+    /// Asynchronous invocations stored at most; beyond it submissions are refused.
+    #[arg(long, env = "MYCELIUM_ASYNC_MAX_MESSAGES", default_value_t = 1_000_000)]
+    pub async_max_messages: i64,
+    /// Bytes of asynchronous invocations stored at most; beyond it submissions are refused.
+    #[arg(long, env = "MYCELIUM_ASYNC_MAX_BYTES", default_value_t = 1 << 30)]
+    pub async_max_bytes: i64,
+    /// How long a runtime that took an asynchronous invocation has before another may take it
+    /// (running calls renew it).
+    #[arg(long, env = "MYCELIUM_ASYNC_ACK_WAIT", value_parser = parse_duration, default_value = "30s")]
+    pub async_ack_wait: Duration,
+    /// Do not run asynchronous invocations on this runtime.
+    #[arg(long, env = "MYCELIUM_NO_ASYNC")]
+    pub no_async: bool,
 }
 
 /// `mycelium invoke`.
@@ -396,8 +474,19 @@ pub struct InvokeArgs {
     pub timeout: Duration,
     /// Retry this many times when no runtime answered or one was shutting down or overloaded
     /// (the function did not run); backoff with jitter.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "asynchronous")]
     pub retries: u32,
+    /// Submit for asynchronous invocation (stored in JetStream, retried, dead-lettered) and
+    /// print the acceptance instead of waiting for the result.
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+    /// With --async: where the result (or the failure) is published.
+    #[arg(long, requires = "asynchronous", value_name = "SUBJECT")]
+    pub result_subject: Option<String>,
+    /// With --async: the idempotency key (Nats-Msg-Id); the same key again within the
+    /// duplicate window is not run twice.
+    #[arg(long, requires = "asynchronous", value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 }
 
 /// `mycelium list`.

@@ -4,6 +4,7 @@
 //! What it does, the client, runtime and natsd crates do.
 
 mod args;
+mod async_commands;
 mod output;
 mod registry_commands;
 mod run;

@@ -60,6 +60,12 @@ pub enum Code {
     MetricsAddr,
     /// The plugin directory cannot be used.
     PluginDir,
+    /// No stream stores asynchronous invocations (no runtime with JetStream started).
+    NoAsyncStream,
+    /// The asynchronous invocation stream is full.
+    StreamFull,
+    /// `dlq replay` found nothing to replay.
+    NothingToReplay,
     /// Anything else inside the CLI.
     Internal,
 }
@@ -89,6 +95,9 @@ impl Code {
             Code::Config => "config",
             Code::MetricsAddr => "metrics_addr",
             Code::PluginDir => "plugin_dir",
+            Code::NoAsyncStream => "no_async_stream",
+            Code::StreamFull => "stream_full",
+            Code::NothingToReplay => "nothing_to_replay",
             Code::Internal => "internal",
         }
     }
@@ -103,7 +112,9 @@ impl Code {
             | Code::ArtifactUnreadable
             | Code::ArtifactEmpty
             | Code::DataDirInUse
-            | Code::NoLogHistory => EXIT_FAILED,
+            | Code::NoLogHistory
+            | Code::StreamFull
+            | Code::NothingToReplay => EXIT_FAILED,
             Code::Usage => EXIT_USAGE,
             Code::Connection
             | Code::NoRuntime
@@ -112,7 +123,8 @@ impl Code {
             | Code::NoJetstream
             | Code::Registry
             | Code::Start
-            | Code::Unreachable => EXIT_UNREACHABLE,
+            | Code::Unreachable
+            | Code::NoAsyncStream => EXIT_UNREACHABLE,
             Code::InvalidReply
             | Code::Config
             | Code::MetricsAddr

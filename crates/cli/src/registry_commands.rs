@@ -46,6 +46,13 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     spec.max_concurrency = args.max_concurrency;
     spec.env = args.env.into_iter().collect::<BTreeMap<_, _>>();
     spec.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    spec.asynchronous = mycelium_core::AsyncSettings {
+        retries: args.retries,
+        retry_backoff: args.retry_backoff,
+        max_event_age: args.max_event_age,
+        on_success: args.on_success,
+        on_failure: args.on_failure,
+    };
     if let Some(path) = &args.sign_key {
         let seed = std::fs::read_to_string(path).map_err(|e| {
             Failure::new(

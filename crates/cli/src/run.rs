@@ -11,13 +11,16 @@ use mycelium_core::{
 };
 use mycelium_natsd::{NatsServer, ServerOptions, SpawnErrorKind};
 use mycelium_plugin::pool::PoolSettings;
-use mycelium_runtime::{presets::Assembly, RuntimeConfig, RuntimeHandle, StartErrorKind};
+use mycelium_runtime::{
+    presets::Assembly, AsyncConfig, RuntimeConfig, RuntimeHandle, StartErrorKind,
+};
 
 use crate::{
     args::{
         Cli, Command, ConnectionArgs, DescribeArgs, InvokeArgs, ListArgs, LogsArgs, RegistryArgs,
         RegistryKind, RuntimeArgs, ServeArgs, UpArgs,
     },
+    async_commands,
     output::{error_chain, Code, Failure},
     registry_commands,
 };
@@ -59,6 +62,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Stats(args) => stats(&connection, args).await,
         Command::Top(args) => top(&connection, args).await,
         Command::Logs(args) => logs(&connection, args).await,
+        Command::Dlq(args) => async_commands::dlq(&client(&connection).await?, args).await,
     }
 }
 
@@ -94,6 +98,7 @@ fn connect_options(connection: &Connection<'_>) -> ConnectOptions {
 }
 
 fn runtime_config(connection: &Connection<'_>, args: &RuntimeArgs) -> RuntimeConfig {
+    let registry = &connection.registry;
     let connection = connection.args;
     RuntimeConfig {
         subject_prefix: connection.subject_prefix.clone(),
@@ -103,6 +108,16 @@ fn runtime_config(connection: &Connection<'_>, args: &RuntimeArgs) -> RuntimeCon
         max_payload: args.max_payload,
         default_timeout: args.default_timeout,
         shutdown_grace: args.shutdown_grace,
+        asynchronous: AsyncConfig {
+            enabled: !args.no_async,
+            replicas: registry.replicas,
+            duplicate_window: args.async_duplicate_window,
+            max_messages: args.async_max_messages,
+            max_bytes: args.async_max_bytes,
+            ack_wait: args.async_ack_wait,
+            result_subjects: args.result_subjects.clone(),
+            ..AsyncConfig::default()
+        },
         ..RuntimeConfig::default()
     }
 }
@@ -383,6 +398,9 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Failure> {
 async fn invoke(connection: &Connection<'_>, args: InvokeArgs) -> Result<(), Failure> {
     let event = build_event(&args)?;
     let mut client = client(connection).await?;
+    if args.asynchronous {
+        return async_commands::invoke_async(&client, &args, &event).await;
+    }
     if args.retries > 0 {
         client = client.with_retry(mycelium_client::RetryPolicy {
             attempts: args.retries.saturating_add(1),

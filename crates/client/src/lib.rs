@@ -21,9 +21,11 @@
 //! # }
 //! ```
 
+mod asynchronous;
 mod logs;
 
 pub use async_nats;
+pub use asynchronous::{Acceptance, AsyncError, AsyncErrorKind, StoredDeadLetter, SubmitOptions};
 pub use logs::{FunctionLog, LogLine, LogsError, LogsErrorKind, LogsOptions};
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
@@ -35,6 +37,7 @@ use std::{path::PathBuf, time::Duration};
 use bytes::Bytes;
 use mycelium_core::{
     envelope::{self, DescribeRequest, ListReply},
+    jitter::random_u64,
     trace::{TRACEPARENT, TRACESTATE},
     Error, ErrorCode, Event, FunctionMetadata, FunctionName, FunctionSummary, ProtocolError,
 };
@@ -244,19 +247,6 @@ pub struct InvokeOptions {
     /// Continue this W3C trace. Without it the client continues the current span's trace
     /// (through its [`TraceBridge`], see [`Client::with_tracing`]) or starts a new one.
     pub trace: Option<TraceContext>,
-}
-
-/// A random number for ids and jitter (not for security: std's per-process random hash keys
-/// mixed with the clock).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 /// A new trace: random non-zero ids, sampled.

@@ -8,12 +8,15 @@
 //! - the stable [`ErrorCode`]s of the invocation protocol and the [`ProtocolError`] body;
 //! - [`FunctionMetadata`], the record a registry keeps per function version;
 //! - the [`MetricsCollector`] seam and an in-memory collector;
-//! - W3C [`TraceContext`] and the [`TraceBridge`] seam to a tracing backend.
+//! - W3C [`TraceContext`] and the [`TraceBridge`] seam to a tracing backend;
+//! - the contract of [`asynchronous`] invocation: streams, headers, retry settings, dead letters.
 
+pub mod asynchronous;
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod function;
+pub mod jitter;
 pub mod logs;
 pub mod metadata;
 pub mod metrics;
@@ -21,6 +24,7 @@ pub mod name;
 pub mod subjects;
 pub mod trace;
 
+pub use asynchronous::AsyncSettings;
 pub use cloudevents;
 pub use cloudevents::Event;
 pub use error::{Chain, Error, ErrorCode, ProtocolError};

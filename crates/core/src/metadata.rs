@@ -84,6 +84,13 @@ pub struct FunctionMetadata {
     /// The plugin protocol version the binary speaks (plugins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u32>,
+    /// Retries and result destinations of asynchronous invocations.
+    #[serde(
+        default,
+        rename = "async",
+        skip_serializing_if = "crate::AsyncSettings::is_default"
+    )]
+    pub asynchronous: crate::AsyncSettings,
 }
 
 impl FunctionMetadata {
@@ -116,6 +123,7 @@ impl FunctionMetadata {
             created_at: None,
             entry_point: None,
             protocol_version: None,
+            asynchronous: crate::AsyncSettings::default(),
         }
     }
 
@@ -152,7 +160,7 @@ pub struct FunctionSummary {
     pub size: Option<u64>,
 }
 
-mod duration_ms {
+pub(crate) mod duration_ms {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

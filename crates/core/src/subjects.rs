@@ -29,6 +29,8 @@ pub struct Subjects {
     pub list: String,
     /// `<prefix>.describe`.
     pub describe: String,
+    /// `<prefix>.async.`, what precedes the function name on an asynchronous submission.
+    pub async_prefix: String,
 }
 
 impl Subjects {
@@ -41,12 +43,23 @@ impl Subjects {
             binding_prefix: format!("{prefix}.invoke."),
             list: format!("{prefix}.list"),
             describe: format!("{prefix}.describe"),
+            async_prefix: format!("{prefix}.async."),
         }
     }
 
     /// The binding subject of `function`.
     pub fn binding_of(&self, function: &FunctionName) -> String {
         format!("{}{function}", self.binding_prefix)
+    }
+
+    /// Where asynchronous invocations of `function` are submitted.
+    pub fn async_of(&self, function: &FunctionName) -> String {
+        format!("{}{function}", self.async_prefix)
+    }
+
+    /// Where `function`'s dead letters are kept.
+    pub fn dlq_of(&self, function: &FunctionName) -> String {
+        format!("{}.dlq.{function}", self.prefix)
     }
 
     /// The subject `function`'s log records are published on.
@@ -82,6 +95,8 @@ mod tests {
         assert_eq!(subjects.list, "fx.list");
         assert_eq!(subjects.describe, "fx.describe");
         assert_eq!(subjects.logs_of(&name), "fx.logs.resize");
+        assert_eq!(subjects.async_of(&name), "fx.async.resize");
+        assert_eq!(subjects.dlq_of(&name), "fx.dlq.resize");
         assert_eq!(Subjects::default().invoke, "function.invoke");
     }
 }

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use mycelium_core::{FunctionKind, FunctionMetadata, FunctionName};
+use mycelium_core::{
+    asynchronous::check_result_subject, AsyncSettings, FunctionKind, FunctionMetadata, FunctionName,
+};
 
 use crate::{digest, ArtifactReader, DeployError, DeployErrorKind, SigningKey};
 
@@ -49,6 +51,8 @@ pub struct DeploySpec {
     pub progress: Option<Progress>,
     /// Signs the binary's digest, for runtimes that trust only signed binaries.
     pub signing_key: Option<SigningKey>,
+    /// Retries and result destinations of asynchronous invocations.
+    pub asynchronous: AsyncSettings,
 }
 
 impl DeploySpec {
@@ -85,6 +89,7 @@ impl DeploySpec {
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
             protocol_version: None,
+            asynchronous: AsyncSettings::default(),
             progress: None,
             signing_key: None,
         }
@@ -117,6 +122,7 @@ impl DeploySpec {
             created_at: Some(chrono::Utc::now()),
             entry_point: self.entry_point.clone(),
             protocol_version: self.protocol_version,
+            asynchronous: self.asynchronous.clone(),
         }
     }
 }
@@ -153,6 +159,19 @@ pub(crate) async fn prepare(
             ))
         }
         _ => {}
+    }
+    for subject in [&spec.asynchronous.on_success, &spec.asynchronous.on_failure]
+        .into_iter()
+        .flatten()
+    {
+        // Checked against the default prefix here; each runtime checks again with its own.
+        check_result_subject(subject, mycelium_core::subjects::DEFAULT_PREFIX, &[]).map_err(
+            |e| {
+                invalid(format!(
+                    "{e}; give --on-success/--on-failure a subject results may go to"
+                ))
+            },
+        )?;
     }
     if let Some(entry) = &spec.entry_point {
         if FunctionName::new(entry).is_err() {

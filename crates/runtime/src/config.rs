@@ -25,6 +25,8 @@ pub struct RuntimeConfig {
     pub shutdown_grace: Duration,
     /// Start plugin processes when a version becomes active, before its first call.
     pub prestart_plugins: bool,
+    /// Asynchronous invocation (`<prefix>.async.<name>` through JetStream).
+    pub asynchronous: crate::AsyncConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -39,6 +41,7 @@ impl Default for RuntimeConfig {
             default_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             prestart_plugins: true,
+            asynchronous: crate::AsyncConfig::default(),
         }
     }
 }

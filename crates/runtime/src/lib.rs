@@ -1,6 +1,8 @@
 //! The Mycelium runtime service: answers `function.invoke` (and the CloudEvents binding,
 //! `function.list`, `function.describe`) over NATS, looks functions up in a
-//! [`Registry`], and runs them within timeouts, concurrency and size limits.
+//! [`Registry`], and runs them within timeouts, concurrency and size limits; runs the
+//! asynchronous invocations callers store in JetStream (`function.async.<name>`), with
+//! retries and dead letters ([`AsyncConfig`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,6 +15,7 @@
 //! # }
 //! ```
 
+mod asynchronous;
 mod builtins;
 mod config;
 pub mod executor;
@@ -24,6 +27,7 @@ mod server;
 
 use std::{collections::HashMap, sync::Arc};
 
+pub use asynchronous::AsyncConfig;
 pub use logs::{function_logs, FunctionLogLayer, FunctionLogs};
 
 use mycelium_core::{
@@ -353,6 +357,11 @@ impl Runtime {
             .prestart_plugins
             .then(|| prestart(&shared))
             .flatten();
+        let asynchronous = shared
+            .config
+            .asynchronous
+            .enabled
+            .then(|| asynchronous::start(&shared));
         let endpoint_tasks = subscribed
             .into_iter()
             .map(|(subscriber, kind, stats)| {
@@ -369,6 +378,7 @@ impl Runtime {
             service,
             endpoint_tasks,
             prestart,
+            asynchronous,
         })
     }
 }
@@ -380,6 +390,7 @@ pub struct RuntimeHandle {
     service: micro::MicroService,
     endpoint_tasks: Vec<tokio::task::JoinHandle<()>>,
     prestart: Option<tokio::task::JoinHandle<()>>,
+    asynchronous: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Gets the active version of every deployed function ready ahead of its first call (a plugin
@@ -481,6 +492,9 @@ impl RuntimeHandle {
         drop(self.service);
         if let Some(prestart) = self.prestart {
             prestart.abort();
+        }
+        if let Some(asynchronous) = self.asynchronous {
+            asynchronous.abort();
         }
         for executor in shared.invoker.executors.iter() {
             executor.shutdown().await;

@@ -199,6 +199,15 @@ fn decode_binding_request(
         .subject
         .strip_prefix(shared.subjects.binding_prefix.as_str())
         .unwrap_or_default();
+    decode_binding(message, name)
+}
+
+/// Decodes a message in the CloudEvents NATS protocol binding (structured or binary mode)
+/// as an invocation of `name`: a binding request, or a stored asynchronous invocation.
+pub(crate) fn decode_binding(
+    message: &Message,
+    name: &str,
+) -> Result<InvokeRequest, ProtocolError> {
     let function = FunctionName::new(name)
         .map_err(|e| ProtocolError::new(ErrorCode::InvalidFunctionName, e.to_string()))?;
 
@@ -309,27 +318,18 @@ async fn respond(
         )),
         other => other,
     };
-    let mut headers = HeaderMap::new();
     let mut error_status = None;
-    let body = match reply {
+    let (headers, body) = match reply {
         Ok(body) => {
+            let mut headers = HeaderMap::new();
             if let Some(content_type) = content_type {
                 headers.insert("Content-Type", content_type);
             }
-            body
+            (headers, body)
         }
         Err(error) => {
-            headers.insert(
-                envelope::SERVICE_ERROR_CODE_HEADER,
-                error.code.status().to_string().as_str(),
-            );
-            headers.insert(
-                envelope::SERVICE_ERROR_HEADER,
-                error_header_text(&error).as_str(),
-            );
-            headers.insert("Content-Type", "application/json");
             error_status = Some((error.code.status(), error.code.as_str()));
-            envelope::encode_error(&error).into()
+            (error_headers(&error), envelope::encode_error(&error).into())
         }
     };
     let Some(reply_to) = request.message.reply.clone() else {
@@ -349,6 +349,22 @@ async fn respond(
     if let Err(error) = sent {
         tracing::warn!(%error, "sending a reply failed");
     }
+}
+
+/// The headers of an error reply: the NATS services API's error code and text, and the JSON
+/// content type of the error envelope.
+pub(crate) fn error_headers(error: &ProtocolError) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        envelope::SERVICE_ERROR_CODE_HEADER,
+        error.code.status().to_string().as_str(),
+    );
+    headers.insert(
+        envelope::SERVICE_ERROR_HEADER,
+        error_header_text(error).as_str(),
+    );
+    headers.insert("Content-Type", "application/json");
+    headers
 }
 
 /// Header values cannot hold line breaks; messages are also kept short there (the body has them whole).

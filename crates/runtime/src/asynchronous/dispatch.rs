@@ -1,0 +1,332 @@
+//! One stored invocation, from the pulled message to its ack: decode, checks, the call (its
+//! ack wait renewed while it runs), then the result published, a NAK with the backoff as
+//! delay, or a dead letter.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{
+    jetstream::{self, AckKind},
+    HeaderMap,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use mycelium_core::{
+    asynchronous::{
+        check_result_subject, is_retriable, AsyncSettings, DeadLetter, DeadLetterReason,
+        ATTEMPTS_HEADER, EVENT_ID_HEADER, FUNCTION_HEADER, RESULT_SUBJECT_HEADER,
+    },
+    cloudevents::AttributesReader,
+    envelope::{self, INVOCATION_ID_HEADER},
+    ErrorCode, Event, FunctionName, ProtocolError,
+};
+
+use crate::server::{self, Shared};
+
+/// Runs stored invocations for one runtime.
+pub(crate) struct Dispatcher {
+    shared: Arc<Shared>,
+    jetstream: jetstream::Context,
+}
+
+/// What is known of a pulled invocation before it runs.
+struct Stored {
+    function: FunctionName,
+    invocation_id: String,
+    attempt: u32,
+    sequence: u64,
+    accepted_at: DateTime<Utc>,
+    /// The caller's `Mycelium-Result-Subject`, as given.
+    result_subject: Option<String>,
+}
+
+/// How an invocation ends here.
+enum Ending {
+    /// It ran: publish its result (if it has a destination), ack.
+    Done(Vec<Event>),
+    /// It failed and may succeed later: NAK, redelivered after `delay`.
+    Retry(ProtocolError, Duration),
+    /// It will not run (again): dead-letter it, announce the failure, ack.
+    DeadLetter(DeadLetterReason, ProtocolError),
+}
+
+impl Dispatcher {
+    pub(crate) fn new(shared: Arc<Shared>, jetstream: jetstream::Context) -> Self {
+        Self { shared, jetstream }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Runs one pulled invocation of `function` and settles it with the server.
+    pub(crate) async fn run(&self, function: &FunctionName, message: jetstream::Message) {
+        let Ok(info) = message.info() else {
+            // Not a JetStream delivery; nothing to settle.
+            return;
+        };
+        let stored = Stored {
+            function: function.clone(),
+            invocation_id: header(&message, INVOCATION_ID_HEADER)
+                .filter(|id| envelope::valid_invocation_id(id))
+                .map_or_else(|| format!("async-{}", info.stream_sequence), str::to_owned),
+            attempt: u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
+            sequence: info.stream_sequence,
+            accepted_at: info.published,
+            result_subject: header(&message, RESULT_SUBJECT_HEADER).map(str::to_owned),
+        };
+        let settings = self
+            .shared
+            .invoker
+            .describe(function, None)
+            .map(|m| m.asynchronous.clone());
+        let decoded = server::decode_binding(&message.message, function.as_str());
+        let (ending, event, settings) = match (decoded, settings) {
+            (Err(error), settings) => (
+                Ending::DeadLetter(DeadLetterReason::NotRetriable, error),
+                None,
+                settings.unwrap_or_default(),
+            ),
+            (Ok(request), Err(error)) => (
+                Ending::DeadLetter(DeadLetterReason::NotRetriable, error),
+                Some(request.event),
+                AsyncSettings::default(),
+            ),
+            (Ok(mut request), Ok(settings)) => {
+                let event = request.event.clone();
+                request.invocation_id = Some(stored.invocation_id.clone());
+                let ending = self.attempt(&stored, &settings, &message, request).await;
+                (ending, Some(event), settings)
+            }
+        };
+        self.settle(&stored, &settings, event, &message, ending)
+            .await;
+    }
+
+    /// The checks before the call, then the call itself.
+    async fn attempt(
+        &self,
+        stored: &Stored,
+        settings: &AsyncSettings,
+        message: &jetstream::Message,
+        request: envelope::InvokeRequest,
+    ) -> Ending {
+        if let Some(subject) = &stored.result_subject {
+            if let Err(refused) = self.check_subject(subject) {
+                return Ending::DeadLetter(
+                    DeadLetterReason::ResultSubjectRefused,
+                    ProtocolError::new(ErrorCode::InvalidRequest, refused.to_string()),
+                );
+            }
+        }
+        let age = (Utc::now() - stored.accepted_at)
+            .to_std()
+            .unwrap_or_default();
+        if age > settings.max_event_age() {
+            return Ending::DeadLetter(
+                DeadLetterReason::Expired,
+                ProtocolError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the invocation waited {:.0?}, longer than the function's maximum event age of {:?}; it did not run",
+                        age,
+                        settings.max_event_age()
+                    ),
+                ),
+            );
+        }
+        let call = self.shared.invoker.invoke(request, &self.shared.abort);
+        let result = renewing(message, self.shared.config.asynchronous.ack_wait, call).await;
+        match result {
+            Ok(events) => Ending::Done(events),
+            Err(error) if !is_retriable(error.code) => {
+                Ending::DeadLetter(DeadLetterReason::NotRetriable, error)
+            }
+            Err(error) if stored.attempt >= settings.attempts() => {
+                Ending::DeadLetter(DeadLetterReason::RetriesExhausted, error)
+            }
+            Err(error) => {
+                let delay = settings.backoff(stored.attempt, mycelium_core::jitter::random_u64());
+                Ending::Retry(error, delay)
+            }
+        }
+    }
+
+    fn check_subject(
+        &self,
+        subject: &str,
+    ) -> Result<(), mycelium_core::asynchronous::RefusedSubject> {
+        check_result_subject(
+            subject,
+            &self.shared.config.subject_prefix,
+            &self.shared.config.asynchronous.result_subjects,
+        )
+    }
+
+    /// Tells the server how it ended. Nothing is acked before its result or its dead letter
+    /// is out: a failure on the way leaves the invocation to be delivered again.
+    async fn settle(
+        &self,
+        stored: &Stored,
+        settings: &AsyncSettings,
+        event: Option<Event>,
+        message: &jetstream::Message,
+        ending: Ending,
+    ) {
+        let function = &stored.function;
+        match ending {
+            Ending::Done(events) => {
+                let destination = stored
+                    .result_subject
+                    .as_deref()
+                    .or(settings.on_success.as_deref());
+                if let Some(subject) = destination {
+                    let headers = self.result_headers(stored, event.as_ref());
+                    let body = Bytes::from(envelope::encode_events(&events));
+                    if let Err(error) = self.publish(subject, headers, body).await {
+                        tracing::warn!(%function, %error, subject, "publishing an asynchronous result failed; the invocation will run again");
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        return;
+                    }
+                }
+                self.ack(message).await;
+            }
+            Ending::Retry(error, delay) => {
+                tracing::debug!(%function, invocation_id = %stored.invocation_id, attempt = stored.attempt, code = %error.code, ?delay, "asynchronous invocation failed; retrying");
+                if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::debug!(%function, %error, "the retry could not be asked for; the ack wait will bring it back");
+                }
+            }
+            Ending::DeadLetter(reason, error) => {
+                let attempts = match reason {
+                    DeadLetterReason::RetriesExhausted | DeadLetterReason::NotRetriable => {
+                        stored.attempt
+                    }
+                    DeadLetterReason::Expired | DeadLetterReason::ResultSubjectRefused => {
+                        stored.attempt.saturating_sub(1)
+                    }
+                };
+                tracing::warn!(%function, invocation_id = %stored.invocation_id, attempts, ?reason, code = %error.code, "asynchronous invocation dead-lettered: {}", error.message);
+                let event_json = event
+                    .as_ref()
+                    .and_then(|e| serde_json::to_value(e).ok())
+                    .unwrap_or_else(|| {
+                        serde_json::Value::String(
+                            String::from_utf8_lossy(&message.payload).into_owned(),
+                        )
+                    });
+                let letter = DeadLetter {
+                    function: function.clone(),
+                    invocation_id: stored.invocation_id.clone(),
+                    event: event_json,
+                    reason,
+                    error: error.clone(),
+                    attempts,
+                    accepted_at: stored.accepted_at,
+                    dead_lettered_at: Utc::now(),
+                    result_subject: stored.result_subject.clone(),
+                    sequence: stored.sequence,
+                };
+                let subject = format!("{}.dlq.{function}", self.shared.config.subject_prefix);
+                let body = serde_json::to_vec(&letter).unwrap_or_default();
+                let mut headers = self.result_headers(stored, event.as_ref());
+                // A redelivery of an invocation already dead-lettered (its ack was lost) is
+                // not stored twice.
+                headers.insert(
+                    mycelium_core::asynchronous::IDEMPOTENCY_HEADER,
+                    format!("dlq-{}", stored.sequence).as_str(),
+                );
+                let stored_letter = async {
+                    self.jetstream
+                        .publish_with_headers(subject, headers, body.into())
+                        .await?
+                        .await
+                };
+                if let Err(error) = stored_letter.await {
+                    tracing::warn!(%function, %error, "storing a dead letter failed; the invocation stays queued");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+                // The failure is announced where the caller (or the deployer) asked; a refused
+                // caller subject is not used for it.
+                let destination = match reason {
+                    DeadLetterReason::ResultSubjectRefused => None,
+                    _ => stored.result_subject.as_deref(),
+                }
+                .or(settings.on_failure.as_deref());
+                if let Some(subject) = destination {
+                    let mut headers = self.result_headers(stored, event.as_ref());
+                    for (name, value) in server::error_headers(&error).iter() {
+                        for value in value {
+                            headers.append(name.clone(), value.clone());
+                        }
+                    }
+                    let body = Bytes::from(envelope::encode_error(&error));
+                    if let Err(error) = self.publish(subject, headers, body).await {
+                        tracing::warn!(%function, %error, subject, "announcing a dead letter failed");
+                    }
+                }
+                self.ack(message).await;
+            }
+        }
+    }
+
+    /// Publishes a result where it was asked for, checked again: a per-function default may
+    /// predate this runtime's allow-list.
+    async fn publish(&self, subject: &str, headers: HeaderMap, body: Bytes) -> Result<(), String> {
+        self.check_subject(subject).map_err(|e| e.to_string())?;
+        self.shared
+            .client
+            .publish_with_headers(subject.to_owned(), headers, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn result_headers(&self, stored: &Stored, event: Option<&Event>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(INVOCATION_ID_HEADER, stored.invocation_id.as_str());
+        headers.insert(FUNCTION_HEADER, stored.function.as_str());
+        headers.insert(ATTEMPTS_HEADER, stored.attempt.to_string().as_str());
+        if let Some(event) = event {
+            headers.insert(EVENT_ID_HEADER, event.id());
+        }
+        headers
+    }
+
+    async fn ack(&self, message: &jetstream::Message) {
+        // Double: the server confirms, so a lost ack does not run the invocation twice.
+        if let Err(error) = message.double_ack().await {
+            tracing::debug!(%error, "an ack was not confirmed; the invocation may run again");
+        }
+    }
+}
+
+/// Runs `call`, telling the server every third of the ack wait that the invocation is still
+/// being worked on, so a long call is not handed to another runtime.
+async fn renewing<T>(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let mut call = std::pin::pin!(call);
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            result = &mut call => return result,
+            () = tokio::time::sleep(period) => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()?
+        .get(name)
+        .map(async_nats::HeaderValue::as_str)
+}

@@ -1,0 +1,264 @@
+//! Asynchronous invocation: the runtime's side of `<prefix>.async.<name>`.
+//!
+//! JetStream does the queueing: the stream [`ASYNC_STREAM`] stores what callers submit (the
+//! PubAck is their acceptance, `Nats-Msg-Id` de-duplicates), one durable pull consumer per
+//! function is shared by every runtime, and a retriable failure is a NAK with the function's
+//! backoff as delay, so the server redelivers it when the wait is over (to whichever runtime
+//! pulls first). A runtime that dies mid-call never acks; the server redelivers after the ack
+//! wait. What cannot succeed is published to [`DLQ_STREAM`] and then acked.
+//!
+//! Here: the settings ([`AsyncConfig`]), the streams, and one pull loop per function that the
+//! runtime knows (built-ins and deployed), started and stopped as the registry changes.
+//! `dispatch` runs one stored invocation.
+
+mod dispatch;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures_util::StreamExt;
+use mycelium_core::{
+    asynchronous::{ASYNC_STREAM, DLQ_STREAM},
+    FunctionName,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+
+/// How a runtime takes part in asynchronous invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsyncConfig {
+    /// Create the streams and run stored invocations (on by default; needs JetStream).
+    pub enabled: bool,
+    /// Replicas of the streams when they are created (3 on a 3-node cluster).
+    pub replicas: usize,
+    /// How long a `Nats-Msg-Id` is remembered: a second submission with the same key inside
+    /// it is acknowledged as a duplicate and does not run again.
+    pub duplicate_window: Duration,
+    /// Invocations the stream holds at most; beyond it submissions are refused, never dropped.
+    pub max_messages: i64,
+    /// Bytes the stream holds at most; beyond it submissions are refused.
+    pub max_bytes: i64,
+    /// How long a pulled invocation stays this runtime's before the server gives it to
+    /// another (a runtime that died); running calls renew it every third of it.
+    pub ack_wait: Duration,
+    /// Subjects (NATS patterns) results may be published to; empty: any subject that is not
+    /// a system (`$...`) or platform subject.
+    pub result_subjects: Vec<String>,
+    /// How long dead letters are kept (zero: until purged).
+    pub dead_letter_max_age: Duration,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            ack_wait: Duration::from_secs(30),
+            result_subjects: Vec::new(),
+            dead_letter_max_age: Duration::ZERO,
+        }
+    }
+}
+
+/// Makes (or updates) the two streams and returns the invocations' one. Their limits follow
+/// the settings of the runtime that last started; submissions beyond them are refused
+/// (`discard: new`), never dropped.
+pub(crate) async fn ensure_streams(
+    jetstream: &jetstream::Context,
+    prefix: &str,
+    config: &AsyncConfig,
+) -> Result<stream::Stream, String> {
+    jetstream
+        .create_or_update_stream(stream::Config {
+            name: ASYNC_STREAM.into(),
+            subjects: vec![format!("{prefix}.async.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            max_messages: config.max_messages,
+            max_bytes: config.max_bytes,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating the stream {ASYNC_STREAM}: {e}"))?;
+    jetstream
+        .create_or_update_stream(stream::Config {
+            name: DLQ_STREAM.into(),
+            subjects: vec![format!("{prefix}.dlq.>")],
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            max_age: config.dead_letter_max_age,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating the stream {DLQ_STREAM}: {e}"))?;
+    jetstream
+        .get_stream(ASYNC_STREAM)
+        .await
+        .map_err(|e| format!("opening the stream {ASYNC_STREAM}: {e}"))
+}
+
+/// The durable consumer of `function`'s invocations, shared by every runtime.
+pub fn consumer_name(function: &FunctionName) -> String {
+    format!("fn-{function}")
+}
+
+/// Runs stored invocations until the runtime stops: one pull loop per function it knows,
+/// started, restarted (a new version may set another concurrency) and stopped as the
+/// registry changes.
+pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let jetstream = jetstream::new(shared.client.clone());
+        let config = &shared.config.asynchronous;
+        let stream = match ensure_streams(&jetstream, &shared.config.subject_prefix, config).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "asynchronous invocation is off on this runtime (it needs JetStream)");
+                return;
+            }
+        };
+        let dispatcher = Arc::new(dispatch::Dispatcher::new(shared.clone(), jetstream));
+        let mut changes = shared.invoker.registry.changes();
+        let mut loops: HashMap<FunctionName, (u64, CancellationToken)> = HashMap::new();
+        loop {
+            let functions = shared.invoker.list();
+            loops.retain(|name, (version, stop)| {
+                let current = functions.iter().find(|f| &f.name == name);
+                let keep = current.is_some_and(|f| f.version == *version);
+                if !keep {
+                    stop.cancel();
+                }
+                keep
+            });
+            for function in functions {
+                if loops.contains_key(&function.name) {
+                    continue;
+                }
+                let stop = shared.stop.child_token();
+                loops.insert(function.name.clone(), (function.version, stop.clone()));
+                tokio::spawn(pull_loop(
+                    dispatcher.clone(),
+                    stream.clone(),
+                    function.name,
+                    stop,
+                ));
+            }
+            let changed = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shared.stop.cancelled() => return,
+                still = changed => if !still { return },
+            }
+        }
+    })
+}
+
+/// Pulls `function`'s invocations while it is known, as many at a time as it may run here.
+async fn pull_loop(
+    dispatcher: Arc<dispatch::Dispatcher>,
+    stream: stream::Stream,
+    function: FunctionName,
+    stop: CancellationToken,
+) {
+    let shared = dispatcher.shared();
+    let limit = shared
+        .invoker
+        .describe(&function, None)
+        .ok()
+        .and_then(|m| m.max_concurrency)
+        .map_or(shared.config.max_concurrency, |max| max as usize)
+        .max(1);
+    let slots = Arc::new(Semaphore::new(limit));
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        let result = pull_batches(&dispatcher, &stream, &function, &slots, &stop).await;
+        if let Err(error) = result {
+            failures += 1;
+            if failures >= 3 {
+                tracing::warn!(%function, %error, failures, "pulling asynchronous invocations keeps failing");
+            } else {
+                tracing::debug!(%function, %error, "pulling asynchronous invocations failed; retrying");
+            }
+            let pause = Duration::from_millis(250 * u64::from(failures.min(8)));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// Takes batches from the function's consumer (made if missing) until told to stop.
+async fn pull_batches(
+    dispatcher: &Arc<dispatch::Dispatcher>,
+    stream: &stream::Stream,
+    function: &FunctionName,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let shared = dispatcher.shared();
+    let config = &shared.config.asynchronous;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(consumer_name(function)),
+            filter_subject: format!("{}.async.{function}", shared.config.subject_prefix),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating the consumer {}: {e}", consumer_name(function)))?;
+    loop {
+        // One free slot at least before asking, and never more messages than free slots: a
+        // pulled invocation's ack wait is running, so none should wait here for a slot.
+        let first = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            permit = slots.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
+        };
+        let wanted = 1 + slots.available_permits();
+        let mut batch = consumer
+            .batch()
+            .max_messages(wanted)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| format!("pulling: {e}"))?;
+        let mut permit = Some(first);
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                message = batch.next() => message,
+            };
+            let Some(message) = message else { break };
+            let message = message.map_err(|e| format!("pulling: {e}"))?;
+            let slot = match permit.take() {
+                Some(slot) => slot,
+                None => slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            let dispatcher = dispatcher.clone();
+            let function = function.clone();
+            shared.tracker.spawn(async move {
+                dispatcher.run(&function, message).await;
+                drop(slot);
+            });
+        }
+    }
+}
