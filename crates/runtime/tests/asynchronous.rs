@@ -489,3 +489,44 @@ async fn submissions_without_a_runtime_say_so() {
     assert_eq!(error.kind(), AsyncErrorKind::NoStream, "{error:#}");
     assert!(client.dead_letters("echo").await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocations_of_functions_no_runtime_knows_are_dead_lettered_after_the_grace() {
+    let mut f = fixture(AsyncConfig::default()).await;
+    f.runtime.take().unwrap().shutdown().await;
+    for n in 0..3 {
+        f.client
+            .submit(
+                "nosuch",
+                &event(&format!("n-{n}"), json!({})),
+                SubmitOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // Older than the grace before a runtime looks at them.
+    let grace = Duration::from_millis(100);
+    tokio::time::sleep(grace * 2).await;
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            asynchronous: AsyncConfig {
+                unknown_function_grace: grace,
+                ..AsyncConfig::default()
+            },
+            ..RuntimeConfig::default()
+        })
+        .standard_builtins()
+        .serve(&f.server.url())
+        .await
+        .unwrap();
+    let letters = eventually(Duration::from_secs(30), || async {
+        let letters = f.client.dead_letters("nosuch").await.unwrap();
+        (letters.len() == 3).then_some(letters)
+    })
+    .await;
+    for stored in &letters {
+        assert_eq!(stored.letter.reason, DeadLetterReason::NotRetriable);
+        assert_eq!(stored.letter.error.code, ErrorCode::FunctionNotFound);
+    }
+    runtime.shutdown().await;
+}

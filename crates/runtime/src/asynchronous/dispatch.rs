@@ -86,11 +86,19 @@ impl Dispatcher {
                 None,
                 settings.unwrap_or_default(),
             ),
-            (Ok(request), Err(error)) => (
-                Ending::DeadLetter(DeadLetterReason::NotRetriable, error),
-                Some(request.event),
-                AsyncSettings::default(),
-            ),
+            (Ok(request), Err(error)) => {
+                let grace = self.shared.config.asynchronous.unknown_function_grace;
+                let age = (Utc::now() - stored.accepted_at)
+                    .to_std()
+                    .unwrap_or_default();
+                let ending = if error.code == ErrorCode::FunctionNotFound && age < grace {
+                    // A deploy may be on its way to this runtime.
+                    Ending::Retry(error, grace - age)
+                } else {
+                    Ending::DeadLetter(DeadLetterReason::NotRetriable, error)
+                };
+                (ending, Some(request.event), AsyncSettings::default())
+            }
             (Ok(mut request), Ok(settings)) => {
                 let event = request.event.clone();
                 request.invocation_id = Some(stored.invocation_id.clone());

@@ -48,6 +48,9 @@ pub struct AsyncConfig {
     pub result_subjects: Vec<String>,
     /// How long dead letters are kept (zero: until purged).
     pub dead_letter_max_age: Duration,
+    /// How long invocations of a function no runtime knows wait before they are
+    /// dead-lettered (`function_not_found`): a deploy may still be on its way.
+    pub unknown_function_grace: Duration,
 }
 
 impl Default for AsyncConfig {
@@ -61,6 +64,7 @@ impl Default for AsyncConfig {
             ack_wait: Duration::from_secs(30),
             result_subjects: Vec::new(),
             dead_letter_max_age: Duration::ZERO,
+            unknown_function_grace: Duration::from_secs(30),
         }
     }
 }
@@ -110,9 +114,26 @@ pub fn consumer_name(function: &FunctionName) -> String {
     format!("fn-{function}")
 }
 
+/// How often a runtime looks for invocations of functions it does not know (deleted, or
+/// never deployed): nothing else would ever take them out of the work queue.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Functions not known whose invocations are swept at once, at most: the names are the
+/// callers', so their number must not decide how many tasks a runtime runs.
+const MAX_SWEEPS: usize = 16;
+
+/// A running pull loop.
+struct PullLoop {
+    /// The version it serves; `None` for a sweep of a function this runtime does not know.
+    version: Option<u64>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// Runs stored invocations until the runtime stops: one pull loop per function it knows,
 /// started, restarted (a new version may set another concurrency) and stopped as the
-/// registry changes.
+/// registry changes; and, every [`SWEEP_EVERY`], a draining loop for functions it does not
+/// know that have invocations waiting, which dead-letters them (`function_not_found`) once
+/// they are older than the grace (`AsyncConfig::unknown_function_grace`).
 pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -127,29 +148,42 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
         };
         let dispatcher = Arc::new(dispatch::Dispatcher::new(shared.clone(), jetstream));
         let mut changes = shared.invoker.registry.changes();
-        let mut loops: HashMap<FunctionName, (u64, CancellationToken)> = HashMap::new();
+        let mut loops: HashMap<FunctionName, PullLoop> = HashMap::new();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let spawn = |name: FunctionName, version: Option<u64>| {
+            let stop = shared.stop.child_token();
+            let task = tokio::spawn(pull_loop(
+                dispatcher.clone(),
+                stream.clone(),
+                name,
+                stop.clone(),
+                version.is_none(),
+            ));
+            PullLoop {
+                version,
+                stop,
+                task,
+            }
+        };
         loop {
             let functions = shared.invoker.list();
-            loops.retain(|name, (version, stop)| {
+            loops.retain(|name, pull| {
                 let current = functions.iter().find(|f| &f.name == name);
-                let keep = current.is_some_and(|f| f.version == *version);
+                let keep = match (pull.version, current) {
+                    (Some(version), Some(current)) => current.version == version,
+                    (None, None) => !pull.task.is_finished(),
+                    _ => false,
+                };
                 if !keep {
-                    stop.cancel();
+                    pull.stop.cancel();
                 }
                 keep
             });
             for function in functions {
-                if loops.contains_key(&function.name) {
-                    continue;
-                }
-                let stop = shared.stop.child_token();
-                loops.insert(function.name.clone(), (function.version, stop.clone()));
-                tokio::spawn(pull_loop(
-                    dispatcher.clone(),
-                    stream.clone(),
-                    function.name,
-                    stop,
-                ));
+                loops
+                    .entry(function.name.clone())
+                    .or_insert_with(|| spawn(function.name, Some(function.version)));
             }
             let changed = async {
                 match changes.as_mut() {
@@ -160,17 +194,60 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
             tokio::select! {
                 () = shared.stop.cancelled() => return,
                 still = changed => if !still { return },
+                _ = sweep.tick() => {
+                    let sweeping = loops.values().filter(|l| l.version.is_none()).count();
+                    for name in unknown_with_work(&stream, &shared, &loops, MAX_SWEEPS.saturating_sub(sweeping)).await {
+                        let pull = spawn(name.clone(), None);
+                        loops.insert(name, pull);
+                    }
+                }
             }
         }
     })
 }
 
-/// Pulls `function`'s invocations while it is known, as many at a time as it may run here.
+/// Functions with invocations waiting that this runtime neither knows nor sweeps, at most
+/// `room` of them.
+async fn unknown_with_work(
+    stream: &stream::Stream,
+    shared: &Shared,
+    loops: &HashMap<FunctionName, PullLoop>,
+    room: usize,
+) -> Vec<FunctionName> {
+    let mut found = Vec::new();
+    if room == 0 {
+        return found;
+    }
+    let prefix = format!("{}.async.", shared.config.subject_prefix);
+    let Ok(mut subjects) = stream.info_with_subjects(format!("{prefix}>")).await else {
+        return found;
+    };
+    while let Some(Ok((subject, _count))) = subjects.next().await {
+        let Some(name) = subject
+            .strip_prefix(&prefix)
+            .and_then(|name| FunctionName::new(name).ok())
+        else {
+            continue;
+        };
+        if loops.contains_key(&name) || shared.invoker.describe(&name, None).is_ok() {
+            continue;
+        }
+        found.push(name);
+        if found.len() == room {
+            break;
+        }
+    }
+    found
+}
+
+/// Pulls `function`'s invocations while it is known (or, with `drain`, until none is left),
+/// as many at a time as it may run here.
 async fn pull_loop(
     dispatcher: Arc<dispatch::Dispatcher>,
     stream: stream::Stream,
     function: FunctionName,
     stop: CancellationToken,
+    drain: bool,
 ) {
     let shared = dispatcher.shared();
     let limit = shared
@@ -183,18 +260,20 @@ async fn pull_loop(
     let slots = Arc::new(Semaphore::new(limit));
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        let result = pull_batches(&dispatcher, &stream, &function, &slots, &stop).await;
-        if let Err(error) = result {
-            failures += 1;
-            if failures >= 3 {
-                tracing::warn!(%function, %error, failures, "pulling asynchronous invocations keeps failing");
-            } else {
-                tracing::debug!(%function, %error, "pulling asynchronous invocations failed; retrying");
-            }
-            let pause = Duration::from_millis(250 * u64::from(failures.min(8)));
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(pause) => {}
+        match pull_batches(&dispatcher, &stream, &function, &slots, &stop, drain).await {
+            Ok(()) => return,
+            Err(error) => {
+                failures += 1;
+                if failures >= 3 {
+                    tracing::warn!(%function, %error, failures, "pulling asynchronous invocations keeps failing");
+                } else {
+                    tracing::debug!(%function, %error, "pulling asynchronous invocations failed; retrying");
+                }
+                let pause = Duration::from_millis(250 * u64::from(failures.min(8)));
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
         }
     }
@@ -207,6 +286,7 @@ async fn pull_batches(
     function: &FunctionName,
     slots: &Arc<Semaphore>,
     stop: &CancellationToken,
+    drain: bool,
 ) -> Result<(), String> {
     let shared = dispatcher.shared();
     let config = &shared.config.asynchronous;
@@ -238,6 +318,7 @@ async fn pull_batches(
             .await
             .map_err(|e| format!("pulling: {e}"))?;
         let mut permit = Some(first);
+        let mut pulled = 0usize;
         loop {
             let message = tokio::select! {
                 () = stop.cancelled() => return Ok(()),
@@ -245,6 +326,7 @@ async fn pull_batches(
             };
             let Some(message) = message else { break };
             let message = message.map_err(|e| format!("pulling: {e}"))?;
+            pulled += 1;
             let slot = match permit.take() {
                 Some(slot) => slot,
                 None => slots
@@ -259,6 +341,9 @@ async fn pull_batches(
                 dispatcher.run(&function, message).await;
                 drop(slot);
             });
+        }
+        if drain && pulled == 0 {
+            return Ok(());
         }
     }
 }
