@@ -478,12 +478,12 @@ async fn describe(connection: &Connection<'_>, args: DescribeArgs) -> Result<(),
 }
 
 async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Result<(), Failure> {
-    let mut stats = client(connection)
-        .await?
-        .stats(Duration::from_secs(3))
-        .await?;
+    let client = client(connection).await?;
+    let mut stats = client.stats(Duration::from_secs(3)).await?;
+    let mut queues = async_queues(&client).await;
     if let Some(name) = &args.name {
         stats.functions.retain(|f| &f.function == name);
+        queues.retain(|q| q.function.as_str() == name);
     }
     if args.json {
         let mut value = serde_json::to_value(&stats)
@@ -498,16 +498,29 @@ async fn stats(connection: &Connection<'_>, args: crate::args::StatsArgs) -> Res
                 }
             }
         }
+        value["async"] = serde_json::to_value(&queues).unwrap_or_default();
         print_json(&value);
         return Ok(());
     }
-    print_stats(&stats, None);
+    print_stats(&stats, &queues, None);
     Ok(())
+}
+
+/// The asynchronous queues, or none (with a warning) when JetStream cannot say.
+async fn async_queues(client: &mycelium_client::Client) -> Vec<mycelium_client::AsyncQueueStats> {
+    client.async_stats().await.unwrap_or_else(|error| {
+        eprintln!(
+            "warning: the asynchronous queues are not shown: {}",
+            error_chain(&error)
+        );
+        Vec::new()
+    })
 }
 
 /// The stats table; with `previous` (and the seconds since), a rate column too.
 fn print_stats(
     stats: &mycelium_client::ClusterStats,
+    queues: &[mycelium_client::AsyncQueueStats],
     previous: Option<(&mycelium_client::ClusterStats, f64)>,
 ) {
     println!("{} runtime instance(s)", stats.instances);
@@ -567,6 +580,24 @@ fn print_stats(
             f.crashes
         );
     }
+    if queues.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<24} {:>9} {:>9} {:>11} {:>13}",
+        "ASYNC QUEUE", "PENDING", "IN FLIGHT", "REDELIVERED", "DEAD LETTERS"
+    );
+    for q in queues {
+        println!(
+            "{:<24} {:>9} {:>9} {:>11} {:>13}",
+            q.function.as_str(),
+            q.pending,
+            q.in_flight,
+            q.redelivered,
+            q.dead_lettered
+        );
+    }
 }
 
 async fn top(connection: &Connection<'_>, args: crate::args::TopArgs) -> Result<(), Failure> {
@@ -577,6 +608,7 @@ async fn top(connection: &Connection<'_>, args: crate::args::TopArgs) -> Result<
     let mut shown = 0;
     loop {
         let stats = client.stats(Duration::from_secs(3)).await?;
+        let queues = async_queues(&client).await;
         if live {
             // Clear the screen and go home, as top does.
             print!("\x1b[2J\x1b[H");
@@ -584,7 +616,7 @@ async fn top(connection: &Connection<'_>, args: crate::args::TopArgs) -> Result<
         let since = previous
             .as_ref()
             .map(|(before, at)| (before, at.elapsed().as_secs_f64()));
-        print_stats(&stats, since);
+        print_stats(&stats, &queues, since);
         println!();
         shown += 1;
         if args.iterations.is_some_and(|n| shown >= n) {

@@ -5,7 +5,10 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mycelium_core::{
-    asynchronous::{DeadLetter, DLQ_STREAM, IDEMPOTENCY_HEADER, RESULT_SUBJECT_HEADER},
+    asynchronous::{
+        consumer_function, AsyncQueueStats, DeadLetter, ASYNC_STREAM, DLQ_STREAM,
+        IDEMPOTENCY_HEADER, RESULT_SUBJECT_HEADER,
+    },
     envelope::INVOCATION_ID_HEADER,
     event::STRUCTURED_CONTENT_TYPE,
     Error, Event, FunctionName,
@@ -240,11 +243,64 @@ impl Client {
         Ok(purged.purged)
     }
 
+    /// Every function's asynchronous queue as JetStream counts it (cluster-wide), sorted by
+    /// name: functions with a consumer, and functions with dead letters.
+    pub async fn async_stats(&self) -> Result<Vec<AsyncQueueStats>, AsyncError> {
+        let mut queues = std::collections::BTreeMap::new();
+        let blank = |function: FunctionName| AsyncQueueStats {
+            function,
+            pending: 0,
+            in_flight: 0,
+            redelivered: 0,
+            dead_lettered: 0,
+        };
+        if let Some(stream) = self.stream(ASYNC_STREAM).await? {
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                let info = info.map_err(|e| transport("reading the queues", e))?;
+                let Some(function) = consumer_function(&info.name) else {
+                    continue;
+                };
+                queues.insert(
+                    function.clone(),
+                    AsyncQueueStats {
+                        pending: info.num_pending,
+                        in_flight: info.num_ack_pending as u64,
+                        redelivered: info.num_redelivered as u64,
+                        ..blank(function)
+                    },
+                );
+            }
+        }
+        if let Some(stream) = self.dead_letter_stream().await? {
+            let prefix = format!("{}.dlq.", self.subjects.prefix);
+            let mut subjects = stream
+                .info_with_subjects(format!("{prefix}>"))
+                .await
+                .map_err(|e| transport("counting dead letters", e))?;
+            while let Some(entry) = subjects.next().await {
+                let (subject, count) = entry.map_err(|e| transport("counting dead letters", e))?;
+                let Some(function) = subject
+                    .strip_prefix(&prefix)
+                    .and_then(|name| FunctionName::new(name).ok())
+                else {
+                    continue;
+                };
+                queues
+                    .entry(function.clone())
+                    .or_insert_with(|| blank(function))
+                    .dead_lettered = count as u64;
+            }
+        }
+        Ok(queues.into_values().collect())
+    }
+
     async fn dead_letter_stream(&self) -> Result<Option<jetstream::stream::Stream>, AsyncError> {
-        match jetstream::new(self.nats.clone())
-            .get_stream(DLQ_STREAM)
-            .await
-        {
+        self.stream(DLQ_STREAM).await
+    }
+
+    async fn stream(&self, name: &str) -> Result<Option<jetstream::stream::Stream>, AsyncError> {
+        match jetstream::new(self.nats.clone()).get_stream(name).await {
             Ok(stream) => Ok(Some(stream)),
             Err(e)
                 if matches!(
@@ -253,10 +309,10 @@ impl Client {
                         if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
                 ) =>
             {
-                // The stream is not there: no runtime made it, so nothing was dead-lettered.
+                // The stream is not there: no runtime made it.
                 Ok(None)
             }
-            Err(e) => Err(transport("finding the dead-letter stream", e)),
+            Err(e) => Err(transport(&format!("finding the stream {name}"), e)),
         }
     }
 }

@@ -27,6 +27,7 @@ mod logs;
 pub use async_nats;
 pub use asynchronous::{Acceptance, AsyncError, AsyncErrorKind, StoredDeadLetter, SubmitOptions};
 pub use logs::{FunctionLog, LogLine, LogsError, LogsErrorKind, LogsOptions};
+pub use mycelium_core::asynchronous::AsyncQueueStats;
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
     OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey, Versions,

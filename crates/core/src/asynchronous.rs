@@ -141,6 +141,18 @@ pub enum DeadLetterReason {
     ResultSubjectRefused,
 }
 
+impl DeadLetterReason {
+    /// The snake_case text, as in the dead letter's JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::NotRetriable => "not_retriable",
+            Self::Expired => "expired",
+            Self::ResultSubjectRefused => "result_subject_refused",
+        }
+    }
+}
+
 /// A dead letter, as stored on `<prefix>.dlq.<name>` in [`DLQ_STREAM`]: everything needed to
 /// see what failed and to submit it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +179,32 @@ pub struct DeadLetter {
     pub result_subject: Option<String>,
     /// The stream sequence of the submission.
     pub sequence: u64,
+}
+
+/// The durable consumer of `function`'s invocations, shared by every runtime.
+pub fn consumer_name(function: &FunctionName) -> String {
+    format!("fn-{function}")
+}
+
+/// The function whose invocations the consumer `name` takes, if it is one of ours.
+pub fn consumer_function(name: &str) -> Option<FunctionName> {
+    FunctionName::new(name.strip_prefix("fn-")?).ok()
+}
+
+/// A function's asynchronous queue, as JetStream counts it (cluster-wide).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AsyncQueueStats {
+    /// The function.
+    pub function: FunctionName,
+    /// Invocations stored and not yet taken by a runtime.
+    pub pending: u64,
+    /// Invocations taken and not yet settled (running, or waiting for a retry).
+    pub in_flight: u64,
+    /// Of those, invocations delivered more than once (retries, or a runtime that died).
+    pub redelivered: u64,
+    /// Dead letters kept.
+    pub dead_lettered: u64,
 }
 
 /// Why a subject is not one a runtime publishes results to.
@@ -335,6 +373,14 @@ mod tests {
         assert!(check_result_subject("audit.x", "function", &allowed).is_ok());
         let error = check_result_subject("audit.x.y", "function", &allowed).unwrap_err();
         assert!(error.to_string().contains("not allowed"), "{error}");
+    }
+
+    #[test]
+    fn consumer_names_map_back_to_their_function() {
+        let name: FunctionName = "resize".parse().unwrap();
+        assert_eq!(consumer_function(&consumer_name(&name)), Some(name));
+        assert_eq!(consumer_function("other"), None);
+        assert_eq!(consumer_function("fn-Not.A.Name"), None);
     }
 
     #[test]

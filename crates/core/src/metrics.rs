@@ -158,6 +158,25 @@ pub trait MetricsCollector: Send + Sync + 'static {
         let _ = (function, downloaded);
     }
 
+    /// `function`'s asynchronous queue as JetStream counts it, sampled every few seconds.
+    fn async_queue(&self, queue: &crate::asynchronous::AsyncQueueStats) {
+        let _ = queue;
+    }
+
+    /// An asynchronous invocation of `function` failed and will be tried again.
+    fn async_retried(&self, function: &FunctionName) {
+        let _ = function;
+    }
+
+    /// An asynchronous invocation of `function` was dead-lettered.
+    fn async_dead_lettered(
+        &self,
+        function: &FunctionName,
+        reason: crate::asynchronous::DeadLetterReason,
+    ) {
+        let _ = (function, reason);
+    }
+
     /// Per-function figures for `$SRV.STATS`, when this collector keeps them.
     fn function_stats(&self) -> Vec<FunctionStats> {
         Vec::new()

@@ -57,6 +57,12 @@ struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    function: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     function: String,
     version: String,
@@ -77,6 +83,10 @@ pub struct PrometheusMetrics {
     plugin_processes: Family<FunctionLabels, Gauge>,
     cold_starts: Family<FunctionLabels, Histogram>,
     artifact_fetches: Family<FetchLabels, Counter>,
+    /// Asynchronous queues, as JetStream counts them: pending, in flight, redelivered, dead.
+    async_queue: [Family<FunctionLabels, Gauge>; 4],
+    async_retries: Family<FunctionLabels, Counter>,
+    async_dead_lettered: Family<ReasonLabels, Counter>,
     nats_reconnects: Counter,
     resident_memory: Gauge,
     /// The runtime's NATS connection statistics, read at each scrape.
@@ -160,6 +170,27 @@ impl PrometheusMetrics {
             "Plugin binaries needed to start a process, by source: the local cache or a registry download",
             artifact_fetches.clone(),
         );
+        let async_queue: [Family<FunctionLabels, Gauge>; 4] = Default::default();
+        for (family, (name, help)) in async_queue.iter().zip([
+            ("async_pending", "Asynchronous invocations stored and not yet taken by a runtime (cluster-wide, sampled)"),
+            ("async_in_flight", "Asynchronous invocations taken and not yet settled: running or waiting for a retry (cluster-wide, sampled)"),
+            ("async_redelivered", "Asynchronous invocations in flight that were delivered more than once (cluster-wide, sampled)"),
+            ("async_dead_letters", "Dead letters kept (cluster-wide, sampled)"),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
+        let async_retries = Family::<FunctionLabels, Counter>::default();
+        registry.register(
+            "async_retries",
+            "Asynchronous invocations this runtime sent back for a retry",
+            async_retries.clone(),
+        );
+        let async_dead_lettered = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "async_dead_lettered",
+            "Asynchronous invocations this runtime dead-lettered, by reason",
+            async_dead_lettered.clone(),
+        );
         let nats_reconnects = Counter::default();
         registry.register(
             "nats_reconnects",
@@ -185,6 +216,9 @@ impl PrometheusMetrics {
             rejected,
             plugin_memory,
             artifact_fetches,
+            async_queue,
+            async_retries,
+            async_dead_lettered,
             nats_reconnects,
             resident_memory,
             nats: Mutex::new(None),
@@ -325,6 +359,38 @@ impl MetricsCollector for PrometheusMetrics {
         self.summary.function_stats()
     }
 
+    fn async_queue(&self, queue: &mycelium_core::asynchronous::AsyncQueueStats) {
+        let labels = function(&queue.function);
+        let figures = [
+            queue.pending,
+            queue.in_flight,
+            queue.redelivered,
+            queue.dead_lettered,
+        ];
+        for (family, figure) in self.async_queue.iter().zip(figures) {
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(figure).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn async_retried(&self, name: &FunctionName) {
+        self.async_retries.get_or_create(&function(name)).inc();
+    }
+
+    fn async_dead_lettered(
+        &self,
+        name: &FunctionName,
+        reason: mycelium_core::asynchronous::DeadLetterReason,
+    ) {
+        self.async_dead_lettered
+            .get_or_create(&ReasonLabels {
+                function: name.to_string(),
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
     fn plugin_memory(&self, name: &FunctionName, version: u64, pid: u32, rss_bytes: u64) {
         MetricsCollector::plugin_memory(&self.summary, name, version, pid, rss_bytes);
         self.update_plugin_memory(name, version);
@@ -406,6 +472,37 @@ fn respond(request: &Request<Incoming>, metrics: &PrometheusMetrics) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asynchronous_queues_render_per_function() {
+        use mycelium_core::asynchronous::{AsyncQueueStats, DeadLetterReason};
+        let metrics = PrometheusMetrics::new();
+        let name: FunctionName = "resize".parse().unwrap();
+        metrics.async_queue(&AsyncQueueStats {
+            function: name.clone(),
+            pending: 7,
+            in_flight: 3,
+            redelivered: 1,
+            dead_lettered: 2,
+        });
+        metrics.async_retried(&name);
+        metrics.async_retried(&name);
+        metrics.async_dead_lettered(&name, DeadLetterReason::RetriesExhausted);
+        let text = metrics.render();
+        for line in [
+            r#"mycelium_async_pending{function="resize"} 7"#,
+            r#"mycelium_async_in_flight{function="resize"} 3"#,
+            r#"mycelium_async_redelivered{function="resize"} 1"#,
+            r#"mycelium_async_dead_letters{function="resize"} 2"#,
+            r#"mycelium_async_retries_total{function="resize"} 2"#,
+            r#"mycelium_async_dead_lettered_total{function="resize",reason="retries_exhausted"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn plugin_lifecycle_renders_with_bounded_labels() {

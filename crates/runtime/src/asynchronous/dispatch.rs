@@ -201,6 +201,7 @@ impl Dispatcher {
                 self.ack(message).await;
             }
             Ending::Retry(error, delay) => {
+                self.shared.invoker.metrics.async_retried(function);
                 tracing::debug!(%function, invocation_id = %stored.invocation_id, attempt = stored.attempt, code = %error.code, ?delay, "asynchronous invocation failed; retrying");
                 if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::debug!(%function, %error, "the retry could not be asked for; the ack wait will bring it back");
@@ -215,7 +216,7 @@ impl Dispatcher {
                         stored.attempt.saturating_sub(1)
                     }
                 };
-                tracing::warn!(%function, invocation_id = %stored.invocation_id, attempts, ?reason, code = %error.code, "asynchronous invocation dead-lettered: {}", error.message);
+                tracing::warn!(%function, invocation_id = %stored.invocation_id, attempts, reason = reason.as_str(), code = %error.code, "asynchronous invocation dead-lettered: {}", error.message);
                 let event_json = event
                     .as_ref()
                     .and_then(|e| serde_json::to_value(e).ok())
@@ -276,6 +277,14 @@ impl Dispatcher {
                     if let Err(error) = self.publish(subject, headers, body).await {
                         tracing::warn!(%function, %error, subject, "announcing a dead letter failed");
                     }
+                }
+                // Counted for functions this runtime knows only: the names of the others
+                // are the callers'.
+                if self.shared.invoker.describe(function, None).is_ok() {
+                    self.shared
+                        .invoker
+                        .metrics
+                        .async_dead_lettered(function, reason);
                 }
                 self.ack(message).await;
             }

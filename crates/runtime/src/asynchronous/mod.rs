@@ -18,7 +18,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures_util::StreamExt;
 use mycelium_core::{
-    asynchronous::{ASYNC_STREAM, DLQ_STREAM},
+    asynchronous::{consumer_name, AsyncQueueStats, ASYNC_STREAM, DLQ_STREAM},
     FunctionName,
 };
 use tokio::sync::Semaphore;
@@ -109,11 +109,6 @@ pub(crate) async fn ensure_streams(
         .map_err(|e| format!("opening the stream {ASYNC_STREAM}: {e}"))
 }
 
-/// The durable consumer of `function`'s invocations, shared by every runtime.
-pub fn consumer_name(function: &FunctionName) -> String {
-    format!("fn-{function}")
-}
-
 /// How often a runtime looks for invocations of functions it does not know (deleted, or
 /// never deployed): nothing else would ever take them out of the work queue.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -195,6 +190,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                 () = shared.stop.cancelled() => return,
                 still = changed => if !still { return },
                 _ = sweep.tick() => {
+                    sample_queues(&stream, &shared, &loops).await;
                     let sweeping = loops.values().filter(|l| l.version.is_none()).count();
                     for name in unknown_with_work(&stream, &shared, &loops, MAX_SWEEPS.saturating_sub(sweeping)).await {
                         let pull = spawn(name.clone(), None);
@@ -204,6 +200,40 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// Hands the queues of the functions this runtime knows, as JetStream counts them, to the
+/// metrics collector (Prometheus gauges).
+async fn sample_queues(
+    stream: &stream::Stream,
+    shared: &Shared,
+    loops: &HashMap<FunctionName, PullLoop>,
+) {
+    let prefix = format!("{}.dlq.", shared.config.subject_prefix);
+    let mut dead_letters = HashMap::new();
+    let jetstream = jetstream::new(shared.client.clone());
+    if let Ok(dlq) = jetstream.get_stream(DLQ_STREAM).await {
+        if let Ok(mut subjects) = dlq.info_with_subjects(format!("{prefix}>")).await {
+            while let Some(Ok((subject, count))) = subjects.next().await {
+                if let Some(name) = subject.strip_prefix(&prefix) {
+                    dead_letters.insert(name.to_owned(), count as u64);
+                }
+            }
+        }
+    }
+    let known = loops.iter().filter(|(_, l)| l.version.is_some());
+    for (function, _) in known {
+        let Ok(info) = stream.consumer_info(consumer_name(function)).await else {
+            continue;
+        };
+        shared.invoker.metrics.async_queue(&AsyncQueueStats {
+            function: function.clone(),
+            pending: info.num_pending,
+            in_flight: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+            dead_lettered: dead_letters.get(function.as_str()).copied().unwrap_or(0),
+        });
+    }
 }
 
 /// Functions with invocations waiting that this runtime neither knows nor sweeps, at most

@@ -1,0 +1,327 @@
+//! Asynchronous invocation through real `mycelium` processes: the CLI's `invoke --async`,
+//! `deploy` retry flags, `dlq` and `stats`; and 2,000 invocations that all arrive although a
+//! runtime is SIGKILLed under load.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use futures_util::{stream, StreamExt};
+use mycelium_client::{Client, SubmitOptions};
+use mycelium_core::{
+    asynchronous::{ASYNC_STREAM, DLQ_STREAM},
+    cloudevents::AttributesReader,
+    envelope,
+};
+use mycelium_test_support::{event, eventually, kill_now, ChildGuard, NatsServer};
+use serde_json::{json, Value};
+
+use common::mycelium;
+
+fn serve(url: &str, options: &[&str]) -> ChildGuard {
+    ChildGuard(
+        mycelium()
+            .env("RUST_LOG", "warn")
+            .args(["--nats-url", url, "serve"])
+            .args(options)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn run(url: &str, args: &[&str]) -> Output {
+    mycelium()
+        .args(["--nats-url", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_json(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+async fn wait_for_streams(client: &Client) {
+    let jetstream = mycelium_client::async_nats::jetstream::new(client.nats().clone());
+    eventually(Duration::from_secs(30), || {
+        let jetstream = jetstream.clone();
+        async move {
+            let ready = jetstream.get_stream(ASYNC_STREAM).await.is_ok()
+                && jetstream.get_stream(DLQ_STREAM).await.is_ok();
+            ready.then_some(())
+        }
+    })
+    .await;
+}
+
+async fn wait_for_instances(client: &Client, count: usize) {
+    eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let stats = client.stats(Duration::from_secs(1)).await.ok()?;
+            (stats.instances == count).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_deploys_with_retry_settings_and_manages_dead_letters() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let _runtime = serve(&url, &[]);
+    let client = Client::new(server.connect().await);
+    wait_for_streams(&client).await;
+    let nats = client.nats().clone();
+    let mut results = nats.subscribe("results.cli").await.unwrap();
+    nats.flush().await.unwrap();
+
+    // Accepted, then run: the result arrives where it was asked to go.
+    let accepted = stdout_json(&run(
+        &url,
+        &[
+            "invoke",
+            "echo",
+            "--async",
+            "--id",
+            "cli-1",
+            "--result-subject",
+            "results.cli",
+            "--idempotency-key",
+            "k-1",
+        ],
+    ));
+    assert_eq!(accepted["stream"], ASYNC_STREAM);
+    assert_eq!(accepted["duplicate"], false);
+    let sequence = accepted["sequence"].as_u64().unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(30), results.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let events = envelope::decode_invoke_reply(&message.payload)
+        .unwrap()
+        .unwrap();
+    assert_eq!(events[0].id(), "cli-1");
+    assert_eq!(
+        message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Mycelium-Invocation-Id")
+            .unwrap()
+            .as_str(),
+        accepted["invocationId"].as_str().unwrap()
+    );
+    // The same key again: a duplicate, not stored, not run.
+    let again = run(
+        &url,
+        &[
+            "invoke",
+            "echo",
+            "--async",
+            "--id",
+            "cli-1",
+            "--result-subject",
+            "results.cli",
+            "--idempotency-key",
+            "k-1",
+        ],
+    );
+    let again_json = stdout_json(&again);
+    assert_eq!(again_json["duplicate"], true);
+    assert_eq!(again_json["sequence"].as_u64().unwrap(), sequence);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("duplicate"));
+    // Asynchronous options without --async are a usage error.
+    let usage = run(&url, &["invoke", "echo", "--result-subject", "results.cli"]);
+    assert_eq!(usage.status.code(), Some(2));
+
+    // Deploy flags land in the metadata; a system subject as a default destination is refused.
+    let deployed = run(
+        &url,
+        &[
+            "deploy",
+            "patient",
+            "--builtin",
+            "echo",
+            "--retries",
+            "4",
+            "--retry-backoff",
+            "1s,10s",
+            "--max-event-age",
+            "10m",
+            "--on-success",
+            "results.patient",
+            "--on-failure",
+            "failures.patient",
+        ],
+    );
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let described = stdout_json(&run(&url, &["describe", "patient", "--json"]));
+    assert_eq!(
+        described["async"],
+        json!({"retries": 4, "retryBackoffMs": [1000, 10000], "maxEventAgeMs": 600000, "onSuccess": "results.patient", "onFailure": "failures.patient"}),
+        "{described}"
+    );
+    let refused = run(
+        &url,
+        &[
+            "deploy",
+            "sneaky",
+            "--builtin",
+            "echo",
+            "--on-success",
+            "$JS.API.STREAM.DELETE.MYCELIUM_ASYNC",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("system subject"), "{stderr}");
+
+    // A refused result subject dead-letters the invocation; dlq shows it, replay and purge.
+    let refused_subject = stdout_json(&run(
+        &url,
+        &[
+            "invoke",
+            "echo",
+            "--async",
+            "--id",
+            "bad-1",
+            "--result-subject",
+            "$SYS.REQ.SERVER.PING",
+        ],
+    ));
+    assert_eq!(refused_subject["duplicate"], false);
+    let listed = eventually(Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let listed = stdout_json(&run(&url, &["dlq", "list", "echo", "--json"]));
+            (listed["deadLetters"].as_array()?.len() == 1).then_some(listed)
+        }
+    })
+    .await;
+    let letter = &listed["deadLetters"][0];
+    assert_eq!(letter["reason"], "result_subject_refused");
+    assert_eq!(letter["event"]["id"], "bad-1");
+    assert_eq!(letter["attempts"], 0);
+    let table = run(&url, &["dlq", "list", "echo"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("bad-1"));
+
+    let stats = stdout_json(&run(&url, &["stats", "echo", "--json"]));
+    let queue = &stats["async"][0];
+    assert_eq!(queue["function"], "echo", "{stats}");
+    assert_eq!(queue["deadLettered"], 1, "{stats}");
+
+    let replayed = run(&url, &["dlq", "replay", "echo", "--id", "bad-1"]);
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&replayed.stdout).contains("replayed 1"));
+    // Replayed with the same refused subject, it is dead-lettered again.
+    eventually(Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let listed = stdout_json(&run(&url, &["dlq", "list", "echo", "--json"]));
+            let letters = listed["deadLetters"].as_array()?.clone();
+            (letters.len() == 1 && letters[0]["dlqSequence"] != letter["dlqSequence"]).then_some(())
+        }
+    })
+    .await;
+    let nothing = run(&url, &["dlq", "replay", "echo", "--id", "no-such-event"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("error[nothing_to_replay]"));
+    let purged = run(&url, &["dlq", "purge", "echo"]);
+    assert!(String::from_utf8_lossy(&purged.stdout).contains("purged 1"));
+    let empty = run(&url, &["dlq", "list", "echo"]);
+    assert!(String::from_utf8_lossy(&empty.stdout).contains("No dead letters"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_accepted_invocation_is_lost_when_a_runtime_is_killed_under_load() {
+    const TOTAL: usize = 2_000;
+    let server = NatsServer::start();
+    let url = server.url();
+    // A short ack wait: what the killed runtime held comes back within seconds.
+    let options = ["--registry", "memory", "--async-ack-wait", "2s"];
+    let first = serve(&url, &options);
+    let _second = serve(&url, &options);
+    let client = Client::new(server.connect().await);
+    wait_for_instances(&client, 2).await;
+    wait_for_streams(&client).await;
+    let nats = client.nats().clone();
+    let mut results = nats.subscribe("results.load").await.unwrap();
+    nats.flush().await.unwrap();
+
+    let submitter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            stream::iter(0..TOTAL)
+                .map(|n| {
+                    let client = client.clone();
+                    async move {
+                        let options = SubmitOptions {
+                            result_subject: Some("results.load".into()),
+                            ..Default::default()
+                        };
+                        client
+                            .submit("echo", &event(&format!("e-{n}"), json!({"n": n})), options)
+                            .await
+                            .unwrap()
+                    }
+                })
+                .buffer_unordered(32)
+                .count()
+                .await
+        })
+    };
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut first = Some(first);
+    let mut third = None;
+    while seen.len() < TOTAL {
+        let message = tokio::time::timeout(Duration::from_secs(60), results.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled with {} of {TOTAL} results", seen.len()))
+            .unwrap();
+        let events = envelope::decode_invoke_reply(&message.payload)
+            .unwrap()
+            .unwrap();
+        *seen.entry(events[0].id().to_owned()).or_default() += 1;
+        if seen.len() == TOTAL / 4 {
+            if let Some(runtime) = first.take() {
+                kill_now(runtime.0.id());
+                third = Some(serve(&url, &options));
+            }
+        }
+    }
+    assert_eq!(
+        submitter.await.unwrap(),
+        TOTAL,
+        "every submission was accepted"
+    );
+    assert!(
+        first.is_none() && third.is_some(),
+        "the kill happened under load"
+    );
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!("{TOTAL} results, {duplicates} duplicate(s) from the killed runtime's redeliveries");
+    assert_eq!(seen.len(), TOTAL);
+    assert!((0..TOTAL).all(|n| seen.contains_key(&format!("e-{n}"))));
+}
