@@ -17,7 +17,7 @@ use mycelium_core::{
     cloudevents::AttributesReader,
     envelope,
 };
-use mycelium_test_support::{event, eventually, kill_now, ChildGuard, NatsServer};
+use mycelium_test_support::{event, eventually, kill_now, ChildGuard, NatsCluster, NatsServer};
 use serde_json::{json, Value};
 
 use common::mycelium;
@@ -324,4 +324,111 @@ async fn no_accepted_invocation_is_lost_when_a_runtime_is_killed_under_load() {
     eprintln!("{TOTAL} results, {duplicates} duplicate(s) from the killed runtime's redeliveries");
     assert_eq!(seen.len(), TOTAL);
     assert!((0..TOTAL).all(|n| seen.contains_key(&format!("e-{n}"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_at_r3_loses_no_invocation_when_a_node_is_lost() {
+    use mycelium_client::async_nats::jetstream;
+    const TOTAL: usize = 1_000;
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let options = [
+        "--registry",
+        "memory",
+        "--replicas",
+        "3",
+        "--async-ack-wait",
+        "2s",
+    ];
+    let _runtimes = [serve(&urls, &options), serve(&urls, &options)];
+    let client = Client::new(cluster.connect().await);
+    wait_for_streams(&client).await;
+    let js = jetstream::new(client.nats().clone());
+    // Results are kept in a stream of their own, replicated too: what a runtime published
+    // before a node died is not lost with it, and the test reads them all at the end.
+    eventually(Duration::from_secs(60), || {
+        let js = js.clone();
+        async move {
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: "RESULTS".into(),
+                subjects: vec!["results.r3".into()],
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    let info = js
+        .get_stream(ASYNC_STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+
+    // Each submission is retried with its idempotency key until accepted: a retry of one that
+    // was stored after all is a duplicate, not a second invocation.
+    let submit = |n: usize| {
+        let client = client.clone();
+        async move {
+            let options = SubmitOptions {
+                result_subject: Some("results.r3".into()),
+                idempotency_key: Some(format!("r3-{n}")),
+                ..Default::default()
+            };
+            let event = event(&format!("r3-{n}"), json!({"n": n}));
+            eventually(Duration::from_secs(60), || {
+                let (client, options, event) = (client.clone(), options.clone(), event.clone());
+                async move { client.submit("echo", &event, options).await.ok() }
+            })
+            .await
+        }
+    };
+    let mut accepted = Vec::new();
+    for chunk in (0..TOTAL).collect::<Vec<_>>().chunks(TOTAL / 4) {
+        if accepted.len() == TOTAL / 4 {
+            cluster.nodes_mut()[0].kill();
+        }
+        if accepted.len() == 3 * TOTAL / 4 {
+            cluster.nodes_mut()[0].resume();
+        }
+        let done: Vec<_> = stream::iter(chunk.to_vec())
+            .map(submit)
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        accepted.extend(done);
+    }
+    assert_eq!(accepted.len(), TOTAL);
+
+    // Every accepted invocation's result is in the results stream (duplicates allowed).
+    let seen = eventually(Duration::from_secs(120), || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("RESULTS").await.ok()?;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+                .await
+                .ok()?;
+            let mut pending = consumer.cached_info().num_pending;
+            let mut messages = consumer.messages().await.ok()?;
+            let mut seen = std::collections::HashSet::new();
+            while pending > 0 {
+                let message = messages.next().await?.ok()?;
+                pending = message.info().ok()?.pending;
+                let id = message
+                    .headers
+                    .as_ref()?
+                    .get("Mycelium-Event-Id")?
+                    .as_str()
+                    .to_owned();
+                seen.insert(id);
+            }
+            (seen.len() == TOTAL).then_some(seen)
+        }
+    })
+    .await;
+    assert!((0..TOTAL).all(|n| seen.contains(&format!("r3-{n}"))));
 }

@@ -530,3 +530,47 @@ async fn invocations_of_functions_no_runtime_knows_are_dead_lettered_after_the_g
     }
     runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_nats_client_can_submit_in_binary_mode_with_a_plain_request() {
+    let f = fixture(AsyncConfig::default()).await;
+    let nats = f.client.nats().clone();
+    let mut results = nats.subscribe("results.raw").await.unwrap();
+    nats.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "raw-1"),
+        ("ce-source", "a-shell-script"),
+        ("ce-type", "com.example.raw"),
+        ("Content-Type", "text/plain"),
+        ("Nats-Msg-Id", "raw-1"),
+        ("Mycelium-Result-Subject", "results.raw"),
+    ] {
+        headers.insert(name, value);
+    }
+    // JetStream answers the request with its PubAck: the acceptance.
+    let ack = nats
+        .request_with_headers("function.async.echo", headers.clone(), "hello".into())
+        .await
+        .unwrap();
+    let ack: serde_json::Value = serde_json::from_slice(&ack.payload).unwrap();
+    assert_eq!(ack["stream"], ASYNC_STREAM, "{ack}");
+    let again = nats
+        .request_with_headers("function.async.echo", headers, "hello".into())
+        .await
+        .unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&again.payload).unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    let message = next(&mut results).await;
+    let events = envelope::decode_invoke_reply(&message.payload)
+        .unwrap()
+        .unwrap();
+    assert_eq!(events[0].id(), "raw-1");
+    assert_eq!(events[0].source().as_str(), "a-shell-script");
+    assert_eq!(
+        header(&message, INVOCATION_ID_HEADER),
+        format!("async-{}", ack["seq"])
+    );
+    f.runtime.unwrap().shutdown().await;
+}

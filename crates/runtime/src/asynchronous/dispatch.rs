@@ -2,7 +2,11 @@
 //! ack wait renewed while it runs), then the result published, a NAK with the backoff as
 //! delay, or a dead letter.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_nats::{
     jetstream::{self, AckKind},
@@ -26,6 +30,8 @@ use crate::server::{self, Shared};
 pub(crate) struct Dispatcher {
     shared: Arc<Shared>,
     jetstream: jetstream::Context,
+    /// Result subjects and whether a stream captures them, with when that was learnt.
+    routes: Mutex<HashMap<String, (bool, std::time::Instant)>>,
 }
 
 /// What is known of a pulled invocation before it runs.
@@ -51,7 +57,11 @@ enum Ending {
 
 impl Dispatcher {
     pub(crate) fn new(shared: Arc<Shared>, jetstream: jetstream::Context) -> Self {
-        Self { shared, jetstream }
+        Self {
+            shared,
+            jetstream,
+            routes: Mutex::default(),
+        }
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -292,14 +302,57 @@ impl Dispatcher {
     }
 
     /// Publishes a result where it was asked for, checked again: a per-function default may
-    /// predate this runtime's allow-list.
+    /// predate this runtime's allow-list. When a stream captures the subject, the result is
+    /// published the JetStream way and stored before the invocation is acked; otherwise it
+    /// goes to subscribers as a plain publish, flushed to the server first.
     async fn publish(&self, subject: &str, headers: HeaderMap, body: Bytes) -> Result<(), String> {
         self.check_subject(subject).map_err(|e| e.to_string())?;
-        self.shared
-            .client
-            .publish_with_headers(subject.to_owned(), headers, body)
-            .await
-            .map_err(|e| e.to_string())
+        if self.captured(subject).await? {
+            self.jetstream
+                .publish_with_headers(subject.to_owned(), headers, body)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            let client = &self.shared.client;
+            client
+                .publish_with_headers(subject.to_owned(), headers, body)
+                .await
+                .map_err(|e| e.to_string())?;
+            client.flush().await.map_err(|e| e.to_string())
+        }
+    }
+
+    /// Whether a stream captures `subject`, remembered for a few seconds (the subjects are
+    /// callers', so the memory is bounded and simply forgets when full).
+    async fn captured(&self, subject: &str) -> Result<bool, String> {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        const REMEMBER: Duration = Duration::from_secs(10);
+        const SUBJECTS: usize = 1024;
+        let now = std::time::Instant::now();
+        if let Some((captured, at)) = self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(subject)
+        {
+            if now.duration_since(*at) < REMEMBER {
+                return Ok(*captured);
+            }
+        }
+        let captured = match self.jetstream.stream_by_subject(subject).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => false,
+            Err(e) => return Err(format!("asking which stream captures {subject}: {e}")),
+        };
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.len() >= SUBJECTS {
+            routes.clear();
+        }
+        routes.insert(subject.to_owned(), (captured, now));
+        Ok(captured)
     }
 
     fn result_headers(&self, stored: &Stored, event: Option<&Event>) -> HeaderMap {

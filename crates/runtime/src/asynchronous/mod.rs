@@ -134,13 +134,30 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let jetstream = jetstream::new(shared.client.clone());
         let config = &shared.config.asynchronous;
-        let stream = match ensure_streams(&jetstream, &shared.config.subject_prefix, config).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "asynchronous invocation is off on this runtime (it needs JetStream)");
-                return;
+        // JetStream may not be ready yet (a cluster electing its meta leader) or not be there
+        // at all: keep trying, quietly after the first warning.
+        let mut failures = 0u32;
+        let stream = loop {
+            match ensure_streams(&jetstream, &shared.config.subject_prefix, config).await {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    failures += 1;
+                    if failures == 3 {
+                        tracing::warn!(%error, "asynchronous invocation waits for JetStream (it needs JetStream enabled on the NATS server); still trying");
+                    } else {
+                        tracing::debug!(%error, "the asynchronous invocation streams are not ready; retrying");
+                    }
+                    let pause = Duration::from_millis(250 * u64::from(failures.min(40)));
+                    tokio::select! {
+                        () = shared.stop.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
             }
         };
+        if failures >= 3 {
+            tracing::info!("asynchronous invocation is on");
+        }
         let dispatcher = Arc::new(dispatch::Dispatcher::new(shared.clone(), jetstream));
         let mut changes = shared.invoker.registry.changes();
         let mut loops: HashMap<FunctionName, PullLoop> = HashMap::new();
