@@ -29,10 +29,11 @@ use mycelium_registry::{
 };
 use serde::Serialize;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "nats-echo",
     "builtin",
     "binding",
+    "async",
     "plugin-rust",
     "plugin-go",
     "cold-start",
@@ -62,7 +63,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, plugin-rust, plugin-go, cold-start, deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), plugin-rust, plugin-go, cold-start, deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -154,6 +155,82 @@ struct Shot {
     subject: String,
     headers: Option<HeaderMap>,
     body: Bytes,
+    /// For asynchronous invocations: where results are awaited (the request is a JetStream
+    /// publish, done when its result arrives).
+    asynchronous: Option<Arc<AsyncResults>>,
+}
+
+/// Where the results of asynchronous invocations arrive, matched to their submitters by the
+/// invocation id each submission names.
+struct AsyncResults {
+    jetstream: async_nats::jetstream::Context,
+    waiting:
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<bool>>>,
+    next: AtomicU64,
+}
+
+const ASYNC_RESULTS: &str = "bench.async.results";
+
+impl AsyncResults {
+    async fn start(nats: &async_nats::Client) -> Result<Arc<Self>> {
+        let mut results = nats.subscribe(ASYNC_RESULTS).await?;
+        nats.flush().await?;
+        let this = Arc::new(Self {
+            jetstream: async_nats::jetstream::new(nats.clone()),
+            waiting: Default::default(),
+            next: AtomicU64::new(0),
+        });
+        let waiting = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(message) = results.next().await {
+                let Some(this) = waiting.upgrade() else {
+                    return;
+                };
+                let headers = message.headers.as_ref();
+                let id = headers.and_then(|h| h.get(envelope::INVOCATION_ID_HEADER));
+                let ok =
+                    headers.is_none_or(|h| h.get(envelope::SERVICE_ERROR_CODE_HEADER).is_none());
+                let waiter = id.and_then(|id| {
+                    this.waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(id.as_str())
+                });
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(ok);
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// Submits one invocation and waits for its result.
+    async fn send(&self, shot: &Shot) -> bool {
+        let id = format!("bench-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), tx);
+        let mut headers = shot.headers.clone().unwrap_or_default();
+        headers.insert(envelope::INVOCATION_ID_HEADER, id.as_str());
+        let accepted = async {
+            self.jetstream
+                .publish_with_headers(shot.subject.clone(), headers, shot.body.clone())
+                .await?
+                .await
+        };
+        let ok = accepted.await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .is_ok_and(|r| r.unwrap_or(false));
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        ok
+    }
 }
 
 fn invoke_body(function: &str, data: &str) -> Bytes {
@@ -168,11 +245,12 @@ fn invoke_body(function: &str, data: &str) -> Bytes {
     envelope::encode_invoke_request(&name, &event, None, None).into()
 }
 
-fn shot_for(scenario: &str, data: &str) -> Shot {
+fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>) -> Shot {
     let invoke = |function: &str| Shot {
         subject: "function.invoke".into(),
         headers: None,
         body: invoke_body(function, data),
+        asynchronous: None,
     };
     match scenario {
         // The baseline carries the same bytes as the envelope scenarios.
@@ -180,7 +258,26 @@ fn shot_for(scenario: &str, data: &str) -> Shot {
             subject: "bench.echo".into(),
             headers: None,
             body: invoke_body("echo", data),
+            asynchronous: None,
         },
+        "async" => {
+            let mut headers = HeaderMap::new();
+            headers.insert("Content-Type", "application/cloudevents+json");
+            headers.insert("Mycelium-Result-Subject", ASYNC_RESULTS);
+            let event = EventBuilderV10::new()
+                .id("bench")
+                .source("mycelium-bench")
+                .ty("com.example.bench")
+                .data("text/plain", data.to_owned())
+                .build()
+                .expect("a valid event");
+            Shot {
+                subject: "function.async.echo".into(),
+                headers: Some(headers),
+                body: serde_json::to_vec(&event).expect("an event encodes").into(),
+                asynchronous,
+            }
+        }
         "builtin" => invoke("echo"),
         "binding" => {
             let mut headers = HeaderMap::new();
@@ -197,6 +294,7 @@ fn shot_for(scenario: &str, data: &str) -> Shot {
                 subject: "function.invoke.echo".into(),
                 headers: Some(headers),
                 body: Bytes::from(data.to_owned()),
+                asynchronous: None,
             }
         }
         "plugin-rust" => invoke("bench-rust"),
@@ -206,6 +304,9 @@ fn shot_for(scenario: &str, data: &str) -> Shot {
 }
 
 async fn send(nats: &async_nats::Client, shot: &Shot) -> bool {
+    if let Some(asynchronous) = &shot.asynchronous {
+        return asynchronous.send(shot).await;
+    }
     let request = async_nats::Request::new()
         .payload(shot.body.clone())
         .timeout(Some(Duration::from_secs(10)));
@@ -459,6 +560,7 @@ async fn deploy_and_wait(
         subject: "function.invoke".into(),
         headers: None,
         body: invoke_body(name, "x"),
+        asynchronous: None,
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !send(nats, &shot).await {
@@ -541,7 +643,7 @@ async fn main() -> Result<()> {
     nats.flush().await?;
 
     let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default()).await?;
-    let mut available = vec!["nats-echo", "builtin", "binding"];
+    let mut available = vec!["nats-echo", "builtin", "binding", "async"];
     if wanted("plugin-rust") || wanted("cold-start") || wanted("deploy") {
         let rust = args
             .rust_plugin
@@ -572,13 +674,18 @@ async fn main() -> Result<()> {
         "nats-echo",
         "builtin",
         "binding",
+        "async",
         "plugin-rust",
         "plugin-go",
     ] {
         if !wanted(scenario) || !available.contains(&scenario) {
             continue;
         }
-        let shot = shot_for(scenario, &data);
+        let asynchronous = match scenario {
+            "async" => Some(AsyncResults::start(&nats).await?),
+            _ => None,
+        };
+        let shot = shot_for(scenario, &data, asynchronous);
         for &concurrency in &args.concurrency {
             let (histogram, errors, elapsed, mode) = match args.rate {
                 Some(rate) => {
@@ -647,12 +754,14 @@ async fn main() -> Result<()> {
                     )
                     .into()
                 },
+                asynchronous: None,
             };
             // The runtime learns of the version within milliseconds; wait for that outside the timing.
             let probe = Shot {
                 subject: "function.describe".into(),
                 headers: None,
                 body: format!(r#"{{"functionName":"bench-cold","version":{version}}}"#).into(),
+                asynchronous: None,
             };
             while !send(&nats, &probe).await {}
             let start = Instant::now();

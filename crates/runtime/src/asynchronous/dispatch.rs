@@ -304,7 +304,7 @@ impl Dispatcher {
     /// Publishes a result where it was asked for, checked again: a per-function default may
     /// predate this runtime's allow-list. When a stream captures the subject, the result is
     /// published the JetStream way and stored before the invocation is acked; otherwise it
-    /// goes to subscribers as a plain publish, flushed to the server first.
+    /// goes to subscribers as a plain publish.
     async fn publish(&self, subject: &str, headers: HeaderMap, body: Bytes) -> Result<(), String> {
         self.check_subject(subject).map_err(|e| e.to_string())?;
         if self.captured(subject).await? {
@@ -316,12 +316,14 @@ impl Dispatcher {
                 .map(drop)
                 .map_err(|e| e.to_string())
         } else {
-            let client = &self.shared.client;
-            client
+            // No flush: the double ack that follows on the same connection is answered only
+            // after the server has processed this publish (a connection's commands are
+            // handled in order), which saves a round trip per invocation (measured).
+            self.shared
+                .client
                 .publish_with_headers(subject.to_owned(), headers, body)
                 .await
-                .map_err(|e| e.to_string())?;
-            client.flush().await.map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())
         }
     }
 
