@@ -17,7 +17,9 @@ use mycelium_core::{
     cloudevents::AttributesReader,
     envelope,
 };
-use mycelium_test_support::{event, eventually, kill_now, ChildGuard, NatsCluster, NatsServer};
+use mycelium_test_support::{
+    event, eventually, free_port, kill_now, ChildGuard, NatsCluster, NatsServer,
+};
 use serde_json::{json, Value};
 
 use common::mycelium;
@@ -81,7 +83,11 @@ async fn wait_for_instances(client: &Client, count: usize) {
 async fn the_cli_submits_deploys_with_retry_settings_and_manages_dead_letters() {
     let server = NatsServer::start();
     let url = server.url();
-    let _runtime = serve(&url, &[]);
+    let metrics_port = free_port();
+    let _runtime = serve(
+        &url,
+        &["--metrics-addr", &format!("127.0.0.1:{metrics_port}")],
+    );
     let client = Client::new(server.connect().await);
     wait_for_streams(&client).await;
     let nats = client.nats().clone();
@@ -226,6 +232,28 @@ async fn the_cli_submits_deploys_with_retry_settings_and_manages_dead_letters() 
     let queue = &stats["async"][0];
     assert_eq!(queue["function"], "echo", "{stats}");
     assert_eq!(queue["deadLettered"], 1, "{stats}");
+    let top = run(&url, &["top", "--iterations", "1"]);
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.contains("ASYNC QUEUE") && top.contains("DEAD LETTERS"),
+        "{top}"
+    );
+    // Prometheus: what this runtime dead-lettered, and the queues it samples every 10 s.
+    eventually(Duration::from_secs(30), || async move {
+        let text = tokio::task::spawn_blocking(move || common::scrape_metrics(metrics_port))
+            .await
+            .ok()?
+            .ok()?;
+        [
+            r#"mycelium_async_dead_lettered_total{function="echo",reason="result_subject_refused"} 1"#,
+            r#"mycelium_async_pending{function="echo"} 0"#,
+            r#"mycelium_async_dead_letters{function="echo"} 1"#,
+        ]
+        .iter()
+        .all(|line| text.lines().any(|l| l == *line))
+        .then_some(())
+    })
+    .await;
 
     let replayed = run(&url, &["dlq", "replay", "echo", "--id", "bad-1"]);
     assert!(

@@ -508,18 +508,7 @@ async fn serve_exposes_prometheus_metrics() {
     )
     .await;
     stdout_json(&run(&["--nats-url", &url, "invoke", "echo", "--id", "m1"]));
-    let scrape = move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
-    };
+    let scrape = move || common::scrape_metrics(metrics_port).unwrap();
     let text = tokio::task::spawn_blocking(scrape).await.unwrap();
     assert!(
         text.lines().any(|l| l
@@ -770,20 +759,9 @@ async fn credentials_never_show_in_logs_errors_metrics_or_describe() {
         let out = run(&["--nats-url", &url, "list"]);
         shown.push_str(&String::from_utf8_lossy(&out.stderr));
     }
-    let scrape = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
-        )
+    let scrape = tokio::task::spawn_blocking(move || common::scrape_metrics(metrics_port).unwrap())
+        .await
         .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
-    })
-    .await
-    .unwrap();
     drop(serve);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("keyed"), "the log is not empty: {logged}");

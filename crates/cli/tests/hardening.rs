@@ -579,16 +579,7 @@ async fn the_metrics_endpoint_out_of_descriptors_pauses_and_recovers() {
     let client = Client::new(server.connect().await);
     wait_ready(&client).await;
     let scrape = move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
+        let text = common::scrape_metrics(port).ok()?;
         text.starts_with("HTTP/1.1 200").then_some(())
     };
     // Held open, these connections use up the runtime's descriptors (the kernel keeps

@@ -125,3 +125,17 @@ pub fn is_alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The text of `GET /metrics` from a runtime's metrics address on 127.0.0.1 (blocking).
+pub fn scrape_metrics(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
