@@ -150,6 +150,106 @@ pub enum Command {
     Logs(LogsArgs),
     /// Dead letters of asynchronous invocations: list, replay, purge.
     Dlq(DlqArgs),
+    /// Event triggers: functions that run on messages, stream and KV changes, schedules.
+    Trigger(TriggerArgs),
+}
+
+/// `mycelium trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    #[command(subcommand)]
+    pub command: TriggerCommand,
+}
+
+/// The `trigger` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TriggerCommand {
+    /// Bind a function to a source of events.
+    Add(Box<TriggerAddArgs>),
+    /// The triggers.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One trigger.
+    Describe {
+        /// The trigger.
+        name: String,
+    },
+    /// Remove a trigger everywhere.
+    Delete {
+        /// The trigger.
+        name: String,
+    },
+    /// Stop a trigger from firing (durable sources keep their place).
+    Pause {
+        /// The trigger.
+        name: String,
+    },
+    /// Let a paused trigger fire again.
+    Resume {
+        /// The trigger.
+        name: String,
+    },
+}
+
+/// `mycelium trigger add`.
+#[derive(Debug, Args)]
+pub struct TriggerAddArgs {
+    /// The trigger's name.
+    pub name: String,
+    /// The function it runs.
+    #[arg(long)]
+    pub function: String,
+    #[command(flatten)]
+    pub source: TriggerSourceArgs,
+    /// With --stream: only messages on this subject.
+    #[arg(long, requires = "stream")]
+    pub filter: Option<String>,
+    /// With --stream: start with new messages or everything the stream holds.
+    #[arg(long, requires = "stream", value_enum, default_value_t = DeliverArg::New)]
+    pub deliver: DeliverArg,
+    /// With --kv: only keys matching this pattern.
+    #[arg(long, requires = "kv")]
+    pub key: Option<String>,
+    /// With --cron: its time zone (IANA, e.g. Europe/Paris; default UTC).
+    #[arg(long, requires = "cron")]
+    pub tz: Option<String>,
+    /// Publish the function's result events here, one CloudEvent per message.
+    #[arg(long, value_name = "SUBJECT")]
+    pub then: Option<String>,
+}
+
+/// Exactly one source of a trigger.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct TriggerSourceArgs {
+    /// Core NATS messages on this subject (wildcards allowed), each run once, at most once.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// A JetStream stream, through a durable consumer: at least once, with the function's
+    /// retries and dead letters.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Every put and delete in this KV bucket.
+    #[arg(long)]
+    pub kv: Option<String>,
+    /// A 6-field cron expression, seconds first ('0 */5 * * * *'), or @hourly, @daily, ...
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// A fixed interval (whole seconds, e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    pub every: Option<Duration>,
+}
+
+/// Where a stream trigger starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeliverArg {
+    /// Messages stored from now on.
+    New,
+    /// Everything the stream holds.
+    All,
 }
 
 /// `mycelium dlq`.

@@ -66,6 +66,10 @@ pub enum Code {
     StreamFull,
     /// `dlq replay` found nothing to replay.
     NothingToReplay,
+    /// A trigger that cannot be added (bad source, missing function, stream or bucket).
+    InvalidTrigger,
+    /// No trigger of that name.
+    TriggerNotFound,
     /// Anything else inside the CLI.
     Internal,
 }
@@ -98,6 +102,8 @@ impl Code {
             Code::NoAsyncStream => "no_async_stream",
             Code::StreamFull => "stream_full",
             Code::NothingToReplay => "nothing_to_replay",
+            Code::InvalidTrigger => "invalid_trigger",
+            Code::TriggerNotFound => "trigger_not_found",
             Code::Internal => "internal",
         }
     }
@@ -114,7 +120,9 @@ impl Code {
             | Code::DataDirInUse
             | Code::NoLogHistory
             | Code::StreamFull
-            | Code::NothingToReplay => EXIT_FAILED,
+            | Code::NothingToReplay
+            | Code::InvalidTrigger
+            | Code::TriggerNotFound => EXIT_FAILED,
             Code::Usage => EXIT_USAGE,
             Code::Connection
             | Code::NoRuntime

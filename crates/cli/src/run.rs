@@ -22,7 +22,7 @@ use crate::{
     },
     async_commands,
     output::{error_chain, Code, Failure},
-    registry_commands,
+    registry_commands, trigger_commands,
 };
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
@@ -63,6 +63,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Top(args) => top(&connection, args).await,
         Command::Logs(args) => logs(&connection, args).await,
         Command::Dlq(args) => async_commands::dlq(&client(&connection).await?, args).await,
+        Command::Trigger(args) => {
+            trigger_commands::trigger(&client(&connection).await?, args).await
+        }
     }
 }
 

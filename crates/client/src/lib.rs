@@ -23,15 +23,18 @@
 
 mod asynchronous;
 mod logs;
+mod triggers;
 
 pub use async_nats;
 pub use asynchronous::{Acceptance, AsyncError, AsyncErrorKind, StoredDeadLetter, SubmitOptions};
 pub use logs::{FunctionLog, LogLine, LogsError, LogsErrorKind, LogsOptions};
 pub use mycelium_core::asynchronous::AsyncQueueStats;
+pub use mycelium_core::trigger::{Deliver, Trigger, TriggerSource};
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
     OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey, Versions,
 };
+pub use triggers::{trigger_consumer, TriggerOpError, TriggerOpErrorKind};
 
 use std::{path::PathBuf, time::Duration};
 

@@ -9,7 +9,8 @@
 //! - [`FunctionMetadata`], the record a registry keeps per function version;
 //! - the [`MetricsCollector`] seam and an in-memory collector;
 //! - W3C [`TraceContext`] and the [`TraceBridge`] seam to a tracing backend;
-//! - the contract of [`asynchronous`] invocation: streams, headers, retry settings, dead letters.
+//! - the contract of [`asynchronous`] invocation: streams, headers, retry settings, dead letters;
+//! - event [`trigger`]s: what makes a function run without a caller.
 
 pub mod asynchronous;
 pub mod envelope;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod name;
 pub mod subjects;
 pub mod trace;
+pub mod trigger;
 
 pub use asynchronous::AsyncSettings;
 pub use cloudevents;

@@ -6,13 +6,17 @@ use std::{
     sync::Arc,
 };
 
-use mycelium_core::{FunctionMetadata, FunctionName, FunctionSummary};
+use mycelium_core::{
+    trigger::{Trigger, TriggerName},
+    FunctionMetadata, FunctionName, FunctionSummary,
+};
 
 use crate::{not_found, version_not_found, LookupError};
 
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
     functions: HashMap<FunctionName, Entry>,
+    triggers: BTreeMap<TriggerName, Arc<Trigger>>,
 }
 
 #[derive(Debug, Default)]
@@ -22,6 +26,23 @@ struct Entry {
 }
 
 impl Catalog {
+    /// Every trigger, sorted by name.
+    pub fn triggers(&self) -> Vec<Arc<Trigger>> {
+        self.triggers.values().cloned().collect()
+    }
+
+    pub fn trigger(&self, name: &TriggerName) -> Option<Arc<Trigger>> {
+        self.triggers.get(name).cloned()
+    }
+
+    pub fn set_trigger(&mut self, trigger: Arc<Trigger>) {
+        self.triggers.insert(trigger.name.clone(), trigger);
+    }
+
+    pub fn remove_trigger(&mut self, name: &TriggerName) {
+        self.triggers.remove(name);
+    }
+
     pub fn get(
         &self,
         name: &FunctionName,

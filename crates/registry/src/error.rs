@@ -96,6 +96,26 @@ pub enum DeleteErrorKind {
 /// A failed [`RegistryAdmin::delete`].
 pub type DeleteError = Error<DeleteErrorKind>;
 
+/// Why a trigger could not be stored or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerErrorKind {
+    /// No trigger of that name.
+    NotFound,
+    /// The store failed.
+    Storage,
+}
+
+/// A failed trigger write.
+pub type TriggerError = Error<TriggerErrorKind>;
+
+/// The error for an unknown trigger.
+pub fn trigger_not_found(name: &FunctionName) -> TriggerError {
+    TriggerError::new(
+        TriggerErrorKind::NotFound,
+        format!("no trigger named \"{name}\"; `mycelium trigger list` shows them"),
+    )
+}
+
 /// Why a binary could not be fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchErrorKind {

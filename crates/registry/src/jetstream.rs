@@ -18,7 +18,10 @@ use std::{
 
 use async_nats::jetstream::{self, kv, object_store};
 use futures_util::StreamExt;
-use mycelium_core::{Error, FunctionMetadata, FunctionName, FunctionSummary};
+use mycelium_core::{
+    trigger::{Trigger, TriggerName, TRIGGER_KEY_PREFIX},
+    Error, FunctionMetadata, FunctionName, FunctionSummary,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -29,7 +32,7 @@ use crate::{
     not_found, open_source, prepare, versions_to_prune, ArtifactReader, DeleteError,
     DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, FetchError, FetchErrorKind,
     LookupError, PreparedArtifact, Progress, Registry, RegistryAdmin, RollbackError,
-    RollbackErrorKind, Versions,
+    RollbackErrorKind, TriggerError, TriggerErrorKind, Versions,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -111,13 +114,21 @@ fn counter_key(name: &FunctionName) -> String {
     format!("seq.{name}")
 }
 
+fn trigger_key(name: &TriggerName) -> String {
+    format!("{TRIGGER_KEY_PREFIX}{name}")
+}
+
 /// What a KV key means.
 enum Key {
     Version(FunctionName, u64),
     Active(FunctionName),
+    Trigger(TriggerName),
 }
 
 fn parse_key(key: &str) -> Option<Key> {
+    if let Some(name) = key.strip_prefix(TRIGGER_KEY_PREFIX) {
+        return TriggerName::new(name).ok().map(Key::Trigger);
+    }
     let rest = key.strip_prefix("fn.")?;
     let (name, tail) = rest.split_once('.')?;
     let name = FunctionName::new(name).ok()?;
@@ -164,6 +175,12 @@ fn apply(catalog: &RwLock<Catalog>, entry: &kv::Entry) {
                 }
             }
         }
+        Key::Trigger(name) if removed => catalog.remove_trigger(&name),
+        Key::Trigger(name) => match serde_json::from_slice::<Trigger>(&entry.value) {
+            Ok(trigger) if trigger.name == name => catalog.set_trigger(Arc::new(trigger)),
+            Ok(_) => tracing::warn!(key = %entry.key, "trigger does not match its key; ignored"),
+            Err(error) => tracing::warn!(key = %entry.key, %error, "unreadable trigger; ignored"),
+        },
         Key::Active(name) if removed => catalog.set_active(&name, None),
         Key::Active(name) => match serde_json::from_slice::<ActivePointer>(&entry.value) {
             Ok(pointer) => catalog.set_active(&name, Some(pointer.version)),
@@ -521,6 +538,10 @@ impl Registry for NatsRegistry {
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.applied.clone())
     }
+
+    fn triggers(&self) -> Vec<Arc<Trigger>> {
+        self.catalog().triggers()
+    }
 }
 
 #[async_trait::async_trait]
@@ -716,6 +737,48 @@ impl RegistryAdmin for NatsRegistry {
                 e,
             )),
         }
+    }
+
+    async fn put_trigger(&self, trigger: Trigger) -> Result<(), TriggerError> {
+        let key = trigger_key(&trigger.name);
+        self.kv.put(&key, json(&trigger)).await.map_err(|e| {
+            storage(
+                TriggerErrorKind::Storage,
+                format!("writing the trigger \"{}\"", trigger.name),
+                e,
+            )
+        })?;
+        self.catalog
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_trigger(Arc::new(trigger));
+        Ok(())
+    }
+
+    async fn delete_trigger(&self, name: &TriggerName) -> Result<(), TriggerError> {
+        let key = trigger_key(name);
+        let stored = self.kv.get(&key).await.map_err(|e| {
+            storage(
+                TriggerErrorKind::Storage,
+                format!("reading the trigger \"{name}\""),
+                e,
+            )
+        })?;
+        if stored.is_none() {
+            return Err(crate::error::trigger_not_found(name));
+        }
+        self.kv.purge(&key).await.map_err(|e| {
+            storage(
+                TriggerErrorKind::Storage,
+                format!("deleting the trigger \"{name}\""),
+                e,
+            )
+        })?;
+        self.catalog
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_trigger(name);
+        Ok(())
     }
 }
 

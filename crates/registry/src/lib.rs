@@ -22,16 +22,19 @@ mod signing;
 
 use std::{pin::Pin, sync::Arc};
 
-use mycelium_core::{FunctionMetadata, FunctionName, FunctionSummary};
+use mycelium_core::{
+    trigger::{Trigger, TriggerName},
+    FunctionMetadata, FunctionName, FunctionSummary,
+};
 
 pub use cache::ArtifactCache;
 pub(crate) use deploy::{open_source, prepare, versions_to_prune, PreparedArtifact};
 pub use deploy::{ArtifactSource, DeploySpec, Progress};
 pub(crate) use error::pinned_digest;
 pub use error::{
-    fetch_protocol_error, not_found, protocol_error, version_not_found, DeleteError,
-    DeleteErrorKind, DeployError, DeployErrorKind, FetchError, FetchErrorKind, LookupError,
-    LookupErrorKind, RollbackError, RollbackErrorKind,
+    fetch_protocol_error, not_found, protocol_error, trigger_not_found, version_not_found,
+    DeleteError, DeleteErrorKind, DeployError, DeployErrorKind, FetchError, FetchErrorKind,
+    LookupError, LookupErrorKind, RollbackError, RollbackErrorKind, TriggerError, TriggerErrorKind,
 };
 pub use jetstream::{NatsRegistry, NatsRegistryConfig, OpenError, OpenErrorKind};
 pub use memory::MemoryRegistry;
@@ -59,6 +62,11 @@ pub trait Registry: Send + Sync + 'static {
     /// the runtime (the JetStream registry); `None` for static ones.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+
+    /// Every trigger, sorted by name (from memory, like [`Registry::get`]).
+    fn triggers(&self) -> Vec<Arc<Trigger>> {
+        Vec::new()
     }
 }
 
@@ -100,4 +108,10 @@ pub trait RegistryAdmin: Registry {
         &self,
         metadata: &FunctionMetadata,
     ) -> Result<ArtifactReader, FetchError>;
+
+    /// Stores a trigger (a new one, or a new state of one: paused, resumed), checked already.
+    async fn put_trigger(&self, trigger: Trigger) -> Result<(), TriggerError>;
+
+    /// Removes a trigger.
+    async fn delete_trigger(&self, name: &TriggerName) -> Result<(), TriggerError>;
 }

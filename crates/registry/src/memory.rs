@@ -6,14 +6,17 @@ use std::{
 };
 
 use bytes::Bytes;
-use mycelium_core::{FunctionMetadata, FunctionName, FunctionSummary};
+use mycelium_core::{
+    trigger::{Trigger, TriggerName},
+    FunctionMetadata, FunctionName, FunctionSummary,
+};
 use tokio::io::AsyncReadExt;
 
 use crate::{
     catalog::Catalog, not_found, open_source, prepare, versions_to_prune, ArtifactReader,
     DeleteError, DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, FetchError,
     FetchErrorKind, LookupError, Registry, RegistryAdmin, RollbackError, RollbackErrorKind,
-    Versions,
+    TriggerError, Versions,
 };
 
 /// Default number of versions kept per function.
@@ -101,6 +104,10 @@ impl Registry for MemoryRegistry {
 
     fn list(&self) -> Vec<FunctionSummary> {
         self.read().catalog.list()
+    }
+
+    fn triggers(&self) -> Vec<Arc<Trigger>> {
+        self.read().catalog.triggers()
     }
 }
 
@@ -205,6 +212,20 @@ impl RegistryAdmin for MemoryRegistry {
             )
         })?;
         Ok(Box::pin(std::io::Cursor::new(bytes)))
+    }
+
+    async fn put_trigger(&self, trigger: Trigger) -> Result<(), TriggerError> {
+        self.write().catalog.set_trigger(Arc::new(trigger));
+        Ok(())
+    }
+
+    async fn delete_trigger(&self, name: &TriggerName) -> Result<(), TriggerError> {
+        let mut state = self.write();
+        if state.catalog.trigger(name).is_none() {
+            return Err(crate::error::trigger_not_found(name));
+        }
+        state.catalog.remove_trigger(name);
+        Ok(())
     }
 }
 

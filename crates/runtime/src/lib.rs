@@ -24,6 +24,7 @@ pub mod logs;
 mod micro;
 pub mod presets;
 mod server;
+mod triggers;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -362,6 +363,7 @@ impl Runtime {
             .asynchronous
             .enabled
             .then(|| asynchronous::start(&shared));
+        let triggers = triggers::start(&shared);
         let endpoint_tasks = subscribed
             .into_iter()
             .map(|(subscriber, kind, stats)| {
@@ -379,6 +381,7 @@ impl Runtime {
             endpoint_tasks,
             prestart,
             asynchronous,
+            triggers,
         })
     }
 }
@@ -391,6 +394,7 @@ pub struct RuntimeHandle {
     endpoint_tasks: Vec<tokio::task::JoinHandle<()>>,
     prestart: Option<tokio::task::JoinHandle<()>>,
     asynchronous: Option<tokio::task::JoinHandle<()>>,
+    triggers: tokio::task::JoinHandle<()>,
 }
 
 /// Gets the active version of every deployed function ready ahead of its first call (a plugin
@@ -496,6 +500,7 @@ impl RuntimeHandle {
         if let Some(asynchronous) = self.asynchronous {
             asynchronous.abort();
         }
+        self.triggers.abort();
         for executor in shared.invoker.executors.iter() {
             executor.shutdown().await;
         }

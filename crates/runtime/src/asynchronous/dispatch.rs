@@ -21,6 +21,7 @@ use mycelium_core::{
     },
     cloudevents::AttributesReader,
     envelope::{self, INVOCATION_ID_HEADER},
+    trigger::{Trigger, TriggerName},
     ErrorCode, Event, FunctionName, ProtocolError,
 };
 
@@ -43,6 +44,20 @@ struct Stored {
     accepted_at: DateTime<Utc>,
     /// The caller's `Mycelium-Result-Subject`, as given.
     result_subject: Option<String>,
+    /// A trigger's name and where its result events go, one message each.
+    then: Option<(TriggerName, String)>,
+}
+
+/// Where a pulled message comes from, which decides how it becomes an invocation and where
+/// its result goes.
+#[derive(Clone)]
+pub(crate) enum Origin {
+    /// A submission to `<prefix>.async.<name>`: a CloudEvent in the binding, its result to the
+    /// caller's result subject or the function's `on_success`.
+    Submission,
+    /// A message a durable trigger took from its stream, KV bucket or schedule: wrapped into
+    /// an event unless it is one, its result events to the trigger's `then`.
+    Trigger(Arc<Trigger>),
 }
 
 /// How an invocation ends here.
@@ -69,27 +84,60 @@ impl Dispatcher {
     }
 
     /// Runs one pulled invocation of `function` and settles it with the server.
-    pub(crate) async fn run(&self, function: &FunctionName, message: jetstream::Message) {
+    pub(crate) async fn run(
+        &self,
+        function: &FunctionName,
+        origin: &Origin,
+        message: jetstream::Message,
+    ) {
         let Ok(info) = message.info() else {
             // Not a JetStream delivery; nothing to settle.
             return;
         };
         let stored = Stored {
             function: function.clone(),
-            invocation_id: header(&message, INVOCATION_ID_HEADER)
-                .filter(|id| envelope::valid_invocation_id(id))
-                .map_or_else(|| format!("async-{}", info.stream_sequence), str::to_owned),
+            invocation_id: match origin {
+                Origin::Submission => header(&message, INVOCATION_ID_HEADER)
+                    .filter(|id| envelope::valid_invocation_id(id))
+                    .map_or_else(|| format!("async-{}", info.stream_sequence), str::to_owned),
+                Origin::Trigger(trigger) => format!("{}-{}", trigger.name, info.stream_sequence),
+            },
             attempt: u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
             sequence: info.stream_sequence,
             accepted_at: info.published,
-            result_subject: header(&message, RESULT_SUBJECT_HEADER).map(str::to_owned),
+            result_subject: match origin {
+                Origin::Submission => header(&message, RESULT_SUBJECT_HEADER).map(str::to_owned),
+                Origin::Trigger(_) => None,
+            },
+            then: match origin {
+                Origin::Submission => None,
+                Origin::Trigger(trigger) => trigger
+                    .then
+                    .clone()
+                    .map(|then| (trigger.name.clone(), then)),
+            },
         };
         let settings = self
             .shared
             .invoker
             .describe(function, None)
             .map(|m| m.asynchronous.clone());
-        let decoded = server::decode_binding(&message.message, function.as_str());
+        let decoded = match origin {
+            Origin::Submission => server::decode_binding(&message.message, function.as_str()),
+            Origin::Trigger(trigger) => crate::triggers::event_of(
+                &message.message,
+                trigger,
+                Some((&info, &self.shared.config.subject_prefix)),
+            )
+            .map(|event| envelope::InvokeRequest {
+                function: function.clone(),
+                trace: envelope::event_trace(&event),
+                event,
+                version: None,
+                timeout: None,
+                invocation_id: None,
+            }),
+        };
         let (ending, event, settings) = match (decoded, settings) {
             (Err(error), settings) => (
                 Ending::DeadLetter(DeadLetterReason::NotRetriable, error),
@@ -192,6 +240,27 @@ impl Dispatcher {
     ) {
         let function = &stored.function;
         match ending {
+            Ending::Done(events) if stored.then.is_some() => {
+                let Some((trigger, then)) = &stored.then else {
+                    return;
+                };
+                if let Err(error) = crate::triggers::publish_then(
+                    &self.shared.client,
+                    trigger,
+                    then,
+                    &stored.invocation_id,
+                    &events,
+                )
+                .await
+                {
+                    tracing::warn!(%function, %error, then, "publishing a trigger's results failed; the event will run again");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+                self.ack(message).await;
+            }
             Ending::Done(events) => {
                 let destination = stored
                     .result_subject

@@ -13,6 +13,8 @@
 
 mod dispatch;
 
+pub(crate) use dispatch::{Dispatcher, Origin};
+
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -296,6 +298,44 @@ async fn pull_loop(
     stop: CancellationToken,
     drain: bool,
 ) {
+    let consumer = async_consumer(dispatcher.shared(), &function);
+    pull(
+        dispatcher,
+        stream,
+        consumer,
+        function,
+        Origin::Submission,
+        stop,
+        drain,
+    )
+    .await;
+}
+
+/// The durable consumer of a function's asynchronous invocations.
+fn async_consumer(shared: &Shared, function: &FunctionName) -> pull::Config {
+    pull::Config {
+        durable_name: Some(consumer_name(function)),
+        filter_subject: format!("{}.async.{function}", shared.config.subject_prefix),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: shared.config.asynchronous.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Pulls through `consumer` (made if missing) for `function` until stopped (or, with
+/// `drain`, until nothing is left), as many at a time as the function may run here; each
+/// message is dispatched as coming from `origin`.
+pub(crate) async fn pull(
+    dispatcher: Arc<dispatch::Dispatcher>,
+    stream: stream::Stream,
+    consumer: pull::Config,
+    function: FunctionName,
+    origin: Origin,
+    stop: CancellationToken,
+    drain: bool,
+) {
     let shared = dispatcher.shared();
     let limit = shared
         .invoker
@@ -307,7 +347,16 @@ async fn pull_loop(
     let slots = Arc::new(Semaphore::new(limit));
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        match pull_batches(&dispatcher, &stream, &function, &slots, &stop, drain).await {
+        let batches = Batches {
+            dispatcher: &dispatcher,
+            stream: &stream,
+            consumer: &consumer,
+            function: &function,
+            origin: &origin,
+            slots: &slots,
+            stop: &stop,
+        };
+        match batches.pull(drain).await {
             Ok(()) => return,
             Err(error) => {
                 failures += 1;
@@ -327,70 +376,79 @@ async fn pull_loop(
 }
 
 /// Takes batches from the function's consumer (made if missing) until told to stop.
-async fn pull_batches(
-    dispatcher: &Arc<dispatch::Dispatcher>,
-    stream: &stream::Stream,
-    function: &FunctionName,
-    slots: &Arc<Semaphore>,
-    stop: &CancellationToken,
-    drain: bool,
-) -> Result<(), String> {
-    let shared = dispatcher.shared();
-    let config = &shared.config.asynchronous;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(consumer_name(function)),
-            filter_subject: format!("{}.async.{function}", shared.config.subject_prefix),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: config.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("creating the consumer {}: {e}", consumer_name(function)))?;
-    loop {
-        // One free slot at least before asking, and never more messages than free slots: a
-        // pulled invocation's ack wait is running, so none should wait here for a slot.
-        let first = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            permit = slots.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
-        };
-        let wanted = 1 + slots.available_permits();
-        let mut batch = consumer
-            .batch()
-            .max_messages(wanted)
-            .expires(Duration::from_secs(5))
-            .messages()
+/// What one pull loop works with.
+struct Batches<'a> {
+    dispatcher: &'a Arc<dispatch::Dispatcher>,
+    stream: &'a stream::Stream,
+    consumer: &'a pull::Config,
+    function: &'a FunctionName,
+    origin: &'a Origin,
+    slots: &'a Arc<Semaphore>,
+    stop: &'a CancellationToken,
+}
+
+impl Batches<'_> {
+    /// Takes batches from the consumer (made if missing) until told to stop.
+    async fn pull(&self, drain: bool) -> Result<(), String> {
+        let Self {
+            dispatcher,
+            stream,
+            consumer,
+            function,
+            origin,
+            slots,
+            stop,
+        } = *self;
+        let shared = dispatcher.shared();
+        let name = consumer.durable_name.clone().unwrap_or_default();
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(consumer.clone())
             .await
-            .map_err(|e| format!("pulling: {e}"))?;
-        let mut permit = Some(first);
-        let mut pulled = 0usize;
+            .map_err(|e| format!("creating the consumer {name}: {e}"))?;
         loop {
-            let message = tokio::select! {
+            // One free slot at least before asking, and never more messages than free slots: a
+            // pulled invocation's ack wait is running, so none should wait here for a slot.
+            let first = tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                message = batch.next() => message,
+                permit = slots.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
             };
-            let Some(message) = message else { break };
-            let message = message.map_err(|e| format!("pulling: {e}"))?;
-            pulled += 1;
-            let slot = match permit.take() {
-                Some(slot) => slot,
-                None => slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| e.to_string())?,
-            };
-            let dispatcher = dispatcher.clone();
-            let function = function.clone();
-            shared.tracker.spawn(async move {
-                dispatcher.run(&function, message).await;
-                drop(slot);
-            });
-        }
-        if drain && pulled == 0 {
-            return Ok(());
+            let wanted = 1 + slots.available_permits();
+            let mut batch = consumer
+                .batch()
+                .max_messages(wanted)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|e| format!("pulling: {e}"))?;
+            let mut permit = Some(first);
+            let mut pulled = 0usize;
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    message = batch.next() => message,
+                };
+                let Some(message) = message else { break };
+                let message = message.map_err(|e| format!("pulling: {e}"))?;
+                pulled += 1;
+                let slot = match permit.take() {
+                    Some(slot) => slot,
+                    None => slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| e.to_string())?,
+                };
+                let dispatcher = dispatcher.clone();
+                let function = function.clone();
+                let origin = origin.clone();
+                shared.tracker.spawn(async move {
+                    dispatcher.run(&function, &origin, message).await;
+                    drop(slot);
+                });
+            }
+            if drain && pulled == 0 {
+                return Ok(());
+            }
         }
     }
 }
