@@ -305,6 +305,7 @@ async fn pull_loop(
         consumer,
         function,
         Origin::Submission,
+        None,
         stop,
         drain,
     )
@@ -325,24 +326,29 @@ fn async_consumer(shared: &Shared, function: &FunctionName) -> pull::Config {
 }
 
 /// Pulls through `consumer` (made if missing) for `function` until stopped (or, with
-/// `drain`, until nothing is left), as many at a time as the function may run here; each
-/// message is dispatched as coming from `origin`.
+/// `drain`, until nothing is left), as many at a time as the function may run here (or
+/// `concurrency`); each message is dispatched as coming from `origin`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn pull(
     dispatcher: Arc<dispatch::Dispatcher>,
     stream: stream::Stream,
     consumer: pull::Config,
     function: FunctionName,
     origin: Origin,
+    concurrency: Option<usize>,
     stop: CancellationToken,
     drain: bool,
 ) {
     let shared = dispatcher.shared();
-    let limit = shared
-        .invoker
-        .describe(&function, None)
-        .ok()
-        .and_then(|m| m.max_concurrency)
-        .map_or(shared.config.max_concurrency, |max| max as usize)
+    let limit = concurrency
+        .unwrap_or_else(|| {
+            shared
+                .invoker
+                .describe(&function, None)
+                .ok()
+                .and_then(|m| m.max_concurrency)
+                .map_or(shared.config.max_concurrency, |max| max as usize)
+        })
         .max(1);
     let slots = Arc::new(Semaphore::new(limit));
     let mut failures = 0u32;

@@ -118,6 +118,7 @@ async fn durable(
         ),
         TriggerSource::Subject { .. } => return,
     };
+    let ordered = matches!(trigger.source, TriggerSource::Kv { .. });
     // The stream may be made after the trigger (a schedule's, by the first `trigger add`).
     let mut failures = 0u32;
     let stream = loop {
@@ -146,7 +147,9 @@ async fn durable(
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: shared.config.asynchronous.ack_wait,
         max_deliver: -1,
-        max_ack_pending: 10_000,
+        // A bucket's changes run one at a time across the runtimes: in order, per key and
+        // overall (a put then a delete must not arrive the other way round).
+        max_ack_pending: if ordered { 1 } else { 10_000 },
         ..Default::default()
     };
     let function = trigger.function.clone();
@@ -156,6 +159,7 @@ async fn durable(
         consumer,
         function,
         Origin::Trigger(trigger),
+        ordered.then_some(1),
         stop,
         false,
     )
