@@ -583,6 +583,27 @@ fn print_stats(
             f.crashes
         );
     }
+    if !stats.triggers.is_empty() {
+        println!();
+        println!(
+            "{:<24} {:>9} {:>11} {:>8} {:>8}  LAST FIRED",
+            "TRIGGER", "RECEIVED", "INVOCATIONS", "FAILURES", "LAG"
+        );
+        for t in &stats.triggers {
+            println!(
+                "{:<24} {:>9} {:>11} {:>8} {:>8}  {}",
+                t.trigger.as_str(),
+                t.received,
+                t.invocations,
+                t.failures,
+                t.lag.map_or_else(|| "-".to_owned(), |lag| lag.to_string()),
+                t.last_fired.map_or_else(
+                    || "-".to_owned(),
+                    |at| at.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+                )
+            );
+        }
+    }
     if queues.is_empty() {
         return;
     }

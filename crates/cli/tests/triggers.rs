@@ -214,6 +214,19 @@ async fn a_stream_trigger_loses_nothing_when_a_runtime_is_killed() {
         assert!(seen.contains_key(&text), "{text} was not published before");
     }
 
+    let stats: Value = serde_json::from_str(&ok(&run(&url, &["stats", "--json"]))).unwrap();
+    let row = &stats["triggers"][0];
+    assert_eq!(row["trigger"], "orders", "{stats}");
+    assert!(
+        row["invocations"].as_u64().unwrap() > 0 && row["failures"] == 0,
+        "{stats}"
+    );
+    let table = ok(&run(&url, &["stats"]));
+    assert!(
+        table.contains("TRIGGER") && table.contains("orders"),
+        "{table}"
+    );
+
     // Paused and deleted.
     ok(&run(&url, &["trigger", "pause", "orders"]));
     assert!(ok(&run(&url, &["trigger", "list"])).contains("paused"));

@@ -581,6 +581,9 @@ pub struct ClusterStats {
     pub instances: usize,
     /// One row per function, sorted by name.
     pub functions: Vec<mycelium_core::FunctionStats>,
+    /// One row per trigger, sorted by name: counts summed over the instances, the largest lag
+    /// and the latest firing.
+    pub triggers: Vec<mycelium_core::trigger::TriggerStats>,
 }
 
 impl Client {
@@ -604,6 +607,7 @@ impl Client {
             .map_err(|e| transport(&e))?;
         let mut per_function: std::collections::BTreeMap<String, mycelium_core::FunctionStats> =
             Default::default();
+        let mut per_trigger = std::collections::BTreeMap::new();
         let mut instances = 0;
         let mut limit = wait;
         while let Ok(Some(reply)) = tokio::time::timeout(limit, replies.next()).await {
@@ -622,15 +626,20 @@ impl Client {
                 continue;
             };
             instances += 1;
-            let functions = invoke
+            let data = invoke
                 .data
                 .clone()
                 .and_then(|data| {
                     serde_json::from_value::<mycelium_core::subjects::InvokeEndpointData>(data).ok()
                 })
-                .map(|data| data.functions)
                 .unwrap_or_default();
-            for row in functions {
+            for row in data.triggers {
+                per_trigger
+                    .entry(row.trigger.clone())
+                    .and_modify(|sum: &mut mycelium_core::trigger::TriggerStats| sum.merge(&row))
+                    .or_insert(row);
+            }
+            for row in data.functions {
                 let sum = per_function.entry(row.function.clone()).or_insert_with(|| {
                     mycelium_core::FunctionStats {
                         function: row.function.clone(),
@@ -652,6 +661,7 @@ impl Client {
         Ok(ClusterStats {
             instances,
             functions: per_function.into_values().collect(),
+            triggers: per_trigger.into_values().collect(),
         })
     }
 }

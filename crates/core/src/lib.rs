@@ -32,7 +32,9 @@ pub use cloudevents::Event;
 pub use error::{Chain, Error, ErrorCode, ProtocolError};
 pub use function::{from_fn, Function, FunctionError, InvocationContext};
 pub use metadata::{FunctionKind, FunctionMetadata, FunctionSummary};
-pub use metrics::{FunctionStats, InMemoryMetrics, MetricsCollector, Outcome, DURATION_BUCKETS_US};
+pub use metrics::{
+    FunctionStats, InMemoryMetrics, MetricsCollector, Outcome, TriggerEvent, DURATION_BUCKETS_US,
+};
 pub use name::{FunctionName, InvalidFunctionName};
 pub use subjects::Subjects;
 pub use trace::{TraceBridge, TraceContext};

@@ -181,6 +181,40 @@ pub trait MetricsCollector: Send + Sync + 'static {
     fn function_stats(&self) -> Vec<FunctionStats> {
         Vec::new()
     }
+
+    /// Something happened to a trigger of the registry (only registered triggers are named,
+    /// so the names are bounded).
+    fn trigger_event(&self, trigger: &FunctionName, event: TriggerEvent) {
+        let _ = (trigger, event);
+    }
+
+    /// A trigger left the registry: its figures may go.
+    fn trigger_removed(&self, trigger: &FunctionName) {
+        let _ = trigger;
+    }
+
+    /// Per-trigger figures for `$SRV.STATS`, when this collector keeps them.
+    fn trigger_stats(&self) -> Vec<crate::trigger::TriggerStats> {
+        Vec::new()
+    }
+}
+
+/// What happened to a trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerEvent {
+    /// A message (or a tick) arrived.
+    Received,
+    /// Its function ran, successfully or not.
+    Invoked {
+        /// It failed (or will be retried).
+        failed: bool,
+    },
+    /// A message could not become an event (or its result could not be published).
+    Undeliverable,
+    /// A schedule fired at this time (Unix milliseconds).
+    Fired(i64),
+    /// Messages waiting for it in its stream or bucket, sampled.
+    Lag(u64),
 }
 
 /// Counts per function and outcome, kept in memory.
@@ -201,6 +235,7 @@ struct State {
     plugin_starts: HashMap<FunctionName, u64>,
     plugin_crashes: HashMap<FunctionName, u64>,
     durations: HashMap<FunctionName, [u64; DURATION_BUCKETS_US.len() + 1]>,
+    triggers: HashMap<FunctionName, crate::trigger::TriggerStats>,
 }
 
 fn key(function: &str) -> Option<FunctionName> {
@@ -290,6 +325,49 @@ impl InMemoryMetrics {
 }
 
 impl MetricsCollector for InMemoryMetrics {
+    fn trigger_event(&self, trigger: &FunctionName, event: TriggerEvent) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let stats =
+            state
+                .triggers
+                .entry(trigger.clone())
+                .or_insert_with(|| crate::trigger::TriggerStats {
+                    trigger: trigger.clone(),
+                    received: 0,
+                    invocations: 0,
+                    failures: 0,
+                    lag: None,
+                    last_fired: None,
+                });
+        match event {
+            TriggerEvent::Received => stats.received += 1,
+            TriggerEvent::Invoked { failed } => {
+                stats.invocations += 1;
+                stats.failures += u64::from(failed);
+            }
+            TriggerEvent::Undeliverable => stats.failures += 1,
+            TriggerEvent::Fired(millis) => {
+                stats.last_fired = chrono::DateTime::from_timestamp_millis(millis);
+            }
+            TriggerEvent::Lag(lag) => stats.lag = Some(lag),
+        }
+    }
+
+    fn trigger_removed(&self, trigger: &FunctionName) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .triggers
+            .remove(trigger);
+    }
+
+    fn trigger_stats(&self) -> Vec<crate::trigger::TriggerStats> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = state.triggers.values().cloned().collect();
+        rows.sort_by(|a, b| a.trigger.cmp(&b.trigger));
+        rows
+    }
+
     fn function_stats(&self) -> Vec<FunctionStats> {
         fn row<'m, 'k>(
             rows: &'m mut HashMap<&'k FunctionName, FunctionStats>,

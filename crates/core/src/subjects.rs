@@ -79,6 +79,9 @@ impl Default for Subjects {
 pub struct InvokeEndpointData {
     /// One row per function this instance ran or refused.
     pub functions: Vec<FunctionStats>,
+    /// One row per trigger this instance runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<crate::trigger::TriggerStats>,
 }
 
 #[cfg(test)]

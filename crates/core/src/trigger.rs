@@ -297,6 +297,18 @@ pub struct TriggerStats {
     pub last_fired: Option<DateTime<Utc>>,
 }
 
+impl TriggerStats {
+    /// Adds another instance's figures: counts add up, the lag and the last firing are the
+    /// largest (they are samples of the same cluster-wide figure).
+    pub fn merge(&mut self, other: &TriggerStats) {
+        self.received += other.received;
+        self.invocations += other.invocations;
+        self.failures += other.failures;
+        self.lag = self.lag.max(other.lag);
+        self.last_fired = self.last_fired.max(other.last_fired);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,11 @@ struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     function: String,
     reason: String,
@@ -87,6 +92,10 @@ pub struct PrometheusMetrics {
     async_queue: [Family<FunctionLabels, Gauge>; 4],
     async_retries: Family<FunctionLabels, Counter>,
     async_dead_lettered: Family<ReasonLabels, Counter>,
+    /// Per trigger: received, invocations, failures (counters).
+    trigger_counts: [Family<TriggerLabels, Counter>; 3],
+    /// Per trigger: lag, last firing (gauges).
+    trigger_gauges: [Family<TriggerLabels, Gauge>; 2],
     nats_reconnects: Counter,
     resident_memory: Gauge,
     /// The runtime's NATS connection statistics, read at each scrape.
@@ -191,6 +200,36 @@ impl PrometheusMetrics {
             "Asynchronous invocations this runtime dead-lettered, by reason",
             async_dead_lettered.clone(),
         );
+        let trigger_counts: [Family<TriggerLabels, Counter>; 3] = Default::default();
+        for (family, (name, help)) in trigger_counts.iter().zip([
+            (
+                "trigger_received",
+                "Messages and ticks a trigger received on this runtime",
+            ),
+            (
+                "trigger_invocations",
+                "Invocations a trigger ran on this runtime",
+            ),
+            (
+                "trigger_failures",
+                "Failed invocations of a trigger, and messages that could not become events",
+            ),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
+        let trigger_gauges: [Family<TriggerLabels, Gauge>; 2] = Default::default();
+        for (family, (name, help)) in trigger_gauges.iter().zip([
+            (
+                "trigger_lag",
+                "Messages waiting for a stream or KV trigger (sampled)",
+            ),
+            (
+                "trigger_last_fired_timestamp_seconds",
+                "When a schedule last fired",
+            ),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
         let nats_reconnects = Counter::default();
         registry.register(
             "nats_reconnects",
@@ -219,6 +258,8 @@ impl PrometheusMetrics {
             async_queue,
             async_retries,
             async_dead_lettered,
+            trigger_counts,
+            trigger_gauges,
             nats_reconnects,
             resident_memory,
             nats: Mutex::new(None),
@@ -374,6 +415,54 @@ impl MetricsCollector for PrometheusMetrics {
         }
     }
 
+    fn trigger_event(&self, name: &FunctionName, event: mycelium_core::TriggerEvent) {
+        use mycelium_core::TriggerEvent;
+        self.summary.trigger_event(name, event);
+        let labels = TriggerLabels {
+            trigger: name.to_string(),
+        };
+        let [received, invocations, failures] = &self.trigger_counts;
+        let [lag, fired] = &self.trigger_gauges;
+        match event {
+            TriggerEvent::Received => {
+                received.get_or_create(&labels).inc();
+            }
+            TriggerEvent::Invoked { failed } => {
+                invocations.get_or_create(&labels).inc();
+                if failed {
+                    failures.get_or_create(&labels).inc();
+                }
+            }
+            TriggerEvent::Undeliverable => {
+                failures.get_or_create(&labels).inc();
+            }
+            TriggerEvent::Fired(millis) => {
+                fired.get_or_create(&labels).set(millis / 1000);
+            }
+            TriggerEvent::Lag(waiting) => {
+                lag.get_or_create(&labels)
+                    .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    fn trigger_removed(&self, name: &FunctionName) {
+        self.summary.trigger_removed(name);
+        let labels = TriggerLabels {
+            trigger: name.to_string(),
+        };
+        for family in &self.trigger_counts {
+            family.remove(&labels);
+        }
+        for family in &self.trigger_gauges {
+            family.remove(&labels);
+        }
+    }
+
+    fn trigger_stats(&self) -> Vec<mycelium_core::trigger::TriggerStats> {
+        self.summary.trigger_stats()
+    }
+
     fn async_retried(&self, name: &FunctionName) {
         self.async_retries.get_or_create(&function(name)).inc();
     }
@@ -502,6 +591,45 @@ mod tests {
                 "missing {line:?} in:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn triggers_render_and_go_when_removed() {
+        use mycelium_core::TriggerEvent;
+        let metrics = PrometheusMetrics::new();
+        let name: FunctionName = "orders".parse().unwrap();
+        metrics.trigger_event(&name, TriggerEvent::Received);
+        metrics.trigger_event(&name, TriggerEvent::Received);
+        metrics.trigger_event(&name, TriggerEvent::Invoked { failed: false });
+        metrics.trigger_event(&name, TriggerEvent::Invoked { failed: true });
+        metrics.trigger_event(&name, TriggerEvent::Lag(5));
+        metrics.trigger_event(&name, TriggerEvent::Fired(1_700_000_000_000));
+        let text = metrics.render();
+        for line in [
+            r#"mycelium_trigger_received_total{trigger="orders"} 2"#,
+            r#"mycelium_trigger_invocations_total{trigger="orders"} 2"#,
+            r#"mycelium_trigger_failures_total{trigger="orders"} 1"#,
+            r#"mycelium_trigger_lag{trigger="orders"} 5"#,
+            r#"mycelium_trigger_last_fired_timestamp_seconds{trigger="orders"} 1700000000"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        let stats = metrics.trigger_stats();
+        assert_eq!(
+            (
+                stats[0].received,
+                stats[0].invocations,
+                stats[0].failures,
+                stats[0].lag
+            ),
+            (2, 2, 1, Some(5))
+        );
+        metrics.trigger_removed(&name);
+        assert!(!metrics.render().contains("trigger=\"orders\""));
+        assert!(metrics.trigger_stats().is_empty());
     }
 
     #[test]

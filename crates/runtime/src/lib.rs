@@ -310,6 +310,7 @@ impl Runtime {
                 Arc::new(move || {
                     let data = mycelium_core::subjects::InvokeEndpointData {
                         functions: metrics.function_stats(),
+                        triggers: metrics.trigger_stats(),
                     };
                     serde_json::to_value(data).unwrap_or_default()
                 }) as micro::StatsData

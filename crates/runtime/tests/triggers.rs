@@ -313,6 +313,19 @@ async fn a_schedule_fires_once_per_tick_across_three_runtimes() {
     let mut ids: Vec<&str> = ticks.iter().map(|(_, e)| e.id()).collect();
     ids.dedup();
     assert_eq!(ids.len(), ticks.len(), "no tick ran twice");
+    // `mycelium stats` sees the firings, summed over the three runtimes.
+    let stats = client.stats(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(stats.instances, 3);
+    let row = stats
+        .triggers
+        .iter()
+        .find(|t| t.trigger.as_str() == "heartbeat")
+        .expect("a row for the trigger");
+    assert!(
+        row.invocations >= ticks.len() as u64 && row.failures == 0,
+        "{row:?}"
+    );
+    assert!(row.last_fired.is_some(), "{row:?}");
 
     // Paused: the server no longer holds its schedule; resumed: it does again.
     let schedules = async_nats::jetstream::new(nats.clone())

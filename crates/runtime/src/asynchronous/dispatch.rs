@@ -22,7 +22,7 @@ use mycelium_core::{
     cloudevents::AttributesReader,
     envelope::{self, INVOCATION_ID_HEADER},
     trigger::{Trigger, TriggerName},
-    ErrorCode, Event, FunctionName, ProtocolError,
+    ErrorCode, Event, FunctionName, ProtocolError, TriggerEvent,
 };
 
 use crate::server::{self, Shared};
@@ -122,6 +122,19 @@ impl Dispatcher {
             .invoker
             .describe(function, None)
             .map(|m| m.asynchronous.clone());
+        if let Origin::Trigger(trigger) = origin {
+            let metrics = &self.shared.invoker.metrics;
+            metrics.trigger_event(&trigger.name, TriggerEvent::Received);
+            if matches!(
+                trigger.source,
+                mycelium_core::trigger::TriggerSource::Schedule { .. }
+            ) {
+                metrics.trigger_event(
+                    &trigger.name,
+                    TriggerEvent::Fired(info.published.timestamp_millis()),
+                );
+            }
+        }
         let decoded = match origin {
             Origin::Submission => server::decode_binding(&message.message, function.as_str()),
             Origin::Trigger(trigger) => crate::triggers::event_of(
@@ -164,6 +177,22 @@ impl Dispatcher {
                 (ending, Some(event), settings)
             }
         };
+        if let Origin::Trigger(trigger) = origin {
+            let event = match &ending {
+                Ending::Done(_) => TriggerEvent::Invoked { failed: false },
+                Ending::Retry(..) => TriggerEvent::Invoked { failed: true },
+                Ending::DeadLetter(DeadLetterReason::NotRetriable, e)
+                    if e.code == ErrorCode::InvalidEvent =>
+                {
+                    TriggerEvent::Undeliverable
+                }
+                Ending::DeadLetter(..) => TriggerEvent::Invoked { failed: true },
+            };
+            self.shared
+                .invoker
+                .metrics
+                .trigger_event(&trigger.name, event);
+        }
         self.settle(&stored, &settings, event, &message, ending)
             .await;
     }

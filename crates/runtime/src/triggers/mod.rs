@@ -24,7 +24,7 @@ use mycelium_core::{
     envelope::INVOCATION_ID_HEADER,
     event::STRUCTURED_CONTENT_TYPE,
     trigger::{Deliver, Trigger, TriggerName, TriggerSource, SCHEDULE_STREAM, TRIGGER_HEADER},
-    ErrorCode, Event, ProtocolError,
+    ErrorCode, Event, ProtocolError, TriggerEvent,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,8 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
         let dispatcher = Arc::new(Dispatcher::new(shared.clone(), jetstream.clone()));
         let mut changes = shared.invoker.registry.changes();
         let mut running: HashMap<TriggerName, (Arc<Trigger>, CancellationToken)> = HashMap::new();
+        let mut lag = tokio::time::interval(LAG_EVERY);
+        lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let triggers = shared.invoker.registry.triggers();
             running.retain(|name, (trigger, stop)| {
@@ -54,6 +56,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                     .any(|t| &t.name == name && !t.paused && **t == **trigger);
                 if !keep {
                     stop.cancel();
+                    if !triggers.iter().any(|t| &t.name == name) {
+                        shared.invoker.metrics.trigger_removed(name);
+                    }
                 }
                 keep
             });
@@ -86,9 +91,37 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
             tokio::select! {
                 () = shared.stop.cancelled() => return,
                 still = changed => if !still { return },
+                _ = lag.tick() => sample_lag(&shared, &jetstream, &running).await,
             }
         }
     })
+}
+
+/// How often the lag of stream and KV triggers is sampled.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The messages waiting for each running stream or KV trigger, from its consumer.
+async fn sample_lag(
+    shared: &Shared,
+    jetstream: &jetstream::Context,
+    running: &HashMap<TriggerName, (Arc<Trigger>, CancellationToken)>,
+) {
+    for (name, (trigger, _)) in running {
+        let stream = match &trigger.source {
+            TriggerSource::Stream { stream, .. } => stream.clone(),
+            TriggerSource::Kv { bucket, .. } => format!("KV_{bucket}"),
+            _ => continue,
+        };
+        let Ok(stream) = jetstream.get_stream(&stream).await else {
+            continue;
+        };
+        if let Ok(info) = stream.consumer_info(consumer_name(name)).await {
+            shared
+                .invoker
+                .metrics
+                .trigger_event(name, TriggerEvent::Lag(info.num_pending));
+        }
+    }
 }
 
 /// A stream, KV or schedule trigger: its durable consumer, through the dispatcher.

@@ -5,7 +5,11 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use mycelium_core::{envelope::InvokeRequest, trigger::Trigger, trigger::TriggerSource};
+use mycelium_core::{
+    envelope::InvokeRequest,
+    trigger::{Trigger, TriggerSource},
+    TriggerEvent,
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -53,9 +57,12 @@ pub(super) async fn run(shared: Arc<Shared>, trigger: Arc<Trigger>, stop: Cancel
 }
 
 async fn run_once(shared: &Shared, trigger: &Trigger, message: &async_nats::Message) {
+    let metrics = &shared.invoker.metrics;
+    metrics.trigger_event(&trigger.name, TriggerEvent::Received);
     let event = match super::event_of(message, trigger, None) {
         Ok(event) => event,
         Err(error) => {
+            metrics.trigger_event(&trigger.name, TriggerEvent::Undeliverable);
             tracing::warn!(trigger = %trigger.name, subject = %message.subject, code = %error.code, "a message could not become an event; dropped: {}", error.message);
             return;
         }
@@ -69,7 +76,14 @@ async fn run_once(shared: &Shared, trigger: &Trigger, message: &async_nats::Mess
         timeout: None,
         invocation_id: Some(invocation_id.clone()),
     };
-    match shared.invoker.invoke(request, &shared.abort).await {
+    let result = shared.invoker.invoke(request, &shared.abort).await;
+    metrics.trigger_event(
+        &trigger.name,
+        TriggerEvent::Invoked {
+            failed: result.is_err(),
+        },
+    );
+    match result {
         Ok(events) => {
             if let Some(then) = &trigger.then {
                 if let Err(error) = super::publish_then(
@@ -81,6 +95,7 @@ async fn run_once(shared: &Shared, trigger: &Trigger, message: &async_nats::Mess
                 )
                 .await
                 {
+                    metrics.trigger_event(&trigger.name, TriggerEvent::Undeliverable);
                     tracing::warn!(trigger = %trigger.name, %error, "publishing a trigger's results failed");
                 }
             }
