@@ -29,11 +29,12 @@ use mycelium_registry::{
 };
 use serde::Serialize;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "nats-echo",
     "builtin",
     "binding",
     "async",
+    "trigger",
     "plugin-rust",
     "plugin-go",
     "cold-start",
@@ -160,25 +161,35 @@ struct Shot {
     asynchronous: Option<Arc<AsyncResults>>,
 }
 
-/// Where the results of asynchronous invocations arrive, matched to their submitters by the
-/// invocation id each submission names.
+/// Where the results of asynchronous invocations (or of a trigger) arrive, matched to their
+/// senders by the invocation id each submission names (or the id of the event published to
+/// the trigger, which its `then` carries on).
 struct AsyncResults {
+    nats: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
     waiting:
         std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<bool>>>,
     next: AtomicU64,
+    /// Through a subject trigger rather than an asynchronous submission.
+    trigger: bool,
 }
 
 const ASYNC_RESULTS: &str = "bench.async.results";
+const TRIGGER_IN: &str = "bench.trigger.in";
+const TRIGGER_OUT: &str = "bench.trigger.out";
 
 impl AsyncResults {
-    async fn start(nats: &async_nats::Client) -> Result<Arc<Self>> {
-        let mut results = nats.subscribe(ASYNC_RESULTS).await?;
+    async fn start(nats: &async_nats::Client, trigger: bool) -> Result<Arc<Self>> {
+        let mut results = nats
+            .subscribe(if trigger { TRIGGER_OUT } else { ASYNC_RESULTS })
+            .await?;
         nats.flush().await?;
         let this = Arc::new(Self {
+            nats: nats.clone(),
             jetstream: async_nats::jetstream::new(nats.clone()),
             waiting: Default::default(),
             next: AtomicU64::new(0),
+            trigger,
         });
         let waiting = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -188,7 +199,15 @@ impl AsyncResults {
                     return;
                 };
                 let headers = message.headers.as_ref();
-                let id = headers.and_then(|h| h.get(envelope::INVOCATION_ID_HEADER));
+                let id = if this.trigger {
+                    serde_json::from_slice::<serde_json::Value>(&message.payload)
+                        .ok()
+                        .and_then(|event| event["id"].as_str().map(str::to_owned))
+                } else {
+                    headers
+                        .and_then(|h| h.get(envelope::INVOCATION_ID_HEADER))
+                        .map(|id| id.as_str().to_owned())
+                };
                 let ok =
                     headers.is_none_or(|h| h.get(envelope::SERVICE_ERROR_CODE_HEADER).is_none());
                 let waiter = id.and_then(|id| {
@@ -214,14 +233,27 @@ impl AsyncResults {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), tx);
         let mut headers = shot.headers.clone().unwrap_or_default();
-        headers.insert(envelope::INVOCATION_ID_HEADER, id.as_str());
-        let accepted = async {
-            self.jetstream
-                .publish_with_headers(shot.subject.clone(), headers, shot.body.clone())
-                .await?
+        let sent = if self.trigger {
+            // A structured CloudEvent passes through the trigger as is: its id comes back.
+            let mut event: serde_json::Value =
+                serde_json::from_slice(&shot.body).unwrap_or_default();
+            event["id"] = id.as_str().into();
+            let body = serde_json::to_vec(&event).unwrap_or_default();
+            self.nats
+                .publish_with_headers(shot.subject.clone(), headers, body.into())
                 .await
+                .is_ok()
+        } else {
+            headers.insert(envelope::INVOCATION_ID_HEADER, id.as_str());
+            let accepted = async {
+                self.jetstream
+                    .publish_with_headers(shot.subject.clone(), headers, shot.body.clone())
+                    .await?
+                    .await
+            };
+            accepted.await.is_ok()
         };
-        let ok = accepted.await.is_ok()
+        let ok = sent
             && tokio::time::timeout(Duration::from_secs(10), rx)
                 .await
                 .is_ok_and(|r| r.unwrap_or(false));
@@ -260,10 +292,12 @@ fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>)
             body: invoke_body("echo", data),
             asynchronous: None,
         },
-        "async" => {
+        "async" | "trigger" => {
             let mut headers = HeaderMap::new();
             headers.insert("Content-Type", "application/cloudevents+json");
-            headers.insert("Mycelium-Result-Subject", ASYNC_RESULTS);
+            if scenario == "async" {
+                headers.insert("Mycelium-Result-Subject", ASYNC_RESULTS);
+            }
             let event = EventBuilderV10::new()
                 .id("bench")
                 .source("mycelium-bench")
@@ -272,7 +306,11 @@ fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>)
                 .build()
                 .expect("a valid event");
             Shot {
-                subject: "function.async.echo".into(),
+                subject: if scenario == "async" {
+                    "function.async.echo".into()
+                } else {
+                    TRIGGER_IN.into()
+                },
                 headers: Some(headers),
                 body: serde_json::to_vec(&event).expect("an event encodes").into(),
                 asynchronous,
@@ -644,6 +682,31 @@ async fn main() -> Result<()> {
 
     let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default()).await?;
     let mut available = vec!["nats-echo", "builtin", "binding", "async"];
+    if wanted("trigger") {
+        let client = mycelium_client::Client::new(nats.clone());
+        client
+            .add_trigger(mycelium_client::Trigger {
+                name: "bench".parse()?,
+                function: "echo".parse()?,
+                source: mycelium_client::TriggerSource::Subject {
+                    subject: TRIGGER_IN.into(),
+                },
+                then: Some(TRIGGER_OUT.into()),
+                paused: false,
+                created_at: None,
+            })
+            .await?;
+        // The runtime subscribes moments after the registry tells it.
+        let probe = AsyncResults::start(&nats, true).await?;
+        let shot = shot_for("trigger", "x", Some(probe.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !probe.send(&shot).await {
+            if Instant::now() > deadline {
+                bail!("the bench trigger never ran");
+            }
+        }
+        available.push("trigger");
+    }
     if wanted("plugin-rust") || wanted("cold-start") || wanted("deploy") {
         let rust = args
             .rust_plugin
@@ -675,6 +738,7 @@ async fn main() -> Result<()> {
         "builtin",
         "binding",
         "async",
+        "trigger",
         "plugin-rust",
         "plugin-go",
     ] {
@@ -682,7 +746,8 @@ async fn main() -> Result<()> {
             continue;
         }
         let asynchronous = match scenario {
-            "async" => Some(AsyncResults::start(&nats).await?),
+            "async" => Some(AsyncResults::start(&nats, false).await?),
+            "trigger" => Some(AsyncResults::start(&nats, true).await?),
             _ => None,
         };
         let shot = shot_for(scenario, &data, asynchronous);
