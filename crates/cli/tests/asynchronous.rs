@@ -57,7 +57,8 @@ fn stdout_json(output: &Output) -> Value {
 
 async fn wait_for_streams(client: &Client) {
     let jetstream = mycelium_client::async_nats::jetstream::new(client.nats().clone());
-    eventually(Duration::from_secs(30), || {
+    // A new cluster elects its JetStream leaders first, slowly on a loaded machine.
+    eventually(Duration::from_secs(90), || {
         let jetstream = jetstream.clone();
         async move {
             let ready = jetstream.get_stream(ASYNC_STREAM).await.is_ok()

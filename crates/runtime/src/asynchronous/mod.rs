@@ -149,7 +149,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                     } else {
                         tracing::debug!(%error, "the asynchronous invocation streams are not ready; retrying");
                     }
-                    let pause = Duration::from_millis(250 * u64::from(failures.min(40)));
+                    let pause = Duration::from_millis(250 * u64::from(failures.min(8)));
                     tokio::select! {
                         () = shared.stop.cancelled() => return,
                         () = tokio::time::sleep(pause) => {}

@@ -162,7 +162,7 @@ async fn durable(
                 if failures == 3 {
                     tracing::warn!(trigger = %trigger.name, stream = %stream_name, %error, "the trigger's stream is not there; waiting for it");
                 }
-                let pause = std::time::Duration::from_millis(250 * u64::from(failures.min(40)));
+                let pause = std::time::Duration::from_millis(250 * u64::from(failures.min(8)));
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
