@@ -501,4 +501,36 @@ async fn bad_triggers_are_refused_at_add() {
         client.triggers().await.unwrap().is_empty(),
         "nothing was stored"
     );
+
+    // The server takes a cron expression with a time zone, and refuses an unknown zone.
+    let nightly = |name: &str, tz: &str| {
+        trigger(
+            name,
+            "record",
+            TriggerSource::Schedule {
+                cron: Some("0 30 2 * * *".into()),
+                tz: Some(tz.into()),
+                every: None,
+            },
+            None,
+        )
+    };
+    client
+        .add_trigger(nightly("nightly", "Europe/Paris"))
+        .await
+        .unwrap();
+    let stored = client.trigger("nightly").await.unwrap();
+    assert_eq!(
+        stored.source.describe(),
+        "cron '0 30 2 * * *' (Europe/Paris)"
+    );
+    let error = client
+        .add_trigger(nightly("elsewhere", "Not/A_Zone"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        mycelium_client::TriggerOpErrorKind::Invalid,
+        "{error:#}"
+    );
 }
