@@ -534,3 +534,83 @@ async fn bad_triggers_are_refused_at_add() {
         "{error:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_triggers_dead_letters_are_kept_on_a_runtime_without_asynchronous_invocation() {
+    use mycelium_core::{ErrorCode, FunctionError};
+    use mycelium_runtime::{AsyncConfig, RuntimeConfig};
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let registry = Arc::new(
+        NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
+            .await
+            .unwrap(),
+    );
+    let _runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            asynchronous: AsyncConfig {
+                enabled: false,
+                ..AsyncConfig::default()
+            },
+            ..RuntimeConfig::default()
+        })
+        .registry(registry)
+        .builtin(
+            name("picky"),
+            "refuses every event",
+            from_fn(|_event, _ctx| async move {
+                Err(FunctionError::with_code(
+                    ErrorCode::InvalidEvent,
+                    "not for me",
+                ))
+            }),
+        )
+        .build(nats.clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "INBOX".into(),
+        subjects: vec!["inbox.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::new(nats.clone());
+    client
+        .add_trigger(trigger(
+            "inbox",
+            "picky",
+            TriggerSource::Stream {
+                stream: "INBOX".into(),
+                filter: None,
+                deliver: mycelium_client::Deliver::All,
+            },
+            None,
+        ))
+        .await
+        .unwrap();
+    js.publish("inbox.x", "hello".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let letters = eventually(Duration::from_secs(30), || async {
+        let letters = client.dead_letters("picky").await.ok()?;
+        (letters.len() == 1).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters[0].letter.error.code, ErrorCode::InvalidEvent);
+    assert_eq!(
+        letters[0].letter.event["type"],
+        "io.mycelium.stream.message"
+    );
+    assert!(
+        js.get_stream(mycelium_core::asynchronous::ASYNC_STREAM)
+            .await
+            .is_err(),
+        "no async stream made"
+    );
+}

@@ -71,6 +71,27 @@ impl Default for AsyncConfig {
     }
 }
 
+/// Makes (or updates) the dead-letter stream, which durable triggers use too (also on a runtime
+/// that runs no asynchronous invocations).
+pub(crate) async fn ensure_dead_letters(
+    jetstream: &jetstream::Context,
+    prefix: &str,
+    config: &AsyncConfig,
+) -> Result<(), String> {
+    jetstream
+        .create_or_update_stream(stream::Config {
+            name: DLQ_STREAM.into(),
+            subjects: vec![format!("{prefix}.dlq.>")],
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            max_age: config.dead_letter_max_age,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+        .map_err(|e| format!("creating the stream {DLQ_STREAM}: {e}"))
+}
+
 /// Makes (or updates) the two streams and returns the invocations' one. Their limits follow
 /// the settings of the runtime that last started; submissions beyond them are refused
 /// (`discard: new`), never dropped.
@@ -94,17 +115,7 @@ pub(crate) async fn ensure_streams(
         })
         .await
         .map_err(|e| format!("creating the stream {ASYNC_STREAM}: {e}"))?;
-    jetstream
-        .create_or_update_stream(stream::Config {
-            name: DLQ_STREAM.into(),
-            subjects: vec![format!("{prefix}.dlq.>")],
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas,
-            max_age: config.dead_letter_max_age,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("creating the stream {DLQ_STREAM}: {e}"))?;
+    ensure_dead_letters(jetstream, prefix, config).await?;
     jetstream
         .get_stream(ASYNC_STREAM)
         .await

@@ -152,10 +152,23 @@ async fn durable(
         TriggerSource::Subject { .. } => return,
     };
     let ordered = matches!(trigger.source, TriggerSource::Kv { .. });
-    // The stream may be made after the trigger (a schedule's, by the first `trigger add`).
+    // The stream may be made after the trigger (a schedule's, by the first `trigger add`);
+    // what cannot run goes to the dead letters, whose stream this runtime may not have made.
     let mut failures = 0u32;
     let stream = loop {
-        match jetstream.get_stream(&stream_name).await {
+        let dead_letters = crate::asynchronous::ensure_dead_letters(
+            &jetstream,
+            prefix,
+            &shared.config.asynchronous,
+        );
+        let found = match dead_letters.await {
+            Ok(()) => jetstream
+                .get_stream(&stream_name)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error),
+        };
+        match found {
             Ok(stream) => break stream,
             Err(error) => {
                 failures += 1;
