@@ -205,7 +205,11 @@ impl Dispatcher {
         message: &jetstream::Message,
         request: envelope::InvokeRequest,
     ) -> Ending {
-        if let Some(subject) = &stored.result_subject {
+        let destination = stored
+            .result_subject
+            .as_ref()
+            .or(stored.then.as_ref().map(|(_, then)| then));
+        if let Some(subject) = destination {
             if let Err(refused) = self.check_subject(subject) {
                 return Ending::DeadLetter(
                     DeadLetterReason::ResultSubjectRefused,

@@ -59,6 +59,19 @@ pub(super) async fn run(shared: Arc<Shared>, trigger: Arc<Trigger>, stop: Cancel
 async fn run_once(shared: &Shared, trigger: &Trigger, message: &async_nats::Message) {
     let metrics = &shared.invoker.metrics;
     metrics.trigger_event(&trigger.name, TriggerEvent::Received);
+    // This runtime's allow-list may be narrower than what `trigger add` checked.
+    if let Some(then) = &trigger.then {
+        let config = &shared.config;
+        if let Err(refused) = mycelium_core::asynchronous::check_result_subject(
+            then,
+            &config.subject_prefix,
+            &config.asynchronous.result_subjects,
+        ) {
+            metrics.trigger_event(&trigger.name, TriggerEvent::Undeliverable);
+            tracing::warn!(trigger = %trigger.name, "the trigger's message was not run: {refused}");
+            return;
+        }
+    }
     let event = match super::event_of(message, trigger, None) {
         Ok(event) => event,
         Err(error) => {
