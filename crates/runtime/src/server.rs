@@ -125,36 +125,43 @@ async fn dispatch(shared: &Arc<Shared>, request: Request, kind: EndpointKind) {
                 return;
             };
             let task_shared = shared.clone();
-            // Boxed: the invocation future is several KiB, and spawning moves it into the
-            // task cell; moving a pointer is cheaper than copying the state (profiled).
-            let mut invocation = Box::pin(async move {
+            run_inline_or_spawn(&shared.tracker, async move {
                 let binding = matches!(kind, EndpointKind::Binding);
                 handle_invocation(&task_shared, &request, binding).await;
                 drop(permit);
-            });
-            // One poll here first: most built-ins finish without waiting, and answering them
-            // inline saves a task spawn and a cross-thread wake-up per request, and lets the
-            // connection write several replies with one syscall (profiled). Only invocations
-            // that wait get a task of their own.
-            // A panic here would end the endpoint loop rather than one task; it is caught.
-            let finished = std::future::poll_fn(|cx| {
-                let poll =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| invocation.as_mut().poll(cx)));
-                Poll::Ready(
-                    poll.unwrap_or_else(|_| {
-                        tracing::error!(
-                            "an invocation panicked in the runtime; its request is not answered"
-                        );
-                        Poll::Ready(())
-                    })
-                    .is_ready(),
-                )
             })
             .await;
-            if !finished {
-                shared.tracker.spawn(invocation);
-            }
         }
+    }
+}
+
+/// Polls `work` once here and gives it a task of its own (on `tracker`) only if it must wait.
+///
+/// Most built-ins finish without waiting, and running them inline saves a task spawn and a
+/// cross-thread wake-up per request, and lets the connection write several replies with one
+/// syscall (profiled). The future is boxed: an invocation's state is several KiB, and spawning
+/// moves it into the task cell; moving a pointer is cheaper (profiled). A panic in the inline
+/// poll would end the caller's loop rather than one task; it is caught.
+pub(crate) async fn run_inline_or_spawn(
+    tracker: &TaskTracker,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut work = Box::pin(work);
+    let finished = std::future::poll_fn(|cx| {
+        let poll = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
+        Poll::Ready(
+            poll.unwrap_or_else(|_| {
+                tracing::error!(
+                    "an invocation panicked in the runtime; its request is not answered"
+                );
+                Poll::Ready(())
+            })
+            .is_ready(),
+        )
+    })
+    .await;
+    if !finished {
+        tracker.spawn(work);
     }
 }
 

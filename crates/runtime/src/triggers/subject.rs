@@ -48,11 +48,12 @@ pub(super) async fn run(shared: Arc<Shared>, trigger: Arc<Trigger>, stop: Cancel
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (shared, trigger) = (shared.clone(), trigger.clone());
-        shared.clone().tracker.spawn(async move {
-            run_once(&shared, &trigger, &message).await;
+        let (task_shared, trigger) = (shared.clone(), trigger.clone());
+        crate::server::run_inline_or_spawn(&shared.tracker, async move {
+            run_once(&task_shared, &trigger, &message).await;
             drop(slot);
-        });
+        })
+        .await;
     }
 }
 
