@@ -2,7 +2,8 @@
 # Builds the example Go plugin offline in GOPATH mode with Debian's packages:
 #   apt-get install golang-go golang-github-hashicorp-go-plugin-dev golang-google-grpc-dev \
 #                   golang-goprotobuf-dev protobuf-compiler
-# usage: examples/go-plugin/build.sh OUTPUT
+# usage: examples/go-plugin/build.sh OUTPUT [--host]
+#   (--host builds the benchmarks' go-plugin host, host/main.go, instead of the plugin)
 set -euo pipefail
 out="$(realpath -m "${1:?usage: build.sh OUTPUT}")"
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -24,5 +25,12 @@ export PATH="$work/bin:$PATH"
 for proto in io/cloudevents/v1/cloudevents.proto mycelium/function/v1/function.proto; do
   protoc -I "$root/proto" -I /usr/include --go_out="$work/src" --go-grpc_out="$work/src" "$root/proto/$proto"
 done
+if [ "${2:-}" = "--host" ]; then
+  # The benchmarks' go-plugin host (examples/go-plugin/host), instead of the plugin.
+  mkdir -p "$work/src/mycelium-go-host"
+  cp "$here/host/main.go" "$work/src/mycelium-go-host/"
+  go build -o "$out" mycelium-go-host
+  exit 0
+fi
 cp "$here/main.go" "$work/src/mycelium-example-go-plugin/"
 go build -o "$out" mycelium-example-go-plugin

@@ -29,7 +29,7 @@ use mycelium_registry::{
 };
 use serde::Serialize;
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "nats-echo",
     "builtin",
     "binding",
@@ -37,6 +37,7 @@ const SCENARIOS: [&str; 9] = [
     "trigger",
     "plugin-rust",
     "plugin-go",
+    "go-host",
     "cold-start",
     "deploy",
 ];
@@ -64,7 +65,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), plugin-rust, plugin-go, cold-start, deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), cold-start, deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -572,14 +573,53 @@ fn go_plugin(args: &Args, dir: &Path) -> Option<PathBuf> {
     if let Some(path) = &args.go_plugin {
         return Some(path.clone());
     }
+    build_go(dir.join("go-plugin"), &[])
+}
+
+/// Builds with examples/go-plugin/build.sh (`extra`: `--host` for the go-plugin host).
+fn build_go(out: PathBuf, extra: &[&str]) -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    let out = dir.join("go-plugin");
     let built = Command::new(script)
         .arg(&out)
+        .args(extra)
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     built.then_some(out)
+}
+
+/// go-plugin's own Go host calling the Go plugin directly (no NATS, no Mycelium), at one
+/// concurrency: the baseline of what a plugin call costs go-plugin itself.
+fn go_host(host: &Path, plugin: &Path, args: &Args, concurrency: usize) -> Result<Outcome> {
+    let output = Command::new(host)
+        .arg(plugin)
+        .arg(args.duration.as_secs_f64().to_string())
+        .arg(concurrency.to_string())
+        .arg(args.warmup.as_secs_f64().to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the go-plugin host")?;
+    if !output.status.success() {
+        bail!("the go-plugin host failed: {}", output.status);
+    }
+    let figures: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let us = |key: &str| figures[key].as_f64().unwrap_or(0.0);
+    let requests = figures["requests"].as_u64().unwrap_or(0);
+    Ok(Outcome {
+        scenario: "go-host".into(),
+        concurrency,
+        mode: "closed-loop",
+        requests,
+        errors: figures["errors"].as_u64().unwrap_or(0),
+        throughput_per_s: requests as f64 / args.duration.as_secs_f64(),
+        p50_us: us("p50_us"),
+        p90_us: us("p90_us"),
+        p99_us: us("p99_us"),
+        p999_us: us("p999_us"),
+        max_us: us("max_us"),
+        p50_ratio: None,
+        throughput_ratio: None,
+    })
 }
 
 /// Deploys `binary` as `name` and waits until an invocation succeeds.
@@ -719,17 +759,26 @@ async fn main() -> Result<()> {
             eprintln!("plugin-rust: skipped, {} is missing (cargo build --release -p mycelium-example-plugin)", rust.display());
         }
     }
-    if wanted("plugin-go") {
+    let mut go_built = None;
+    if wanted("plugin-go") || wanted("go-host") {
         match go_plugin(&args, work.path()) {
             Some(go) => {
-                deploy_and_wait(&registry, &nats, "bench-go", ArtifactSource::File(go)).await?;
-                available.push("plugin-go");
+                if wanted("plugin-go") {
+                    deploy_and_wait(&registry, &nats, "bench-go", ArtifactSource::File(go.clone()))
+                        .await?;
+                    available.push("plugin-go");
+                }
+                go_built = Some(go);
             }
             None => eprintln!(
-                "plugin-go: skipped, the Go toolchain is missing (see examples/go-plugin/build.sh)"
+                "plugin-go, go-host: skipped, the Go toolchain is missing (see examples/go-plugin/build.sh)"
             ),
         }
     }
+    let go_host_binary = go_built
+        .as_ref()
+        .filter(|_| wanted("go-host"))
+        .and_then(|_| build_go(work.path().join("go-host"), &["--host"]));
 
     let data = "x".repeat(args.payload_size);
     let mut outcomes: Vec<Outcome> = Vec::new();
@@ -780,6 +829,14 @@ async fn main() -> Result<()> {
                 errors,
                 elapsed,
             ));
+        }
+    }
+
+    if let (Some(host), Some(plugin)) = (&go_host_binary, &go_built) {
+        for &concurrency in &args.concurrency {
+            let outcome = go_host(host, plugin, &args, concurrency)?;
+            eprintln!("go-host c={concurrency}: {} requests", outcome.requests);
+            outcomes.push(outcome);
         }
     }
 
