@@ -266,16 +266,20 @@ impl AsyncResults {
     }
 }
 
-fn invoke_body(function: &str, data: &str) -> Bytes {
-    let event = EventBuilderV10::new()
+/// The event every request carries.
+fn bench_event(data: &str) -> mycelium_core::Event {
+    EventBuilderV10::new()
         .id("bench")
         .source("mycelium-bench")
         .ty("com.example.bench")
         .data("text/plain", data.to_owned())
         .build()
-        .expect("a valid event");
+        .expect("a valid event")
+}
+
+fn invoke_body(function: &str, data: &str) -> Bytes {
     let name: FunctionName = function.parse().expect("a valid name");
-    envelope::encode_invoke_request(&name, &event, None, None).into()
+    envelope::encode_invoke_request(&name, &bench_event(data), None, None).into()
 }
 
 fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>) -> Shot {
@@ -299,13 +303,7 @@ fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>)
             if scenario == "async" {
                 headers.insert("Mycelium-Result-Subject", ASYNC_RESULTS);
             }
-            let event = EventBuilderV10::new()
-                .id("bench")
-                .source("mycelium-bench")
-                .ty("com.example.bench")
-                .data("text/plain", data.to_owned())
-                .build()
-                .expect("a valid event");
+            let event = bench_event(data);
             Shot {
                 subject: if scenario == "async" {
                     "function.async.echo".into()

@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{collections::HashMap, process::Output, time::Duration};
 
 use futures_util::{stream, StreamExt};
 use mycelium_client::{Client, SubmitOptions};
@@ -17,42 +13,13 @@ use mycelium_core::{
     cloudevents::AttributesReader,
     envelope,
 };
-use mycelium_test_support::{
-    event, eventually, free_port, kill_now, ChildGuard, NatsCluster, NatsServer,
-};
+use mycelium_test_support::{event, eventually, free_port, kill_now, NatsCluster, NatsServer};
 use serde_json::{json, Value};
 
-use common::mycelium;
-
-fn serve(url: &str, options: &[&str]) -> ChildGuard {
-    ChildGuard(
-        mycelium()
-            .env("RUST_LOG", "warn")
-            .args(["--nats-url", url, "serve"])
-            .args(options)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn run(url: &str, args: &[&str]) -> Output {
-    mycelium()
-        .args(["--nats-url", url])
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{run_at as run, serve_at as serve, succeeded, wait_for_instances};
 
 fn stdout_json(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "{:?}: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    serde_json::from_str(&succeeded(output)).unwrap()
 }
 
 async fn wait_for_streams(client: &Client) {
@@ -64,17 +31,6 @@ async fn wait_for_streams(client: &Client) {
             let ready = jetstream.get_stream(ASYNC_STREAM).await.is_ok()
                 && jetstream.get_stream(DLQ_STREAM).await.is_ok();
             ready.then_some(())
-        }
-    })
-    .await;
-}
-
-async fn wait_for_instances(client: &Client, count: usize) {
-    eventually(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
-            let stats = client.stats(Duration::from_secs(1)).await.ok()?;
-            (stats.instances == count).then_some(())
         }
     })
     .await;

@@ -27,7 +27,7 @@ use mycelium_test_support::{
 use serde_json::json;
 use tokio::sync::watch;
 
-use common::{mycelium, sibling_binary};
+use common::{mycelium, sibling_binary, wait_for_instances};
 
 fn serve(url: &str) -> ChildGuard {
     serve_with(url, &[], &["--registry", "memory"])
@@ -47,17 +47,6 @@ fn serve_with(url: &str, global: &[&str], options: &[&str]) -> ChildGuard {
             .spawn()
             .unwrap(),
     )
-}
-
-async fn wait_for_instances(client: &Client, count: usize) {
-    eventually(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
-            let stats = client.stats(Duration::from_secs(1)).await.ok()?;
-            (stats.instances == count).then_some(())
-        }
-    })
-    .await;
 }
 
 /// What a load run saw: successes, and failures by kind.

@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use futures_util::StreamExt;
 use mycelium_client::async_nats::jetstream;
@@ -16,36 +12,11 @@ use mycelium_core::{cloudevents::AttributesReader, Event};
 use mycelium_test_support::{eventually, kill_now, ChildGuard, NatsServer};
 use serde_json::Value;
 
-use common::mycelium;
+use common::{run_at as run, serve_at, succeeded as ok};
 
+/// A runtime whose killed instances' messages come back within seconds.
 fn serve(url: &str) -> ChildGuard {
-    ChildGuard(
-        mycelium()
-            .env("RUST_LOG", "warn")
-            .args(["--nats-url", url, "serve", "--async-ack-wait", "2s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn run(url: &str, args: &[&str]) -> Output {
-    mycelium()
-        .args(["--nats-url", url])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{:?}: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    serve_at(url, &["--async-ack-wait", "2s"])
 }
 
 fn payload(event: &Event) -> String {

@@ -261,6 +261,8 @@ fn trigger_name(name: &str) -> Result<TriggerName, TriggerOpError> {
 fn not_found(name: &TriggerName) -> TriggerOpError {
     TriggerOpError::new(
         TriggerOpErrorKind::NotFound,
-        format!("no trigger named \"{name}\"; `mycelium trigger list` shows them"),
+        mycelium_registry::trigger_not_found(name)
+            .message()
+            .to_owned(),
     )
 }

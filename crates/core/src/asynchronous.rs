@@ -221,16 +221,10 @@ pub fn check_result_subject(
     allowed: &[String],
 ) -> Result<(), RefusedSubject> {
     let refuse = |why: &str| Err(RefusedSubject(format!("result subject {subject:?} {why}")));
-    if subject.is_empty() || subject.len() > 1024 {
-        return refuse("must be 1 to 1024 bytes");
-    }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return refuse("contains whitespace");
+    if let Some(problem) = subject_problem(subject) {
+        return refuse(problem);
     }
     let tokens: Vec<&str> = subject.split('.').collect();
-    if tokens.iter().any(|t| t.is_empty()) {
-        return refuse("has an empty token");
-    }
     if tokens.iter().any(|t| *t == "*" || *t == ">") {
         return refuse("has a wildcard; results go to one subject");
     }
@@ -255,6 +249,20 @@ pub fn check_result_subject(
         ));
     }
     Ok(())
+}
+
+/// What keeps `subject` from being a NATS subject (or pattern), if anything: its length,
+/// whitespace, an empty token.
+pub fn subject_problem(subject: &str) -> Option<&'static str> {
+    if subject.is_empty() || subject.len() > 1024 {
+        Some("must be 1 to 1024 bytes")
+    } else if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains whitespace")
+    } else if subject.split('.').any(str::is_empty) {
+        Some("has an empty token")
+    } else {
+        None
+    }
 }
 
 /// Whether `subject` matches the NATS subject `pattern` (`*` one token, `>` the rest).

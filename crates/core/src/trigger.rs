@@ -7,7 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{asynchronous::check_result_subject, FunctionName};
+use crate::{
+    asynchronous::{check_result_subject, subject_problem},
+    FunctionName,
+};
 
 /// Header on messages a trigger's `then` publishes: the trigger's name.
 pub const TRIGGER_HEADER: &str = "Mycelium-Trigger";
@@ -173,11 +176,7 @@ impl Trigger {
     /// subject prefix.
     pub fn validate(&self, prefix: &str) -> Result<(), InvalidTrigger> {
         let refuse = |why: String| Err(InvalidTrigger(why));
-        let subject_ok = |subject: &str| {
-            !subject.is_empty()
-                && !subject.chars().any(|c| c.is_whitespace() || c.is_control())
-                && subject.split('.').all(|t| !t.is_empty())
-        };
+        let subject_ok = |subject: &str| subject_problem(subject).is_none();
         match &self.source {
             TriggerSource::Subject { subject } => {
                 if !subject_ok(subject) {

@@ -250,14 +250,30 @@ impl Invoker {
 }
 
 impl Invoker {
+    /// Invocations of `metadata`'s version allowed at once on this runtime: its own
+    /// `maxConcurrency`, else the runtime's default.
+    fn concurrency_limit(&self, metadata: &FunctionMetadata) -> usize {
+        metadata
+            .max_concurrency
+            .map_or(self.max_concurrency, |max| max as usize)
+    }
+
+    /// Invocations of `name`'s active version allowed at once (the runtime's default for a
+    /// function it does not know): how many the event sources take at a time.
+    pub fn concurrency_of(&self, name: &FunctionName) -> usize {
+        self.describe(name, None)
+            .map_or(self.max_concurrency, |metadata| {
+                self.concurrency_limit(&metadata)
+            })
+            .max(1)
+    }
+
     /// Takes one of the function version's concurrency slots.
     fn function_permit(
         &self,
         metadata: &FunctionMetadata,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, ProtocolError> {
-        let max = metadata
-            .max_concurrency
-            .map_or(self.max_concurrency, |max| max as usize);
+        let max = self.concurrency_limit(metadata);
         let key = (metadata.name.clone(), metadata.version);
         let found = self
             .function_limits

@@ -398,6 +398,15 @@ pub struct RuntimeHandle {
     triggers: tokio::task::JoinHandle<()>,
 }
 
+/// Resolves when the registry has changed (`true`), or when it never will again (`false`: its
+/// watch ended). A static registry (`None`) never resolves.
+async fn registry_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match changes.as_mut() {
+        Some(changes) => changes.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 /// Gets the active version of every deployed function ready ahead of its first call (a plugin
 /// process started), now and whenever the registry changes (deploy, rollback), so callers pay
 /// no cold start.

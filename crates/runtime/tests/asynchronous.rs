@@ -124,6 +124,21 @@ async fn fixture(asynchronous: AsyncConfig) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// Waits for exactly `count` dead letters of `function`.
+    async fn dead_letters(
+        &self,
+        function: &str,
+        count: usize,
+    ) -> Vec<mycelium_client::StoredDeadLetter> {
+        eventually(Duration::from_secs(30), || async {
+            let letters = self.client.dead_letters(function).await.unwrap();
+            (letters.len() == count).then_some(letters)
+        })
+        .await
+    }
+}
+
 /// The runtime makes the streams as it starts serving; a submission before that would find
 /// no stream.
 async fn wait_for_streams(client: &Client) {
@@ -317,11 +332,7 @@ async fn what_keeps_failing_is_dead_lettered_and_replay_runs_it_after_a_fix() {
         assert_eq!(header(&message, ATTEMPTS_HEADER), "2");
     }
     // ... and the dead letters hold all five, with the attempts made.
-    let letters = eventually(Duration::from_secs(10), || async {
-        let letters = f.client.dead_letters("broken").await.unwrap();
-        (letters.len() == 5).then_some(letters)
-    })
-    .await;
+    let letters = f.dead_letters("broken", 5).await;
     for stored in &letters {
         assert_eq!(stored.letter.attempts, 2);
         assert_eq!(stored.letter.reason, DeadLetterReason::RetriesExhausted);
@@ -399,11 +410,7 @@ async fn result_subjects_the_runtime_must_not_publish_to_are_refused() {
         .unwrap();
     let message = next(&mut allowed).await;
     assert_eq!(header(&message, EVENT_ID_HEADER), "fine");
-    let letters = eventually(Duration::from_secs(10), || async {
-        let letters = f.client.dead_letters("echo").await.unwrap();
-        (letters.len() == refused.len()).then_some(letters)
-    })
-    .await;
+    let letters = f.dead_letters("echo", refused.len()).await;
     for stored in &letters {
         assert_eq!(stored.letter.reason, DeadLetterReason::ResultSubjectRefused);
         assert_eq!(stored.letter.attempts, 0, "it never ran");
@@ -465,17 +472,12 @@ async fn a_full_stream_refuses_submissions_and_old_invocations_expire() {
         .serve(&f.server.url())
         .await
         .unwrap();
-    let letters = eventually(Duration::from_secs(20), || async {
-        let letters = f.client.dead_letters("echo").await.unwrap();
-        (letters.len() == 3).then_some(letters)
-    })
-    .await;
+    let letters = f.dead_letters("echo", 3).await;
     for stored in &letters {
         assert_eq!(stored.letter.reason, DeadLetterReason::Expired);
         assert_eq!(stored.letter.attempts, 0);
     }
     runtime.shutdown().await;
-    let _ = &mut f.server;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,11 +521,7 @@ async fn invocations_of_functions_no_runtime_knows_are_dead_lettered_after_the_g
         .serve(&f.server.url())
         .await
         .unwrap();
-    let letters = eventually(Duration::from_secs(30), || async {
-        let letters = f.client.dead_letters("nosuch").await.unwrap();
-        (letters.len() == 3).then_some(letters)
-    })
-    .await;
+    let letters = f.dead_letters("nosuch", 3).await;
     for stored in &letters {
         assert_eq!(stored.letter.reason, DeadLetterReason::NotRetriable);
         assert_eq!(stored.letter.error.code, ErrorCode::FunctionNotFound);

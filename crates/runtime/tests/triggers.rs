@@ -31,14 +31,9 @@ async fn runtimes(server: &NatsServer, count: usize) -> (Vec<RuntimeHandle>, See
     let mut handles = Vec::new();
     for index in 0..count {
         let nats = server.connect().await;
-        let registry = Arc::new(
-            NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
-                .await
-                .unwrap(),
-        );
         let seen = seen.clone();
-        let runtime = Runtime::builder()
-            .registry(registry)
+        let runtime = on_jetstream_registry(&nats)
+            .await
             .standard_builtins()
             .builtin(
                 name("record"),
@@ -59,6 +54,14 @@ async fn runtimes(server: &NatsServer, count: usize) -> (Vec<RuntimeHandle>, See
         handles.push(runtime);
     }
     (handles, seen)
+}
+
+/// A runtime builder on the JetStream registry of `nats` (triggers live there).
+async fn on_jetstream_registry(nats: &async_nats::Client) -> mycelium_runtime::RuntimeBuilder {
+    let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
+        .await
+        .unwrap();
+    Runtime::builder().registry(Arc::new(registry))
 }
 
 fn trigger(trigger: &str, function: &str, source: TriggerSource, then: Option<&str>) -> Trigger {
@@ -541,12 +544,8 @@ async fn a_stream_triggers_dead_letters_are_kept_on_a_runtime_without_asynchrono
     use mycelium_runtime::{AsyncConfig, RuntimeConfig};
     let server = NatsServer::start();
     let nats = server.connect().await;
-    let registry = Arc::new(
-        NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
-            .await
-            .unwrap(),
-    );
-    let _runtime = Runtime::builder()
+    let _runtime = on_jetstream_registry(&nats)
+        .await
         .config(RuntimeConfig {
             asynchronous: AsyncConfig {
                 enabled: false,
@@ -554,7 +553,6 @@ async fn a_stream_triggers_dead_letters_are_kept_on_a_runtime_without_asynchrono
             },
             ..RuntimeConfig::default()
         })
-        .registry(registry)
         .builtin(
             name("picky"),
             "refuses every event",

@@ -139,3 +139,50 @@ pub fn scrape_metrics(port: u16) -> std::io::Result<String> {
     stream.read_to_string(&mut text)?;
     Ok(text)
 }
+
+/// `mycelium --nats-url URL serve OPTIONS...` in the background (logs at warn, output
+/// discarded), stopped on drop.
+pub fn serve_at(url: &str, options: &[&str]) -> Running {
+    Running(
+        mycelium()
+            .env("RUST_LOG", "warn")
+            .args(["--nats-url", url, "serve"])
+            .args(options)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `mycelium --nats-url URL ARGS...`, to its end.
+pub fn run_at(url: &str, args: &[&str]) -> std::process::Output {
+    mycelium()
+        .args(["--nats-url", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The stdout of a command that must have succeeded (its stderr in the panic otherwise).
+pub fn succeeded(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until `count` runtime instances answer `$SRV.STATS`.
+pub async fn wait_for_instances(client: &mycelium_client::Client, count: usize) {
+    mycelium_test_support::eventually(std::time::Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let stats = client.stats(std::time::Duration::from_secs(1)).await.ok()?;
+            (stats.instances == count).then_some(())
+        }
+    })
+    .await;
+}

@@ -46,6 +46,8 @@ struct Stored {
     result_subject: Option<String>,
     /// A trigger's name and where its result events go, one message each.
     then: Option<(TriggerName, String)>,
+    /// Whether this runtime knows the function (it has its settings).
+    known: bool,
 }
 
 /// Where a pulled message comes from, which decides how it becomes an invocation and where
@@ -94,6 +96,11 @@ impl Dispatcher {
             // Not a JetStream delivery; nothing to settle.
             return;
         };
+        let settings = self
+            .shared
+            .invoker
+            .describe(function, None)
+            .map(|m| m.asynchronous.clone());
         let stored = Stored {
             function: function.clone(),
             invocation_id: match origin {
@@ -116,12 +123,8 @@ impl Dispatcher {
                     .clone()
                     .map(|then| (trigger.name.clone(), then)),
             },
+            known: settings.is_ok(),
         };
-        let settings = self
-            .shared
-            .invoker
-            .describe(function, None)
-            .map(|m| m.asynchronous.clone());
         if let Origin::Trigger(trigger) = origin {
             let metrics = &self.shared.invoker.metrics;
             metrics.trigger_event(&trigger.name, TriggerEvent::Received);
@@ -287,9 +290,7 @@ impl Dispatcher {
                 .await
                 {
                     tracing::warn!(%function, %error, then, "publishing a trigger's results failed; the event will run again");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    again_soon(message).await;
                     return;
                 }
                 self.ack(message).await;
@@ -304,9 +305,7 @@ impl Dispatcher {
                     let body = Bytes::from(envelope::encode_events(&events));
                     if let Err(error) = self.publish(subject, headers, body).await {
                         tracing::warn!(%function, %error, subject, "publishing an asynchronous result failed; the invocation will run again");
-                        let _ = message
-                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
+                        again_soon(message).await;
                         return;
                     }
                 }
@@ -366,9 +365,7 @@ impl Dispatcher {
                 };
                 if let Err(error) = stored_letter.await {
                     tracing::warn!(%function, %error, "storing a dead letter failed; the invocation stays queued");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    again_soon(message).await;
                     return;
                 }
                 // The failure is announced where the caller (or the deployer) asked; a refused
@@ -392,7 +389,7 @@ impl Dispatcher {
                 }
                 // Counted for functions this runtime knows only: the names of the others
                 // are the callers'.
-                if self.shared.invoker.describe(function, None).is_ok() {
+                if stored.known {
                     self.shared
                         .invoker
                         .metrics
@@ -476,6 +473,14 @@ impl Dispatcher {
             tracing::debug!(%error, "an ack was not confirmed; the invocation may run again");
         }
     }
+}
+
+/// Hands an invocation back to the server to be delivered again in a second: its result or
+/// dead letter could not be sent, so it is not settled.
+async fn again_soon(message: &jetstream::Message) {
+    let _ = message
+        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+        .await;
 }
 
 /// Runs `call`, telling the server every third of the ack wait that the invocation is still

@@ -210,15 +210,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                     .entry(function.name.clone())
                     .or_insert_with(|| spawn(function.name, Some(function.version)));
             }
-            let changed = async {
-                match changes.as_mut() {
-                    Some(changes) => changes.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = shared.stop.cancelled() => return,
-                still = changed => if !still { return },
+                still = crate::registry_changed(&mut changes) => if !still { return },
                 _ = sweep.tick() => {
                     sample_queues(&stream, &shared, &loops).await;
                     let sweeping = loops.values().filter(|l| l.version.is_none()).count();
@@ -352,14 +346,7 @@ pub(crate) async fn pull(
 ) {
     let shared = dispatcher.shared();
     let limit = concurrency
-        .unwrap_or_else(|| {
-            shared
-                .invoker
-                .describe(&function, None)
-                .ok()
-                .and_then(|m| m.max_concurrency)
-                .map_or(shared.config.max_concurrency, |max| max as usize)
-        })
+        .unwrap_or_else(|| shared.invoker.concurrency_of(&function))
         .max(1);
     let slots = Arc::new(Semaphore::new(limit));
     let mut failures = 0u32;

@@ -82,15 +82,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
-            let changed = async {
-                match changes.as_mut() {
-                    Some(changes) => changes.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = shared.stop.cancelled() => return,
-                still = changed => if !still { return },
+                still = crate::registry_changed(&mut changes) => if !still { return },
                 _ = lag.tick() => sample_lag(&shared, &jetstream, &running).await,
             }
         }

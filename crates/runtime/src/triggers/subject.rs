@@ -27,14 +27,9 @@ pub(super) async fn run(shared: Arc<Shared>, trigger: Arc<Trigger>, stop: Cancel
             return;
         }
     };
-    let limit = shared
-        .invoker
-        .describe(&trigger.function, None)
-        .ok()
-        .and_then(|m| m.max_concurrency)
-        .map_or(shared.config.max_concurrency, |max| max as usize)
-        .max(1);
-    let slots = Arc::new(Semaphore::new(limit));
+    let slots = Arc::new(Semaphore::new(
+        shared.invoker.concurrency_of(&trigger.function),
+    ));
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => {
