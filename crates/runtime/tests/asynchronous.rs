@@ -125,6 +125,19 @@ async fn fixture(asynchronous: AsyncConfig) -> Fixture {
 }
 
 impl Fixture {
+    /// Stops the runtime, then submits `count` events (`<prefix>-<n>`) to `function`: they
+    /// wait in the stream.
+    async fn stop_and_store(&mut self, function: &str, prefix: &str, count: usize) {
+        self.runtime.take().unwrap().shutdown().await;
+        for n in 0..count {
+            let event = event(&format!("{prefix}-{n}"), json!({}));
+            self.client
+                .submit(function, &event, SubmitOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+
     /// Waits for exactly `count` dead letters of `function`.
     async fn dead_letters(
         &self,
@@ -434,17 +447,7 @@ async fn a_full_stream_refuses_submissions_and_old_invocations_expire() {
     })
     .await;
     // Nothing runs while the runtime is away: the stream keeps what it accepted.
-    f.runtime.take().unwrap().shutdown().await;
-    for n in 0..3 {
-        f.client
-            .submit(
-                "echo",
-                &event(&format!("old-{n}"), json!({})),
-                SubmitOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
+    f.stop_and_store("echo", "old", 3).await;
     let error = f
         .client
         .submit(
@@ -495,17 +498,7 @@ async fn submissions_without_a_runtime_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invocations_of_functions_no_runtime_knows_are_dead_lettered_after_the_grace() {
     let mut f = fixture(AsyncConfig::default()).await;
-    f.runtime.take().unwrap().shutdown().await;
-    for n in 0..3 {
-        f.client
-            .submit(
-                "nosuch",
-                &event(&format!("n-{n}"), json!({})),
-                SubmitOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
+    f.stop_and_store("nosuch", "n", 3).await;
     // Older than the grace before a runtime looks at them.
     let grace = Duration::from_millis(100);
     tokio::time::sleep(grace * 2).await;
