@@ -10,32 +10,35 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use hyper_util::rt::TokioIo;
 use mycelium_core::{
     logs::LogSink, Error, ErrorCode, Event, FunctionName, InvocationContext, ProtocolError,
 };
 use tokio::{io::BufReader, sync::watch};
-use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
 };
 
 pub use crate::output::{OutputBudget, Redactions, MIN_SECRET_LEN};
 use crate::{
     cgroup::{CgroupRoot, ProcessCgroup},
+    channel::PluginChannel,
     convert,
-    handshake::{self, Handshake, Network},
+    handshake::{self, Handshake},
     output::{read_line, relay, relay_stdio_stream, Output, STDERR_TAIL},
     proto::{
         function::{
-            execute_response::Result as ExecuteResult, function_client::FunctionClient,
-            ErrorCode as ProtoCode, ExecuteRequest, InvocationContext as ProtoContext,
+            execute_response::Result as ExecuteResult, ErrorCode as ProtoCode, ExecuteRequest,
+            ExecuteResponse, InvocationContext as ProtoContext,
         },
-        go_plugin::{
-            grpc_controller_client::GrpcControllerClient, grpc_stdio_client::GrpcStdioClient, Empty,
-        },
+        go_plugin::Empty,
     },
 };
+
+/// go-plugin's path of the function call.
+const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
+
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static(mycelium_core::trace::TRACEPARENT);
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static(mycelium_core::trace::TRACESTATE);
 
 /// Why a plugin process could not be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,9 +95,7 @@ pub struct ProcessConfig {
 /// A running plugin process.
 pub struct PluginProcess {
     pid: u32,
-    function: FunctionClient<Channel>,
-    health: HealthClient<Channel>,
-    controller: GrpcControllerClient<Channel>,
+    channel: PluginChannel,
     exit: watch::Receiver<Option<String>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     config: ProcessConfig,
@@ -247,11 +248,8 @@ impl Starting<'_> {
     }
 
     /// Connects to the address of the handshake and waits for the plugin to report serving.
-    async fn connect_healthy(
-        &self,
-        handshake: &Handshake,
-    ) -> Result<(Channel, HealthClient<Channel>), StartError> {
-        let channel = tokio::time::timeout(self.remaining(), connect(handshake))
+    async fn connect_healthy(&self, handshake: &Handshake) -> Result<PluginChannel, StartError> {
+        let channel = tokio::time::timeout(self.remaining(), PluginChannel::connect(handshake))
             .await
             .map_err(|_| {
                 self.fail(
@@ -265,28 +263,39 @@ impl Starting<'_> {
                     format!("connecting to the plugin at {}: {e}", handshake.address),
                 )
             })?;
-        let mut health = HealthClient::new(channel.clone());
-        let mut request = tonic::Request::new(HealthCheckRequest {
-            service: handshake::HEALTH_SERVICE.into(),
-        });
-        request.set_timeout(self.remaining());
-        match health.check(request).await {
-            Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {
-                Ok((channel, health))
-            }
-            Ok(response) => Err(self.fail(
+        match tokio::time::timeout(self.remaining(), check_health(&channel, self.remaining())).await
+        {
+            Ok(Ok(response)) if response.status == ServingStatus::Serving as i32 => Ok(channel),
+            Ok(Ok(response)) => Err(self.fail(
                 StartErrorKind::Unhealthy,
                 format!(
                     "the plugin reports status {} for service \"plugin\"",
-                    response.get_ref().status
+                    response.status
                 ),
             )),
-            Err(status) => Err(self.fail(
+            Ok(Err(status)) => Err(self.fail(
                 StartErrorKind::Unhealthy,
                 format!("the plugin's health check failed: {status}"),
             )),
+            Err(_) => Err(self.fail(
+                StartErrorKind::Unhealthy,
+                "the plugin's health check timed out".into(),
+            )),
         }
     }
+}
+
+/// go-plugin's health check of the service "plugin".
+async fn check_health(
+    channel: &PluginChannel,
+    within: Duration,
+) -> Result<HealthCheckResponse, tonic::Status> {
+    let request = HealthCheckRequest {
+        service: handshake::HEALTH_SERVICE.into(),
+    };
+    channel
+        .unary("/grpc.health.v1.Health/Check", &request, within, &[])
+        .await
 }
 
 /// Refuses what is not a program before the kernel (or the shell's fallback for files
@@ -379,22 +388,25 @@ impl PluginProcess {
         };
         let handshake = starting.handshake(&mut stdout, exit.clone()).await?;
         tokio::spawn(relay(stdout, Output::new(&config, pid), None, "stdout"));
-        let (channel, health) = starting.connect_healthy(&handshake).await?;
+        let channel = starting.connect_healthy(&handshake).await?;
         // go-plugin >= 1.2 streams the plugin's stdio over gRPC; older plugins (1.0.x) do not
-        // offer the service, and their output arrives on the pipes instead.
-        if let Ok(stream) = GrpcStdioClient::new(channel.clone()).stream_stdio(()).await {
-            tokio::spawn(relay_stdio_stream(
-                stream.into_inner(),
-                Output::new(&config, pid),
-            ));
-        }
+        // offer the service, and their output arrives on the pipes instead. Asked off the
+        // start's path: the first call need not wait for the answer.
+        let stdio = channel.clone();
+        let output = Output::new(&config, pid);
+        tokio::spawn(async move {
+            if let Ok(stream) = stdio
+                .server_stream("/plugin.GRPCStdio/StreamStdio", &())
+                .await
+            {
+                relay_stdio_stream(stream, output).await;
+            }
+        });
         tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
         unfinished.0 = None;
         Ok(Self {
             pid,
-            function: FunctionClient::new(channel.clone()),
-            health,
-            controller: GrpcControllerClient::new(channel),
+            channel,
             exit,
             stderr_tail,
             config,
@@ -439,7 +451,7 @@ impl PluginProcess {
             .checked_add(remaining)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let mut request = tonic::Request::new(ExecuteRequest {
+        let request = ExecuteRequest {
             event: Some(convert::to_proto(event)),
             context: Some(ProtoContext {
                 function_name: ctx.function().to_string(),
@@ -456,20 +468,23 @@ impl PluginProcess {
                     .unwrap_or_default()
                     .to_owned(),
             }),
-        });
-        request.set_timeout(remaining);
+        };
         // Also as gRPC metadata, where gRPC tracing middleware (Go's otelgrpc, for one) looks.
+        let mut metadata = Vec::new();
         if let Some(trace) = ctx.trace() {
-            let metadata = request.metadata_mut();
             if let Ok(value) = trace.traceparent().parse() {
-                metadata.insert(mycelium_core::trace::TRACEPARENT, value);
+                metadata.push((TRACEPARENT.clone(), value));
             }
             if let Some(Ok(value)) = trace.tracestate().map(str::parse) {
-                metadata.insert(mycelium_core::trace::TRACESTATE, value);
+                metadata.push((TRACESTATE.clone(), value));
             }
         }
-        match self.function.clone().execute(request).await {
-            Ok(response) => match response.into_inner().result {
+        let answer: Result<ExecuteResponse, _> = self
+            .channel
+            .unary(EXECUTE, &request, remaining, &metadata)
+            .await;
+        match answer {
+            Ok(response) => match response.result {
                 Some(ExecuteResult::Events(batch)) => {
                     batch.events.into_iter().map(convert::from_proto).collect()
                 }
@@ -532,13 +547,9 @@ impl PluginProcess {
 
     /// Whether the plugin answers its health check within `within`.
     pub async fn is_healthy(&self, within: Duration) -> bool {
-        let mut request = tonic::Request::new(HealthCheckRequest {
-            service: handshake::HEALTH_SERVICE.into(),
-        });
-        request.set_timeout(within);
         matches!(
-            tokio::time::timeout(within, self.health.clone().check(request)).await,
-            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+            tokio::time::timeout(within, check_health(&self.channel, within)).await,
+            Ok(Ok(response)) if response.status == ServingStatus::Serving as i32
         )
     }
 
@@ -547,13 +558,13 @@ impl PluginProcess {
         if self.has_exited() {
             return;
         }
-        let mut request = tonic::Request::new(Empty {});
-        request.set_timeout(self.config.stop_grace);
-        let _ = tokio::time::timeout(
+        let shutdown = self.channel.unary::<_, Empty>(
+            "/plugin.GRPCController/Shutdown",
+            &Empty {},
             self.config.stop_grace,
-            self.controller.clone().shutdown(request),
-        )
-        .await;
+            &[],
+        );
+        let _ = tokio::time::timeout(self.config.stop_grace, shutdown).await;
         if tokio::time::timeout(self.config.stop_grace, self.exited())
             .await
             .is_err()
@@ -595,30 +606,6 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(pid) = self.0 {
             kill_group(pid);
-        }
-    }
-}
-
-async fn connect(handshake: &Handshake) -> Result<Channel, tonic::transport::Error> {
-    match handshake.network {
-        Network::Tcp => {
-            Endpoint::from_shared(format!("http://{}", handshake.address))?
-                .connect()
-                .await
-        }
-        Network::Unix => {
-            let path = PathBuf::from(&handshake.address);
-            // The URI is required by the API and ignored by the connector.
-            Endpoint::from_static("http://plugin.invalid")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(path)
-                            .await
-                            .map(TokioIo::new)
-                    }
-                }))
-                .await
         }
     }
 }

@@ -3,6 +3,7 @@
 //! The only crate (with the SDK) that knows protobuf.
 
 pub mod cgroup;
+mod channel;
 pub mod host;
 mod output;
 pub mod pool;

@@ -330,7 +330,7 @@ pub(crate) async fn relay(
 /// Relays go-plugin's stdio stream. A chunk is one write, not one line (an unbuffered stderr
 /// writes a line in pieces): lines are assembled per channel.
 pub(crate) async fn relay_stdio_stream(
-    mut stream: tonic::Streaming<crate::proto::go_plugin::StdioData>,
+    mut stream: crate::channel::Messages<crate::proto::go_plugin::StdioData>,
     output: Output,
 ) {
     let mut pending = [Vec::new(), Vec::new()];

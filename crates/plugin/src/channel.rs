@@ -1,0 +1,550 @@
+//! Unary gRPC calls to a plugin over one HTTP/2 connection that the callers drive themselves.
+//!
+//! tonic's `Channel` hands each call to a `Buffer` task, hyper sends the request body from a
+//! task of its own, and the connection lives in a third task: a plugin call crossed threads
+//! three or four times before the plugin saw a byte, at ~20 µs per wake-up on a small VM
+//! (BENCHMARKS.md, issue 15). Here a caller queues its HEADERS and DATA frames and polls the
+//! connection itself, so both frames leave in one write from the caller's thread, and the
+//! socket wakes a waiting caller directly when the answer arrives. A background task only
+//! keeps the connection polled while no call is waiting (pings, GOAWAY, the plugin's exit).
+//!
+//! The wire is plain gRPC over HTTP/2, so any go-plugin server answers it unchanged.
+
+use std::{
+    future::{poll_fn, Future},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Wake, Waker},
+    time::Duration,
+};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use h2::{
+    client::{Connection, SendRequest},
+    RecvStream,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
+use tonic::{Code, Status};
+
+use crate::handshake::{Handshake, Network};
+
+type Io = Either<UnixStream, TcpStream>;
+
+/// The largest reply accepted, as gRPC's default receive limit.
+const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A connection to one plugin process; cheap to share between concurrent calls.
+#[derive(Clone)]
+pub(crate) struct PluginChannel {
+    send: SendRequest<Bytes>,
+    driver: Arc<Driver>,
+    authority: Arc<str>,
+}
+
+impl std::fmt::Debug for PluginChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginChannel")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginChannel {
+    /// Connects to the address of `handshake` and starts the background driver.
+    pub(crate) async fn connect(handshake: &Handshake) -> Result<Self, std::io::Error> {
+        let io = match handshake.network {
+            Network::Unix => Either::Left(UnixStream::connect(&handshake.address).await?),
+            Network::Tcp => {
+                let stream = TcpStream::connect(&handshake.address).await?;
+                stream.set_nodelay(true)?;
+                Either::Right(stream)
+            }
+        };
+        let (send, connection) = h2::client::Builder::new()
+            // Replies up to the limit arrive without waiting for window updates.
+            .initial_window_size(MAX_REPLY_BYTES as u32)
+            .initial_connection_window_size(4 * MAX_REPLY_BYTES as u32)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(std::io::Error::other)?;
+        let driver = Arc::new(Driver {
+            connection: Mutex::new(Some(connection)),
+            poke: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+            next_waiter: AtomicU64::new(0),
+            background: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(background(driver.clone()));
+        Ok(Self {
+            send,
+            driver,
+            authority: match handshake.network {
+                Network::Tcp => handshake.address.as_str().into(),
+                Network::Unix => "localhost".into(),
+            },
+        })
+    }
+
+    /// Calls `path` (`/package.Service/Method`) with `message`. `timeout` goes to the plugin as
+    /// `grpc-timeout`; the caller enforces its own deadline by dropping the future, which
+    /// resets the stream.
+    pub(crate) async fn unary<Q, R>(
+        &self,
+        path: &'static str,
+        message: &Q,
+        timeout: Duration,
+        metadata: &[(HeaderName, HeaderValue)],
+    ) -> Result<R, Status>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let call = std::pin::pin!(self.call(path, message, timeout, metadata));
+        Driven {
+            driver: &self.driver,
+            future: call,
+            waiter: None,
+        }
+        .await
+    }
+
+    /// Calls `path` expecting a stream of messages (server streaming). The stream does not
+    /// drive the connection: the calls and the background task do.
+    pub(crate) async fn server_stream<Q, R>(
+        &self,
+        path: &'static str,
+        message: &Q,
+    ) -> Result<Messages<R>, Status>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let opened = std::pin::pin!(self.open(path, message, None, &[]));
+        let (_, body) = Driven {
+            driver: &self.driver,
+            future: opened,
+            waiter: None,
+        }
+        .await?;
+        Ok(Messages {
+            body,
+            buffer: BytesMut::new(),
+            ended: false,
+            message: std::marker::PhantomData,
+        })
+    }
+
+    /// The unary call itself; [`Driven`] polls the connection around it.
+    async fn call<Q, R>(
+        &self,
+        path: &'static str,
+        message: &Q,
+        timeout: Duration,
+        metadata: &[(HeaderName, HeaderValue)],
+    ) -> Result<R, Status>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let (head, mut body) = self.open(path, message, Some(timeout), metadata).await?;
+        let mut reply = BytesMut::new();
+        while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
+            let chunk = chunk.map_err(|e| lost(&e))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if reply.len() + chunk.len() > MAX_REPLY_BYTES + 5 {
+                return Err(Status::resource_exhausted(format!(
+                    "the plugin's reply is larger than {MAX_REPLY_BYTES} bytes"
+                )));
+            }
+            reply.extend_from_slice(&chunk);
+        }
+        let trailers = poll_fn(|cx| body.poll_trailers(cx))
+            .await
+            .map_err(|e| lost(&e))?
+            .unwrap_or_default();
+        check_trailers(&head, &trailers)?;
+        let Some(message) = take_message(&mut reply)? else {
+            return Err(Status::internal("the plugin's answer carried no message"));
+        };
+        if !reply.is_empty() {
+            return Err(Status::internal(
+                "the plugin answered a unary call with more than one message",
+            ));
+        }
+        Ok(message)
+    }
+
+    /// Sends the request and waits for the answer's head.
+    async fn open<Q: prost::Message>(
+        &self,
+        path: &'static str,
+        message: &Q,
+        timeout: Option<Duration>,
+        metadata: &[(HeaderName, HeaderValue)],
+    ) -> Result<(http::response::Parts, RecvStream), Status> {
+        let mut send = self.send.clone();
+        poll_fn(|cx| send.poll_ready(cx))
+            .await
+            .map_err(|e| lost(&e))?;
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{path}", self.authority))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .map_err(|e| Status::internal(format!("building the request: {e}")))?;
+        let headers = request.headers_mut();
+        if let Some(timeout) = timeout {
+            headers.insert("grpc-timeout", grpc_timeout(timeout));
+        }
+        for (name, value) in metadata {
+            headers.insert(name.clone(), value.clone());
+        }
+        let length = message.encoded_len();
+        let mut body = BytesMut::with_capacity(5 + length);
+        body.put_u8(0);
+        body.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
+        message
+            .encode(&mut body)
+            .map_err(|e| Status::internal(format!("encoding the request: {e}")))?;
+        // Both frames are queued before the connection is polled: they leave in one write.
+        let (response, mut stream) = send.send_request(request, false).map_err(|e| lost(&e))?;
+        stream
+            .send_data(body.freeze(), true)
+            .map_err(|e| lost(&e))?;
+        let (head, body) = response.await.map_err(|e| lost(&e))?.into_parts();
+        // A "trailers-only" answer carries the status in its headers and has no body.
+        if let Some(status) = Status::from_header_map(&head.headers) {
+            if status.code() != Code::Ok {
+                return Err(status);
+            }
+        }
+        if head.status != http::StatusCode::OK {
+            return Err(Status::unknown(format!(
+                "the plugin answered HTTP status {}",
+                head.status
+            )));
+        }
+        Ok((head, body))
+    }
+
+}
+
+/// The status at the end of an answer: in its trailers, or in its head for trailers-only.
+fn check_trailers(head: &http::response::Parts, trailers: &HeaderMap) -> Result<(), Status> {
+    match Status::from_header_map(trailers) {
+        Some(status) if status.code() != Code::Ok => Err(status),
+        Some(_) => Ok(()),
+        None if head.headers.contains_key("grpc-status") => Ok(()),
+        None => Err(Status::internal(
+            "the plugin's answer ended without a gRPC status",
+        )),
+    }
+}
+
+/// The first whole message in `buffer` (gRPC's length-prefixed framing), if one is there.
+fn take_message<R: prost::Message + Default>(buffer: &mut BytesMut) -> Result<Option<R>, Status> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    let compressed = buffer[0];
+    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if compressed != 0 {
+        return Err(Status::unimplemented(
+            "the plugin compressed its answer, which was not asked for",
+        ));
+    }
+    if length > MAX_REPLY_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "the plugin's message is larger than {MAX_REPLY_BYTES} bytes"
+        )));
+    }
+    if buffer.len() < 5 + length {
+        return Ok(None);
+    }
+    buffer.advance(5);
+    let message = buffer.split_to(length).freeze();
+    R::decode(message)
+        .map(Some)
+        .map_err(|e| Status::internal(format!("decoding the plugin's answer: {e}")))
+}
+
+/// The messages of a server-streaming answer.
+pub(crate) struct Messages<R> {
+    body: RecvStream,
+    buffer: BytesMut,
+    ended: bool,
+    message: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: prost::Message + Default> Messages<R> {
+    /// The next message; `None` at the end of the stream.
+    pub(crate) async fn message(&mut self) -> Result<Option<R>, Status> {
+        loop {
+            if let Some(message) = take_message(&mut self.buffer)? {
+                return Ok(Some(message));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match poll_fn(|cx| self.body.poll_data(cx)).await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(|e| lost(&e))?;
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.buffer.extend_from_slice(&chunk);
+                }
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
+/// The gRPC `Status` of a broken connection or stream.
+fn lost(error: &h2::Error) -> Status {
+    if error.is_reset() && error.reason() == Some(h2::Reason::CANCEL) {
+        Status::cancelled(format!("the plugin cancelled the call: {error}"))
+    } else {
+        Status::unavailable(format!("the connection to the plugin broke: {error}"))
+    }
+}
+
+/// `grpc-timeout`: at most eight digits and a unit.
+fn grpc_timeout(timeout: Duration) -> HeaderValue {
+    let millis = timeout.as_millis().max(1);
+    let text = if millis < 100_000_000 {
+        format!("{millis}m")
+    } else {
+        format!("{}S", timeout.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("1S"))
+}
+
+/// A call waiting on the connection.
+struct Waiter {
+    id: u64,
+    waker: Waker,
+    /// Woken for the connection since it last polled it: a call that ends in this state
+    /// hands the wake-up on, or the connection would stall until the next call.
+    woken: bool,
+}
+
+/// The connection and who is waiting on it.
+struct Driver {
+    connection: Mutex<Option<Connection<Io, Bytes>>>,
+    /// Set by every caller that wants the connection polled; whoever holds the connection
+    /// polls again while it is set, so a caller that finds it busy loses no wake-up.
+    poke: AtomicBool,
+    /// Calls waiting on an answer: the socket wakes one of them, which then polls the
+    /// connection for everybody (h2 wakes each stream's own task when its frames arrive).
+    waiters: Mutex<Vec<Waiter>>,
+    next_waiter: AtomicU64,
+    /// The background task, woken when no call waits.
+    background: Mutex<Option<Waker>>,
+    closed: AtomicBool,
+}
+
+impl Wake for Driver {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let waiter = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.last_mut().map(|waiter| {
+                waiter.woken = true;
+                waiter.waker.clone()
+            })
+        };
+        match waiter {
+            Some(waker) => waker.wake(),
+            None => self.wake_background(),
+        }
+    }
+}
+
+impl Driver {
+    fn wake_background(&self) {
+        let background = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waker) = background.as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Polls the connection unless another thread is doing it right now (that one then
+    /// polls again for us).
+    fn drive(self: &Arc<Self>) {
+        self.poke.store(true, Ordering::SeqCst);
+        loop {
+            let Ok(mut connection) = self.connection.try_lock() else {
+                return;
+            };
+            let waker = Waker::from(self.clone());
+            let mut cx = Context::from_waker(&waker);
+            while self.poke.swap(false, Ordering::SeqCst) {
+                let Some(open) = connection.as_mut() else {
+                    break;
+                };
+                if let Poll::Ready(result) = Pin::new(open).poll(&mut cx) {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "the connection to a plugin ended");
+                    }
+                    *connection = None;
+                    self.closed.store(true, Ordering::Release);
+                    // Every stream has been told; the background task may end.
+                    self.wake_background();
+                }
+            }
+            drop(connection);
+            if !self.poke.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Registers (or refreshes) a waiting call.
+    fn add_waiter(&self, id: Option<u64>, waker: &Waker) -> u64 {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = id {
+            if let Some(waiter) = waiters.iter_mut().find(|w| w.id == id) {
+                if !waiter.waker.will_wake(waker) {
+                    waiter.waker = waker.clone();
+                }
+                return id;
+            }
+        }
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        waiters.push(Waiter {
+            id,
+            waker: waker.clone(),
+            woken: false,
+        });
+        id
+    }
+
+    /// Polls the connection on behalf of the waiting call `id`.
+    fn drive_for(self: &Arc<Self>, id: u64) {
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(waiter) = waiters.iter_mut().find(|w| w.id == id) {
+                waiter.woken = false;
+            }
+        }
+        self.drive();
+    }
+
+    /// Unregisters a call, handing on a wake-up it received and did not act on.
+    fn remove_waiter(self: &Arc<Self>, id: u64) {
+        let woken = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            // In order: the newest waiter is the one woken, and stays the newest.
+            waiters
+                .iter()
+                .position(|w| w.id == id)
+                .is_some_and(|at| waiters.remove(at).woken)
+        };
+        if woken {
+            self.wake_by_ref();
+        }
+    }
+}
+
+/// A future polled together with the connection.
+struct Driven<'a, F> {
+    driver: &'a Arc<Driver>,
+    future: F,
+    waiter: Option<u64>,
+}
+
+impl<F: Future + Unpin> Future for Driven<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        // Registered first: a wake-up from the socket, or h2 asking for the frames this call
+        // queues to be written, comes to this task (no other thread is woken for it).
+        let id = this.driver.add_waiter(this.waiter, cx.waker());
+        this.waiter = Some(id);
+        let mut output = Pin::new(&mut this.future).poll(cx);
+        if output.is_pending() {
+            // Write what the call just queued, read what came back, and look again.
+            this.driver.drive_for(id);
+            output = Pin::new(&mut this.future).poll(cx);
+        }
+        if output.is_ready() {
+            this.waiter = None;
+            this.driver.remove_waiter(id);
+        }
+        output
+    }
+}
+
+impl<F> Drop for Driven<'_, F> {
+    fn drop(&mut self) {
+        if let Some(id) = self.waiter.take() {
+            self.driver.remove_waiter(id);
+        }
+    }
+}
+
+/// Keeps the connection polled while no call is waiting, and ends with it.
+async fn background(driver: Arc<Driver>) {
+    poll_fn(|cx| {
+        {
+            let mut background = driver.background.lock().unwrap_or_else(|e| e.into_inner());
+            if !background.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *background = Some(cx.waker().clone());
+            }
+        }
+        driver.drive();
+        if driver.closed.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_fit_grpc_syntax() {
+        assert_eq!(grpc_timeout(Duration::from_millis(1500)), "1500m");
+        assert_eq!(grpc_timeout(Duration::ZERO), "1m");
+        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
+    }
+
+    #[test]
+    fn messages_are_taken_whole() {
+        use crate::proto::go_plugin::StdioData;
+        let message = StdioData {
+            channel: 2,
+            data: b"hello".to_vec(),
+        };
+        let mut buffer = BytesMut::new();
+        buffer.put_u8(0);
+        buffer.put_u32(prost::Message::encoded_len(&message) as u32);
+        prost::Message::encode(&message, &mut buffer).unwrap();
+        let whole = buffer.clone();
+        let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
+        assert_eq!(take_message::<StdioData>(&mut partial).unwrap(), None);
+        assert_eq!(partial.len(), whole.len() - 1, "nothing is consumed early");
+        assert_eq!(take_message(&mut buffer).unwrap(), Some(message));
+        assert!(buffer.is_empty());
+        let mut compressed = BytesMut::from(&b"\x01\0\0\0\0"[..]);
+        let error = take_message::<StdioData>(&mut compressed).unwrap_err();
+        assert_eq!(error.code(), Code::Unimplemented);
+        let mut huge = BytesMut::from(&b"\0\xff\xff\xff\xff"[..]);
+        let error = take_message::<StdioData>(&mut huge).unwrap_err();
+        assert_eq!(error.code(), Code::ResourceExhausted);
+    }
+}
