@@ -408,15 +408,15 @@ impl Driver {
         }
     }
 
-    /// Registers (or refreshes) a waiting call.
-    fn add_waiter(&self, id: Option<u64>, waker: &Waker) -> u64 {
+    /// Registers (or refreshes) a waiting call; also says whether others wait.
+    fn add_waiter(&self, id: Option<u64>, waker: &Waker) -> (u64, bool) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = id {
             if let Some(waiter) = waiters.iter_mut().find(|w| w.id == id) {
                 if !waiter.waker.will_wake(waker) {
                     waiter.waker = waker.clone();
                 }
-                return id;
+                return (id, waiters.len() > 1);
             }
         }
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
@@ -425,7 +425,7 @@ impl Driver {
             waker: waker.clone(),
             woken: false,
         });
-        id
+        (id, waiters.len() > 1)
     }
 
     /// Polls the connection on behalf of the waiting call `id`.
@@ -469,10 +469,14 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
         let this = &mut *self;
         // Registered first: a wake-up from the socket, or h2 asking for the frames this call
         // queues to be written, comes to this task (no other thread is woken for it).
-        let id = this.driver.add_waiter(this.waiter, cx.waker());
+        let (id, crowded) = this.driver.add_waiter(this.waiter, cx.waker());
+        let first = this.waiter.is_none();
         this.waiter = Some(id);
         let mut output = Pin::new(&mut this.future).poll(cx);
-        if output.is_pending() {
+        // A new call among others leaves its frames queued: h2 asks for them to be written by
+        // waking a waiting call, which runs after the calls ready now on this thread, so
+        // their frames leave together in one write instead of one each.
+        if output.is_pending() && !(first && crowded) {
             // Write what the call just queued, read what came back, and look again.
             this.driver.drive_for(id);
             output = Pin::new(&mut this.future).poll(cx);
