@@ -459,9 +459,11 @@ pub struct RuntimeArgs {
     /// Bytes of plugin binaries kept in the local cache.
     #[arg(long, env = "MYCELIUM_PLUGIN_CACHE_SIZE", default_value_t = 1024 * 1024 * 1024)]
     pub plugin_cache_size: u64,
-    /// Processes per plugin function version at most.
-    #[arg(long, env = "MYCELIUM_PLUGIN_MAX_PROCESSES", default_value_t = 1)]
-    pub plugin_max_processes: usize,
+    /// Processes per plugin function version at most (default: the number of cores). One
+    /// more starts when a call finds every process's `--plugin-concurrency` calls taken;
+    /// the extra ones stop after 30 s idle.
+    #[arg(long, env = "MYCELIUM_PLUGIN_MAX_PROCESSES")]
+    pub plugin_max_processes: Option<usize>,
     /// Concurrent calls one plugin process takes.
     #[arg(long, env = "MYCELIUM_PLUGIN_CONCURRENCY", default_value_t = 64)]
     pub plugin_concurrency: usize,

@@ -162,7 +162,9 @@ async fn start_runtime(
             .unwrap_or_else(|| default_plugin_dir.to_owned()),
         plugin_cache_size: args.plugin_cache_size,
         plugins: PoolSettings {
-            max_processes: args.plugin_max_processes,
+            max_processes: args
+                .plugin_max_processes
+                .unwrap_or_else(mycelium_plugin::pool::default_max_processes),
             concurrency_per_process: args.plugin_concurrency,
             idle_timeout: args.plugin_idle_timeout,
             trusted_signers: args.trusted_keys.clone(),

@@ -2,6 +2,7 @@
 //! JetStream registry, invoke it through the runtime, and make it misbehave.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -614,15 +615,18 @@ async fn a_tampered_binary_is_never_executed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_spread_over_a_pool_of_processes() {
+async fn the_pool_grows_with_queued_calls_and_shrinks_when_idle() {
     let settings = PoolSettings {
-        max_processes: 2,
-        concurrency_per_process: 1,
+        max_processes: 3,
+        concurrency_per_process: 2,
+        surplus_idle_timeout: Duration::from_millis(300),
         ..PoolSettings::default()
     };
     let f = fixture(settings, false).await;
     f.deploy("pooled", &[], None).await;
-    let calls: Vec<_> = (0..2)
+    // Eight one-second calls against room for two per process: the pool grows to its bound of
+    // three while calls queue, and the two calls that find no room wait for a free one.
+    let calls: Vec<_> = (0..8)
         .map(|_| {
             let client = f.client.clone();
             tokio::spawn(async move {
@@ -630,22 +634,28 @@ async fn calls_spread_over_a_pool_of_processes() {
                     .id("p")
                     .source("e2e")
                     .ty("sleep")
-                    .data("application/json", json!({"ms": 300}))
+                    .data("application/json", json!({"ms": 1000}))
                     .build()
                     .unwrap();
-                client.invoke("pooled", event).await.unwrap()
+                client.invoke("pooled", event).await
             })
         })
         .collect();
-    let mut pids = Vec::new();
+    let mut served_by: HashMap<u64, usize> = HashMap::new();
     for call in calls {
-        pids.push(pid_of(&call.await.unwrap()));
+        let events = call.await.unwrap().expect("a queued call waits, it does not fail");
+        *served_by.entry(pid_of(&events)).or_default() += 1;
     }
-    assert_ne!(
-        pids[0], pids[1],
-        "two processes served the two concurrent calls"
-    );
-    assert_eq!(f.plugins.process_count(), 2);
+    assert_eq!(served_by.len(), 3, "three processes served: {served_by:?}");
+    assert_eq!(served_by.values().sum::<usize>(), 8);
+    // The burst is over: the two extra processes stop, the first stays for its idle timeout.
+    eventually(Duration::from_secs(20), || async {
+        (f.plugins.process_count() == 1).then_some(())
+    })
+    .await;
+    let events = f.call("pooled", "pid", json!({})).await.unwrap();
+    assert!(served_by.contains_key(&pid_of(&events)), "the first process stayed");
+    assert_eq!(f.plugins.process_count(), 1);
 }
 
 async fn wait_for(seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>, tag: &str) {

@@ -26,12 +26,16 @@ use crate::{
 /// How plugin processes are run. Defaults suit small functions.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
-    /// Processes per function version at most.
+    /// Processes per function version at most. The pool starts one more when a call finds
+    /// every process's calls taken, and lets the extra ones go when they idle.
     pub max_processes: usize,
     /// Concurrent calls one process takes.
     pub concurrency_per_process: usize,
     /// Idle processes stop after this long (scale to zero).
     pub idle_timeout: Duration,
+    /// Processes beyond a version's first stop after this long idle (at most `idle_timeout`):
+    /// a burst's extra processes go soon after it.
+    pub surplus_idle_timeout: Duration,
     /// Handshake and health check budget of a starting process.
     pub start_timeout: Duration,
     /// How long a stopping process gets before it is killed.
@@ -56,9 +60,10 @@ pub struct PoolSettings {
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
-            max_processes: 1,
+            max_processes: default_max_processes(),
             concurrency_per_process: 64,
             idle_timeout: Duration::from_secs(300),
+            surplus_idle_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(2),
             max_open_files: 1024,
@@ -69,6 +74,11 @@ impl Default for PoolSettings {
             trusted_signers: Vec::new(),
         }
     }
+}
+
+/// The default bound on processes per function version: the number of cores.
+pub fn default_max_processes() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// Tells a pool whether its version is still the active one (a retired version drains).
@@ -222,6 +232,8 @@ struct PoolState {
     /// Why the last start failed, answered at once to calls arriving during the backoff.
     last_start_error: Option<String>,
     binary: Option<PathBuf>,
+    /// A process is being added for calls that found every process busy.
+    growing: bool,
 }
 
 /// The processes of one function version.
@@ -233,6 +245,8 @@ pub struct PluginPool {
     finished: AtomicBool,
     /// Processes running now, readable without the async state lock.
     process_count: std::sync::atomic::AtomicUsize,
+    /// Told when a call ends or a process is added: calls waiting for a free one look again.
+    freed: tokio::sync::Notify,
     redactions: Redactions,
     output_budget: Arc<OutputBudget>,
 }
@@ -244,6 +258,7 @@ impl PluginPool {
             state: tokio::sync::Mutex::default(),
             finished: AtomicBool::new(false),
             process_count: std::sync::atomic::AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
             output_budget: OutputBudget::new(shared.settings.log_lines_per_second),
             redactions: shared.redactions.with_env(&metadata.env),
             metadata,
@@ -262,13 +277,19 @@ impl PluginPool {
         self.process_count.load(Ordering::Relaxed)
     }
 
-    /// A process slot with a free call permit, starting a process if allowed.
+    /// A process slot with a free call permit: the first process with one (so the surplus
+    /// ones idle and stop after a burst), else a new process when none runs, else the first
+    /// permit freed, while one more process starts if the bound allows.
     async fn acquire(
         &self,
         deadline: Instant,
     ) -> Result<(Arc<Slot>, OwnedSemaphorePermit), ProtocolError> {
         let settings = &self.shared.settings;
         loop {
+            // Enabled before looking: a permit freed meanwhile is not missed.
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
             let mut state = self.state.lock().await;
             self.forget_dead(&mut state);
             for slot in &state.slots {
@@ -279,51 +300,59 @@ impl PluginPool {
             // During a restart backoff, answer at once when nothing runs: holding callers (and
             // their in-flight slots) for the wait would let one broken plugin starve the rest.
             let backoff = state.not_before.filter(|&t| t > Instant::now());
-            let first = state.slots.first().cloned();
-            if let (None, Some(not_before)) = (&first, backoff) {
-                return Err(self.backing_off(&state, not_before));
-            }
-            if backoff.is_none() && state.slots.len() < settings.max_processes.max(1) {
+            if state.slots.is_empty() {
+                if let Some(not_before) = backoff {
+                    return Err(self.backing_off(&state, not_before));
+                }
                 drop(state);
-                // The start runs in its own task: a caller that gives up (its deadline) must
-                // not abandon a half-started process or lose the crash accounting.
-                let Some(pool) = self.me.upgrade() else {
-                    return Err(ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        "the plugin pool is shutting down",
-                    ));
-                };
-                let start = tokio::spawn(async move { pool.start_if_needed().await });
-                match start.await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(error)) => return Err(error),
-                    Err(join) => {
-                        return Err(ProtocolError::new(
-                            ErrorCode::Internal,
-                            format!("starting the plugin failed: {join}"),
-                        ))
-                    }
-                }
+                // The first process: the call waits for its start and gets its error.
+                self.start_in_background().await?;
+                continue;
             }
-            // Every process is busy (or restarts back off while one runs): wait for the first
-            // one's free permit. With no process, one of the branches above was taken.
-            let Some(slot) = first else { continue };
-            drop(state);
-            match tokio::time::timeout_at(deadline.into(), slot.permits.clone().acquire_owned())
-                .await
+            if backoff.is_none()
+                && !state.growing
+                && state.slots.len() < settings.max_processes.max(1)
             {
-                Ok(Ok(permit)) if !slot.process.has_exited() => return Ok((slot, permit)),
-                Ok(_) => continue,
-                Err(_) => {
-                    return Err(ProtocolError::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "every plugin process of \"{}\" stayed busy until the deadline",
-                            self.metadata.name
-                        ),
-                    ))
+                state.growing = true;
+                drop(state);
+                if let Some(pool) = self.me.upgrade() {
+                    tokio::spawn(async move {
+                        if let Err(error) = pool.start_in_background().await {
+                            tracing::warn!(function = %pool.metadata.name, version = pool.metadata.version, %error, "an extra plugin process for queued calls did not start");
+                        }
+                        pool.state.lock().await.growing = false;
+                    });
                 }
+            } else {
+                drop(state);
             }
+            if tokio::time::timeout_at(deadline.into(), freed).await.is_err() {
+                return Err(ProtocolError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "every plugin process of \"{}\" stayed busy until the deadline",
+                        self.metadata.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Starts a process in a task of its own: a caller that gives up (its deadline) must not
+    /// abandon a half-started process or lose the crash accounting.
+    async fn start_in_background(&self) -> Result<(), ProtocolError> {
+        let Some(pool) = self.me.upgrade() else {
+            return Err(ProtocolError::new(
+                ErrorCode::Unavailable,
+                "the plugin pool is shutting down",
+            ));
+        };
+        match tokio::spawn(async move { pool.start_if_needed().await }).await {
+            Ok(result) => result,
+            Err(join) => Err(ProtocolError::new(
+                ErrorCode::Internal,
+                format!("starting the plugin failed: {join}"),
+            )),
         }
     }
 
@@ -439,6 +468,8 @@ impl PluginPool {
         let slot = self.start(&mut state).await?;
         state.slots.push(slot);
         self.publish_count(&state);
+        // Calls waiting for a free process take the new one.
+        self.freed.notify_waiters();
         Ok(())
     }
 
@@ -561,6 +592,20 @@ impl PluginPool {
     }
 }
 
+/// A call's permit: given back when the call ends or is abandoned, and a call waiting for
+/// one told.
+struct Held<'a> {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: &'a tokio::sync::Notify,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
 /// Runs after a call is abandoned (its future dropped at the deadline) to check the process.
 struct CallGuard {
     pool: Weak<PluginPool>,
@@ -583,7 +628,11 @@ impl Function for PluginPool {
         ctx: InvocationContext,
     ) -> Result<Vec<Event>, FunctionError> {
         let to_error = |e: ProtocolError| FunctionError::with_code(e.code, e.message);
-        let (slot, _permit) = self.acquire(ctx.deadline()).await.map_err(to_error)?;
+        let (slot, permit) = self.acquire(ctx.deadline()).await.map_err(to_error)?;
+        let _held = Held {
+            permit: Some(permit),
+            freed: &self.freed,
+        };
         *slot.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         // Armed while the call runs: if the invocation is abandoned at its deadline, the
         // process is checked and replaced when it no longer answers.
@@ -626,14 +675,26 @@ async fn reap(pool: Weak<PluginPool>) {
             let mut state = pool.state.lock().await;
             pool.forget_dead(&mut state);
             let capacity = settings.concurrency_per_process.max(1);
-            let (stop, keep): (Vec<_>, Vec<_>) = state.slots.drain(..).partition(|slot| {
-                let idle_for = slot
-                    .last_used
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .elapsed();
-                slot.is_idle(capacity) && (retired || idle_for >= settings.idle_timeout)
-            });
+            let surplus_timeout = settings.surplus_idle_timeout.min(settings.idle_timeout);
+            let (stop, keep): (Vec<_>, Vec<_>) =
+                state.slots.drain(..).enumerate().partition(|(at, slot)| {
+                    let idle_for = slot
+                        .last_used
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .elapsed();
+                    // Calls go to the first process with room, so the later ones idle first.
+                    let timeout = if *at == 0 {
+                        settings.idle_timeout
+                    } else {
+                        surplus_timeout
+                    };
+                    slot.is_idle(capacity) && (retired || idle_for >= timeout)
+                });
+            let (stop, keep): (Vec<_>, Vec<_>) = (
+                stop.into_iter().map(|(_, slot)| slot).collect(),
+                keep.into_iter().map(|(_, slot)| slot).collect(),
+            );
             state.slots = keep;
             pool.publish_count(&state);
             if retired && state.slots.is_empty() && stop.is_empty() {
