@@ -39,20 +39,15 @@ use mycelium_plugin_protocol::{
     proto::{
         cloudevents::CloudEventBatch,
         function::{
-            execute_response::Result as ExecuteResult,
-            function_server::{Function as FunctionService, FunctionServer},
-            ErrorCode, ExecuteRequest, ExecuteResponse, FunctionError as ProtoError,
+            execute_response::Result as ExecuteResult, ErrorCode, ExecuteRequest,
+            ExecuteResponse, FunctionError as ProtoError,
         },
-        go_plugin::{
-            grpc_controller_server::{GrpcController, GrpcControllerServer},
-            grpc_stdio_server::{GrpcStdio, GrpcStdioServer},
-            stdio_data::Channel,
-            Empty, StdioData,
-        },
+        go_plugin::{stdio_data::Channel, StdioData},
     },
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+
+mod server;
 use tracing::Instrument;
 
 /// How long calls still in flight get after the host asks the plugin to shut down.
@@ -180,14 +175,6 @@ async fn run(plugin: Plugin) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::UnixListener::bind(&path)?;
     let shutdown = CancellationToken::new();
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(
-            handshake::HEALTH_SERVICE,
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-
     let line = Handshake {
         app_version: handshake::APP_PROTOCOL_VERSION,
         network: Network::Unix,
@@ -203,33 +190,28 @@ async fn run(plugin: Plugin) -> Result<(), Box<dyn std::error::Error>> {
     // From now on what the function prints travels over plugin.GRPCStdio, as with go-plugin.
     let stdio = Stdio::capture();
 
-    let server = tonic::transport::Server::builder()
-        .add_service(FunctionServer::new(Service {
-            function: plugin.function,
-            tracing: plugin.tracing,
-        }))
-        .add_service(health_service)
-        .add_service(GrpcControllerServer::new(Controller {
+    let server = server::serve(
+        listener,
+        Arc::new(server::Services {
+            function: Service {
+                function: plugin.function,
+                tracing: plugin.tracing,
+            },
             shutdown: shutdown.clone(),
-        }))
-        .add_service(GrpcStdioServer::new(stdio))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        );
+            stdio,
+        }),
+    );
     // The host asks for shutdown once the process is idle; the host's own connection
     // would keep a graceful drain waiting, so calls still in flight get a moment, not more.
-    let served = tokio::select! {
-        served = server => served.map_err(Into::into),
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_DRAIN).await;
-        } => Ok(()),
-    };
+    tokio::join!(server, async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    });
     let _ = std::fs::remove_file(&path);
-    served
+    Ok(())
 }
 
+/// Runs the plugin's function for `Execute` calls.
 struct Service {
     function: Arc<dyn Function>,
     tracing: Arc<dyn TraceBridge>,
@@ -244,19 +226,15 @@ fn failure(code: ErrorCode, message: String) -> ExecuteResponse {
     }
 }
 
-#[tonic::async_trait]
-impl FunctionService for Service {
-    async fn execute(
-        &self,
-        request: Request<ExecuteRequest>,
-    ) -> Result<Response<ExecuteResponse>, Status> {
+impl Service {
+    /// One call; failures of the function are part of the answer, never a gRPC error.
+    async fn execute(&self, request: ExecuteRequest, metadata: &http::HeaderMap) -> ExecuteResponse {
         // gRPC metadata first (where tracing middleware puts it), then the request's fields.
         let metadata_trace = TraceContext::from_pairs(
             [TRACEPARENT, TRACESTATE]
                 .into_iter()
-                .filter_map(|key| Some((key, request.metadata().get(key)?.to_str().ok()?))),
+                .filter_map(|key| Some((key, metadata.get(key)?.to_str().ok()?))),
         );
-        let request = request.into_inner();
         let context = request.context.unwrap_or_default();
         let incoming_trace = metadata_trace.or_else(|| {
             TraceContext::from_pairs([
@@ -265,22 +243,21 @@ impl FunctionService for Service {
             ])
         });
         let Some(event) = request.event else {
-            return Ok(Response::new(failure(
-                ErrorCode::InvalidEvent,
-                "the request carries no event".into(),
-            )));
+            return failure(ErrorCode::InvalidEvent, "the request carries no event".into());
         };
         let event = match convert::from_proto(event) {
             Ok(event) => event,
+            Err(error) => return failure(ErrorCode::InvalidEvent, error.message),
+        };
+        let name = match FunctionName::new(&context.function_name) {
+            Ok(name) => name,
             Err(error) => {
-                return Ok(Response::new(failure(
+                return failure(
                     ErrorCode::InvalidEvent,
-                    error.message,
-                )))
+                    format!("the call names no valid function: {error}"),
+                )
             }
         };
-        let name = FunctionName::new(&context.function_name)
-            .map_err(|e| Status::invalid_argument(format!("function name: {e}")))?;
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -317,7 +294,7 @@ impl FunctionService for Service {
             .catch_unwind()
             .instrument(span)
             .await;
-        let response = match outcome {
+        match outcome {
             Ok(Ok(events)) => ExecuteResponse {
                 result: Some(ExecuteResult::Events(CloudEventBatch {
                     events: events.iter().map(convert::to_proto).collect(),
@@ -335,13 +312,8 @@ impl FunctionService for Service {
                     format!("the plugin function panicked: {reason}"),
                 )
             }
-        };
-        Ok(Response::new(response))
+        }
     }
-}
-
-struct Controller {
-    shutdown: CancellationToken,
 }
 
 /// Chunks of captured output waiting for the host; beyond this many, output is dropped
@@ -354,6 +326,14 @@ struct Stdio {
 }
 
 impl Stdio {
+    /// The captured chunks, for the first stream that asks.
+    fn take(&self) -> Option<tokio::sync::mpsc::Receiver<StdioData>> {
+        self.chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     fn capture() -> Self {
         let (sender, receiver) = tokio::sync::mpsc::channel(STDIO_BACKLOG);
         for (fd, channel) in [(1, Channel::Stdout), (2, Channel::Stderr)] {
@@ -406,34 +386,5 @@ fn redirect(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
         }
         libc::close(ends[1]);
         Ok(std::fs::File::from_raw_fd(ends[0]))
-    }
-}
-
-#[tonic::async_trait]
-impl GrpcStdio for Stdio {
-    type StreamStdioStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<StdioData, Status>> + Send>>;
-
-    async fn stream_stdio(
-        &self,
-        _request: Request<()>,
-    ) -> Result<Response<Self::StreamStdioStream>, Status> {
-        let receiver = self
-            .chunks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| Status::failed_precondition("the stdio stream was already taken"))?;
-        let stream =
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(receiver), Ok);
-        Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-#[tonic::async_trait]
-impl GrpcController for Controller {
-    async fn shutdown(&self, _request: Request<Empty>) -> Result<Response<Empty>, Status> {
-        self.shutdown.cancel();
-        Ok(Response::new(Empty {}))
     }
 }

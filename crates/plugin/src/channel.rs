@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use h2::{
     client::{Connection, SendRequest},
     RecvStream,
@@ -31,12 +31,14 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_util::either::Either;
 use tonic::{Code, Status};
 
-use crate::handshake::{Handshake, Network};
+use crate::{
+    framing::{self, FrameError},
+    handshake::{Handshake, Network},
+};
 
 type Io = Either<UnixStream, TcpStream>;
 
-/// The largest reply accepted, as gRPC's default receive limit.
-const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+const MAX_REPLY_BYTES: usize = framing::MAX_MESSAGE_BYTES;
 
 /// A connection to one plugin process; cheap to share between concurrent calls.
 #[derive(Clone)]
@@ -195,28 +197,23 @@ impl PluginChannel {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(format!("http://{}{path}", self.authority))
-            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::CONTENT_TYPE, framing::CONTENT_TYPE)
             .header(http::header::TE, "trailers")
             .body(())
             .map_err(|e| Status::internal(format!("building the request: {e}")))?;
         let headers = request.headers_mut();
         if let Some(timeout) = timeout {
-            headers.insert("grpc-timeout", grpc_timeout(timeout));
+            if let Ok(value) = HeaderValue::from_str(&framing::timeout_header(timeout)) {
+                headers.insert("grpc-timeout", value);
+            }
         }
         for (name, value) in metadata {
             headers.insert(name.clone(), value.clone());
         }
-        let length = message.encoded_len();
-        let mut body = BytesMut::with_capacity(5 + length);
-        body.put_u8(0);
-        body.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
-        message
-            .encode(&mut body)
-            .map_err(|e| Status::internal(format!("encoding the request: {e}")))?;
         // Both frames are queued before the connection is polled: they leave in one write.
         let (response, mut stream) = send.send_request(request, false).map_err(|e| lost(&e))?;
         stream
-            .send_data(body.freeze(), true)
+            .send_data(framing::encode(message), true)
             .map_err(|e| lost(&e))?;
         let (head, body) = response.await.map_err(|e| lost(&e))?.into_parts();
         // A "trailers-only" answer carries the status in its headers and has no body.
@@ -248,31 +245,13 @@ fn check_trailers(head: &http::response::Parts, trailers: &HeaderMap) -> Result<
     }
 }
 
-/// The first whole message in `buffer` (gRPC's length-prefixed framing), if one is there.
+/// The first whole message in `buffer`, as a gRPC status when it cannot be taken.
 fn take_message<R: prost::Message + Default>(buffer: &mut BytesMut) -> Result<Option<R>, Status> {
-    if buffer.len() < 5 {
-        return Ok(None);
-    }
-    let compressed = buffer[0];
-    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-    if compressed != 0 {
-        return Err(Status::unimplemented(
-            "the plugin compressed its answer, which was not asked for",
-        ));
-    }
-    if length > MAX_REPLY_BYTES {
-        return Err(Status::resource_exhausted(format!(
-            "the plugin's message is larger than {MAX_REPLY_BYTES} bytes"
-        )));
-    }
-    if buffer.len() < 5 + length {
-        return Ok(None);
-    }
-    buffer.advance(5);
-    let message = buffer.split_to(length).freeze();
-    R::decode(message)
-        .map(Some)
-        .map_err(|e| Status::internal(format!("decoding the plugin's answer: {e}")))
+    framing::take(buffer).map_err(|e| match e {
+        FrameError::Compressed => Status::unimplemented(format!("the plugin's answer: {e}")),
+        FrameError::TooLarge(_) => Status::resource_exhausted(format!("the plugin's answer: {e}")),
+        FrameError::Decode(_) => Status::internal(format!("the plugin's answer: {e}")),
+    })
 }
 
 /// The messages of a server-streaming answer.
@@ -312,17 +291,6 @@ fn lost(error: &h2::Error) -> Status {
     } else {
         Status::unavailable(format!("the connection to the plugin broke: {error}"))
     }
-}
-
-/// `grpc-timeout`: at most eight digits and a unit.
-fn grpc_timeout(timeout: Duration) -> HeaderValue {
-    let millis = timeout.as_millis().max(1);
-    let text = if millis < 100_000_000 {
-        format!("{millis}m")
-    } else {
-        format!("{}S", timeout.as_secs().min(99_999_999))
-    };
-    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("1S"))
 }
 
 /// A call waiting on the connection.
@@ -514,41 +482,4 @@ async fn background(driver: Arc<Driver>) {
         }
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeouts_fit_grpc_syntax() {
-        assert_eq!(grpc_timeout(Duration::from_millis(1500)), "1500m");
-        assert_eq!(grpc_timeout(Duration::ZERO), "1m");
-        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
-    }
-
-    #[test]
-    fn messages_are_taken_whole() {
-        use crate::proto::go_plugin::StdioData;
-        let message = StdioData {
-            channel: 2,
-            data: b"hello".to_vec(),
-        };
-        let mut buffer = BytesMut::new();
-        buffer.put_u8(0);
-        buffer.put_u32(prost::Message::encoded_len(&message) as u32);
-        prost::Message::encode(&message, &mut buffer).unwrap();
-        let whole = buffer.clone();
-        let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
-        assert_eq!(take_message::<StdioData>(&mut partial).unwrap(), None);
-        assert_eq!(partial.len(), whole.len() - 1, "nothing is consumed early");
-        assert_eq!(take_message(&mut buffer).unwrap(), Some(message));
-        assert!(buffer.is_empty());
-        let mut compressed = BytesMut::from(&b"\x01\0\0\0\0"[..]);
-        let error = take_message::<StdioData>(&mut compressed).unwrap_err();
-        assert_eq!(error.code(), Code::Unimplemented);
-        let mut huge = BytesMut::from(&b"\0\xff\xff\xff\xff"[..]);
-        let error = take_message::<StdioData>(&mut huge).unwrap_err();
-        assert_eq!(error.code(), Code::ResourceExhausted);
-    }
 }

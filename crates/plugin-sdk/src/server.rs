@@ -1,0 +1,225 @@
+//! The plugin's gRPC server: go-plugin's services and Mycelium's `Function` over HTTP/2.
+//!
+//! Each connection is one task that reads requests and runs each call right there; only a
+//! call that has to wait (a timer, I/O) moves to a task of its own. A call that answers at
+//! once costs no task spawn and no wake-up of another thread, and its answer leaves in the
+//! same write as the others ready with it (BENCHMARKS.md, issue 15). The wire is plain gRPC,
+//! as go-plugin's host speaks it.
+
+use std::{future::Future, sync::Arc, task::Poll};
+
+use bytes::{Bytes, BytesMut};
+use h2::{server::SendResponse, RecvStream};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use mycelium_plugin_protocol::{
+    framing::{self, FrameError},
+    proto::{
+        function::ExecuteRequest,
+        go_plugin::{Empty, StdioData},
+    },
+};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
+};
+
+use crate::{Service, Stdio};
+
+const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";
+const STREAM_STDIO: &str = "/plugin.GRPCStdio/StreamStdio";
+
+/// What the server answers with.
+pub(crate) struct Services {
+    pub(crate) function: Service,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) stdio: Stdio,
+}
+
+/// Serves the connections `listener` accepts until shutdown is asked for.
+pub(crate) async fn serve(listener: tokio::net::UnixListener, services: Arc<Services>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((io, _)) => {
+                    tokio::spawn(connection(io, services.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection from the host failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            () = services.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn connection(io: UnixStream, services: Arc<Services>) {
+    let handshake = h2::server::Builder::new()
+        // Requests up to the message limit arrive without waiting for window updates.
+        .initial_window_size(framing::MAX_MESSAGE_BYTES as u32)
+        .initial_connection_window_size(4 * framing::MAX_MESSAGE_BYTES as u32)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let mut connection = match handshake {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%error, "a connection from the host failed its HTTP/2 handshake");
+            return;
+        }
+    };
+    // Each turn of `accept` also writes what the calls run here queued.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => run_inline_or_spawn(handle(services.clone(), request, respond)),
+            Err(error) => {
+                tracing::debug!(%error, "the connection from the host ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Polls `work` once here; only if it has to wait does it get a task of its own.
+fn run_inline_or_spawn(work: impl Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    // The spawned task polls again, with its own waker, before it waits.
+    if let Poll::Pending = work.as_mut().poll(&mut cx) {
+        tokio::spawn(work);
+    }
+}
+
+async fn handle(services: Arc<Services>, request: Request<RecvStream>, respond: SendResponse<Bytes>) {
+    let (head, mut body) = request.into_parts();
+    let path = head.uri.path();
+    if path == STREAM_STDIO {
+        stream_stdio(&services.stdio, respond).await;
+        return;
+    }
+    let mut received = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else {
+            // The host reset the call (its deadline passed): nobody waits for an answer.
+            return;
+        };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if received.len() + chunk.len() > framing::MAX_MESSAGE_BYTES + 5 {
+            return answer(respond, Err(Status::resource_exhausted("the request is too large")));
+        }
+        received.extend_from_slice(&chunk);
+    }
+    let reply = match path {
+        EXECUTE => match request_message::<ExecuteRequest>(&mut received) {
+            Ok(request) => Ok(framing::encode(
+                &services.function.execute(request, &head.headers).await,
+            )),
+            Err(status) => Err(status),
+        },
+        HEALTH_CHECK => request_message::<HealthCheckRequest>(&mut received).map(|request| {
+            // go-plugin's host asks about the service "plugin"; "" is the server as a whole.
+            let status = if request.service.is_empty()
+                || request.service == mycelium_plugin_protocol::handshake::HEALTH_SERVICE
+            {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::ServiceUnknown
+            };
+            framing::encode(&HealthCheckResponse {
+                status: status as i32,
+            })
+        }),
+        SHUTDOWN => {
+            services.shutdown.cancel();
+            Ok(framing::encode(&Empty {}))
+        }
+        _ => Err(Status::unimplemented(format!(
+            "this plugin offers no method {path}"
+        ))),
+    };
+    answer(respond, reply);
+}
+
+/// The one message of a unary request.
+fn request_message<M: prost::Message + Default>(received: &mut BytesMut) -> Result<M, Status> {
+    match framing::take(received) {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err(Status::invalid_argument("the request carries no whole message")),
+        Err(error @ FrameError::Compressed) => Err(Status::unimplemented(error.to_string())),
+        Err(error) => Err(Status::invalid_argument(error.to_string())),
+    }
+}
+
+/// Sends a unary answer: the message then `grpc-status: 0`, or the status alone.
+fn answer(mut respond: SendResponse<Bytes>, reply: Result<Bytes, Status>) {
+    let message = match reply {
+        Ok(message) => message,
+        Err(status) => {
+            let _ = respond.send_response(status.into_http(), true);
+            return;
+        }
+    };
+    let Ok(mut stream) = respond.send_response(grpc_response(), false) else {
+        return;
+    };
+    if stream.send_data(message, false).is_ok() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let _ = stream.send_trailers(trailers);
+    }
+}
+
+fn grpc_response() -> Response<()> {
+    let mut response = Response::new(());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(framing::CONTENT_TYPE),
+    );
+    response
+}
+
+/// go-plugin's stdio stream: the captured output, chunk by chunk, for as long as the host
+/// listens. Only the first request gets it.
+async fn stream_stdio(stdio: &Stdio, mut respond: SendResponse<Bytes>) {
+    let Some(mut chunks) = stdio.take() else {
+        let status = Status::new(Code::FailedPrecondition, "the stdio stream was already taken");
+        let _ = respond.send_response(status.into_http(), true);
+        return;
+    };
+    let Ok(mut stream) = respond.send_response(grpc_response(), false) else {
+        return;
+    };
+    while let Some(chunk) = chunks.recv().await {
+        if stream.send_data(framing::encode::<StdioData>(&chunk), false).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_a_whole_message_is_refused() {
+        let mut partial = BytesMut::from(&b"\0\0\0"[..]);
+        let status = request_message::<Empty>(&mut partial).unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let mut compressed = BytesMut::from(&b"\x01\0\0\0\0"[..]);
+        let status = request_message::<Empty>(&mut compressed).unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+    }
+
+    #[test]
+    fn work_that_answers_at_once_is_not_spawned() {
+        // No runtime here: spawning would panic, so this passes only if the work ran inline.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        run_inline_or_spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
