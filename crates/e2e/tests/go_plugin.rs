@@ -94,3 +94,27 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     runtime.shutdown().await;
     assert_eq!(plugins.process_count(), 0);
 }
+
+/// The other direction: go-plugin's own Go host (grpc-go's client: handshake, health check,
+/// calls, graceful shutdown) runs a plugin built with the Rust SDK.
+#[test]
+fn go_plugins_own_host_runs_a_rust_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("go-host");
+    if !mycelium_test_support::go_plugin_host(&host) {
+        return;
+    }
+    // Half a second of calls, eight at a time, no warm-up.
+    let output = std::process::Command::new(&host)
+        .args([env!("CARGO_BIN_EXE_mycelium-test-plugin"), "0.5", "8", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the Go host failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(figures["errors"], 0, "{figures}");
+    assert!(figures["requests"].as_u64().unwrap() > 0, "{figures}");
+}

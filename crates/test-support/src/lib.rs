@@ -135,9 +135,21 @@ fn signal(pid: u32, signal: libc::c_int) {
 /// Builds the example Go plugin (`examples/go-plugin/build.sh`) into `out`; `false` (the test
 /// skips, saying so) without Debian's Go packages, unless `MYCELIUM_GO_REQUIRED` is set (CI).
 pub fn go_plugin(out: &Path) -> bool {
+    go_build(out, &[])
+}
+
+/// Builds go-plugin's own Go host for the example plugin (`examples/go-plugin/host`, what the
+/// benchmarks compare with) into `out`; `false`, after saying so, when Go is missing, as
+/// [`go_plugin`].
+pub fn go_plugin_host(out: &Path) -> bool {
+    go_build(out, &["--host"])
+}
+
+fn go_build(out: &Path, args: &[&str]) -> bool {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
     let output = std::process::Command::new(script)
         .arg(out)
+        .args(args)
         .output()
         .expect("running build.sh");
     if output.status.success() {
@@ -146,7 +158,7 @@ pub fn go_plugin(out: &Path) -> bool {
     let why = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
         output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
-        "building the Go plugin failed: {why}"
+        "building with Go failed: {why}"
     );
     eprintln!("SKIPPED: this test needs Debian's Go packages: {why}");
     false
