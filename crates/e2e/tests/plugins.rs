@@ -643,7 +643,10 @@ async fn the_pool_grows_with_queued_calls_and_shrinks_when_idle() {
         .collect();
     let mut served_by: HashMap<u64, usize> = HashMap::new();
     for call in calls {
-        let events = call.await.unwrap().expect("a queued call waits, it does not fail");
+        let events = call
+            .await
+            .unwrap()
+            .expect("a queued call waits, it does not fail");
         *served_by.entry(pid_of(&events)).or_default() += 1;
     }
     assert_eq!(served_by.len(), 3, "three processes served: {served_by:?}");
@@ -654,7 +657,10 @@ async fn the_pool_grows_with_queued_calls_and_shrinks_when_idle() {
     })
     .await;
     let events = f.call("pooled", "pid", json!({})).await.unwrap();
-    assert!(served_by.contains_key(&pid_of(&events)), "the first process stayed");
+    assert!(
+        served_by.contains_key(&pid_of(&events)),
+        "the first process stayed"
+    );
     assert_eq!(f.plugins.process_count(), 1);
 }
 

@@ -39,8 +39,8 @@ use mycelium_plugin_protocol::{
     proto::{
         cloudevents::CloudEventBatch,
         function::{
-            execute_response::Result as ExecuteResult, ErrorCode, ExecuteRequest,
-            ExecuteResponse, FunctionError as ProtoError,
+            execute_response::Result as ExecuteResult, ErrorCode, ExecuteRequest, ExecuteResponse,
+            FunctionError as ProtoError,
         },
         go_plugin::{stdio_data::Channel, StdioData},
     },
@@ -228,7 +228,11 @@ fn failure(code: ErrorCode, message: String) -> ExecuteResponse {
 
 impl Service {
     /// One call; failures of the function are part of the answer, never a gRPC error.
-    async fn execute(&self, request: ExecuteRequest, metadata: &http::HeaderMap) -> ExecuteResponse {
+    async fn execute(
+        &self,
+        request: ExecuteRequest,
+        metadata: &http::HeaderMap,
+    ) -> ExecuteResponse {
         // gRPC metadata first (where tracing middleware puts it), then the request's fields.
         let metadata_trace = TraceContext::from_pairs(
             [TRACEPARENT, TRACESTATE]
@@ -243,7 +247,10 @@ impl Service {
             ])
         });
         let Some(event) = request.event else {
-            return failure(ErrorCode::InvalidEvent, "the request carries no event".into());
+            return failure(
+                ErrorCode::InvalidEvent,
+                "the request carries no event".into(),
+            );
         };
         let event = match convert::from_proto(event) {
             Ok(event) => event,
@@ -328,10 +335,7 @@ struct Stdio {
 impl Stdio {
     /// The captured chunks, for the first stream that asks.
     fn take(&self) -> Option<tokio::sync::mpsc::Receiver<StdioData>> {
-        self.chunks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn capture() -> Self {

@@ -6,7 +6,7 @@
 //! same write as the others ready with it (BENCHMARKS.md, issue 15). The wire is plain gRPC,
 //! as go-plugin's host speaks it.
 
-use std::{future::Future, sync::Arc, task::Poll};
+use std::{future::Future, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use h2::{server::SendResponse, RecvStream};
@@ -74,7 +74,9 @@ async fn connection(io: UnixStream, services: Arc<Services>) {
     // Each turn of `accept` also writes what the calls run here queued.
     while let Some(accepted) = connection.accept().await {
         match accepted {
-            Ok((request, respond)) => run_inline_or_spawn(handle(services.clone(), request, respond)),
+            Ok((request, respond)) => {
+                run_inline_or_spawn(handle(services.clone(), request, respond))
+            }
             Err(error) => {
                 tracing::debug!(%error, "the connection from the host ended");
                 return;
@@ -89,12 +91,16 @@ fn run_inline_or_spawn(work: impl Future<Output = ()> + Send + 'static) {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     // The spawned task polls again, with its own waker, before it waits.
-    if let Poll::Pending = work.as_mut().poll(&mut cx) {
+    if work.as_mut().poll(&mut cx).is_pending() {
         tokio::spawn(work);
     }
 }
 
-async fn handle(services: Arc<Services>, request: Request<RecvStream>, respond: SendResponse<Bytes>) {
+async fn handle(
+    services: Arc<Services>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
     let (head, mut body) = request.into_parts();
     let path = head.uri.path();
     if path == STREAM_STDIO {
@@ -109,7 +115,10 @@ async fn handle(services: Arc<Services>, request: Request<RecvStream>, respond: 
         };
         let _ = body.flow_control().release_capacity(chunk.len());
         if received.len() + chunk.len() > framing::MAX_MESSAGE_BYTES + 5 {
-            return answer(respond, Err(Status::resource_exhausted("the request is too large")));
+            return answer(
+                respond,
+                Err(Status::resource_exhausted("the request is too large")),
+            );
         }
         received.extend_from_slice(&chunk);
     }
@@ -148,7 +157,9 @@ async fn handle(services: Arc<Services>, request: Request<RecvStream>, respond: 
 fn request_message<M: prost::Message + Default>(received: &mut BytesMut) -> Result<M, Status> {
     match framing::take(received) {
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err(Status::invalid_argument("the request carries no whole message")),
+        Ok(None) => Err(Status::invalid_argument(
+            "the request carries no whole message",
+        )),
         Err(error @ FrameError::Compressed) => Err(Status::unimplemented(error.to_string())),
         Err(error) => Err(Status::invalid_argument(error.to_string())),
     }
@@ -186,7 +197,10 @@ fn grpc_response() -> Response<()> {
 /// listens. Only the first request gets it.
 async fn stream_stdio(stdio: &Stdio, mut respond: SendResponse<Bytes>) {
     let Some(mut chunks) = stdio.take() else {
-        let status = Status::new(Code::FailedPrecondition, "the stdio stream was already taken");
+        let status = Status::new(
+            Code::FailedPrecondition,
+            "the stdio stream was already taken",
+        );
         let _ = respond.send_response(status.into_http(), true);
         return;
     };
@@ -194,7 +208,10 @@ async fn stream_stdio(stdio: &Stdio, mut respond: SendResponse<Bytes>) {
         return;
     };
     while let Some(chunk) = chunks.recv().await {
-        if stream.send_data(framing::encode::<StdioData>(&chunk), false).is_err() {
+        if stream
+            .send_data(framing::encode::<StdioData>(&chunk), false)
+            .is_err()
+        {
             return;
         }
     }

@@ -230,7 +230,6 @@ impl PluginChannel {
         }
         Ok((head, body))
     }
-
 }
 
 /// The status at the end of an answer: in its trailers, or in its head for trailers-only.

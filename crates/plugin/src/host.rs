@@ -37,8 +37,10 @@ use crate::{
 /// go-plugin's path of the function call.
 const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
 
-static TRACEPARENT: http::HeaderName = http::HeaderName::from_static(mycelium_core::trace::TRACEPARENT);
-static TRACESTATE: http::HeaderName = http::HeaderName::from_static(mycelium_core::trace::TRACESTATE);
+static TRACEPARENT: http::HeaderName =
+    http::HeaderName::from_static(mycelium_core::trace::TRACEPARENT);
+static TRACESTATE: http::HeaderName =
+    http::HeaderName::from_static(mycelium_core::trace::TRACESTATE);
 
 /// Why a plugin process could not be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

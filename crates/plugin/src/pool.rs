@@ -326,7 +326,10 @@ impl PluginPool {
             } else {
                 drop(state);
             }
-            if tokio::time::timeout_at(deadline.into(), freed).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), freed)
+                .await
+                .is_err()
+            {
                 return Err(ProtocolError::new(
                     ErrorCode::Timeout,
                     format!(
