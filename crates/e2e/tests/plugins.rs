@@ -933,3 +933,80 @@ async fn crashing_hanging_and_crash_looping_plugins_under_load_hurt_only_their_o
     // The crashing function recovers by itself: its next call starts a fresh process.
     f.call("crashy", "echo", json!({})).await.unwrap();
 }
+
+/// Many calls in flight on one process's connection, with nothing else polling it (no pool, no
+/// reaper, no health checks): every call gets its own answer, none waits for one forever. (The
+/// hand-over of wake-ups between the calls is tested exactly in `channel.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_plugin_connection() {
+    use mycelium_plugin::host::{OutputBudget, PluginProcess, ProcessConfig, Redactions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProcessConfig {
+        function: name("driven"),
+        version: 1,
+        work_dir: dir.path().join("work"),
+        env: Default::default(),
+        memory_mb: None,
+        cgroups: None,
+        max_open_files: 1024,
+        cpu_seconds: None,
+        start_timeout: Duration::from_secs(20),
+        stop_grace: Duration::from_secs(2),
+        redactions: Redactions::of_runtime(),
+        output_budget: OutputBudget::new(1000),
+        log_sink: None,
+    };
+    let process = Arc::new(
+        PluginProcess::start(TEST_PLUGIN.as_ref(), config)
+            .await
+            .unwrap(),
+    );
+    const IN_FLIGHT: usize = 64;
+    const ROUNDS: usize = 100;
+    let callers: Vec<_> = (0..IN_FLIGHT)
+        .map(|caller| {
+            let process = process.clone();
+            tokio::spawn(async move {
+                let mut answered = 0;
+                for round in 0..ROUNDS {
+                    let event = EventBuilderV10::new()
+                        .id(format!("{caller}-{round}"))
+                        .source("e2e")
+                        .ty("echo")
+                        .data(
+                            "application/json",
+                            json!({"caller": caller, "round": round}),
+                        )
+                        .build()
+                        .unwrap();
+                    let ctx = mycelium_core::InvocationContext::new(
+                        name("driven"),
+                        1,
+                        format!("{caller}-{round}"),
+                        std::time::Instant::now() + Duration::from_secs(30),
+                        Default::default(),
+                        tracing::Span::none(),
+                    );
+                    let events = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        process.execute(&event, &ctx),
+                    )
+                    .await
+                    .expect("a call waited 30 s for its answer: a wake-up was lost")
+                    .unwrap();
+                    assert_eq!(events, vec![event], "each call gets its own answer");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for caller in callers {
+        answered += caller.await.unwrap();
+    }
+    assert_eq!(answered, IN_FLIGHT * ROUNDS);
+    process.stop().await;
+    assert!(process.has_exited());
+}

@@ -482,3 +482,77 @@ async fn background(driver: Arc<Driver>) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+
+    impl Wake for Counted {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counted() -> (Arc<Counted>, Waker) {
+        let counter = Arc::new(Counted::default());
+        (counter.clone(), Waker::from(counter))
+    }
+
+    fn idle_driver() -> Arc<Driver> {
+        Arc::new(Driver {
+            connection: Mutex::new(None),
+            poke: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+            next_waiter: AtomicU64::new(0),
+            background: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn a_wake_up_for_a_call_that_ends_without_acting_on_it_is_handed_on() {
+        let driver = idle_driver();
+        let (first, first_waker) = counted();
+        let (second, second_waker) = counted();
+        let (first_id, crowded) = driver.add_waiter(None, &first_waker);
+        assert!(!crowded);
+        let (second_id, crowded) = driver.add_waiter(None, &second_waker);
+        assert!(crowded);
+        // The socket wakes the connection: the newest waiting call is told.
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        // It ends before polling the connection: the wake-up goes on to the other call.
+        driver.remove_waiter(second_id);
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        // A call that polled the connection after its wake-up hands nothing on.
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        driver.drive_for(first_id);
+        driver.remove_waiter(first_id);
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn with_no_call_waiting_the_background_task_is_woken() {
+        let driver = idle_driver();
+        let (background, background_waker) = counted();
+        *driver.background.lock().unwrap() = Some(background_waker);
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(background.0.load(Ordering::SeqCst), 1);
+        let (call, call_waker) = counted();
+        let (id, _) = driver.add_waiter(None, &call_waker);
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(call.0.load(Ordering::SeqCst), 1);
+        assert_eq!(background.0.load(Ordering::SeqCst), 1);
+        driver.remove_waiter(id);
+        assert_eq!(background.0.load(Ordering::SeqCst), 2, "handed on to the background");
+    }
+}

@@ -321,6 +321,8 @@ impl PluginPool {
                             tracing::warn!(function = %pool.metadata.name, version = pool.metadata.version, %error, "an extra plugin process for queued calls did not start");
                         }
                         pool.state.lock().await.growing = false;
+                        // Calls still waiting look again: they may need one more process.
+                        pool.freed.notify_waiters();
                     });
                 }
             } else {
