@@ -624,8 +624,9 @@ async fn the_pool_grows_with_queued_calls_and_shrinks_when_idle() {
     };
     let f = fixture(settings, false).await;
     f.deploy("pooled", &[], None).await;
-    // Eight one-second calls against room for two per process: the pool grows to its bound of
-    // three while calls queue, and the two calls that find no room wait for a free one.
+    // Eight two-second calls against room for two per process: the pool grows to its bound of
+    // three while calls queue (a start takes milliseconds, the calls seconds), and the two
+    // calls that find no room wait for a free one.
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let client = f.client.clone();
@@ -634,7 +635,7 @@ async fn the_pool_grows_with_queued_calls_and_shrinks_when_idle() {
                     .id("p")
                     .source("e2e")
                     .ty("sleep")
-                    .data("application/json", json!({"ms": 1000}))
+                    .data("application/json", json!({"ms": 2000}))
                     .build()
                     .unwrap();
                 client.invoke("pooled", event).await

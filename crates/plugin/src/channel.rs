@@ -553,6 +553,10 @@ mod tests {
         assert_eq!(call.0.load(Ordering::SeqCst), 1);
         assert_eq!(background.0.load(Ordering::SeqCst), 1);
         driver.remove_waiter(id);
-        assert_eq!(background.0.load(Ordering::SeqCst), 2, "handed on to the background");
+        assert_eq!(
+            background.0.load(Ordering::SeqCst),
+            2,
+            "handed on to the background"
+        );
     }
 }
