@@ -107,12 +107,34 @@ impl PluginChannel {
         Q: prost::Message,
         R: prost::Message + Default,
     {
-        let call = std::pin::pin!(self.call(path, message, timeout, metadata));
-        Driven {
-            driver: &self.driver,
-            future: call,
-            waiter: None,
-        }
+        self.driven(async {
+            let (head, mut body) = self.open(path, message, Some(timeout), metadata).await?;
+            let mut reply = BytesMut::new();
+            while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
+                let chunk = chunk.map_err(|e| lost(&e))?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                if reply.len() + chunk.len() > MAX_REPLY_BYTES + 5 {
+                    return Err(Status::resource_exhausted(format!(
+                        "the plugin's reply is larger than {MAX_REPLY_BYTES} bytes"
+                    )));
+                }
+                reply.extend_from_slice(&chunk);
+            }
+            let trailers = poll_fn(|cx| body.poll_trailers(cx))
+                .await
+                .map_err(|e| lost(&e))?
+                .unwrap_or_default();
+            check_trailers(&head, &trailers)?;
+            let Some(message) = take_message(&mut reply)? else {
+                return Err(Status::internal("the plugin's answer carried no message"));
+            };
+            if !reply.is_empty() {
+                return Err(Status::internal(
+                    "the plugin answered a unary call with more than one message",
+                ));
+            }
+            Ok(message)
+        })
         .await
     }
 
@@ -127,13 +149,7 @@ impl PluginChannel {
         Q: prost::Message,
         R: prost::Message + Default,
     {
-        let opened = std::pin::pin!(self.open(path, message, None, &[]));
-        let (_, body) = Driven {
-            driver: &self.driver,
-            future: opened,
-            waiter: None,
-        }
-        .await?;
+        let (_, body) = self.driven(self.open(path, message, None, &[])).await?;
         Ok(Messages {
             body,
             buffer: BytesMut::new(),
@@ -142,44 +158,14 @@ impl PluginChannel {
         })
     }
 
-    /// The unary call itself; [`Driven`] polls the connection around it.
-    async fn call<Q, R>(
-        &self,
-        path: &'static str,
-        message: &Q,
-        timeout: Duration,
-        metadata: &[(HeaderName, HeaderValue)],
-    ) -> Result<R, Status>
-    where
-        Q: prost::Message,
-        R: prost::Message + Default,
-    {
-        let (head, mut body) = self.open(path, message, Some(timeout), metadata).await?;
-        let mut reply = BytesMut::new();
-        while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
-            let chunk = chunk.map_err(|e| lost(&e))?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            if reply.len() + chunk.len() > MAX_REPLY_BYTES + 5 {
-                return Err(Status::resource_exhausted(format!(
-                    "the plugin's reply is larger than {MAX_REPLY_BYTES} bytes"
-                )));
-            }
-            reply.extend_from_slice(&chunk);
+    /// Runs `future`, polling the connection around it (see [`Driven`]).
+    async fn driven<F: Future>(&self, future: F) -> F::Output {
+        Driven {
+            driver: &self.driver,
+            future: std::pin::pin!(future),
+            waiter: None,
         }
-        let trailers = poll_fn(|cx| body.poll_trailers(cx))
-            .await
-            .map_err(|e| lost(&e))?
-            .unwrap_or_default();
-        check_trailers(&head, &trailers)?;
-        let Some(message) = take_message(&mut reply)? else {
-            return Err(Status::internal("the plugin's answer carried no message"));
-        };
-        if !reply.is_empty() {
-            return Err(Status::internal(
-                "the plugin answered a unary call with more than one message",
-            ));
-        }
-        Ok(message)
+        .await
     }
 
     /// Sends the request and waits for the answer's head.
