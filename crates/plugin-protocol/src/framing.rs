@@ -12,6 +12,18 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// `application/grpc`, the content type of every request and answer.
 pub const CONTENT_TYPE: &str = "application/grpc";
 
+/// The methods' paths (`/package.Service/Method`) the host calls and plugins serve.
+pub mod path {
+    /// Mycelium's function call.
+    pub const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
+    /// gRPC's health check, asked about go-plugin's service "plugin".
+    pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+    /// go-plugin's graceful shutdown.
+    pub const SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";
+    /// go-plugin's (>= 1.2) stream of the plugin's stdout and stderr.
+    pub const STREAM_STDIO: &str = "/plugin.GRPCStdio/StreamStdio";
+}
+
 /// Why a framed message could not be taken.
 #[derive(Debug)]
 pub enum FrameError {

@@ -21,6 +21,8 @@
 //! }
 //! ```
 
+mod server;
+
 use std::{
     panic::AssertUnwindSafe,
     path::PathBuf,
@@ -46,8 +48,6 @@ use mycelium_plugin_protocol::{
     },
 };
 use tokio_util::sync::CancellationToken;
-
-mod server;
 use tracing::Instrument;
 
 /// How long calls still in flight get after the host asks the plugin to shut down.

@@ -12,7 +12,11 @@ use bytes::{Bytes, BytesMut};
 use h2::{server::SendResponse, RecvStream};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use mycelium_plugin_protocol::{
-    framing::{self, FrameError},
+    framing::{
+        self,
+        path::{EXECUTE, HEALTH_CHECK, SHUTDOWN, STREAM_STDIO},
+        FrameError,
+    },
     proto::{
         function::ExecuteRequest,
         go_plugin::{Empty, StdioData},
@@ -26,11 +30,6 @@ use tonic_health::pb::{
 };
 
 use crate::{Service, Stdio};
-
-const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
-const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
-const SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";
-const STREAM_STDIO: &str = "/plugin.GRPCStdio/StreamStdio";
 
 /// What the server answers with.
 pub(crate) struct Services {

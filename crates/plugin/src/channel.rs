@@ -14,7 +14,7 @@ use std::{
     future::{poll_fn, Future},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Wake, Waker},
@@ -26,7 +26,10 @@ use h2::{
     client::{Connection, SendRequest},
     RecvStream,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http::{
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Uri,
+};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::either::Either;
 use tonic::{Code, Status};
@@ -38,14 +41,13 @@ use crate::{
 
 type Io = Either<UnixStream, TcpStream>;
 
-const MAX_REPLY_BYTES: usize = framing::MAX_MESSAGE_BYTES;
-
 /// A connection to one plugin process; cheap to share between concurrent calls.
 #[derive(Clone)]
 pub(crate) struct PluginChannel {
     send: SendRequest<Bytes>,
     driver: Arc<Driver>,
-    authority: Arc<str>,
+    /// Parsed once: every request's URI is this and a static path.
+    authority: Authority,
 }
 
 impl std::fmt::Debug for PluginChannel {
@@ -69,16 +71,15 @@ impl PluginChannel {
         };
         let (send, connection) = h2::client::Builder::new()
             // Replies up to the limit arrive without waiting for window updates.
-            .initial_window_size(MAX_REPLY_BYTES as u32)
-            .initial_connection_window_size(4 * MAX_REPLY_BYTES as u32)
+            .initial_window_size(framing::MAX_MESSAGE_BYTES as u32)
+            .initial_connection_window_size(4 * framing::MAX_MESSAGE_BYTES as u32)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(std::io::Error::other)?;
         let driver = Arc::new(Driver {
             connection: Mutex::new(Some(connection)),
             poke: AtomicBool::new(false),
-            waiters: Mutex::new(Vec::new()),
-            next_waiter: AtomicU64::new(0),
+            waiters: Mutex::default(),
             background: Mutex::new(None),
             closed: AtomicBool::new(false),
         });
@@ -87,8 +88,8 @@ impl PluginChannel {
             send,
             driver,
             authority: match handshake.network {
-                Network::Tcp => handshake.address.as_str().into(),
-                Network::Unix => "localhost".into(),
+                Network::Tcp => handshake.address.parse().map_err(std::io::Error::other)?,
+                Network::Unix => Authority::from_static("localhost"),
             },
         })
     }
@@ -113,9 +114,10 @@ impl PluginChannel {
             while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
                 let chunk = chunk.map_err(|e| lost(&e))?;
                 let _ = body.flow_control().release_capacity(chunk.len());
-                if reply.len() + chunk.len() > MAX_REPLY_BYTES + 5 {
+                if reply.len() + chunk.len() > framing::MAX_MESSAGE_BYTES + 5 {
                     return Err(Status::resource_exhausted(format!(
-                        "the plugin's reply is larger than {MAX_REPLY_BYTES} bytes"
+                        "the plugin's reply is larger than {} bytes",
+                        framing::MAX_MESSAGE_BYTES
                     )));
                 }
                 reply.extend_from_slice(&chunk);
@@ -180,9 +182,15 @@ impl PluginChannel {
         poll_fn(|cx| send.poll_ready(cx))
             .await
             .map_err(|e| lost(&e))?;
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::from_static(path))
+            .build()
+            .map_err(|e| Status::internal(format!("building the request: {e}")))?;
         let mut request = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{}{path}", self.authority))
+            .uri(uri)
             .header(http::header::CONTENT_TYPE, framing::CONTENT_TYPE)
             .header(http::header::TE, "trailers")
             .body(())
@@ -287,6 +295,13 @@ struct Waiter {
     woken: bool,
 }
 
+/// The waiting calls, newest last, and the next call's id.
+#[derive(Default)]
+struct Waiters {
+    list: Vec<Waiter>,
+    next_id: u64,
+}
+
 /// The connection and who is waiting on it.
 struct Driver {
     connection: Mutex<Option<Connection<Io, Bytes>>>,
@@ -295,8 +310,7 @@ struct Driver {
     poke: AtomicBool,
     /// Calls waiting on an answer: the socket wakes one of them, which then polls the
     /// connection for everybody (h2 wakes each stream's own task when its frames arrive).
-    waiters: Mutex<Vec<Waiter>>,
-    next_waiter: AtomicU64,
+    waiters: Mutex<Waiters>,
     /// The background task, woken when no call waits.
     background: Mutex<Option<Waker>>,
     closed: AtomicBool,
@@ -310,7 +324,7 @@ impl Wake for Driver {
     fn wake_by_ref(self: &Arc<Self>) {
         let waiter = {
             let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            waiters.last_mut().map(|waiter| {
+            waiters.list.last_mut().map(|waiter| {
                 waiter.woken = true;
                 waiter.waker.clone()
             })
@@ -364,28 +378,28 @@ impl Driver {
     /// Registers (or refreshes) a waiting call; also says whether others wait.
     fn add_waiter(&self, id: Option<u64>, waker: &Waker) -> (u64, bool) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(id) = id {
-            if let Some(waiter) = waiters.iter_mut().find(|w| w.id == id) {
-                if !waiter.waker.will_wake(waker) {
-                    waiter.waker = waker.clone();
-                }
-                return (id, waiters.len() > 1);
+        let Waiters { list, next_id } = &mut *waiters;
+        if let Some(waiter) = id.and_then(|id| list.iter_mut().find(|w| w.id == id)) {
+            if !waiter.waker.will_wake(waker) {
+                waiter.waker = waker.clone();
             }
+            return (waiter.id, list.len() > 1);
         }
-        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        waiters.push(Waiter {
+        let id = *next_id;
+        *next_id += 1;
+        list.push(Waiter {
             id,
             waker: waker.clone(),
             woken: false,
         });
-        (id, waiters.len() > 1)
+        (id, list.len() > 1)
     }
 
     /// Polls the connection on behalf of the waiting call `id`.
     fn drive_for(self: &Arc<Self>, id: u64) {
         {
             let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(waiter) = waiters.iter_mut().find(|w| w.id == id) {
+            if let Some(waiter) = waiters.list.iter_mut().find(|w| w.id == id) {
                 waiter.woken = false;
             }
         }
@@ -396,11 +410,11 @@ impl Driver {
     fn remove_waiter(self: &Arc<Self>, id: u64) {
         let woken = {
             let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            let list = &mut waiters.list;
             // In order: the newest waiter is the one woken, and stays the newest.
-            waiters
-                .iter()
+            list.iter()
                 .position(|w| w.id == id)
-                .is_some_and(|at| waiters.remove(at).woken)
+                .is_some_and(|at| list.remove(at).woken)
         };
         if woken {
             self.wake_by_ref();
@@ -494,8 +508,7 @@ mod tests {
         Arc::new(Driver {
             connection: Mutex::new(None),
             poke: AtomicBool::new(false),
-            waiters: Mutex::new(Vec::new()),
-            next_waiter: AtomicU64::new(0),
+            waiters: Mutex::default(),
             background: Mutex::new(None),
             closed: AtomicBool::new(false),
         })

@@ -23,6 +23,7 @@ use crate::{
     cgroup::{CgroupRoot, ProcessCgroup},
     channel::PluginChannel,
     convert,
+    framing::path,
     handshake::{self, Handshake},
     output::{read_line, relay, relay_stdio_stream, Output, STDERR_TAIL},
     proto::{
@@ -33,9 +34,6 @@ use crate::{
         go_plugin::Empty,
     },
 };
-
-/// go-plugin's path of the function call.
-const EXECUTE: &str = "/mycelium.function.v1.Function/Execute";
 
 static TRACEPARENT: http::HeaderName =
     http::HeaderName::from_static(mycelium_core::trace::TRACEPARENT);
@@ -296,7 +294,7 @@ async fn check_health(
         service: handshake::HEALTH_SERVICE.into(),
     };
     channel
-        .unary("/grpc.health.v1.Health/Check", &request, within, &[])
+        .unary(path::HEALTH_CHECK, &request, within, &[])
         .await
 }
 
@@ -397,10 +395,7 @@ impl PluginProcess {
         let stdio = channel.clone();
         let output = Output::new(&config, pid);
         tokio::spawn(async move {
-            if let Ok(stream) = stdio
-                .server_stream("/plugin.GRPCStdio/StreamStdio", &())
-                .await
-            {
+            if let Ok(stream) = stdio.server_stream(path::STREAM_STDIO, &()).await {
                 relay_stdio_stream(stream, output).await;
             }
         });
@@ -483,7 +478,7 @@ impl PluginProcess {
         }
         let answer: Result<ExecuteResponse, _> = self
             .channel
-            .unary(EXECUTE, &request, remaining, &metadata)
+            .unary(path::EXECUTE, &request, remaining, &metadata)
             .await;
         match answer {
             Ok(response) => match response.result {
@@ -560,12 +555,9 @@ impl PluginProcess {
         if self.has_exited() {
             return;
         }
-        let shutdown = self.channel.unary::<_, Empty>(
-            "/plugin.GRPCController/Shutdown",
-            &Empty {},
-            self.config.stop_grace,
-            &[],
-        );
+        let shutdown =
+            self.channel
+                .unary::<_, Empty>(path::SHUTDOWN, &Empty {}, self.config.stop_grace, &[]);
         let _ = tokio::time::timeout(self.config.stop_grace, shutdown).await;
         if tokio::time::timeout(self.config.stop_grace, self.exited())
             .await

@@ -286,10 +286,6 @@ impl PluginPool {
     ) -> Result<(Arc<Slot>, OwnedSemaphorePermit), ProtocolError> {
         let settings = &self.shared.settings;
         loop {
-            // Enabled before looking: a permit freed meanwhile is not missed.
-            let freed = self.freed.notified();
-            let mut freed = std::pin::pin!(freed);
-            freed.as_mut().enable();
             let mut state = self.state.lock().await;
             self.forget_dead(&mut state);
             for slot in &state.slots {
@@ -309,12 +305,16 @@ impl PluginPool {
                 self.start_in_background().await?;
                 continue;
             }
+            // Registered under the state lock, where processes are added and growth ends: a
+            // call ending meanwhile leaves a permit in the `Notify` that this picks up.
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
             if backoff.is_none()
                 && !state.growing
                 && state.slots.len() < settings.max_processes.max(1)
             {
                 state.growing = true;
-                drop(state);
                 if let Some(pool) = self.me.upgrade() {
                     tokio::spawn(async move {
                         if let Err(error) = pool.start_in_background().await {
@@ -325,9 +325,8 @@ impl PluginPool {
                         pool.freed.notify_waiters();
                     });
                 }
-            } else {
-                drop(state);
             }
+            drop(state);
             if tokio::time::timeout_at(deadline.into(), freed)
                 .await
                 .is_err()
@@ -680,26 +679,19 @@ async fn reap(pool: Weak<PluginPool>) {
             let mut state = pool.state.lock().await;
             pool.forget_dead(&mut state);
             let capacity = settings.concurrency_per_process.max(1);
-            let surplus_timeout = settings.surplus_idle_timeout.min(settings.idle_timeout);
-            let (stop, keep): (Vec<_>, Vec<_>) =
-                state.slots.drain(..).enumerate().partition(|(at, slot)| {
-                    let idle_for = slot
-                        .last_used
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .elapsed();
-                    // Calls go to the first process with room, so the later ones idle first.
-                    let timeout = if *at == 0 {
-                        settings.idle_timeout
-                    } else {
-                        surplus_timeout
-                    };
-                    slot.is_idle(capacity) && (retired || idle_for >= timeout)
-                });
-            let (stop, keep): (Vec<_>, Vec<_>) = (
-                stop.into_iter().map(|(_, slot)| slot).collect(),
-                keep.into_iter().map(|(_, slot)| slot).collect(),
-            );
+            // Calls go to the first process with room, so the later ones idle first and go
+            // sooner.
+            let mut timeout = settings.idle_timeout;
+            let (stop, keep): (Vec<_>, Vec<_>) = state.slots.drain(..).partition(|slot| {
+                let idle_for = slot
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed();
+                let stop = slot.is_idle(capacity) && (retired || idle_for >= timeout);
+                timeout = settings.surplus_idle_timeout.min(settings.idle_timeout);
+                stop
+            });
             state.slots = keep;
             pool.publish_count(&state);
             if retired && state.slots.is_empty() && stop.is_empty() {
