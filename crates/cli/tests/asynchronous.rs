@@ -52,20 +52,18 @@ async fn the_cli_submits_deploys_with_retry_settings_and_manages_dead_letters() 
     nats.flush().await.unwrap();
 
     // Accepted, then run: the result arrives where it was asked to go.
-    let accepted = stdout_json(&run(
-        &url,
-        &[
-            "invoke",
-            "echo",
-            "--async",
-            "--id",
-            "cli-1",
-            "--result-subject",
-            "results.cli",
-            "--idempotency-key",
-            "k-1",
-        ],
-    ));
+    let keyed = [
+        "invoke",
+        "echo",
+        "--async",
+        "--id",
+        "cli-1",
+        "--result-subject",
+        "results.cli",
+        "--idempotency-key",
+        "k-1",
+    ];
+    let accepted = stdout_json(&run(&url, &keyed));
     assert_eq!(accepted["stream"], ASYNC_STREAM);
     assert_eq!(accepted["duplicate"], false);
     let sequence = accepted["sequence"].as_u64().unwrap();
@@ -88,20 +86,7 @@ async fn the_cli_submits_deploys_with_retry_settings_and_manages_dead_letters() 
         accepted["invocationId"].as_str().unwrap()
     );
     // The same key again: a duplicate, not stored, not run.
-    let again = run(
-        &url,
-        &[
-            "invoke",
-            "echo",
-            "--async",
-            "--id",
-            "cli-1",
-            "--result-subject",
-            "results.cli",
-            "--idempotency-key",
-            "k-1",
-        ],
-    );
+    let again = run(&url, &keyed);
     let again_json = stdout_json(&again);
     assert_eq!(again_json["duplicate"], true);
     assert_eq!(again_json["sequence"].as_u64().unwrap(), sequence);
