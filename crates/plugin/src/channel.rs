@@ -322,17 +322,21 @@ impl Wake for Driver {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let waiter = {
+        let waker = {
             let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            waiters.list.last_mut().map(|waiter| {
-                waiter.woken = true;
-                waiter.waker.clone()
-            })
+            let Some(waiter) = waiters.list.last_mut() else {
+                drop(waiters);
+                return self.wake_background();
+            };
+            if DRIVING_NEXT.get() == (Arc::as_ptr(self) as usize, waiter.id) {
+                // The call being polled on this thread, which polls the connection next:
+                // waking it would only reschedule it (and wake another worker to steal it).
+                return;
+            }
+            waiter.woken = true;
+            waiter.waker.clone()
         };
-        match waiter {
-            Some(waker) => waker.wake(),
-            None => self.wake_background(),
-        }
+        waker.wake();
     }
 }
 
@@ -422,6 +426,12 @@ impl Driver {
     }
 }
 
+thread_local! {
+    /// The driver and waiting call being polled on this thread that will poll the connection
+    /// right after: wake-ups h2 addresses to it meanwhile are dropped.
+    static DRIVING_NEXT: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
 /// A future polled together with the connection.
 struct Driven<'a, F> {
     driver: &'a Arc<Driver>,
@@ -439,11 +449,17 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
         let (id, crowded) = this.driver.add_waiter(this.waiter, cx.waker());
         let first = this.waiter.is_none();
         this.waiter = Some(id);
-        let mut output = Pin::new(&mut this.future).poll(cx);
         // A new call among others leaves its frames queued: h2 asks for them to be written by
         // waking a waiting call, which runs after the calls ready now on this thread, so
-        // their frames leave together in one write instead of one each.
-        if output.is_pending() && !(first && crowded) {
+        // their frames leave together in one write instead of one each. Otherwise the call
+        // writes them itself right after, and that wake-up is not needed.
+        let drives = !(first && crowded);
+        if drives {
+            DRIVING_NEXT.set((Arc::as_ptr(this.driver) as usize, id));
+        }
+        let mut output = Pin::new(&mut this.future).poll(cx);
+        DRIVING_NEXT.set((0, 0));
+        if output.is_pending() && drives {
             // Write what the call just queued, read what came back, and look again.
             this.driver.drive_for(id);
             output = Pin::new(&mut this.future).poll(cx);
@@ -537,6 +553,24 @@ mod tests {
         driver.remove_waiter(first_id);
         assert_eq!(first.0.load(Ordering::SeqCst), 2);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_call_about_to_poll_the_connection_is_not_woken_for_it() {
+        let driver = idle_driver();
+        let (call, call_waker) = counted();
+        let (id, _) = driver.add_waiter(None, &call_waker);
+        DRIVING_NEXT.set((Arc::as_ptr(&driver) as usize, id));
+        Waker::from(driver.clone()).wake_by_ref();
+        DRIVING_NEXT.set((0, 0));
+        assert_eq!(call.0.load(Ordering::SeqCst), 0);
+        // Nor is the wake-up handed on when it ends: it polled the connection.
+        driver.remove_waiter(id);
+        assert_eq!(call.0.load(Ordering::SeqCst), 0);
+        let (other, other_waker) = counted();
+        driver.add_waiter(None, &other_waker);
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(other.0.load(Ordering::SeqCst), 1, "others are still woken");
     }
 
     #[test]
