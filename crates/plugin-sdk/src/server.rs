@@ -6,7 +6,11 @@
 //! same write as the others ready with it (BENCHMARKS.md, issue 15). The wire is plain gRPC,
 //! as go-plugin's host speaks it.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    task::{Context, Wake, Waker},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{server::SendResponse, RecvStream};
@@ -70,16 +74,62 @@ async fn connection(io: UnixStream, services: Arc<Services>) {
             return;
         }
     };
+    // The connection is polled with a waker of its own, so that the wake-ups h2 sends it
+    // while a call runs inline here (its answer queued) can be dropped: the next turn of the
+    // loop writes that answer anyway, and waking this running task would only reschedule it
+    // and wake another worker thread to steal it.
+    let task = Arc::new(ConnectionWaker::default());
+    let waker = Waker::from(task.clone());
     // Each turn of `accept` also writes what the calls run here queued.
-    while let Some(accepted) = connection.accept().await {
+    while let Some(accepted) = std::future::poll_fn(|cx| {
+        task.register(cx.waker());
+        connection.poll_accept(&mut Context::from_waker(&waker))
+    })
+    .await
+    {
         match accepted {
             Ok((request, respond)) => {
-                run_inline_or_spawn(handle(services.clone(), request, respond))
+                RUNNING_INLINE.set(Arc::as_ptr(&task) as usize);
+                run_inline_or_spawn(handle(services.clone(), request, respond));
+                RUNNING_INLINE.set(0);
             }
             Err(error) => {
                 tracing::debug!(%error, "the connection from the host ended");
                 return;
             }
+        }
+    }
+}
+
+thread_local! {
+    /// The connection whose call runs inline on this thread right now.
+    static RUNNING_INLINE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The connection task's waker, as h2 sees it.
+#[derive(Default)]
+struct ConnectionWaker(Mutex<Option<Waker>>);
+
+impl ConnectionWaker {
+    fn register(&self, waker: &Waker) {
+        let mut task = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for ConnectionWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if RUNNING_INLINE.get() == Arc::as_ptr(self) as usize {
+            return;
+        }
+        if let Some(task) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            task.wake_by_ref();
         }
     }
 }
@@ -228,6 +278,27 @@ mod tests {
         let mut compressed = BytesMut::from(&b"\x01\0\0\0\0"[..]);
         let status = request_message::<Empty>(&mut compressed).unwrap_err();
         assert_eq!(status.code(), Code::Unimplemented);
+    }
+
+    #[test]
+    fn the_connection_is_not_woken_by_the_call_it_runs_inline() {
+        #[derive(Default)]
+        struct Counted(std::sync::atomic::AtomicUsize);
+        impl Wake for Counted {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let counted = Arc::new(Counted::default());
+        let connection = Arc::new(ConnectionWaker::default());
+        connection.register(&Waker::from(counted.clone()));
+        let waker = Waker::from(connection.clone());
+        RUNNING_INLINE.set(Arc::as_ptr(&connection) as usize);
+        waker.wake_by_ref();
+        RUNNING_INLINE.set(0);
+        assert_eq!(counted.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        waker.wake_by_ref();
+        assert_eq!(counted.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
