@@ -45,6 +45,9 @@ pub enum ErrorCode {
     /// The runtime trusts only signed binaries and this one is unsigned or signed by a key it
     /// does not trust; it was not run.
     ArtifactUntrusted,
+    /// The WebAssembly module cannot run here (it does not compile, exports no `_start`, or
+    /// imports what the runtime does not provide); it was not run.
+    ModuleInvalid,
     /// A code this version of Mycelium does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -52,7 +55,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::InvalidRequest,
         Self::InvalidEvent,
         Self::InvalidFunctionName,
@@ -68,6 +71,7 @@ impl ErrorCode {
         Self::PluginStartFailed,
         Self::PluginCrashed,
         Self::ArtifactUntrusted,
+        Self::ModuleInvalid,
         Self::Unknown,
     ];
 
@@ -89,6 +93,7 @@ impl ErrorCode {
             Self::PluginStartFailed => "plugin_start_failed",
             Self::PluginCrashed => "plugin_crashed",
             Self::ArtifactUntrusted => "artifact_untrusted",
+            Self::ModuleInvalid => "module_invalid",
             Self::Unknown => "unknown",
         }
     }
@@ -103,7 +108,7 @@ impl ErrorCode {
             Self::Overloaded => 429,
             Self::Timeout => 504,
             Self::Unavailable => 503,
-            Self::PluginStartFailed | Self::PluginCrashed => 502,
+            Self::PluginStartFailed | Self::PluginCrashed | Self::ModuleInvalid => 502,
             Self::FunctionError | Self::Internal | Self::ArtifactCorrupt | Self::Unknown => 500,
         }
     }

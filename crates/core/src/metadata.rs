@@ -16,6 +16,8 @@ pub enum FunctionKind {
     Builtin,
     /// A separate process speaking go-plugin's gRPC protocol.
     Plugin,
+    /// A WebAssembly module (WASI preview 1), run in a fresh sandboxed instance per call.
+    Wasm,
 }
 
 impl std::fmt::Display for FunctionKind {
@@ -23,6 +25,7 @@ impl std::fmt::Display for FunctionKind {
         f.write_str(match self {
             Self::Builtin => "builtin",
             Self::Plugin => "plugin",
+            Self::Wasm => "wasm",
         })
     }
 }
@@ -53,16 +56,16 @@ pub struct FunctionMetadata {
     /// Invocations of this function allowed in flight on one runtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
-    /// Memory limit for plugin processes, in MiB.
+    /// Memory limit of a plugin process or a WebAssembly instance, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
-    /// Environment variables given to plugin processes.
+    /// Environment variables given to plugin processes and WebAssembly instances.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// SHA-256 of the binary (plugins), as `sha256:<hex>`.
+    /// SHA-256 of the binary (plugins, WebAssembly modules), as `sha256:<hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     /// The public NKey (`U...`, `A...`, ...) that signed the digest, when the deploy signed it.

@@ -146,6 +146,25 @@ impl ArtifactCache {
             .map_err(|e| storage(format!("making {} executable", partial.display()), e))
     }
 
+    /// Where a file made from the binary `digest` pins (a compiled WebAssembly module) is kept:
+    /// beside the binary as `sha256-<hex>.<tag>`, under the same size bound. `None` for a
+    /// malformed digest. Write it elsewhere and rename it there, then [`ArtifactCache::admit`].
+    pub fn derived_path(&self, digest: &str, tag: &str) -> Option<PathBuf> {
+        let object = digest::object_name(digest)?;
+        Some(self.dir.join(format!("{object}.{tag}")))
+    }
+
+    /// Counts a file just placed at a [`ArtifactCache::derived_path`] against the bound,
+    /// evicting the least recently used entries (never this one) to make room.
+    pub fn admit(&self, path: &Path) {
+        self.evict(path);
+    }
+
+    /// Marks a cached file as just used, so eviction takes it last.
+    pub fn touch(&self, path: &Path) {
+        touch(path);
+    }
+
     /// Removes least-recently-used entries until the cache fits, never `keep`.
     fn evict(&self, keep: &Path) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {

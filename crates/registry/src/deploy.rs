@@ -61,6 +61,35 @@ impl DeploySpec {
         Self::new(name, FunctionKind::Plugin, Some(artifact), None)
     }
 
+    /// A WebAssembly deployment of `artifact` (a WASI preview 1 module) with default settings.
+    pub fn wasm(name: FunctionName, artifact: ArtifactSource) -> Self {
+        Self::new(name, FunctionKind::Wasm, Some(artifact), None)
+    }
+
+    /// A deployment of the binary at `path` as the kind its first bytes say (what
+    /// `mycelium deploy NAME FILE` does): a WebAssembly module, else a plugin program.
+    pub async fn of_file(name: FunctionName, path: PathBuf) -> Result<Self, DeployError> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0; 4];
+        let mut read = 0;
+        // An unreadable file is reported by `prepare`, with the kind's own checks.
+        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+            while read < head.len() {
+                match file.read(&mut head[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+        }
+        let kind = kind_of_binary(&head[..read]);
+        Ok(Self::new(
+            name,
+            kind,
+            Some(ArtifactSource::File(path)),
+            None,
+        ))
+    }
+
     /// A deployment that runs the built-in `entry_point` under `name`.
     pub fn builtin(name: FunctionName, entry_point: &str) -> Self {
         Self::new(
@@ -149,6 +178,12 @@ pub(crate) async fn prepare(
                 spec.name
             )))
         }
+        (FunctionKind::Wasm, None, _) => {
+            return Err(invalid(format!(
+                "WebAssembly function \"{}\" needs a module to deploy",
+                spec.name
+            )))
+        }
         (FunctionKind::Builtin, Some(_), _) => return Err(invalid(
             "a built-in function runs code compiled into the runtime; deploy it without a binary"
                 .into(),
@@ -182,7 +217,7 @@ pub(crate) async fn prepare(
     }
     if let Some(mb) = spec.memory_mb.filter(|&mb| mb < MIN_MEMORY_MB) {
         return Err(invalid(format!(
-            "a memory limit of {mb} MiB leaves a plugin no room to start; give it at least {MIN_MEMORY_MB} MiB, or none"
+            "a memory limit of {mb} MiB leaves a function no room to start; give it at least {MIN_MEMORY_MB} MiB, or none"
         )));
     }
     for key in spec.env.keys() {
@@ -203,9 +238,12 @@ pub(crate) async fn prepare(
     let (digest, size) = match source {
         ArtifactSource::Bytes(bytes) => {
             check_size(bytes.len() as u64, max_size, &spec.name)?;
+            if spec.kind == FunctionKind::Wasm {
+                check_head(spec.kind, bytes, "the binary")?;
+            }
             (digest::digest_of(bytes), bytes.len() as u64)
         }
-        ArtifactSource::File(path) => hash_file(path, max_size, &spec.name).await?,
+        ArtifactSource::File(path) => hash_file(path, spec.kind, max_size, &spec.name).await?,
     };
     let signature = match &spec.signing_key {
         Some(key) => Some((key.public_key(), key.sign(&digest)?)),
@@ -229,6 +267,39 @@ fn is_program(head: &[u8]) -> bool {
     head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
 }
 
+/// The first bytes of every WebAssembly binary.
+const WASM_MAGIC: &[u8] = b"\0asm";
+/// The version field of a core module (components carry another).
+const WASM_MODULE_VERSION: &[u8] = &[1, 0, 0, 0];
+
+/// The kind of function a binary starting with `head` is: a WebAssembly binary (by its magic
+/// bytes) is [`FunctionKind::Wasm`], anything else a plugin program.
+pub fn kind_of_binary(head: &[u8]) -> FunctionKind {
+    if head.starts_with(WASM_MAGIC) {
+        FunctionKind::Wasm
+    } else {
+        FunctionKind::Plugin
+    }
+}
+
+/// Refuses a binary whose first bytes are not what `kind` runs.
+fn check_head(kind: FunctionKind, head: &[u8], what: &str) -> Result<(), DeployError> {
+    let refuse = |message: String| Err(DeployError::new(DeployErrorKind::NotExecutable, message));
+    match kind {
+        FunctionKind::Wasm if head.get(4..8) == Some(WASM_MODULE_VERSION) => Ok(()),
+        FunctionKind::Wasm if head.starts_with(WASM_MAGIC) => refuse(format!(
+            "{what} is a WebAssembly component; Mycelium runs WASI preview 1 modules: build for wasm32-wasi (wasm32-wasip1)"
+        )),
+        FunctionKind::Wasm => refuse(format!(
+            "{what} is not a WebAssembly module (it does not start with \\0asm); deploy the built .wasm file"
+        )),
+        _ if is_program(head) => Ok(()),
+        _ => refuse(format!(
+            "{what} is not a program: it is neither an ELF binary nor a script starting with #!; deploy the built binary"
+        )),
+    }
+}
+
 fn check_size(size: u64, max_size: u64, name: &FunctionName) -> Result<(), DeployError> {
     if size == 0 {
         return Err(DeployError::new(
@@ -247,6 +318,7 @@ fn check_size(size: u64, max_size: u64, name: &FunctionName) -> Result<(), Deplo
 
 async fn hash_file(
     path: &std::path::Path,
+    kind: FunctionKind,
     max_size: u64,
     name: &FunctionName,
 ) -> Result<(String, u64), DeployError> {
@@ -275,14 +347,8 @@ async fn hash_file(
         if read == 0 {
             break;
         }
-        if std::mem::take(&mut first) && !is_program(&buffer[..read]) {
-            return Err(DeployError::new(
-                DeployErrorKind::NotExecutable,
-                format!(
-                    "{} is not a program: it is neither an ELF binary nor a script starting with #!; deploy the built binary",
-                    path.display()
-                ),
-            ));
+        if std::mem::take(&mut first) {
+            check_head(kind, &buffer[..read], &path.display().to_string())?;
         }
         hasher.update(&buffer[..read]);
     }

@@ -28,8 +28,8 @@ use mycelium_core::{
 };
 
 pub use cache::ArtifactCache;
+pub use deploy::{kind_of_binary, ArtifactSource, DeploySpec, Progress};
 pub(crate) use deploy::{open_source, prepare, versions_to_prune, PreparedArtifact};
-pub use deploy::{ArtifactSource, DeploySpec, Progress};
 pub(crate) use error::pinned_digest;
 pub use error::{
     fetch_protocol_error, not_found, protocol_error, trigger_not_found, version_not_found,

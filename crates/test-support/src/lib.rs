@@ -164,6 +164,19 @@ fn go_build(out: &Path, args: &[&str]) -> bool {
     false
 }
 
+/// The test guest `guests/<name>.wat` as a WebAssembly module: WASI preview 1 programs with
+/// one behaviour each (echo, counter, spin, grow, trap, flood, open, exit, env), written in
+/// WAT so the executor's edge cases are tested on any machine.
+pub fn wasm_guest(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guests/{name}.wat"));
+    wat::parse_file(&path).unwrap_or_else(|e| panic!("compiling {}: {e}", path.display()))
+}
+
+/// A WebAssembly module from WAT text, for a test's one-off guest.
+pub fn wat_bytes(text: &str) -> Vec<u8> {
+    wat::parse_str(text).unwrap_or_else(|e| panic!("compiling WAT: {e}"))
+}
+
 /// A loopback port that was free a moment ago, for processes that must be told a port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
