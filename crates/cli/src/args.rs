@@ -335,7 +335,8 @@ pub struct StatsArgs {
 pub struct DeployArgs {
     /// The function's name.
     pub name: String,
-    /// The plugin binary to upload.
+    /// The binary to upload: a WebAssembly module (.wasm, told by its first bytes) runs
+    /// sandboxed; anything else runs as a plugin process.
     #[arg(required_unless_present = "builtin", conflicts_with = "builtin")]
     pub path: Option<PathBuf>,
     /// Run this built-in under NAME instead of uploading a binary.
@@ -347,13 +348,14 @@ pub struct DeployArgs {
     /// Longest an invocation may run (e.g. 30s).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
-    /// Memory limit of the plugin process, in MiB.
+    /// Memory limit of the plugin process or WebAssembly instance, in MiB (WebAssembly
+    /// default: 128).
     #[arg(long)]
     pub memory_mb: Option<u64>,
     /// Invocations allowed in flight per runtime.
     #[arg(long)]
     pub max_concurrency: Option<u32>,
-    /// Environment variable for the plugin process (repeatable).
+    /// Environment variable for the plugin process or WebAssembly instance (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
     /// Label (repeatable).

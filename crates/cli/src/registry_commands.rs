@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, io::IsTerminal, sync::Arc, time::Instant};
 
 use mycelium_client::{
-    ArtifactSource, Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry,
-    OpenErrorKind, RegistryAdmin, RollbackErrorKind,
+    Client, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, OpenErrorKind,
+    RegistryAdmin, RollbackErrorKind,
 };
 use mycelium_core::{ErrorCode, FunctionKind, FunctionName};
 
@@ -36,7 +36,10 @@ fn json_value(value: &impl serde::Serialize) -> serde_json::Value {
 pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     let name = function_name(&args.name)?;
     let mut spec = match (&args.path, &args.builtin) {
-        (Some(path), _) => DeploySpec::plugin(name, ArtifactSource::File(path.clone())),
+        // The file's first bytes say its kind: a WebAssembly module, else a plugin program.
+        (Some(path), _) => DeploySpec::of_file(name, path.clone())
+            .await
+            .map_err(|e| deploy_failure(&e))?,
         (None, Some(entry)) => DeploySpec::builtin(name, entry),
         (None, None) => unreachable!("clap requires PATH or --builtin"),
     };
@@ -66,7 +69,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     }
 
     // A progress bar only for a person watching; piped output stays clean.
-    let bar = (spec.kind == FunctionKind::Plugin && std::io::stderr().is_terminal()).then(|| {
+    let bar = (spec.kind != FunctionKind::Builtin && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_message("uploading");
         bar
@@ -88,17 +91,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let metadata = result.map_err(|e| {
-        let code = match e.kind() {
-            DeployErrorKind::InvalidSpec => Code::Remote(ErrorCode::InvalidRequest),
-            DeployErrorKind::ArtifactUnreadable => Code::ArtifactUnreadable,
-            DeployErrorKind::ArtifactEmpty => Code::ArtifactEmpty,
-            DeployErrorKind::ArtifactTooLarge => Code::Remote(ErrorCode::PayloadTooLarge),
-            DeployErrorKind::NotExecutable => Code::NotExecutable,
-            DeployErrorKind::Storage => Code::Registry,
-        };
-        Failure::new(code, error_chain(&e))
-    })?;
+    let metadata = result.map_err(|e| deploy_failure(&e))?;
     if args.json {
         print_json(&json_value(&metadata.redacted()));
     } else {
@@ -115,6 +108,18 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+fn deploy_failure(e: &mycelium_client::DeployError) -> Failure {
+    let code = match e.kind() {
+        DeployErrorKind::InvalidSpec => Code::Remote(ErrorCode::InvalidRequest),
+        DeployErrorKind::ArtifactUnreadable => Code::ArtifactUnreadable,
+        DeployErrorKind::ArtifactEmpty => Code::ArtifactEmpty,
+        DeployErrorKind::ArtifactTooLarge => Code::Remote(ErrorCode::PayloadTooLarge),
+        DeployErrorKind::NotExecutable => Code::NotExecutable,
+        DeployErrorKind::Storage => Code::Registry,
+    };
+    Failure::new(code, error_chain(e))
 }
 
 /// A name the runtimes answer with a compiled-in built-in (listed as one, with nothing of it in

@@ -172,6 +172,7 @@ async fn start_runtime(
             cgroups: !args.no_plugin_cgroups,
             ..PoolSettings::default()
         },
+        wasm: mycelium_wasm::WasmSettings::default(),
         metrics,
         logs,
         tracing,

@@ -31,8 +31,9 @@ pub use logs::{FunctionLog, LogLine, LogsError, LogsErrorKind, LogsOptions};
 pub use mycelium_core::asynchronous::AsyncQueueStats;
 pub use mycelium_core::trigger::{Deliver, Trigger, TriggerSource};
 pub use mycelium_registry::{
-    ArtifactSource, DeleteErrorKind, DeployErrorKind, DeploySpec, NatsRegistry, NatsRegistryConfig,
-    OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey, Versions,
+    ArtifactSource, DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, NatsRegistry,
+    NatsRegistryConfig, OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey,
+    Versions,
 };
 pub use triggers::{trigger_consumer, TriggerOpError, TriggerOpErrorKind};
 

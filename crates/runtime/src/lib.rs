@@ -37,6 +37,7 @@ use mycelium_core::{
 };
 use mycelium_plugin::pool::PluginExecutor;
 use mycelium_registry::{MemoryRegistry, Registry};
+use mycelium_wasm::WasmExecutor;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -124,6 +125,11 @@ impl RuntimeBuilder {
 
     /// Runs functions of kind `plugin` with this executor: [`Self::executor`] for plugins.
     pub fn plugins(self, executor: Arc<PluginExecutor>) -> Self {
+        self.executor(executor)
+    }
+
+    /// Runs functions of kind `wasm` with this executor: [`Self::executor`] for WebAssembly.
+    pub fn wasm(self, executor: Arc<WasmExecutor>) -> Self {
         self.executor(executor)
     }
 

@@ -30,7 +30,16 @@ tokio::task_local! {
 }
 
 /// Libraries whose events inside an invocation are transport detail, not function output.
-const TRANSPORT_TARGETS: [&str; 5] = ["h2", "hyper", "tonic", "tower", "async_nats"];
+const TRANSPORT_TARGETS: [&str; 8] = [
+    "h2",
+    "hyper",
+    "tonic",
+    "tower",
+    "async_nats",
+    "wasmtime",
+    "cranelift",
+    "wiggle",
+];
 
 /// Records waiting for NATS; beyond this many they are dropped (and counted).
 const BACKLOG: usize = 4096;

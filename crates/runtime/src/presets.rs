@@ -1,6 +1,6 @@
 //! Ready-made runtimes ([`example_runtime`], [`production_runtime`]) and [`Assembly`],
-//! the one place a full runtime (JetStream registry, binary cache, plugin executor, metrics,
-//! function logs, tracing) is put together, for `mycelium up`, `mycelium serve`, the
+//! the one place a full runtime (JetStream registry, binary cache, plugin and WebAssembly
+//! executors, metrics, function logs, tracing) is put together, for `mycelium up`, `mycelium serve`, the
 //! production preset and the tests alike.
 
 use std::{path::PathBuf, sync::Arc};
@@ -8,6 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 use mycelium_core::{MetricsCollector, TraceBridge};
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
 use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig};
+use mycelium_wasm::{WasmExecutor, WasmSettings};
 
 use crate::{FunctionLogs, Runtime, RuntimeBuilder, RuntimeConfig, StartError, StartErrorKind};
 
@@ -42,6 +43,10 @@ pub struct Assembly {
     pub plugin_cache_size: u64,
     /// How plugin processes are run.
     pub plugins: PoolSettings,
+    /// How WebAssembly functions are run (their compiled modules are kept in the binary
+    /// cache, beside the modules). `max_instances` is at most `config.max_in_flight`, and the
+    /// trusted signers are the plugins' (one list of trusted keys for every binary).
+    pub wasm: WasmSettings,
     /// Where measurements go (default: in memory).
     pub metrics: Option<Arc<dyn MetricsCollector>>,
     /// Function log publishing, if its layer is installed.
@@ -60,6 +65,7 @@ impl Default for Assembly {
                 .map_or_else(|| PathBuf::from(".mycelium/plugins"), PathBuf::from),
             plugin_cache_size: 1 << 30,
             plugins: PoolSettings::default(),
+            wasm: WasmSettings::default(),
             metrics: None,
             logs: None,
             tracing: None,
@@ -75,6 +81,8 @@ pub struct Assembled {
     pub registry: Arc<NatsRegistry>,
     /// Its plugin executor.
     pub plugins: Arc<PluginExecutor>,
+    /// Its WebAssembly executor.
+    pub wasm: Arc<WasmExecutor>,
 }
 
 impl Assembly {
@@ -82,33 +90,52 @@ impl Assembly {
     /// builds the runtime with the standard built-ins.
     pub async fn build(self, client: async_nats::Client) -> Result<Assembled, StartError> {
         let registry = open_registry(client.clone(), self.registry.clone()).await?;
-        let cache = ArtifactCache::new(self.plugin_dir.join("cache"), self.plugin_cache_size)
-            .map_err(|e| {
+        // Both executors keep binaries in one directory under one bound (the cache holds no
+        // state beyond the directory).
+        let cache = || {
+            ArtifactCache::new(self.plugin_dir.join("cache"), self.plugin_cache_size).map_err(|e| {
                 StartError::with_source(
                     StartErrorKind::PluginDir,
                     format!("cannot use {} for plugins", self.plugin_dir.display()),
                     e,
                 )
-            })?;
+            })
+        };
+        let mut wasm_settings = self.wasm.clone();
+        wasm_settings.max_instances = wasm_settings
+            .max_instances
+            .min(u32::try_from(self.config.max_in_flight).unwrap_or(u32::MAX));
+        wasm_settings
+            .trusted_signers
+            .clone_from(&self.plugins.trusted_signers);
+        let wasm = Arc::new(WasmExecutor::new(
+            registry.clone(),
+            cache()?,
+            wasm_settings,
+            self.metrics.clone(),
+        ));
         let plugins = Arc::new(PluginExecutor::new(
             registry.clone(),
-            cache,
+            cache()?,
             self.plugin_dir.join("run"),
             self.plugins.clone(),
             self.metrics.clone(),
         ));
         if let Some(logs) = &self.logs {
             plugins.set_log_sink(logs.clone());
+            wasm.set_log_sink(logs.clone());
         }
         let runtime = self
             .builder()
             .registry(registry.clone())
             .plugins(plugins.clone())
+            .wasm(wasm.clone())
             .build(client)?;
         Ok(Assembled {
             runtime,
             registry,
             plugins,
+            wasm,
         })
     }
 

@@ -8,6 +8,7 @@
 
 mod builtin;
 mod plugin;
+mod wasm;
 
 use std::sync::Arc;
 
