@@ -264,3 +264,73 @@ async fn a_redeploy_and_a_rollback_reach_every_runtime() {
         "{versions}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_and_rust_examples_deploy_and_answer() {
+    let f = Fixture::new(1).await;
+    let built = f.dir.path().join("examples");
+    if !mycelium_test_support::wasm_examples(&built) {
+        return;
+    }
+    let upper = built.join("upper.wasm");
+    let wordcount = built.join("wordcount.wasm");
+    for (name, path) in [("shout", &upper), ("wordcount", &wordcount)] {
+        let deployed: Value = serde_json::from_str(&succeeded(&f.cli(&[
+            "deploy",
+            name,
+            path.to_str().unwrap(),
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(deployed["kind"], "wasm", "{name}");
+    }
+
+    let invoke = |args: &[&str]| -> Value {
+        let mut all = vec!["invoke"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&succeeded(&f.cli(&all))).unwrap()
+    };
+    let shouted = invoke(&[
+        "shout",
+        "--id",
+        "u1",
+        "--type",
+        "com.example.upper",
+        "--content-type",
+        "text/plain",
+        "--data",
+        "hello, \"wasm\"",
+    ]);
+    assert_eq!(
+        shouted["events"][0],
+        json!({
+            "specversion": "1.0", "id": "upper-u1", "source": "mycelium/shout",
+            "type": "com.example.upper.result", "datacontenttype": "text/plain",
+            "data": "HELLO, \"WASM\""
+        })
+    );
+    // The same reply as the Rust plugin example's (cli.rs, `cli_to_runtime_to_rust_plugin`).
+    let counted = invoke(&[
+        "wordcount",
+        "--id",
+        "w1",
+        "--type",
+        "com.example.wordcount",
+        "--data",
+        r#"{"text": "to be or not to be"}"#,
+    ]);
+    assert_eq!(
+        counted["events"][0],
+        json!({
+            "specversion": "1.0", "id": "wordcount-w1", "source": "mycelium/wordcount",
+            "type": "com.example.wordcount.result", "datacontenttype": "application/json",
+            "data": {"words": 6, "characters": 18}
+        })
+    );
+    // Other events are echoed by both.
+    for name in ["shout", "wordcount"] {
+        let echoed = invoke(&[name, "--id", "e1", "--data", "[1]"]);
+        assert_eq!(echoed["events"][0]["id"], "e1", "{name}");
+        assert_eq!(echoed["events"][0]["data"], json!([1]), "{name}");
+    }
+}

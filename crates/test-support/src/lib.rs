@@ -135,32 +135,55 @@ fn signal(pid: u32, signal: libc::c_int) {
 /// Builds the example Go plugin (`examples/go-plugin/build.sh`) into `out`; `false` (the test
 /// skips, saying so) without Debian's Go packages, unless `MYCELIUM_GO_REQUIRED` is set (CI).
 pub fn go_plugin(out: &Path) -> bool {
-    go_build(out, &[])
+    build_example("go-plugin/build.sh", out, &[], "MYCELIUM_GO_REQUIRED", "Go")
 }
 
 /// Builds go-plugin's own Go host for the example plugin (`examples/go-plugin/host`, what the
 /// benchmarks compare with) into `out`; `false`, after saying so, when Go is missing, as
 /// [`go_plugin`].
 pub fn go_plugin_host(out: &Path) -> bool {
-    go_build(out, &["--host"])
+    build_example(
+        "go-plugin/build.sh",
+        out,
+        &["--host"],
+        "MYCELIUM_GO_REQUIRED",
+        "Go",
+    )
 }
 
-fn go_build(out: &Path, args: &[&str]) -> bool {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/go-plugin/build.sh");
-    let output = std::process::Command::new(script)
+/// Builds the WebAssembly examples (`examples/build-wasm.sh`: `upper.wasm` from C,
+/// `wordcount.wasm` from Rust) into the directory `out`; `false` (the test skips, saying so)
+/// without Debian's clang, wasi-libc and wasm32 Rust packages, unless
+/// `MYCELIUM_WASM_REQUIRED` is set (CI).
+pub fn wasm_examples(out: &Path) -> bool {
+    build_example(
+        "build-wasm.sh",
+        out,
+        &[],
+        "MYCELIUM_WASM_REQUIRED",
+        "WebAssembly (clang, wasi-libc, wasm32 Rust)",
+    )
+}
+
+/// Runs `examples/<script> OUT ARGS...`; a script exiting 3 lacks its toolchain.
+fn build_example(script: &str, out: &Path, args: &[&str], required: &str, what: &str) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(script);
+    let output = std::process::Command::new(&script)
         .arg(out)
         .args(args)
         .output()
-        .expect("running build.sh");
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     if output.status.success() {
         return true;
     }
     let why = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
-        output.status.code() == Some(3) && std::env::var_os("MYCELIUM_GO_REQUIRED").is_none(),
-        "building with Go failed: {why}"
+        output.status.code() == Some(3) && std::env::var_os(required).is_none(),
+        "building with {what} failed: {why}"
     );
-    eprintln!("SKIPPED: this test needs Debian's Go packages: {why}");
+    eprintln!("SKIPPED: this test needs Debian's {what} packages: {why}");
     false
 }
 
