@@ -719,7 +719,7 @@ async fn reap(pool: Weak<PluginPool>) {
         }
         // Every few seconds, a process that stopped answering its health check is replaced
         // even when no call is waiting on it.
-        if ticks % HEALTH_EVERY_TICKS == 0 {
+        if ticks.is_multiple_of(HEALTH_EVERY_TICKS) {
             let slots: Vec<Arc<Slot>> = pool.state.lock().await.slots.clone();
             for slot in slots {
                 pool.check_after_timeout(slot).await;
