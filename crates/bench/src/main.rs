@@ -29,7 +29,7 @@ use mycelium_registry::{
 };
 use serde::Serialize;
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 14] = [
     "nats-echo",
     "builtin",
     "binding",
@@ -38,9 +38,16 @@ const SCENARIOS: [&str; 10] = [
     "plugin-rust",
     "plugin-go",
     "go-host",
+    "wasm",
+    "wasm-c",
     "cold-start",
+    "wasm-cold",
+    "wasm-density",
     "deploy",
 ];
+
+/// The WAT echo guest of the tests: the same work as the built-in `echo`, in a fresh instance.
+const WASM_ECHO: &str = include_str!("../../test-support/guests/echo.wat");
 
 /// Mycelium benchmarks: latency and throughput of invocations against the bare NATS round trip.
 #[derive(Debug, Parser)]
@@ -65,7 +72,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), cold-start, deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -148,6 +155,8 @@ struct Report {
     nats_server: String,
     runtime_rss_idle_kib: Option<u64>,
     runtime_rss_end_kib: Option<u64>,
+    /// The runtime's memory growth per WebAssembly module deployed and loaded (wasm-density).
+    rss_per_wasm_module_kib: Option<f64>,
     outcomes: Vec<Outcome>,
 }
 
@@ -336,6 +345,8 @@ fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>)
         }
         "plugin-rust" => invoke("bench-rust"),
         "plugin-go" => invoke("bench-go"),
+        "wasm" => invoke("bench-wasm"),
+        "wasm-c" => invoke("bench-wasm-c"),
         other => unreachable!("no request shape for {other}"),
     }
 }
@@ -620,7 +631,8 @@ fn go_host(host: &Path, plugin: &Path, args: &Args, concurrency: usize) -> Resul
     })
 }
 
-/// Deploys `binary` as `name` and waits until an invocation succeeds.
+/// Deploys `binary` as `name` (a plugin, or a WebAssembly module by its first bytes) and
+/// waits until an invocation succeeds.
 async fn deploy_and_wait(
     registry: &NatsRegistry,
     nats: &async_nats::Client,
@@ -628,8 +640,16 @@ async fn deploy_and_wait(
     source: ArtifactSource,
 ) -> Result<Duration> {
     let start = Instant::now();
+    let spec = match &source {
+        ArtifactSource::Bytes(bytes)
+            if mycelium_registry::kind_of_binary(bytes) == mycelium_core::FunctionKind::Wasm =>
+        {
+            DeploySpec::wasm(name.parse()?, source)
+        }
+        _ => DeploySpec::plugin(name.parse()?, source),
+    };
     registry
-        .deploy(DeploySpec::plugin(name.parse()?, source))
+        .deploy(spec)
         .await
         .with_context(|| format!("deploying {name}"))?;
     let shot = Shot {
@@ -643,6 +663,44 @@ async fn deploy_and_wait(
         if Instant::now() > deadline {
             bail!("{name} never answered after its deploy");
         }
+    }
+    Ok(start.elapsed())
+}
+
+/// Deploys `spec` (a new version of `name`) and times its first invocation, once the runtime
+/// knows the version (the runtime runs without prestart, so that call pays the cold start).
+async fn first_call(
+    registry: &NatsRegistry,
+    nats: &async_nats::Client,
+    name: &str,
+    spec: DeploySpec,
+) -> Result<Duration> {
+    registry.deploy(spec).await?;
+    let version = registry.versions(&name.parse()?)?.active.unwrap_or(0);
+    let shot = Shot {
+        subject: "function.invoke".into(),
+        headers: None,
+        body: {
+            let event = EventBuilderV10::new()
+                .id("cold")
+                .source("bench")
+                .ty("cold")
+                .build()?;
+            envelope::encode_invoke_request(&name.parse()?, &event, Some(version), None).into()
+        },
+        asynchronous: None,
+    };
+    // The runtime learns of the version within milliseconds; wait for that outside the timing.
+    let probe = Shot {
+        subject: "function.describe".into(),
+        headers: None,
+        body: format!(r#"{{"functionName":"{name}","version":{version}}}"#).into(),
+        asynchronous: None,
+    };
+    while !send(nats, &probe).await {}
+    let start = Instant::now();
+    if !send(nats, &shot).await {
+        bail!("the first call of {name} v{version} failed");
     }
     Ok(start.elapsed())
 }
@@ -773,6 +831,39 @@ async fn main() -> Result<()> {
             ),
         }
     }
+    let wasm_echo = wat::parse_str(WASM_ECHO).context("compiling the WAT echo guest")?;
+    if wanted("wasm") || wanted("wasm-cold") {
+        deploy_and_wait(
+            &registry,
+            &nats,
+            "bench-wasm",
+            ArtifactSource::Bytes(wasm_echo.clone().into()),
+        )
+        .await?;
+        available.push("wasm");
+    }
+    if wanted("wasm-c") {
+        let built = work.path().join("wasm");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/build-wasm.sh");
+        let ok = Command::new(script)
+            .arg(&built)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            let bytes = std::fs::read(built.join("upper.wasm"))?;
+            deploy_and_wait(
+                &registry,
+                &nats,
+                "bench-wasm-c",
+                ArtifactSource::Bytes(bytes.into()),
+            )
+            .await?;
+            available.push("wasm-c");
+        } else {
+            eprintln!("wasm-c: skipped, Debian's clang and wasi-libc are missing (see examples/build-wasm.sh)");
+        }
+    }
     let go_host_binary = go_built
         .as_ref()
         .filter(|_| wanted("go-host"))
@@ -788,6 +879,8 @@ async fn main() -> Result<()> {
         "trigger",
         "plugin-rust",
         "plugin-go",
+        "wasm",
+        "wasm-c",
     ] {
         if !wanted(scenario) || !available.contains(&scenario) {
             continue;
@@ -847,50 +940,68 @@ async fn main() -> Result<()> {
             .unwrap_or_else(|| sibling("mycelium-example-plugin"));
         let mut samples = Vec::new();
         for round in 0..args.rounds {
-            registry
-                .deploy(DeploySpec::plugin(
-                    "bench-cold".parse()?,
-                    ArtifactSource::File(rust.clone()),
-                ))
-                .await?;
-            let version = registry
-                .versions(&"bench-cold".parse()?)?
-                .active
-                .unwrap_or(0);
-            let shot = Shot {
-                subject: "function.invoke".into(),
-                headers: None,
-                body: {
-                    let event = EventBuilderV10::new()
-                        .id("cold")
-                        .source("bench")
-                        .ty("cold")
-                        .build()?;
-                    envelope::encode_invoke_request(
-                        &"bench-cold".parse()?,
-                        &event,
-                        Some(version),
-                        None,
-                    )
-                    .into()
-                },
-                asynchronous: None,
-            };
-            // The runtime learns of the version within milliseconds; wait for that outside the timing.
-            let probe = Shot {
-                subject: "function.describe".into(),
-                headers: None,
-                body: format!(r#"{{"functionName":"bench-cold","version":{version}}}"#).into(),
-                asynchronous: None,
-            };
-            while !send(&nats, &probe).await {}
-            let start = Instant::now();
-            if !send(&nats, &shot).await {
-                bail!("cold-start round {round} failed");
-            }
-            samples.push(start.elapsed());
+            samples.push(
+                first_call(
+                    &registry,
+                    &nats,
+                    "bench-cold",
+                    DeploySpec::plugin("bench-cold".parse()?, ArtifactSource::File(rust.clone())),
+                )
+                .await
+                .with_context(|| format!("cold-start round {round}"))?,
+            );
         }
         outcomes.push(summary("cold-start", &mut samples));
+    }
+
+    if wanted("wasm-cold") && available.contains(&"wasm") {
+        // Each round deploys a new version of the same module: its binary and compiled code
+        // are in the runtime's cache, so the first call pays the load (map the compiled code,
+        // link) and the first instance. Compared with the warm call of the `wasm` scenario.
+        let mut samples = Vec::new();
+        for round in 0..args.rounds {
+            samples.push(
+                first_call(
+                    &registry,
+                    &nats,
+                    "bench-wasm-cold",
+                    DeploySpec::wasm(
+                        "bench-wasm-cold".parse()?,
+                        ArtifactSource::Bytes(wasm_echo.clone().into()),
+                    ),
+                )
+                .await
+                .with_context(|| format!("wasm-cold round {round}"))?,
+            );
+        }
+        outcomes.push(summary("wasm-cold", &mut samples));
+    }
+
+    let mut rss_per_wasm_kib = None;
+    if wanted("wasm-density") {
+        // 100 distinct modules (the echo guest with a custom section naming each), each
+        // deployed and called once so the runtime holds it loaded; the runtime's memory growth
+        // per module.
+        let before = runtime_pid.and_then(rss_kib);
+        const MODULES: u64 = 100;
+        for i in 0..MODULES {
+            let mut module = wasm_echo.clone();
+            module.extend_from_slice(&[0, 11, 2, b'm', b'b']);
+            module.extend_from_slice(&i.to_le_bytes());
+            deploy_and_wait(
+                &registry,
+                &nats,
+                &format!("bench-dense-{i}"),
+                ArtifactSource::Bytes(module.into()),
+            )
+            .await?;
+        }
+        let after = runtime_pid.and_then(rss_kib);
+        if let (Some(before), Some(after)) = (before, after) {
+            let per = after.saturating_sub(before) as f64 / MODULES as f64;
+            eprintln!("wasm-density: {before} KiB before, {after} KiB after {MODULES} modules: {per:.0} KiB each");
+            rss_per_wasm_kib = Some(per);
+        }
     }
 
     if wanted("deploy") && available.contains(&"plugin-rust") {
@@ -945,6 +1056,7 @@ async fn main() -> Result<()> {
         nats_server: nats.server_info().version,
         runtime_rss_idle_kib: rss_idle,
         runtime_rss_end_kib: runtime_pid.and_then(rss_kib),
+        rss_per_wasm_module_kib: rss_per_wasm_kib,
         outcomes,
     };
     if args.json {
@@ -982,6 +1094,9 @@ fn print_table(report: &Report) {
             idle as f64 / 1024.0,
             end as f64 / 1024.0
         );
+    }
+    if let Some(per) = report.rss_per_wasm_module_kib {
+        println!("runtime RSS per WebAssembly module deployed and loaded: {per:.0} KiB");
     }
     println!(
         "{:<14} {:>4} {:>11} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",

@@ -73,7 +73,9 @@ impl ArtifactCache {
             )
         })?;
         let path = self.dir.join(&object);
-        if let Ok(existing) = tokio::fs::metadata(&path).await {
+        // The warm path is one `stat`: done in place, where tokio's would hop to its blocking
+        // pool and back (a cold start's cost, BENCHMARKS.md).
+        if let Ok(existing) = std::fs::metadata(&path) {
             if existing.len() == size {
                 touch(&path);
                 return Ok((path, false));

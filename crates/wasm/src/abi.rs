@@ -90,6 +90,11 @@ pub(crate) fn output(stdout: &[u8]) -> Result<Vec<Event>, FunctionError> {
         None => return Ok(Vec::new()),
         Some(b'[') => serde_json::from_str(text).map_err(|e| malformed(&e.to_string()))?,
         Some(b'{') => {
+            // The common reply, one event, is parsed once; anything else is read as an
+            // envelope.
+            if let Some(event) = fast_event_from_json(text) {
+                return Ok(vec![event]);
+            }
             let object: Object<'_> =
                 serde_json::from_str(text).map_err(|e| malformed(&e.to_string()))?;
             match object {

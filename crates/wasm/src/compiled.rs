@@ -21,30 +21,41 @@ pub(crate) enum LoadErrorKind {
 
 pub(crate) type LoadError = mycelium_core::Error<LoadErrorKind>;
 
-/// The module the binary at `binary` (pinned as `digest`) compiles to: mapped from the cache
-/// when this engine compiled it before, else compiled now and kept. Blocking: call it off the
-/// async workers.
-pub(crate) fn load(
+/// The module this engine compiled before from the binary `digest` pins, mapped from the
+/// cache: a few system calls, fine on an async worker. `None` when there is none (or it does
+/// not load: it is removed, to be compiled again).
+pub(crate) fn cached(
     engine: &Engine,
     cache: &ArtifactCache,
     digest: &str,
-    binary: &Path,
-) -> Result<Module, LoadError> {
-    let path = cache.derived_path(digest, &format!("cwasm-{:016x}", engine_tag(engine)));
-    if let Some(path) = &path {
-        if path.exists() {
-            match deserialize_file(engine, path) {
-                Ok(module) => {
-                    cache.touch(path);
-                    return Ok(module);
-                }
-                Err(error) => {
-                    tracing::debug!(path = %path.display(), %error, "compiling again: the cached module does not load");
-                    let _ = std::fs::remove_file(path);
-                }
-            }
+    tag: &str,
+) -> Option<Module> {
+    let path = cache.derived_path(digest, tag)?;
+    if !path.exists() {
+        return None;
+    }
+    match deserialize_file(engine, &path) {
+        Ok(module) => {
+            cache.touch(&path);
+            Some(module)
+        }
+        Err(error) => {
+            tracing::debug!(path = %path.display(), %error, "compiling again: the cached module does not load");
+            let _ = std::fs::remove_file(&path);
+            None
         }
     }
+}
+
+/// Compiles the binary at `binary` (pinned as `digest`) and keeps the code beside it for
+/// [`cached`]. Blocking and slow: call it off the async workers.
+pub(crate) fn compile(
+    engine: &Engine,
+    cache: &ArtifactCache,
+    digest: &str,
+    tag: &str,
+    binary: &Path,
+) -> Result<Module, LoadError> {
     let bytes = std::fs::read(binary).map_err(|e| {
         LoadError::with_source(
             LoadErrorKind::Storage,
@@ -58,7 +69,7 @@ pub(crate) fn load(
             format!("the module does not compile: {e:#}"),
         )
     })?;
-    if let Some(path) = path {
+    if let Some(path) = cache.derived_path(digest, tag) {
         match keep(cache, &path, &compiled) {
             Ok(()) => {
                 if let Ok(module) = deserialize_file(engine, &path) {
@@ -90,13 +101,13 @@ fn keep(cache: &ArtifactCache, path: &Path, compiled: &[u8]) -> std::io::Result<
     Ok(())
 }
 
-/// What distinguishes this engine's compiled code from another's (wasmtime version, target,
-/// settings): part of the file name, so a runtime upgrade compiles afresh instead of failing
-/// to load.
-fn engine_tag(engine: &Engine) -> u64 {
+/// The suffix of this engine's compiled files: what distinguishes its code from another's
+/// (wasmtime version, target, settings), so a runtime upgrade compiles afresh instead of
+/// failing to load.
+pub(crate) fn engine_tag(engine: &Engine) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    hasher.finish()
+    format!("cwasm-{:016x}", hasher.finish())
 }
 
 #[allow(unsafe_code)]

@@ -12,7 +12,8 @@ use std::{
 };
 
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, Linker, PoolingAllocationConfig, ResourceLimiter,
+    Config, Enabled, Engine, InstanceAllocationStrategy, Linker, PoolingAllocationConfig,
+    ResourceLimiter,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -29,34 +30,45 @@ pub(crate) struct Machine {
     pub engine: Engine,
     pub linker: Linker<Guest>,
     pub ticker: Ticker,
+    /// The suffix of compiled files this engine loads.
+    pub tag: String,
 }
 
 impl Machine {
     pub fn new(settings: &WasmSettings) -> wasmtime::Result<Self> {
-        let mut pool = PoolingAllocationConfig::default();
-        let instances = settings.max_instances.max(1);
-        pool.total_core_instances(instances)
-            .total_memories(instances)
-            .total_tables(instances)
-            .total_stacks(instances)
-            .max_memory_size(usize::try_from(settings.max_memory_mb << 20).unwrap_or(usize::MAX))
-            // A small guest's pages are reset with memset rather than given back with madvise
-            // and faulted in again on the next call.
-            .linear_memory_keep_resident(64 << 10);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)?;
+        // An instance's memory is reset for the next by rewriting the pages it dirtied (found
+        // with Linux's PAGEMAP_SCAN, 6.7+), up to 2 MiB; only beyond it are pages given back
+        // with madvise, which costs every thread of the runtime a TLB flush. Without the
+        // ioctl the first 128 KiB are rewritten whole (BENCHMARKS.md, issue 16).
+        let engine = Engine::new(&config(settings, Enabled::Yes, 2 << 20))
+            .or_else(|_| Engine::new(&config(settings, Enabled::No, 128 << 10)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |guest: &mut Guest| &mut guest.wasi)?;
         let ticker = Ticker::spawn(engine.clone(), settings.epoch_tick)?;
         Ok(Self {
+            tag: crate::compiled::engine_tag(&engine),
             engine,
             linker,
             ticker,
         })
     }
+}
+
+fn config(settings: &WasmSettings, pagemap: Enabled, keep_resident: usize) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    let instances = settings.max_instances.max(1);
+    pool.total_core_instances(instances)
+        .total_memories(instances)
+        .total_tables(instances)
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(settings.max_memory_mb << 20).unwrap_or(usize::MAX))
+        .linear_memory_keep_resident(keep_resident)
+        .pagemap_scan(pagemap);
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
 }
 
 /// The memory one instance may have. Going past it traps the guest (rather than failing

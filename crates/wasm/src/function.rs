@@ -104,23 +104,34 @@ impl WasmFunction {
         }
         let digest = metadata.digest.clone().unwrap_or_default();
         let started = Instant::now();
-        let module = {
-            let (engine, shared) = (machine.engine.clone(), self.shared.clone());
-            tokio::task::spawn_blocking(move || {
-                compiled::load(&engine, &shared.cache, &digest, &binary)
-            })
-            .await
-            .map_err(|e| {
-                ProtocolError::new(ErrorCode::Internal, format!("loading the module: {e}"))
-            })?
-        }
-        .map_err(|e| {
-            let code = match e.kind() {
-                LoadErrorKind::Invalid => ErrorCode::ModuleInvalid,
-                LoadErrorKind::Storage => ErrorCode::Unavailable,
+        let module =
+            match compiled::cached(&machine.engine, &self.shared.cache, &digest, &machine.tag) {
+                Some(module) => module,
+                None => {
+                    let (engine, shared, tag) = (
+                        machine.engine.clone(),
+                        self.shared.clone(),
+                        machine.tag.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        compiled::compile(&engine, &shared.cache, &digest, &tag, &binary)
+                    })
+                    .await
+                    .map_err(|e| {
+                        ProtocolError::new(
+                            ErrorCode::Internal,
+                            format!("compiling the module: {e}"),
+                        )
+                    })?
+                    .map_err(|e| {
+                        let code = match e.kind() {
+                            LoadErrorKind::Invalid => ErrorCode::ModuleInvalid,
+                            LoadErrorKind::Storage => ErrorCode::Unavailable,
+                        };
+                        self.error(code, &e.to_string())
+                    })?
+                }
             };
-            self.error(code, &e.to_string())
-        })?;
         let start = module.get_export("_start");
         if !matches!(start, Some(wasmtime::ExternType::Func(ref f)) if f.params().len() == 0 && f.results().len() == 0)
         {
