@@ -112,7 +112,8 @@ impl AsyncSettings {
 
 /// Whether an asynchronous invocation that failed with `code` is tried again. Failures of
 /// the platform or of the function are; the caller's mistakes, and a function or binary
-/// that is not there or not trusted, are not: another attempt would fail the same way.
+/// that is not there, not trusted or (a WebAssembly module) cannot run, are not: another
+/// attempt would fail the same way.
 pub const fn is_retriable(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -415,6 +416,7 @@ mod tests {
                     | ErrorCode::PayloadTooLarge
                     | ErrorCode::ArtifactCorrupt
                     | ErrorCode::ArtifactUntrusted
+                    | ErrorCode::ModuleInvalid
             );
             assert_eq!(is_retriable(code), expected, "{code}");
         }
