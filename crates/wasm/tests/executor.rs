@@ -11,9 +11,11 @@ use bytes::Bytes;
 use mycelium_core::{
     cloudevents::AttributesReader,
     logs::{LogRecord, LogSink},
-    ErrorCode, Event, Function, FunctionError, FunctionMetadata, InvocationContext,
+    ErrorCode, Event, Function, FunctionError, FunctionMetadata, InvocationContext, TraceContext,
 };
-use mycelium_registry::{ArtifactCache, ArtifactSource, DeploySpec, MemoryRegistry, RegistryAdmin};
+use mycelium_registry::{
+    ArtifactCache, ArtifactSource, DeploySpec, MemoryRegistry, RegistryAdmin, SigningKey,
+};
 use mycelium_test_support::{event, wasm_guest, wat_bytes};
 use mycelium_wasm::{WasmExecutor, WasmSettings};
 use tokio_util::sync::CancellationToken;
@@ -98,7 +100,8 @@ impl Host {
             deadline,
             cancellation,
             tracing::Span::none(),
-        );
+        )
+        .with_trace(Some(trace()));
         self.executor
             .function(metadata)
             .execute(event(id, serde_json::json!({"n": 1})), ctx)
@@ -106,9 +109,26 @@ impl Host {
     }
 }
 
+fn trace() -> TraceContext {
+    TraceContext::parse(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        Some("vendor=opaque"),
+    )
+    .unwrap()
+}
+
 fn executor(registry: &Arc<MemoryRegistry>, dir: &tempfile::TempDir) -> WasmExecutor {
+    executor_with(registry, dir, Vec::new())
+}
+
+fn executor_with(
+    registry: &Arc<MemoryRegistry>,
+    dir: &tempfile::TempDir,
+    trusted_signers: Vec<String>,
+) -> WasmExecutor {
     let settings = WasmSettings {
         max_instances: 16,
+        trusted_signers,
         ..WasmSettings::default()
     };
     WasmExecutor::new(
@@ -292,8 +312,45 @@ async fn the_environment_is_the_deploys_and_the_calls_only() {
             "MYCELIUM_FUNCTION=env",
             "MYCELIUM_INVOCATION_ID=inv-1",
             "MYCELIUM_VERSION=1",
+            "TRACEPARENT=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "TRACESTATE=vendor=opaque",
         ]
     );
+}
+
+#[tokio::test]
+async fn with_trusted_signers_only_modules_they_signed_run() {
+    let host = Host::new();
+    let signer = SigningKey::from_seed(&nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let mut spec = DeploySpec::wasm(
+        "signed".parse().unwrap(),
+        ArtifactSource::Bytes(Bytes::from(wasm_guest("echo"))),
+    );
+    spec.signing_key = Some(signer.clone());
+    let signed = host.registry.deploy(spec).await.unwrap();
+    let unsigned = host.deploy("echo").await;
+
+    let strict = executor_with(&host.registry, &host.dir, vec![signer.public_key()]);
+    let call = |metadata: Arc<FunctionMetadata>| {
+        let ctx = InvocationContext::new(
+            metadata.name.clone(),
+            metadata.version,
+            "s",
+            Instant::now() + Duration::from_secs(60),
+            CancellationToken::new(),
+            tracing::Span::none(),
+        );
+        let function = strict.function(&metadata);
+        async move {
+            function
+                .execute(event("s", serde_json::json!(1)), ctx)
+                .await
+        }
+    };
+    assert_eq!(call(signed).await.unwrap().len(), 1);
+    let error = call(unsigned).await.unwrap_err();
+    assert_eq!(error.code(), ErrorCode::ArtifactUntrusted, "{error}");
+    assert!(error.message().contains("is not signed"), "{error}");
 }
 
 #[tokio::test]
