@@ -36,12 +36,13 @@ pub(crate) struct Machine {
 
 impl Machine {
     pub fn new(settings: &WasmSettings) -> wasmtime::Result<Self> {
-        // An instance's memory is reset for the next by rewriting the pages it dirtied (found
-        // with Linux's PAGEMAP_SCAN, 6.7+), up to 2 MiB; only beyond it are pages given back
-        // with madvise, which costs every thread of the runtime a TLB flush. Without the
-        // ioctl the first 128 KiB are rewritten whole (BENCHMARKS.md, issue 16).
-        let engine = Engine::new(&config(settings, Enabled::Yes, 2 << 20))
-            .or_else(|_| Engine::new(&config(settings, Enabled::No, 128 << 10)))?;
+        // An instance's memory and table are reset for the next by rewriting the pages it
+        // dirtied (found with Linux's PAGEMAP_SCAN, 6.7+), up to 2 MiB and 64 KiB; only beyond
+        // are pages given back with madvise, which costs every thread of the runtime a TLB
+        // flush. Without the ioctl the first 128 KiB and 16 KiB are rewritten whole
+        // (BENCHMARKS.md, issue 16).
+        let engine = Engine::new(&config(settings, Enabled::Yes, 2 << 20, 64 << 10))
+            .or_else(|_| Engine::new(&config(settings, Enabled::No, 128 << 10, 16 << 10)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |guest: &mut Guest| &mut guest.wasi)?;
         let ticker = Ticker::spawn(engine.clone(), settings.epoch_tick)?;
@@ -54,7 +55,14 @@ impl Machine {
     }
 }
 
-fn config(settings: &WasmSettings, pagemap: Enabled, keep_resident: usize) -> Config {
+/// The engine's configuration; `keep_memory` and `keep_table` bytes of an instance's memory
+/// and table are reset in place (`madvise` beyond).
+fn config(
+    settings: &WasmSettings,
+    pagemap: Enabled,
+    keep_memory: usize,
+    keep_table: usize,
+) -> Config {
     let mut pool = PoolingAllocationConfig::default();
     let instances = settings.max_instances.max(1);
     pool.total_core_instances(instances)
@@ -62,7 +70,8 @@ fn config(settings: &WasmSettings, pagemap: Enabled, keep_resident: usize) -> Co
         .total_tables(instances)
         .total_stacks(instances)
         .max_memory_size(usize::try_from(settings.max_memory_mb << 20).unwrap_or(usize::MAX))
-        .linear_memory_keep_resident(keep_resident)
+        .linear_memory_keep_resident(keep_memory)
+        .table_keep_resident(keep_table)
         .pagemap_scan(pagemap);
     let mut config = Config::new();
     config
