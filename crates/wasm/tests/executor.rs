@@ -93,20 +93,38 @@ impl Host {
         deadline: Instant,
         cancellation: CancellationToken,
     ) -> Result<Vec<Event>, FunctionError> {
-        let ctx = InvocationContext::new(
-            metadata.name.clone(),
-            metadata.version,
-            id,
-            deadline,
-            cancellation,
-            tracing::Span::none(),
-        )
-        .with_trace(Some(trace()));
+        let ctx = context(metadata, id, deadline, cancellation).with_trace(Some(trace()));
         self.executor
             .function(metadata)
             .execute(event(id, serde_json::json!({"n": 1})), ctx)
             .await
     }
+}
+
+fn context(
+    metadata: &FunctionMetadata,
+    id: &str,
+    deadline: Instant,
+    cancellation: CancellationToken,
+) -> InvocationContext {
+    InvocationContext::new(
+        metadata.name.clone(),
+        metadata.version,
+        id,
+        deadline,
+        cancellation,
+        tracing::Span::none(),
+    )
+}
+
+/// A call's context with a minute to run.
+fn minute(metadata: &FunctionMetadata, id: &str) -> InvocationContext {
+    context(
+        metadata,
+        id,
+        Instant::now() + Duration::from_secs(60),
+        CancellationToken::new(),
+    )
 }
 
 fn trace() -> TraceContext {
@@ -332,14 +350,7 @@ async fn with_trusted_signers_only_modules_they_signed_run() {
 
     let strict = executor_with(&host.registry, &host.dir, vec![signer.public_key()]);
     let call = |metadata: Arc<FunctionMetadata>| {
-        let ctx = InvocationContext::new(
-            metadata.name.clone(),
-            metadata.version,
-            "s",
-            Instant::now() + Duration::from_secs(60),
-            CancellationToken::new(),
-            tracing::Span::none(),
-        );
+        let ctx = minute(&metadata, "s");
         let function = strict.function(&metadata);
         async move {
             function
@@ -401,14 +412,7 @@ async fn a_compiled_module_is_kept_on_disk_and_a_new_engine_maps_it() {
     let again = executor(&host.registry, &host.dir);
     again.prestart(&echo).await.unwrap();
     assert_eq!(inode(&compiled[0]), before, "the module was compiled again");
-    let ctx = InvocationContext::new(
-        echo.name.clone(),
-        1,
-        "r-1",
-        Instant::now() + Duration::from_secs(60),
-        CancellationToken::new(),
-        tracing::Span::none(),
-    );
+    let ctx = minute(&echo, "r-1");
     assert_eq!(
         again
             .function(&echo)
