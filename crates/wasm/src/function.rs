@@ -37,6 +37,8 @@ pub struct WasmFunction {
 /// A module ready to instantiate.
 pub(crate) struct Loaded {
     pre: InstancePre<Guest>,
+    /// `_start`, resolved once rather than by name in every instance.
+    start: wasmtime::ModuleExport,
     env: Vec<(String, String)>,
     memory_bytes: usize,
 }
@@ -133,13 +135,19 @@ impl WasmFunction {
                 }
             };
         let start = module.get_export("_start");
-        if !matches!(start, Some(wasmtime::ExternType::Func(ref f)) if f.params().len() == 0 && f.results().len() == 0)
-        {
+        let start = match (start, module.get_export_index("_start")) {
+            (Some(wasmtime::ExternType::Func(f)), Some(index))
+                if f.params().len() == 0 && f.results().len() == 0 =>
+            {
+                index
+            }
+            _ => {
             return Err(self.error(
                 ErrorCode::ModuleInvalid,
                 "it exports no `_start` function: build a WASI command (a program with a `main`), not a library",
-            ));
-        }
+            ))
+            }
+        };
         if module.imports().len() > 0
             && !matches!(
                 module.get_export("memory"),
@@ -171,6 +179,7 @@ impl WasmFunction {
             .min(self.shared.settings.max_memory_mb);
         Ok(Loaded {
             pre,
+            start,
             env: abi::version_environment(metadata),
             memory_bytes: usize::try_from(memory_mb << 20).unwrap_or(usize::MAX),
         })
@@ -300,7 +309,7 @@ impl Function for WasmFunction {
         });
         let outcome = {
             let _running = machine.ticker.running();
-            run(&loaded.pre, &mut store).await
+            run(loaded, &mut store).await
         };
         let memory_exceeded = store.data().limits.exceeded.then_some(loaded.memory_bytes);
         drop(store);
@@ -335,9 +344,13 @@ impl Function for WasmFunction {
 }
 
 /// A fresh instance running `_start` to its end.
-async fn run(pre: &InstancePre<Guest>, store: &mut Store<Guest>) -> wasmtime::Result<()> {
-    let instance = pre.instantiate_async(&mut *store).await?;
-    let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
+async fn run(loaded: &Loaded, store: &mut Store<Guest>) -> wasmtime::Result<()> {
+    let instance = loaded.pre.instantiate_async(&mut *store).await?;
+    let start = instance
+        .get_module_export(&mut *store, &loaded.start)
+        .and_then(wasmtime::Extern::into_func)
+        .ok_or_else(|| wasmtime::format_err!("the module's `_start` is gone"))?
+        .typed::<(), ()>(&*store)?;
     start.call_async(&mut *store, ()).await
 }
 
