@@ -96,6 +96,14 @@ pub struct RegistryArgs {
         default_value = "mycelium_artifacts"
     )]
     pub artifacts_bucket: String,
+    /// KV bucket of sealed secrets.
+    #[arg(
+        long,
+        global = true,
+        env = "MYCELIUM_SECRETS_BUCKET",
+        default_value = "mycelium_secrets"
+    )]
+    pub secrets_bucket: String,
     /// Replicas of the buckets when they are created (3 on a 3-node cluster).
     #[arg(long, global = true, env = "MYCELIUM_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
@@ -152,6 +160,9 @@ pub enum Command {
     Dlq(DlqArgs),
     /// Event triggers: functions that run on messages, stream and KV changes, schedules.
     Trigger(TriggerArgs),
+    /// Store, list and delete secrets: sealed for the runtimes' xkey, delivered only to the
+    /// functions that name them (`deploy --secret ENV=NAME`), never printed.
+    Secret(SecretArgs),
 }
 
 /// `mycelium trigger`.
@@ -358,6 +369,11 @@ pub struct DeployArgs {
     /// Environment variable for the plugin process or WebAssembly instance (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
+    /// A secret in the environment of the plugin process or WebAssembly instance, as ENV
+    /// (repeatable): `--secret DB_PASSWORD=db-password`. Only the reference is stored; the
+    /// value is opened by the runtime (`mycelium secret set` stores it).
+    #[arg(long = "secret", value_name = "ENV=SECRET", value_parser = parse_key_value)]
+    pub secrets: Vec<(String, String)>,
     /// Label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub labels: Vec<(String, String)>,
@@ -394,6 +410,45 @@ pub struct DeployArgs {
     /// Print the new version's metadata as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `mycelium secret`.
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    #[command(subcommand)]
+    pub command: SecretCommand,
+}
+
+/// What `mycelium secret` does.
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret's value (a new version), read from stdin or --from-file, never from the
+    /// command line. From stdin, one trailing newline is dropped (so `echo` works); a file is
+    /// taken as it is.
+    Set {
+        /// The secret's name (A-Z, a-z, 0-9, '-', '_').
+        name: String,
+        /// Read the value from this file instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// Seal for this public xkey (X...) instead of the one the runtimes announced.
+        #[arg(long, env = "MYCELIUM_XKEY_PUBLIC", value_name = "XKEY")]
+        public_xkey: Option<String>,
+        /// Print the new version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List secrets: names, versions and update times, never values.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a secret and its sealed value.
+    Delete {
+        /// The secret's name.
+        name: String,
+    },
 }
 
 /// `mycelium versions`.
@@ -499,6 +554,12 @@ pub struct RuntimeArgs {
         value_name = "PUBLIC_NKEY"
     )]
     pub trusted_keys: Vec<String>,
+    /// The file holding this runtime's private xkey seed (SX...), which opens the secrets
+    /// functions name; `MYCELIUM_XKEY_SEED` may hold the seed itself instead. `up` makes
+    /// `<data-dir>/xkey.seed` when neither is given. Without a key, functions that name
+    /// secrets fail `secret_unavailable`.
+    #[arg(long, env = "MYCELIUM_XKEY_SEED_FILE", value_name = "FILE")]
+    pub xkey_seed_file: Option<PathBuf>,
     /// Where deployed functions are looked up.
     #[arg(long, env = "MYCELIUM_REGISTRY", value_enum, default_value_t = RegistryKind::Jetstream)]
     pub registry: RegistryKind,

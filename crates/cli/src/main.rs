@@ -8,6 +8,7 @@ mod async_commands;
 mod output;
 mod registry_commands;
 mod run;
+mod secret_commands;
 mod trigger_commands;
 
 use std::process::ExitCode;

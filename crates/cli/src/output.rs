@@ -70,6 +70,12 @@ pub enum Code {
     InvalidTrigger,
     /// No trigger of that name.
     TriggerNotFound,
+    /// A secret name, value or xkey that cannot be used.
+    InvalidSecret,
+    /// `secret set` with no public xkey to seal for (none given, none announced).
+    NoXkey,
+    /// No secret of that name.
+    SecretNotFound,
     /// Anything else inside the CLI.
     Internal,
 }
@@ -104,6 +110,9 @@ impl Code {
             Code::NothingToReplay => "nothing_to_replay",
             Code::InvalidTrigger => "invalid_trigger",
             Code::TriggerNotFound => "trigger_not_found",
+            Code::InvalidSecret => "invalid_secret",
+            Code::NoXkey => "no_xkey",
+            Code::SecretNotFound => "secret_not_found",
             Code::Internal => "internal",
         }
     }
@@ -122,7 +131,10 @@ impl Code {
             | Code::StreamFull
             | Code::NothingToReplay
             | Code::InvalidTrigger
-            | Code::TriggerNotFound => EXIT_FAILED,
+            | Code::TriggerNotFound
+            | Code::InvalidSecret
+            | Code::NoXkey
+            | Code::SecretNotFound => EXIT_FAILED,
             Code::Usage => EXIT_USAGE,
             Code::Connection
             | Code::NoRuntime

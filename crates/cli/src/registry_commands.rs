@@ -49,6 +49,15 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> Result<(), Failure> {
     spec.max_concurrency = args.max_concurrency;
     spec.env = args.env.into_iter().collect::<BTreeMap<_, _>>();
     spec.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    for (variable, secret) in args.secrets {
+        let secret = mycelium_core::secret::SecretName::new(&secret).map_err(|e| {
+            Failure::new(
+                Code::Remote(ErrorCode::InvalidRequest),
+                format!("--secret {variable}={secret}: {e}"),
+            )
+        })?;
+        spec.secrets.insert(variable, secret);
+    }
     spec.asynchronous = mycelium_core::AsyncSettings {
         retries: args.retries,
         retry_backoff: args.retry_backoff,

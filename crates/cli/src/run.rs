@@ -3,7 +3,7 @@
 use std::{io::Read, path::Path, time::Duration};
 
 use mycelium_client::{
-    Client, ConnectOptions, InvokeOptions, NatsRegistryConfig, RequestErrorKind,
+    Client, ConnectOptions, InvokeOptions, NatsRegistryConfig, RequestErrorKind, RuntimeKey,
 };
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
@@ -22,7 +22,7 @@ use crate::{
     },
     async_commands,
     output::{error_chain, Code, Failure},
-    registry_commands, trigger_commands,
+    registry_commands, secret_commands, trigger_commands,
 };
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
@@ -66,6 +66,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Trigger(args) => {
             trigger_commands::trigger(&client(&connection).await?, args).await
         }
+        Command::Secret(args) => secret_commands::secret(&client(&connection).await?, args).await,
     }
 }
 
@@ -79,6 +80,7 @@ fn registry_config(args: &RegistryArgs) -> NatsRegistryConfig {
     NatsRegistryConfig {
         functions_bucket: args.functions_bucket.clone(),
         artifacts_bucket: args.artifacts_bucket.clone(),
+        secrets_bucket: args.secrets_bucket.clone(),
         replicas: args.replicas,
         keep_versions: args.keep_versions,
         max_artifact_size: args.max_artifact_size,
@@ -125,11 +127,40 @@ fn runtime_config(connection: &Connection<'_>, args: &RuntimeArgs) -> RuntimeCon
     }
 }
 
+/// The runtime's xkey: `--xkey-seed-file`, else `MYCELIUM_XKEY_SEED`, else (for `up`) the
+/// seed file in its data directory, made on first start.
+fn runtime_key(
+    args: &RuntimeArgs,
+    default_seed_file: Option<&Path>,
+) -> Result<Option<RuntimeKey>, Failure> {
+    let invalid = |e: mycelium_client::SecretError| Failure::new(Code::Config, error_chain(&e));
+    if let Some(path) = &args.xkey_seed_file {
+        return RuntimeKey::read(path).map(Some).map_err(invalid);
+    }
+    if let Some(seed) = std::env::var("MYCELIUM_XKEY_SEED")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        return RuntimeKey::from_seed(&seed).map(Some).map_err(|e| {
+            Failure::new(Code::Config, format!("MYCELIUM_XKEY_SEED: {}", error_chain(&e)))
+        });
+    }
+    let Some(path) = default_seed_file else {
+        return Ok(None);
+    };
+    let (key, created) = RuntimeKey::read_or_create(path).map_err(invalid)?;
+    if created {
+        tracing::info!(path = %path.display(), public_xkey = %key.public_key(), "made this runtime's xkey; keep the file to keep opening the secrets sealed for it");
+    }
+    Ok(Some(key))
+}
+
 async fn start_runtime(
     nats: mycelium_client::async_nats::Client,
     connection: &Connection<'_>,
     args: &RuntimeArgs,
     default_plugin_dir: &Path,
+    xkey: Option<RuntimeKey>,
 ) -> Result<RuntimeHandle, Failure> {
     let mut config = runtime_config(connection, args);
     config.prestart_plugins = !args.no_prestart;
@@ -173,6 +204,7 @@ async fn start_runtime(
             ..PoolSettings::default()
         },
         wasm: mycelium_wasm::WasmSettings::default(),
+        xkey,
         metrics,
         logs,
         tracing,
@@ -225,18 +257,21 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
     options.url = url.clone();
     options.name = "mycelium-runtime".into();
     let result = async {
+        let xkey = runtime_key(&args.runtime, Some(&args.data_dir.join("xkey.seed")))?;
+        let public_xkey = xkey.as_ref().map(RuntimeKey::public_key);
         let nats = options.connect_nats().await?;
         let handle = start_runtime(
             nats.clone(),
             connection,
             &args.runtime,
             &args.data_dir.join("plugins"),
+            xkey,
         )
         .await?;
-        Ok::<_, Failure>((nats, handle))
+        Ok::<_, Failure>((nats, handle, public_xkey))
     }
     .await;
-    let (nats, handle) = match result {
+    let (nats, handle, public_xkey) = match result {
         Ok(started) => started,
         Err(failure) => {
             server.stop(Duration::from_secs(5));
@@ -244,7 +279,12 @@ async fn up(connection: &Connection<'_>, args: UpArgs) -> Result<(), Failure> {
         }
     };
 
-    print_welcome(&url, &args.data_dir, &connection.args.subject_prefix);
+    print_welcome(
+        &url,
+        &args.data_dir,
+        &connection.args.subject_prefix,
+        public_xkey.as_deref(),
+    );
     let stop_reason = tokio::select! {
         signal = shutdown_signal() => signal,
         () = watch_exit(&mut server) => "nats-server exited",
@@ -280,7 +320,7 @@ async fn watch_exit(server: &mut NatsServer) {
     }
 }
 
-fn print_welcome(url: &str, data_dir: &Path, prefix: &str) {
+fn print_welcome(url: &str, data_dir: &Path, prefix: &str, public_xkey: Option<&str>) {
     let request = serde_json::json!({
         "functionName": "example",
         "event": {"id": "1", "source": "cli", "type": "com.example.test", "data": {"key": "value"}}
@@ -289,6 +329,10 @@ fn print_welcome(url: &str, data_dir: &Path, prefix: &str) {
     println!("  NATS:      {url}");
     println!("  Data:      {}", data_dir.display());
     println!("  Functions: echo, example");
+    if let Some(public_xkey) = public_xkey {
+        // The public half only: `mycelium secret set` seals for it.
+        println!("  Secrets:   sealed for {public_xkey}");
+    }
     println!();
     println!("Try it:");
     let url_flag = if url == "nats://127.0.0.1:4222" {
@@ -321,12 +365,14 @@ async fn shutdown_signal() -> &'static str {
 async fn serve(connection: &Connection<'_>, args: ServeArgs) -> Result<(), Failure> {
     let mut options = connect_options(connection);
     options.name = "mycelium-runtime".into();
+    let xkey = runtime_key(&args.runtime, None)?;
     let nats = options.connect_nats().await?;
     let handle = start_runtime(
         nats.clone(),
         connection,
         &args.runtime,
         Path::new(".mycelium/plugins"),
+        xkey,
     )
     .await?;
     tracing::info!(nats_url = %mycelium_client::redact_url(&connection.args.nats_url), "serving; Ctrl-C or SIGTERM stops gracefully");

@@ -32,8 +32,8 @@ pub use mycelium_core::asynchronous::AsyncQueueStats;
 pub use mycelium_core::trigger::{Deliver, Trigger, TriggerSource};
 pub use mycelium_registry::{
     ArtifactSource, DeleteErrorKind, DeployError, DeployErrorKind, DeploySpec, NatsRegistry,
-    NatsRegistryConfig, OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, SigningKey,
-    Versions,
+    NatsRegistryConfig, OpenErrorKind, Registry, RegistryAdmin, RollbackErrorKind, RuntimeKey,
+    SecretError, SecretErrorKind, SecretInfo, SecretStore, SigningKey, Versions,
 };
 pub use triggers::{trigger_consumer, TriggerOpError, TriggerOpErrorKind};
 
@@ -402,6 +402,17 @@ impl Client {
             })
             .await
             .cloned()
+    }
+
+    /// The secrets bucket (created on first use): `set` seals a value for the runtimes'
+    /// public xkey before it leaves this process; `list` shows names and versions only.
+    pub async fn secrets(&self) -> Result<SecretStore, SecretError> {
+        SecretStore::open(
+            self.nats.clone(),
+            &self.registry_config.secrets_bucket,
+            self.registry_config.replicas,
+        )
+        .await
     }
 
     /// Uses `prefix` instead of `function` for all subjects.

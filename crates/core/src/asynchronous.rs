@@ -122,6 +122,7 @@ pub const fn is_retriable(code: ErrorCode) -> bool {
             | ErrorCode::Overloaded
             | ErrorCode::PluginCrashed
             | ErrorCode::PluginStartFailed
+            | ErrorCode::SecretUnavailable
             | ErrorCode::FunctionError
             | ErrorCode::Internal
             | ErrorCode::Unknown

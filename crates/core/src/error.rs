@@ -48,6 +48,10 @@ pub enum ErrorCode {
     /// The WebAssembly module cannot run here (it does not compile, exports no `_start`, or
     /// imports what the runtime does not provide); it was not run.
     ModuleInvalid,
+    /// A secret the function names is missing, or this runtime cannot open it (no key, another
+    /// key, a tampered value); the function was not run. The message names the secret, never
+    /// its value.
+    SecretUnavailable,
     /// A code this version of Mycelium does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -55,7 +59,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::InvalidRequest,
         Self::InvalidEvent,
         Self::InvalidFunctionName,
@@ -72,6 +76,7 @@ impl ErrorCode {
         Self::PluginCrashed,
         Self::ArtifactUntrusted,
         Self::ModuleInvalid,
+        Self::SecretUnavailable,
         Self::Unknown,
     ];
 
@@ -94,6 +99,7 @@ impl ErrorCode {
             Self::PluginCrashed => "plugin_crashed",
             Self::ArtifactUntrusted => "artifact_untrusted",
             Self::ModuleInvalid => "module_invalid",
+            Self::SecretUnavailable => "secret_unavailable",
             Self::Unknown => "unknown",
         }
     }
@@ -107,7 +113,7 @@ impl ErrorCode {
             Self::ArtifactUntrusted => 403,
             Self::Overloaded => 429,
             Self::Timeout => 504,
-            Self::Unavailable => 503,
+            Self::Unavailable | Self::SecretUnavailable => 503,
             Self::PluginStartFailed | Self::PluginCrashed | Self::ModuleInvalid => 502,
             Self::FunctionError | Self::Internal | Self::ArtifactCorrupt | Self::Unknown => 500,
         }

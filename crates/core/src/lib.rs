@@ -10,7 +10,8 @@
 //! - the [`MetricsCollector`] seam and an in-memory collector;
 //! - W3C [`TraceContext`] and the [`TraceBridge`] seam to a tracing backend;
 //! - the contract of [`asynchronous`] invocation: streams, headers, retry settings, dead letters;
-//! - event [`trigger`]s: what makes a function run without a caller.
+//! - event [`trigger`]s: what makes a function run without a caller;
+//! - [`secret`]s as functions see them: names, references, the opened values of one function.
 
 pub mod asynchronous;
 pub mod envelope;
@@ -22,6 +23,7 @@ pub mod logs;
 pub mod metadata;
 pub mod metrics;
 pub mod name;
+pub mod secret;
 pub mod subjects;
 pub mod trace;
 pub mod trigger;

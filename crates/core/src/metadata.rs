@@ -62,6 +62,10 @@ pub struct FunctionMetadata {
     /// Environment variables given to plugin processes and WebAssembly instances.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Secrets delivered as environment variables: variable name -> secret name. Only the
+    /// references are stored here; the values are sealed in the secrets bucket.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, crate::secret::SecretName>,
     /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -118,6 +122,7 @@ impl FunctionMetadata {
             max_concurrency: None,
             memory_mb: None,
             env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             labels: BTreeMap::new(),
             digest: None,
             signer: None,

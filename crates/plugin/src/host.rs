@@ -69,6 +69,8 @@ pub struct ProcessConfig {
     pub work_dir: PathBuf,
     /// The function's configured environment; nothing else of the runtime's leaks in.
     pub env: BTreeMap<String, String>,
+    /// The function's opened secrets, added to that environment and cut out of its output.
+    pub secrets: mycelium_core::secret::SecretEnv,
     /// Memory limit in MiB: resident memory of the process's control group when `cgroups` is
     /// set, else its address space (`RLIMIT_AS`).
     pub memory_mb: Option<u64>,
@@ -138,6 +140,7 @@ fn command(binary: &Path, config: &ProcessConfig) -> tokio::process::Command {
     command
         .env_clear()
         .envs(&config.env)
+        .envs(config.secrets.vars())
         .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
         .env(
             handshake::PROTOCOL_VERSIONS_ENV,

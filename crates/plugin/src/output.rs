@@ -10,6 +10,7 @@ use std::{
 
 use mycelium_core::{
     logs::{LogRecord, LogSink},
+    secret::{SecretEnv, MIN_REDACTED_LEN},
     FunctionName,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
@@ -111,15 +112,27 @@ impl Redactions {
         Self::from_values(values)
     }
 
-    /// These secrets and the values of `env` (a function's own variables).
-    pub fn with_env(&self, env: &BTreeMap<String, String>) -> Self {
-        Self::from_values(self.0.iter().chain(env.values()).cloned())
+    /// These secrets, the values of `env` (a function's own variables) and its opened
+    /// `secrets` (cut from a shorter length: they are known to be secret).
+    pub fn with_env(&self, env: &BTreeMap<String, String>, secrets: &SecretEnv) -> Self {
+        let mut values: Vec<String> = self.0.iter().chain(env.values()).cloned().collect();
+        values.retain(|v| v.len() >= MIN_SECRET_LEN);
+        values.extend(
+            secrets
+                .values()
+                .filter(|v| v.len() >= MIN_REDACTED_LEN)
+                .map(str::to_owned),
+        );
+        Self::sorted(values)
     }
 
     /// Values shorter than [`MIN_SECRET_LEN`] are left: cutting words like `exit` or `true`
     /// out of text garbles it and hides nothing.
     fn from_values(values: impl Iterator<Item = String>) -> Self {
-        let mut values: Vec<String> = values.filter(|v| v.len() >= MIN_SECRET_LEN).collect();
+        Self::sorted(values.filter(|v| v.len() >= MIN_SECRET_LEN).collect())
+    }
+
+    fn sorted(mut values: Vec<String>) -> Self {
         // Longest first, so a secret containing another is cut whole.
         values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         values.dedup();
@@ -168,6 +181,7 @@ pub(crate) struct Output {
     pid: u32,
     budget: Arc<OutputBudget>,
     sink: Option<Arc<dyn LogSink>>,
+    secrets: SecretEnv,
 }
 
 impl Output {
@@ -178,6 +192,7 @@ impl Output {
             pid,
             budget: config.output_budget.clone(),
             sink: config.log_sink.clone(),
+            secrets: config.secrets.clone(),
         }
     }
 
@@ -223,6 +238,11 @@ impl Output {
             invocation_id,
             trace_id,
         } = line;
+        // A plugin printing its own secrets must not put them in the logs.
+        let message = match self.secrets.redact(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
         let function = &self.function;
         let (version, pid) = (self.version, self.pid);
         macro_rules! echo {

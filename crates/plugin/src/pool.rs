@@ -12,7 +12,7 @@ use std::{
 };
 
 use mycelium_core::{
-    logs::LogSink, ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName,
+    logs::LogSink, secret::SecretEnv, ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName,
     InvocationContext, MetricsCollector, ProtocolError,
 };
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
@@ -157,30 +157,43 @@ impl PluginExecutor {
         let _ = self.shared.log_sink.set(sink);
     }
 
-    /// The pool running `metadata`'s version (created on first use).
-    pub fn pool(&self, metadata: &Arc<FunctionMetadata>) -> Arc<PluginPool> {
+    /// The pool running `metadata`'s version with `secrets` (created on first use). When the
+    /// secrets changed (a rotation), a new pool takes the calls from now on and the old one
+    /// drains: its calls in flight finish on the old values, then its processes stop.
+    pub fn pool(&self, metadata: &Arc<FunctionMetadata>, secrets: &SecretEnv) -> Arc<PluginPool> {
         let key = (metadata.name.clone(), metadata.version);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         // The per-invocation path is one hash lookup; sweeping finished pools happens only
         // when a new one is created.
         if let Some(pool) = pools.get(&key).filter(|pool| !pool.is_finished()) {
-            return pool.clone();
+            if pool.secrets == *secrets {
+                return pool.clone();
+            }
+            tracing::info!(function = %metadata.name, version = metadata.version, secrets = ?secrets, "a secret changed: new plugin processes take the calls, the old ones drain");
+            pool.superseded.store(true, Ordering::Relaxed);
         }
         pools.retain(|_, pool| !pool.is_finished());
-        pools
-            .entry(key)
-            .or_insert_with(|| PluginPool::new(metadata.clone(), self.shared.clone()))
-            .clone()
+        let pool = PluginPool::new(metadata.clone(), secrets.clone(), self.shared.clone());
+        pools.insert(key, pool.clone());
+        pool
     }
 
-    /// The function that runs `metadata`'s version.
-    pub fn function(&self, metadata: &Arc<FunctionMetadata>) -> Arc<dyn Function> {
-        self.pool(metadata)
+    /// The function that runs `metadata`'s version with `secrets`.
+    pub fn function(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
+    ) -> Arc<dyn Function> {
+        self.pool(metadata, secrets)
     }
 
     /// Starts a process for `metadata` ahead of the first call, so it pays no cold start.
-    pub async fn prestart(&self, metadata: &Arc<FunctionMetadata>) -> Result<(), ProtocolError> {
-        let pool = self.pool(metadata);
+    pub async fn prestart(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
+    ) -> Result<(), ProtocolError> {
+        let pool = self.pool(metadata, secrets);
         let deadline = Instant::now() + self.shared.settings.start_timeout * 2;
         pool.acquire(deadline).await.map(drop)
     }
@@ -243,6 +256,11 @@ pub struct PluginPool {
     shared: Arc<Shared>,
     state: tokio::sync::Mutex<PoolState>,
     finished: AtomicBool,
+    /// The secrets its processes get.
+    secrets: SecretEnv,
+    /// A newer pool of the same version took over (its secrets changed): drain like a
+    /// retired version.
+    superseded: AtomicBool,
     /// Processes running now, readable without the async state lock.
     process_count: std::sync::atomic::AtomicUsize,
     /// Told when a call ends or a process is added: calls waiting for a free one look again.
@@ -252,15 +270,17 @@ pub struct PluginPool {
 }
 
 impl PluginPool {
-    fn new(metadata: Arc<FunctionMetadata>, shared: Arc<Shared>) -> Arc<Self> {
+    fn new(metadata: Arc<FunctionMetadata>, secrets: SecretEnv, shared: Arc<Shared>) -> Arc<Self> {
         let pool = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             state: tokio::sync::Mutex::default(),
             finished: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
             process_count: std::sync::atomic::AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
             output_budget: OutputBudget::new(shared.settings.log_lines_per_second),
-            redactions: shared.redactions.with_env(&metadata.env),
+            redactions: shared.redactions.with_env(&metadata.env, &secrets),
+            secrets,
             metadata,
             shared,
         });
@@ -508,6 +528,7 @@ impl PluginPool {
                 owner_suffix()
             )),
             env: self.metadata.env.clone(),
+            secrets: self.secrets.clone(),
             memory_mb: self.metadata.memory_mb,
             cgroups: self.shared.cgroups.clone(),
             max_open_files: settings.max_open_files,
@@ -674,7 +695,8 @@ async fn reap(pool: Weak<PluginPool>) {
             break;
         }
         let settings = &pool.shared.settings;
-        let retired = !(pool.shared.is_active)(&pool.metadata.name, pool.metadata.version);
+        let retired = pool.superseded.load(Ordering::Relaxed)
+            || !(pool.shared.is_active)(&pool.metadata.name, pool.metadata.version);
         let to_stop: Vec<Arc<Slot>> = {
             let mut state = pool.state.lock().await;
             pool.forget_dead(&mut state);

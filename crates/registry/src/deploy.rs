@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use mycelium_core::{
-    asynchronous::check_result_subject, AsyncSettings, FunctionKind, FunctionMetadata, FunctionName,
+    asynchronous::check_result_subject,
+    secret::{check_env_name, SecretName},
+    AsyncSettings, FunctionKind, FunctionMetadata, FunctionName,
 };
 
 use crate::{digest, ArtifactReader, DeployError, DeployErrorKind, SigningKey};
@@ -41,8 +43,10 @@ pub struct DeploySpec {
     pub memory_mb: Option<u64>,
     /// Invocations allowed in flight per runtime.
     pub max_concurrency: Option<u32>,
-    /// Environment of plugin processes.
+    /// Environment of plugin processes and WebAssembly instances.
     pub env: BTreeMap<String, String>,
+    /// Secrets delivered in that environment: variable name -> secret name (references only).
+    pub secrets: BTreeMap<String, SecretName>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
     /// Plugin protocol version.
@@ -116,6 +120,7 @@ impl DeploySpec {
             memory_mb: None,
             max_concurrency: None,
             env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             labels: BTreeMap::new(),
             protocol_version: None,
             asynchronous: AsyncSettings::default(),
@@ -139,6 +144,7 @@ impl DeploySpec {
             max_concurrency: self.max_concurrency,
             memory_mb: self.memory_mb,
             env: self.env.clone(),
+            secrets: self.secrets.clone(),
             labels: self.labels.clone(),
             digest: artifact.map(|a| a.digest.clone()),
             signer: artifact
@@ -226,6 +232,19 @@ pub(crate) async fn prepare(
                 "environment variable name {key:?} is not valid"
             )));
         }
+    }
+    for variable in spec.secrets.keys() {
+        check_env_name(variable).map_err(|e| invalid(format!("--secret {variable}=...: {e}")))?;
+        if spec.env.contains_key(variable) {
+            return Err(invalid(format!(
+                "{variable} is given both as an environment variable and as a secret; keep one"
+            )));
+        }
+    }
+    if !spec.secrets.is_empty() && spec.kind == FunctionKind::Builtin {
+        return Err(invalid(
+            "built-in functions run inside the runtime and get no environment; secrets are for plugins and WebAssembly modules".into(),
+        ));
     }
     let Some(source) = &spec.artifact else {
         if spec.signing_key.is_some() {

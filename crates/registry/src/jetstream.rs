@@ -44,7 +44,9 @@ pub struct NatsRegistryConfig {
     pub functions_bucket: String,
     /// Object Store bucket of binaries.
     pub artifacts_bucket: String,
-    /// Replicas of both buckets (3 on a 3-node cluster for R3). Used when creating them.
+    /// KV bucket of sealed secrets ([`crate::secrets`]).
+    pub secrets_bucket: String,
+    /// Replicas of every bucket (3 on a 3-node cluster for R3). Used when creating them.
     pub replicas: usize,
     /// Versions kept per function (the active one is always kept).
     pub keep_versions: usize,
@@ -57,6 +59,7 @@ impl Default for NatsRegistryConfig {
         Self {
             functions_bucket: "mycelium_functions".into(),
             artifacts_bucket: "mycelium_artifacts".into(),
+            secrets_bucket: crate::secrets::DEFAULT_SECRETS_BUCKET.into(),
             replicas: 1,
             keep_versions: DEFAULT_KEEP_VERSIONS,
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
@@ -251,7 +254,7 @@ impl NatsRegistry {
 
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let (applied_tx, applied) = watch::channel(0);
-        let last = load(&kv, &catalog).await.map_err(|e| {
+        let last = load(&kv, &|entry| apply(&catalog, entry)).await.map_err(|e| {
             OpenError::with_source(
                 OpenErrorKind::Storage,
                 format!("loading the registry from {}", config.functions_bucket),
@@ -259,7 +262,13 @@ impl NatsRegistry {
             )
         })?;
         applied_tx.send_replace(last);
-        let watcher = tokio::spawn(follow(kv.clone(), catalog.clone(), applied_tx, last));
+        let watched = catalog.clone();
+        let watcher = tokio::spawn(follow(
+            kv.clone(),
+            move |entry| apply(&watched, entry),
+            applied_tx,
+            last,
+        ));
         Ok(Self {
             kv,
             objects,
@@ -465,7 +474,11 @@ fn json(value: &impl Serialize) -> bytes::Bytes {
 }
 
 /// Loads every current key into the catalog; returns the last revision seen.
-async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_nats::Error> {
+/// Applies every entry the bucket holds now; the last revision applied (0 when empty).
+pub(crate) async fn load(
+    kv: &kv::Store,
+    apply: &impl Fn(&kv::Entry),
+) -> Result<u64, async_nats::Error> {
     let status = kv.status().await?;
     if status.values() == 0 {
         return Ok(0);
@@ -474,7 +487,7 @@ async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_na
     let mut last = 0;
     while let Some(entry) = entries.next().await {
         let entry = entry?;
-        apply(catalog, &entry);
+        apply(&entry);
         last = last.max(entry.revision);
         if entry.delta == 0 || entry.seen_current {
             break;
@@ -485,9 +498,9 @@ async fn load(kv: &kv::Store, catalog: &RwLock<Catalog>) -> Result<u64, async_na
 
 /// Applies every change after `from`, resuming the watch if it breaks. A single failure is
 /// routine (a reconnect, the process shutting down); only repeated ones are warned about.
-async fn follow(
+pub(crate) async fn follow(
     kv: kv::Store,
-    catalog: Arc<RwLock<Catalog>>,
+    apply: impl Fn(&kv::Entry),
     applied: watch::Sender<u64>,
     mut from: u64,
 ) {
@@ -498,7 +511,7 @@ async fn follow(
                 match entries.next().await {
                     Some(Ok(entry)) => {
                         failures = 0;
-                        apply(&catalog, &entry);
+                        apply(&entry);
                         from = from.max(entry.revision);
                         applied.send_replace(from);
                     }
@@ -510,9 +523,9 @@ async fn follow(
         };
         failures += 1;
         if failures >= 3 {
-            tracing::warn!(%error, failures, "the registry watch keeps failing; deployments may not reach this runtime");
+            tracing::warn!(%error, failures, bucket = %kv.name, "a KV watch keeps failing; changes may not reach this runtime");
         } else {
-            tracing::debug!(%error, "registry watch interrupted; resuming");
+            tracing::debug!(%error, bucket = %kv.name, "KV watch interrupted; resuming");
         }
         tokio::time::sleep(Duration::from_millis(250 * u64::from(failures.min(8)))).await;
     }

@@ -10,6 +10,8 @@
 //! - [`ArtifactCache`]: the runtime host's local, verified, size-bounded binary cache.
 //! - [`DeploySpec`] says what to deploy; [`SigningKey`] and [`verify_signature`] sign binaries
 //!   and check them.
+//! - [`secrets`]: values sealed with the runtimes' xkey in a KV bucket ([`SecretStore`]), and
+//!   the [`RuntimeKey`] that opens them.
 
 mod cache;
 mod catalog;
@@ -18,6 +20,7 @@ pub mod digest;
 mod error;
 mod jetstream;
 mod memory;
+pub mod secrets;
 mod signing;
 
 use std::{pin::Pin, sync::Arc};
@@ -38,6 +41,7 @@ pub use error::{
 };
 pub use jetstream::{NatsRegistry, NatsRegistryConfig, OpenError, OpenErrorKind};
 pub use memory::MemoryRegistry;
+pub use secrets::{RuntimeKey, SecretCatalog, SecretError, SecretErrorKind, SecretInfo, SecretStore};
 pub use signing::{verify_signature, SigningKey};
 
 /// A catalogue of function versions and which one of each is active.

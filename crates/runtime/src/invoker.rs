@@ -36,6 +36,8 @@ pub(crate) struct Invoker {
     /// The limit of functions that set none.
     pub max_concurrency: usize,
     pub registry: Arc<dyn Registry>,
+    /// Opens the secrets deployed functions name.
+    pub secrets: Arc<crate::secrets::Secrets>,
     pub metrics: Arc<dyn MetricsCollector>,
     pub tracing: Arc<dyn TraceBridge>,
     pub default_timeout: Duration,
@@ -68,7 +70,8 @@ impl Invoker {
                 format!("\"{name}\" is a {kind} function and this runtime has no {kind} executor; run a runtime with {kind} support"),
             ));
         };
-        let function = executor.function(&metadata)?;
+        let secrets = self.secrets.env_of(&metadata)?;
+        let function = executor.function(&metadata, &secrets)?;
         Ok((metadata, function))
     }
 
@@ -342,6 +345,7 @@ mod tests {
             function_limits: std::sync::RwLock::default(),
             max_concurrency: 4,
             registry,
+            secrets: Arc::new(crate::secrets::Secrets::new(None, None)),
             metrics: Arc::new(InMemoryMetrics::new()),
             tracing: Arc::new(mycelium_core::trace::PassThrough),
             default_timeout: Duration::from_secs(1),

@@ -23,6 +23,7 @@ mod invoker;
 pub mod logs;
 mod micro;
 pub mod presets;
+mod secrets;
 mod server;
 mod triggers;
 
@@ -77,6 +78,7 @@ pub struct RuntimeBuilder {
     config: RuntimeConfig,
     executors: Executors,
     registry: Option<Arc<dyn Registry>>,
+    secrets: Option<(mycelium_registry::SecretCatalog, Option<mycelium_registry::RuntimeKey>)>,
     metrics: Option<Arc<dyn MetricsCollector>>,
     tracing: Option<Arc<dyn TraceBridge>>,
     logs: Option<Arc<FunctionLogs>>,
@@ -96,6 +98,7 @@ impl RuntimeBuilder {
             config: RuntimeConfig::default(),
             executors: Executors::default(),
             registry: None,
+            secrets: None,
             metrics: None,
             tracing: None,
             logs: None,
@@ -112,6 +115,18 @@ impl RuntimeBuilder {
     /// Where deployed functions are looked up (default: an empty [`MemoryRegistry`]).
     pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Where the secrets functions name come from (`catalog`, the watched secrets bucket) and
+    /// the key that opens them. Without it, or without a key, a function that names a secret
+    /// fails `secret_unavailable`.
+    pub fn secrets(
+        mut self,
+        catalog: mycelium_registry::SecretCatalog,
+        key: Option<mycelium_registry::RuntimeKey>,
+    ) -> Self {
+        self.secrets = Some((catalog, key));
         self
     }
 
@@ -217,6 +232,10 @@ impl RuntimeBuilder {
             registry: self
                 .registry
                 .unwrap_or_else(|| Arc::new(MemoryRegistry::new())),
+            secrets: Arc::new(match self.secrets {
+                Some((catalog, key)) => secrets::Secrets::new(Some(catalog), key),
+                None => secrets::Secrets::new(None, None),
+            }),
             metrics: self
                 .metrics
                 .unwrap_or_else(|| Arc::new(InMemoryMetrics::new())),
@@ -419,28 +438,37 @@ async fn registry_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>
 fn prestart(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
     let executors = shared.invoker.executors.clone();
     let registry = shared.invoker.registry.clone();
+    let secrets = shared.invoker.secrets.clone();
     let mut changes = registry.changes();
+    // A rotated secret is a change too: the function's new processes start ahead.
+    let mut secret_changes = secrets.changes();
     Some(tokio::spawn(async move {
         loop {
             for summary in registry.list() {
                 let Some(executor) = executors.get(summary.kind).cloned() else {
                     continue;
                 };
-                if let Ok(metadata) = registry.get(&summary.name, None) {
-                    tokio::spawn(async move {
-                        if let Err(error) = executor.prestart(&metadata).await {
-                            tracing::warn!(function = %metadata.name, version = metadata.version, %error, "getting the function ready ahead of time failed");
-                        }
-                    });
-                }
-            }
-            match changes.as_mut() {
-                Some(changes) => {
-                    if changes.changed().await.is_err() {
-                        return;
+                let Ok(metadata) = registry.get(&summary.name, None) else {
+                    continue;
+                };
+                // A function whose secrets cannot be opened is reported when it is called.
+                let Ok(env) = secrets.env_of(&metadata) else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if let Err(error) = executor.prestart(&metadata, &env).await {
+                        tracing::warn!(function = %metadata.name, version = metadata.version, %error, "getting the function ready ahead of time failed");
                     }
-                }
-                None => return,
+                });
+            }
+            if changes.is_none() && secret_changes.is_none() {
+                return;
+            }
+            tokio::select! {
+                changed = registry_changed(&mut changes) => if !changed { return },
+                changed = registry_changed(&mut secret_changes) => if !changed {
+                    secret_changes = None;
+                },
             }
         }
     }))

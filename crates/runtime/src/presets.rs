@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use mycelium_core::{MetricsCollector, TraceBridge};
 use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
-use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig};
+use mycelium_registry::{ArtifactCache, NatsRegistry, NatsRegistryConfig, RuntimeKey, SecretStore};
 use mycelium_wasm::{WasmExecutor, WasmSettings};
 
 use crate::{FunctionLogs, Runtime, RuntimeBuilder, RuntimeConfig, StartError, StartErrorKind};
@@ -47,6 +47,11 @@ pub struct Assembly {
     /// cache, beside the modules). `max_instances` is at most `config.max_in_flight`, and the
     /// trusted signers are the plugins' (one list of trusted keys for every binary).
     pub wasm: WasmSettings,
+    /// The private xkey that opens the secrets functions name (`--xkey-seed-file`); without
+    /// one, functions that name secrets fail `secret_unavailable`. Its public half is
+    /// announced in the secrets bucket for deployers to seal to, unless a key is announced
+    /// already.
+    pub xkey: Option<RuntimeKey>,
     /// Where measurements go (default: in memory).
     pub metrics: Option<Arc<dyn MetricsCollector>>,
     /// Function log publishing, if its layer is installed.
@@ -66,6 +71,7 @@ impl Default for Assembly {
             plugin_cache_size: 1 << 30,
             plugins: PoolSettings::default(),
             wasm: WasmSettings::default(),
+            xkey: None,
             metrics: None,
             logs: None,
             tracing: None,
@@ -125,9 +131,11 @@ impl Assembly {
             plugins.set_log_sink(logs.clone());
             wasm.set_log_sink(logs.clone());
         }
+        let secrets = open_secrets(client.clone(), &self.registry, self.xkey.as_ref()).await?;
         let runtime = self
             .builder()
             .registry(registry.clone())
+            .secrets(secrets, self.xkey.clone())
             .plugins(plugins.clone())
             .wasm(wasm.clone())
             .build(client)?;
@@ -161,6 +169,36 @@ impl Assembly {
         }
         builder
     }
+}
+
+/// Opens the secrets bucket and its watched catalog, announcing `key`'s public half (and
+/// saying so loudly when another key is announced: this runtime cannot open what is sealed for
+/// that one).
+async fn open_secrets(
+    client: async_nats::Client,
+    config: &NatsRegistryConfig,
+    key: Option<&RuntimeKey>,
+) -> Result<mycelium_registry::SecretCatalog, StartError> {
+    let failed = |e| StartError::with_source(StartErrorKind::Registry, "opening the secrets bucket", e);
+    let store = SecretStore::open(client, &config.secrets_bucket, config.replicas)
+        .await
+        .map_err(failed)?;
+    match key {
+        Some(key) => match store.announce(key).await.map_err(failed)? {
+            None => {
+                tracing::info!(public_xkey = %key.public_key(), "secrets are sealed for this runtime's xkey")
+            }
+            Some(announced) => tracing::warn!(
+                public_xkey = %key.public_key(), announced = %announced,
+                "this runtime's xkey is not the one secrets are sealed for (announced in {}): functions naming those secrets will fail secret_unavailable here; give every runtime the same --xkey-seed-file",
+                config.secrets_bucket
+            ),
+        },
+        None => tracing::debug!(
+            "no xkey: functions that name secrets fail secret_unavailable (give --xkey-seed-file)"
+        ),
+    }
+    store.catalog().await.map_err(failed)
 }
 
 /// Opens the JetStream registry for a runtime.

@@ -1,4 +1,5 @@
-;; Replies with one event whose data is its environment, entries separated by "|".
+;; Replies with one event whose data is its environment, entries separated by "|", and writes
+;; the same entries on stderr (the function's logs).
 (module
   (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_get" (func $environ (param i32 i32) (result i32)))
@@ -20,10 +21,11 @@
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $scan)))
     ;; three writes (a WASI write may take only its first buffer): prefix, entries, suffix
-    (call $write (i32.const 100) (i32.const 67))
-    (call $write (i32.const 8192) (local.get $size))
-    (call $write (i32.const 180) (i32.const 2)))
-  (func $write (param $at i32) (param $len i32)
+    (call $write (i32.const 1) (i32.const 100) (i32.const 67))
+    (call $write (i32.const 1) (i32.const 8192) (local.get $size))
+    (call $write (i32.const 1) (i32.const 180) (i32.const 2))
+    (call $write (i32.const 2) (i32.const 8192) (local.get $size)))
+  (func $write (param $fd i32) (param $at i32) (param $len i32)
     (i32.store (i32.const 0) (local.get $at))
     (i32.store (i32.const 4) (local.get $len))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 40)))))
+    (drop (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 40)))))

@@ -8,11 +8,12 @@ use std::{
 };
 
 use mycelium_core::{
-    logs::LogSink, ErrorCode, FunctionMetadata, FunctionName, MetricsCollector, ProtocolError,
+    logs::LogSink, secret::SecretEnv, ErrorCode, Function, FunctionMetadata, FunctionName,
+    MetricsCollector, ProtocolError,
 };
 use mycelium_registry::{ArtifactCache, RegistryAdmin};
 
-use crate::{engine::Machine, WasmFunction};
+use crate::{engine::Machine, function::WithSecrets, WasmFunction};
 
 /// How WebAssembly functions are run. Defaults suit small functions.
 #[derive(Debug, Clone)]
@@ -80,7 +81,13 @@ impl Shared {
 /// instance.
 pub struct WasmExecutor {
     shared: Arc<Shared>,
-    functions: Mutex<HashMap<(FunctionName, u64), Arc<WasmFunction>>>,
+    functions: Mutex<HashMap<(FunctionName, u64), Entry>>,
+}
+
+/// One version: its function, and its binding to the secrets of the moment if it names any.
+struct Entry {
+    function: Arc<WasmFunction>,
+    bound: Option<Arc<WithSecrets>>,
 }
 
 impl WasmExecutor {
@@ -114,10 +121,38 @@ impl WasmExecutor {
     /// The function that runs `metadata`'s version (made on first use). Versions no longer
     /// active are let go when a new one is made; calls still running keep theirs.
     pub fn function(&self, metadata: &Arc<FunctionMetadata>) -> Arc<WasmFunction> {
+        self.entry(metadata, |entry| entry.function.clone())
+    }
+
+    /// The function that runs `metadata`'s version with `secrets` in each instance's
+    /// environment: the version's one compiled module, with the secrets of the moment (a
+    /// rotation makes a new binding; calls running keep the old one).
+    pub fn function_with(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
+    ) -> Arc<dyn Function> {
+        if secrets.is_empty() {
+            return self.function(metadata);
+        }
+        self.entry(metadata, |entry| match &entry.bound {
+            Some(bound) if bound.secrets == *secrets => bound.clone(),
+            _ => {
+                let bound = Arc::new(WithSecrets {
+                    function: entry.function.clone(),
+                    secrets: secrets.clone(),
+                });
+                entry.bound = Some(bound.clone());
+                bound
+            }
+        })
+    }
+
+    fn entry<T>(&self, metadata: &Arc<FunctionMetadata>, then: impl FnOnce(&mut Entry) -> T) -> T {
         let key = (metadata.name.clone(), metadata.version);
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(function) = functions.get(&key) {
-            return function.clone();
+        if let Some(entry) = functions.get_mut(&key) {
+            return then(entry);
         }
         let registry = &self.shared.registry;
         functions.retain(|(name, version), _| {
@@ -125,10 +160,11 @@ impl WasmExecutor {
                 .get(name, None)
                 .is_ok_and(|active| active.version == *version)
         });
-        functions
-            .entry(key)
-            .or_insert_with(|| Arc::new(WasmFunction::new(metadata.clone(), self.shared.clone())))
-            .clone()
+        let entry = functions.entry(key).or_insert_with(|| Entry {
+            function: Arc::new(WasmFunction::new(metadata.clone(), self.shared.clone())),
+            bound: None,
+        });
+        then(entry)
     }
 
     /// Fetches and compiles `metadata`'s module ahead of its first call.

@@ -8,6 +8,7 @@ use std::{
 use bytes::Bytes;
 use mycelium_core::{
     logs::{LogRecord, PLUGIN_OUTPUT_TARGET},
+    secret::SecretEnv,
     ErrorCode, Event, Function, FunctionError, FunctionMetadata, InvocationContext, ProtocolError,
 };
 use mycelium_registry::{fetch_protocol_error, verify_signature};
@@ -196,7 +197,13 @@ impl WasmFunction {
     }
 
     /// Hands what the guest wrote on stderr to the function's logs, a record per line.
-    fn forward_logs(&self, stderr: &[u8], truncated: bool, ctx: &InvocationContext) {
+    fn forward_logs(
+        &self,
+        stderr: &[u8],
+        truncated: bool,
+        ctx: &InvocationContext,
+        secrets: &SecretEnv,
+    ) {
         if stderr.is_empty() {
             return;
         }
@@ -205,7 +212,8 @@ impl WasmFunction {
         let mut lines: Vec<String> = text
             .lines()
             .filter(|line| !line.trim().is_empty())
-            .map(str::to_owned)
+            // A guest printing its own secrets must not put them in the logs.
+            .map(|line| secrets.redact(line).into_owned())
             .collect();
         if truncated {
             lines.push(format!(
@@ -268,6 +276,36 @@ impl Function for WasmFunction {
         event: Event,
         ctx: InvocationContext,
     ) -> Result<Vec<Event>, FunctionError> {
+        self.call(event, ctx, &SecretEnv::default()).await
+    }
+}
+
+/// A version of a `wasm` function with the secrets its instances get (the function's
+/// instances all share one compiled module; a rotation makes a new one of these).
+pub struct WithSecrets {
+    pub(crate) function: Arc<WasmFunction>,
+    pub(crate) secrets: SecretEnv,
+}
+
+#[async_trait::async_trait]
+impl Function for WithSecrets {
+    async fn execute(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+    ) -> Result<Vec<Event>, FunctionError> {
+        self.function.call(event, ctx, &self.secrets).await
+    }
+}
+
+impl WasmFunction {
+    /// One call in a fresh instance whose environment holds `secrets` too.
+    async fn call(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+        secrets: &SecretEnv,
+    ) -> Result<Vec<Event>, FunctionError> {
         let (loaded, machine) = self
             .load()
             .await
@@ -278,14 +316,17 @@ impl Function for WasmFunction {
         // One byte over each limit tells a full pipe from one that was cut.
         let stdout = MemoryOutputPipe::new(settings.max_output_bytes + 1);
         let stderr = MemoryOutputPipe::new(settings.max_log_bytes + 1);
-        let wasi = WasiCtxBuilder::new()
-            .stdin(MemoryInputPipe::new(Bytes::from(input)))
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdin(MemoryInputPipe::new(Bytes::from(input)))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .arg(self.metadata.name.as_str())
             .envs(&loaded.env)
-            .envs(&abi::call_environment(&ctx))
-            .build_p1();
+            .envs(&abi::call_environment(&ctx));
+        for (name, value) in secrets.vars() {
+            wasi.env(name, value);
+        }
+        let wasi = wasi.build_p1();
         let mut store = Store::new(
             &machine.engine,
             Guest {
@@ -319,6 +360,7 @@ impl Function for WasmFunction {
             &stderr[..stderr.len().min(settings.max_log_bytes)],
             cut,
             &ctx,
+            secrets,
         );
         let stdout = drain(stdout);
         if stdout.len() > settings.max_output_bytes {

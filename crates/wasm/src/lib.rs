@@ -25,4 +25,4 @@ mod executor;
 mod function;
 
 pub use executor::{WasmExecutor, WasmSettings};
-pub use function::WasmFunction;
+pub use function::{WasmFunction, WithSecrets};

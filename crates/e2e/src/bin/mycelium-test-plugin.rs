@@ -10,7 +10,9 @@
 //! `trace` (replies with the trace context the host sent and the one the function runs in:
 //! the plugin installs an OpenTelemetry layer, so its span is a child of the host's), `log`
 //! (a `tracing` warning through the SDK's log layer; replies with its invocation and trace ids),
-//! `daemon` (starts `setsid sleep 600`, a process in a session of its own; replies with its pid).
+//! `daemon` (starts `setsid sleep 600`, a process in a session of its own; replies with its pid),
+//! `getenv` (`{"name": "X"}`: replies with `$X`, or null), `printenv` (`{"name": "X"}`: prints
+//! `$X` on stdout and stderr, replies with nothing of it).
 
 use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, Event},
@@ -105,6 +107,19 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
+            "getenv" | "printenv" => {
+                let name = match event.data() {
+                    Some(Data::Json(value)) => value["name"].as_str().unwrap_or_default().to_owned(),
+                    _ => String::new(),
+                };
+                let value = std::env::var(&name).ok();
+                if event.ty() == "getenv" {
+                    return Ok(reply(event, json!({ "value": value })));
+                }
+                println!("stdout {name}={}", value.as_deref().unwrap_or_default());
+                eprintln!("stderr {name}={}", value.as_deref().unwrap_or_default());
+                Ok(reply(event, json!({ "printed": name })))
+            }
             "log" => {
                 tracing::warn!(answer = 42, "traced line from the plugin");
                 Ok(reply(

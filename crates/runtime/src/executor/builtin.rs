@@ -27,9 +27,11 @@ impl Executor for BuiltinExecutor {
         FunctionKind::Builtin
     }
 
+    /// Built-ins get no environment, so no secrets (a deploy refuses them).
     fn function(
         &self,
         metadata: &Arc<FunctionMetadata>,
+        _secrets: &mycelium_core::secret::SecretEnv,
     ) -> Result<Arc<dyn Function>, ProtocolError> {
         let name = &metadata.name;
         let entry = metadata.entry_point.as_deref().unwrap_or(name.as_str());

@@ -12,7 +12,7 @@ mod wasm;
 
 use std::sync::Arc;
 
-use mycelium_core::{Function, FunctionKind, FunctionMetadata, ProtocolError};
+use mycelium_core::{secret::SecretEnv, Function, FunctionKind, FunctionMetadata, ProtocolError};
 
 pub(crate) use builtin::{Builtin, BuiltinExecutor};
 
@@ -22,17 +22,25 @@ pub trait Executor: Send + Sync + 'static {
     /// The kind of function this executor runs.
     fn kind(&self) -> FunctionKind;
 
-    /// What runs `metadata`'s version. Called for every invocation of a deployed function:
-    /// keep it a lookup (create what is missing once, reuse it after).
+    /// What runs `metadata`'s version, with `secrets` (the opened secrets it names; empty for
+    /// most) in its environment. Called for every invocation of a deployed function: keep it a
+    /// lookup (create what is missing once, reuse it after). When `secrets` differ from what
+    /// it was given before (a rotation), what runs from now on must get the new values;
+    /// calls in flight may finish on the old.
     fn function(
         &self,
         metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
     ) -> Result<Arc<dyn Function>, ProtocolError>;
 
     /// Gets `metadata`'s version ready ahead of its first call (a plugin process started), so
     /// callers pay no cold start. Nothing by default.
-    async fn prestart(&self, metadata: &Arc<FunctionMetadata>) -> Result<(), ProtocolError> {
-        let _ = metadata;
+    async fn prestart(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
+    ) -> Result<(), ProtocolError> {
+        let _ = (metadata, secrets);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mycelium_core::{Function, FunctionKind, FunctionMetadata, ProtocolError};
+use mycelium_core::{secret::SecretEnv, Function, FunctionKind, FunctionMetadata, ProtocolError};
 use mycelium_plugin::pool::PluginExecutor;
 
 use super::Executor;
@@ -17,12 +17,17 @@ impl Executor for PluginExecutor {
     fn function(
         &self,
         metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
     ) -> Result<Arc<dyn Function>, ProtocolError> {
-        Ok(PluginExecutor::function(self, metadata))
+        Ok(PluginExecutor::function(self, metadata, secrets))
     }
 
-    async fn prestart(&self, metadata: &Arc<FunctionMetadata>) -> Result<(), ProtocolError> {
-        PluginExecutor::prestart(self, metadata).await
+    async fn prestart(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
+    ) -> Result<(), ProtocolError> {
+        PluginExecutor::prestart(self, metadata, secrets).await
     }
 
     async fn shutdown(&self) {

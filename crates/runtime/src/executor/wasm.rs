@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mycelium_core::{Function, FunctionKind, FunctionMetadata, ProtocolError};
+use mycelium_core::{secret::SecretEnv, Function, FunctionKind, FunctionMetadata, ProtocolError};
 use mycelium_wasm::WasmExecutor;
 
 use super::Executor;
@@ -17,11 +17,18 @@ impl Executor for WasmExecutor {
     fn function(
         &self,
         metadata: &Arc<FunctionMetadata>,
+        secrets: &SecretEnv,
     ) -> Result<Arc<dyn Function>, ProtocolError> {
-        Ok(WasmExecutor::function(self, metadata))
+        Ok(WasmExecutor::function_with(self, metadata, secrets))
     }
 
-    async fn prestart(&self, metadata: &Arc<FunctionMetadata>) -> Result<(), ProtocolError> {
+    /// Only the module is loaded ahead: instances are made per call, with the secrets of the
+    /// moment.
+    async fn prestart(
+        &self,
+        metadata: &Arc<FunctionMetadata>,
+        _secrets: &SecretEnv,
+    ) -> Result<(), ProtocolError> {
         WasmExecutor::prestart(self, metadata).await
     }
 }
