@@ -142,7 +142,10 @@ fn runtime_key(
         .filter(|s| !s.trim().is_empty())
     {
         return RuntimeKey::from_seed(&seed).map(Some).map_err(|e| {
-            Failure::new(Code::Config, format!("MYCELIUM_XKEY_SEED: {}", error_chain(&e)))
+            Failure::new(
+                Code::Config,
+                format!("MYCELIUM_XKEY_SEED: {}", error_chain(&e)),
+            )
         });
     }
     let Some(path) = default_seed_file else {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use mycelium_client::{async_nats::jetstream, Client, RequestErrorKind, RuntimeKey};
-use mycelium_core::{cloudevents::AttributesReader, ErrorCode, Event};
+use mycelium_core::{ErrorCode, Event};
 use mycelium_test_support::{
     event, eventually, free_port, wasm_guest, ChildGuard as Running, NatsServer,
 };
@@ -66,7 +66,10 @@ impl Fixture {
                 .arg(self.dir.path().join(format!("{log}-plugins")))
                 .arg("--xkey-seed-file")
                 .arg(&seed_file)
-                .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
+                .args([
+                    "--metrics-addr",
+                    &format!("127.0.0.1:{}", self.metrics_port),
+                ])
                 .stdout(Stdio::null())
                 .stderr(log_file)
                 .spawn()
@@ -230,12 +233,24 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         "DB_PASSWORD=db-password",
     ]));
 
-    assert_eq!(f.getenv("with-secret", "DB_PASSWORD").await, Ok(json!(FIRST)));
-    assert_eq!(f.getenv("without-secret", "DB_PASSWORD").await, Ok(Value::Null));
-    let wasm_env = f.client.invoke("wasm-secret", event("w1", json!({}))).await.unwrap();
+    assert_eq!(
+        f.getenv("with-secret", "DB_PASSWORD").await,
+        Ok(json!(FIRST))
+    );
+    assert_eq!(
+        f.getenv("without-secret", "DB_PASSWORD").await,
+        Ok(Value::Null)
+    );
+    let wasm_env = f
+        .client
+        .invoke("wasm-secret", event("w1", json!({})))
+        .await
+        .unwrap();
     let wasm_env = data(&wasm_env[0]).as_str().unwrap().to_owned();
     assert!(
-        wasm_env.split('|').any(|entry| entry == format!("DB_PASSWORD={FIRST}")),
+        wasm_env
+            .split('|')
+            .any(|entry| entry == format!("DB_PASSWORD={FIRST}")),
         "{wasm_env}"
     );
 
@@ -269,7 +284,10 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         text.contains("DB_PASSWORD=").then_some(text)
     })
     .await;
-    assert!(wasm_logged.contains("DB_PASSWORD=[redacted]"), "{wasm_logged}");
+    assert!(
+        wasm_logged.contains("DB_PASSWORD=[redacted]"),
+        "{wasm_logged}"
+    );
 
     // Rotation: the next process gets the new value; the old process is let go.
     let old_pid = f.pid("with-secret").await;
@@ -278,19 +296,36 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         (f.getenv("with-secret", "DB_PASSWORD").await == Ok(json!(SECOND))).then_some(())
     })
     .await;
-    assert_ne!(f.pid("with-secret").await, old_pid, "the same process kept running");
-    assert_eq!(f.getenv("without-secret", "DB_PASSWORD").await, Ok(Value::Null));
-    let wasm_env = f.client.invoke("wasm-secret", event("w2", json!({}))).await.unwrap();
+    assert_ne!(
+        f.pid("with-secret").await,
+        old_pid,
+        "the same process kept running"
+    );
+    assert_eq!(
+        f.getenv("without-secret", "DB_PASSWORD").await,
+        Ok(Value::Null)
+    );
+    let wasm_env = f
+        .client
+        .invoke("wasm-secret", event("w2", json!({})))
+        .await
+        .unwrap();
     assert!(
-        data(&wasm_env[0]).as_str().unwrap().contains(&format!("DB_PASSWORD={SECOND}")),
+        data(&wasm_env[0])
+            .as_str()
+            .unwrap()
+            .contains(&format!("DB_PASSWORD={SECOND}")),
         "the WebAssembly instance has the old value"
     );
 
     let listed = succeeded(&f.cli(&["secret", "list"]));
-    let row = listed.lines().find(|l| l.starts_with("db-password")).unwrap();
-    assert_eq!(row.split_whitespace().nth(1), Some("v2"), "{listed}");
-    let listed: Value = serde_json::from_str(&succeeded(&f.cli(&["secret", "list", "--json"])))
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("db-password"))
         .unwrap();
+    assert_eq!(row.split_whitespace().nth(1), Some("v2"), "{listed}");
+    let listed: Value =
+        serde_json::from_str(&succeeded(&f.cli(&["secret", "list", "--json"]))).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["name"], "db-password");
     assert_eq!(listed[0]["version"], 2);
@@ -309,7 +344,8 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
     let message = stderr_of(&f.cli(&["invoke", "with-secret", "--type", "echo"]));
     assert!(
         message.starts_with("error[secret_unavailable]")
-            && message.contains("needs secret \"db-password\" (as DB_PASSWORD), which does not exist"),
+            && message
+                .contains("needs secret \"db-password\" (as DB_PASSWORD), which does not exist"),
         "{message}"
     );
     assert_eq!(f.getenv("without-secret", "X").await, Ok(Value::Null));
@@ -318,7 +354,10 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
 
     // Nothing printed anywhere holds either value: CLI output, the runtime's log, metrics.
     let metrics = scrape_metrics(f.metrics_port).unwrap();
-    assert!(metrics.contains("with_secret") || metrics.contains("with-secret"), "{metrics}");
+    assert!(
+        metrics.contains("with_secret") || metrics.contains("with-secret"),
+        "{metrics}"
+    );
     let outputs = f.outputs.lock().unwrap().clone();
     let log = f.runtime_log("runtime");
     assert!(log.contains("secret_unavailable"), "{log}");
@@ -359,7 +398,10 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
     ]));
     succeeded(&f.cli(&["deploy", "plain", plugin]));
     let message = stderr_of(&f.cli(&["invoke", "needs-token", "--type", "echo"]));
-    assert!(message.starts_with("error[secret_unavailable]"), "{message}");
+    assert!(
+        message.starts_with("error[secret_unavailable]"),
+        "{message}"
+    );
     assert!(
         message.contains(&format!(
             "secret \"api-token\" v1 is sealed for the xkey {} and this runtime holds {}",
@@ -375,7 +417,10 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
     })
     .await;
     let line = log.lines().find(|l| l.contains("api-token")).unwrap();
-    assert!(line.contains("WARN") && line.contains("needs-token"), "{line}");
+    assert!(
+        line.contains("WARN") && line.contains("needs-token"),
+        "{line}"
+    );
 
     // Sealed for this runtime, then altered in the bucket: refused, by name.
     succeeded(&f.cli_with_stdin(&["secret", "set", "api-token"], FIRST.as_bytes()));
@@ -389,9 +434,12 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
     let middle = sealed.len() / 2;
     sealed[middle] = if sealed[middle] == 'A' { 'B' } else { 'A' };
     record["sealed"] = json!(sealed.into_iter().collect::<String>());
-    kv.put("secret.api-token", serde_json::to_vec(&record).unwrap().into())
-        .await
-        .unwrap();
+    kv.put(
+        "secret.api-token",
+        serde_json::to_vec(&record).unwrap().into(),
+    )
+    .await
+    .unwrap();
     let error = eventually(Duration::from_secs(30), || async {
         f.getenv("needs-token", "TOKEN").await.err()
     })
@@ -415,11 +463,26 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
             "invalid secret name",
         ),
         (
-            vec!["deploy", "bad", plugin, "--secret", "X=api-token", "--env", "X=1"],
+            vec![
+                "deploy",
+                "bad",
+                plugin,
+                "--secret",
+                "X=api-token",
+                "--env",
+                "X=1",
+            ],
             "X is given both as an environment variable and as a secret",
         ),
         (
-            vec!["deploy", "bad", "--builtin", "echo", "--secret", "X=api-token"],
+            vec![
+                "deploy",
+                "bad",
+                "--builtin",
+                "echo",
+                "--secret",
+                "X=api-token",
+            ],
             "secrets are for plugins and WebAssembly modules",
         ),
     ] {
@@ -451,10 +514,16 @@ async fn secret_set_needs_a_value_and_a_key_to_seal_for() {
     assert!(message.starts_with("error[no_xkey]"), "{message}");
     let key = RuntimeKey::generate().public_key();
     let empty = stderr_of(&cli(&["secret", "set", "db", "--public-xkey", &key], b"\n"));
-    assert!(empty.starts_with("error[invalid_secret]") && empty.contains("empty"), "{empty}");
+    assert!(
+        empty.starts_with("error[invalid_secret]") && empty.contains("empty"),
+        "{empty}"
+    );
     let bad_name = stderr_of(&cli(&["secret", "set", "a.b", "--public-xkey", &key], b"v"));
     assert!(bad_name.starts_with("error[invalid_secret]"), "{bad_name}");
-    let bad_key = stderr_of(&cli(&["secret", "set", "db", "--public-xkey", "UABC"], b"v"));
+    let bad_key = stderr_of(&cli(
+        &["secret", "set", "db", "--public-xkey", "UABC"],
+        b"v",
+    ));
     assert!(bad_key.starts_with("error[invalid_secret]"), "{bad_key}");
 
     // From a file, taken as it is (a trailing newline kept).

@@ -142,7 +142,7 @@ async fn main() {
         let metadata = registry
             .get(&format!("bench-{label}").parse().unwrap(), None)
             .unwrap();
-        let function = plugins.function(&metadata);
+        let function = plugins.function(&metadata, &Default::default());
         let event = EventBuilderV10::new()
             .id("1")
             .source("bench")

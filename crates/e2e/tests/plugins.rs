@@ -948,6 +948,7 @@ async fn concurrent_calls_share_one_plugin_connection() {
         version: 1,
         work_dir: dir.path().join("work"),
         env: Default::default(),
+        secrets: Default::default(),
         memory_mb: None,
         cgroups: None,
         max_open_files: 1024,

@@ -401,8 +401,23 @@ mod tests {
             pid: 42,
             budget: OutputBudget::new(lines_per_second),
             sink: Some(sink.clone()),
+            secrets: SecretEnv::new([(
+                "TOKEN".to_owned(),
+                "token".parse().unwrap(),
+                1,
+                "hunter2-token".to_owned(),
+            )]),
         };
         (output, sink)
+    }
+
+    #[test]
+    fn secrets_are_cut_out_of_output_lines() {
+        let (output, sink) = output(100);
+        output.line("stdout", "connecting with hunter2-token now");
+        let records = sink.0.lock().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].message, "connecting with [redacted] now");
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::{
 };
 
 use mycelium_core::{
-    logs::LogSink, secret::SecretEnv, ErrorCode, Event, Function, FunctionError, FunctionMetadata, FunctionName,
-    InvocationContext, MetricsCollector, ProtocolError,
+    logs::LogSink, secret::SecretEnv, ErrorCode, Event, Function, FunctionError, FunctionMetadata,
+    FunctionName, InvocationContext, MetricsCollector, ProtocolError,
 };
 use mycelium_registry::{fetch_protocol_error, verify_signature, ArtifactCache, RegistryAdmin};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};

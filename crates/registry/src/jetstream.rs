@@ -254,13 +254,15 @@ impl NatsRegistry {
 
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let (applied_tx, applied) = watch::channel(0);
-        let last = load(&kv, &|entry| apply(&catalog, entry)).await.map_err(|e| {
-            OpenError::with_source(
-                OpenErrorKind::Storage,
-                format!("loading the registry from {}", config.functions_bucket),
-                e,
-            )
-        })?;
+        let last = load(&kv, &|entry| apply(&catalog, entry))
+            .await
+            .map_err(|e| {
+                OpenError::with_source(
+                    OpenErrorKind::Storage,
+                    format!("loading the registry from {}", config.functions_bucket),
+                    e,
+                )
+            })?;
         applied_tx.send_replace(last);
         let watched = catalog.clone();
         let watcher = tokio::spawn(follow(

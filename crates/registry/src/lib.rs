@@ -41,7 +41,9 @@ pub use error::{
 };
 pub use jetstream::{NatsRegistry, NatsRegistryConfig, OpenError, OpenErrorKind};
 pub use memory::MemoryRegistry;
-pub use secrets::{RuntimeKey, SecretCatalog, SecretError, SecretErrorKind, SecretInfo, SecretStore};
+pub use secrets::{
+    RuntimeKey, SecretCatalog, SecretError, SecretErrorKind, SecretInfo, SecretStore,
+};
 pub use signing::{verify_signature, SigningKey};
 
 /// A catalogue of function versions and which one of each is active.

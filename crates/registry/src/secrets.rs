@@ -183,7 +183,9 @@ impl RuntimeKey {
 
     /// The seed, for storing the key. Treat it like a password.
     pub fn seed(&self) -> String {
-        self.0.seed().expect("a generated or parsed seed has its private part")
+        self.0
+            .seed()
+            .expect("a generated or parsed seed has its private part")
     }
 
     /// The public key (`X...`), which deployers seal secrets for.
@@ -257,11 +259,7 @@ pub fn seal(
     })
     .expect("plain data serializes");
     let boxed = sender.seal(&plaintext, &recipient_key).map_err(|e| {
-        SecretError::with_source(
-            SecretErrorKind::InvalidKey,
-            "sealing the value failed",
-            e,
-        )
+        SecretError::with_source(SecretErrorKind::InvalidKey, "sealing the value failed", e)
     })?;
     Ok(SealedSecret {
         name: name.clone(),
@@ -298,7 +296,10 @@ fn secret_key(name: &SecretName) -> String {
     format!("{SECRET_KEY_PREFIX}{name}")
 }
 
-fn storage(what: String, e: impl std::error::Error + Send + Sync + 'static) -> SecretError {
+fn storage(
+    what: String,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+) -> SecretError {
     SecretError::with_source(SecretErrorKind::Storage, what, e)
 }
 
@@ -352,9 +353,10 @@ impl SecretStore {
         let own = key.public_key();
         match self.kv.create(RECIPIENT_KEY, own.clone().into()).await {
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                Ok(self.recipient().await?.filter(|announced| *announced != own))
-            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(self
+                .recipient()
+                .await?
+                .filter(|announced| *announced != own)),
             Err(e) => Err(storage("announcing this runtime's public xkey".into(), e)),
         }
     }
@@ -501,7 +503,9 @@ fn apply(records: &Records, entry: &kv::Entry) {
         }
         // Only the name is logged: the record holds nothing readable, but keep logs plain.
         Ok(_) => tracing::warn!(secret = %name, "a sealed secret does not match its key; ignored"),
-        Err(error) => tracing::warn!(secret = %name, %error, "an unreadable sealed secret; ignored"),
+        Err(error) => {
+            tracing::warn!(secret = %name, %error, "an unreadable sealed secret; ignored")
+        }
     }
 }
 

@@ -78,7 +78,10 @@ pub struct RuntimeBuilder {
     config: RuntimeConfig,
     executors: Executors,
     registry: Option<Arc<dyn Registry>>,
-    secrets: Option<(mycelium_registry::SecretCatalog, Option<mycelium_registry::RuntimeKey>)>,
+    secrets: Option<(
+        mycelium_registry::SecretCatalog,
+        Option<mycelium_registry::RuntimeKey>,
+    )>,
     metrics: Option<Arc<dyn MetricsCollector>>,
     tracing: Option<Arc<dyn TraceBridge>>,
     logs: Option<Arc<FunctionLogs>>,

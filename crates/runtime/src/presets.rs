@@ -179,7 +179,8 @@ async fn open_secrets(
     config: &NatsRegistryConfig,
     key: Option<&RuntimeKey>,
 ) -> Result<mycelium_registry::SecretCatalog, StartError> {
-    let failed = |e| StartError::with_source(StartErrorKind::Registry, "opening the secrets bucket", e);
+    let failed =
+        |e| StartError::with_source(StartErrorKind::Registry, "opening the secrets bucket", e);
     let store = SecretStore::open(client, &config.secrets_bucket, config.replicas)
         .await
         .map_err(failed)?;

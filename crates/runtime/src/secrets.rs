@@ -80,7 +80,12 @@ impl Secrets {
         // An unchanged set of secrets keeps its env, so the function's processes stay.
         let previous = cache.envs.remove(&metadata.name);
         let outcome = match (outcome, previous) {
-            (Ok(env), Some(Resolved { outcome: Ok(old), .. })) if old == env => Ok(old),
+            (
+                Ok(env),
+                Some(Resolved {
+                    outcome: Ok(old), ..
+                }),
+            ) if old == env => Ok(old),
             (outcome, _) => outcome,
         };
         if cache.envs.len() >= MAX_CACHED {
@@ -103,7 +108,8 @@ impl Secrets {
         cache: &mut Cache,
     ) -> Result<SecretEnv, ProtocolError> {
         let function = &metadata.name;
-        let unavailable = |message: String| ProtocolError::new(ErrorCode::SecretUnavailable, message);
+        let unavailable =
+            |message: String| ProtocolError::new(ErrorCode::SecretUnavailable, message);
         let Some(catalog) = &self.catalog else {
             return Err(unavailable(format!(
                 "function \"{function}\" names secrets and this runtime has no secret store (it runs without the JetStream registry); run it with the JetStream registry"
@@ -183,17 +189,16 @@ mod tests {
     fn missing_or_unopenable_secrets_fail_with_their_name_only() {
         let key = RuntimeKey::generate();
         let other = RuntimeKey::generate();
-        let catalog = SecretCatalog::of([seal(
-            &name("db"),
-            1,
-            "db-value-1",
-            &other.public_key(),
-        )
-        .unwrap()]);
+        let catalog =
+            SecretCatalog::of([seal(&name("db"), 1, "db-value-1", &other.public_key()).unwrap()]);
         let secrets = Secrets::new(Some(catalog.clone()), Some(key));
         let error = secrets.env_of(&metadata(&[("DB", "db")])).unwrap_err();
         assert_eq!(error.code, ErrorCode::SecretUnavailable);
-        assert!(error.message.contains("secret \"db\" (as DB)"), "{}", error.message);
+        assert!(
+            error.message.contains("secret \"db\" (as DB)"),
+            "{}",
+            error.message
+        );
         assert!(!error.message.contains("db-value-1"), "{}", error.message);
 
         let f = metadata(&[("X", "missing")]);
@@ -206,8 +211,16 @@ mod tests {
             error.message
         );
         let error = Secrets::new(Some(catalog), None).env_of(&f).unwrap_err();
-        assert!(error.message.contains("--xkey-seed-file"), "{}", error.message);
+        assert!(
+            error.message.contains("--xkey-seed-file"),
+            "{}",
+            error.message
+        );
         let error = Secrets::new(None, None).env_of(&f).unwrap_err();
-        assert!(error.message.contains("no secret store"), "{}", error.message);
+        assert!(
+            error.message.contains("no secret store"),
+            "{}",
+            error.message
+        );
     }
 }

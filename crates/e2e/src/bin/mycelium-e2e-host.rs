@@ -17,6 +17,7 @@ async fn main() {
         version: 1,
         work_dir: work_dir.into(),
         env: Default::default(),
+        secrets: Default::default(),
         memory_mb: None,
         cgroups: None,
         max_open_files: 1024,

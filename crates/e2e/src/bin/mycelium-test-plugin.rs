@@ -109,7 +109,9 @@ impl Function for TestPlugin {
             "fail" => Err(FunctionError::new("failing on purpose")),
             "getenv" | "printenv" => {
                 let name = match event.data() {
-                    Some(Data::Json(value)) => value["name"].as_str().unwrap_or_default().to_owned(),
+                    Some(Data::Json(value)) => {
+                        value["name"].as_str().unwrap_or_default().to_owned()
+                    }
                     _ => String::new(),
                 };
                 let value = std::env::var(&name).ok();
