@@ -55,6 +55,36 @@ fn up_serves_the_builtins_and_stops_cleanly() {
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     assert!(banner.contains(&format!("NATS:      {url}")), "{banner}");
     assert!(banner.contains("mycelium --nats-url"), "{banner}");
+    // The runtime's xkey, made on first start: the file readable by its owner only, the
+    // banner naming its public half and nothing secret.
+    let seed_file = data_dir.path().join("xkey.seed");
+    let seed = std::fs::read_to_string(&seed_file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&seed_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let public = mycelium_client::RuntimeKey::from_seed(&seed)
+        .unwrap()
+        .public_key();
+    assert!(
+        banner.contains(&format!("Secrets:   sealed for {public}")),
+        "{banner}"
+    );
+    assert!(!banner.contains(seed.trim()), "the banner shows the seed");
+    // `secret set` seals for the key `up` announced.
+    let mut set = mycelium()
+        .args(["--nats-url", &url, "secret", "set", "token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), b"abc\n").unwrap();
+    let set = set.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&set.stdout).trim(),
+        format!("secret token set: v1 (sealed for {public})")
+    );
 
     let reply = stdout_json(&run(&[
         "--nats-url",
@@ -98,6 +128,14 @@ fn up_serves_the_builtins_and_stops_cleanly() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nats-server still listening"
     );
+
+    // Started again on the same data directory: the same key.
+    let (_again, _, banner, _) = start_up(data_dir.path());
+    assert!(
+        banner.contains(&format!("Secrets:   sealed for {public}")),
+        "{banner}"
+    );
+    assert_eq!(std::fs::read_to_string(&seed_file).unwrap(), seed);
 }
 
 #[test]
