@@ -36,7 +36,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    async fn new() -> Self {
+    /// The runtime's seed in a file (`--xkey-seed-file`), or in `MYCELIUM_XKEY_SEED`.
+    async fn new(seed_in_env: bool) -> Self {
         let server = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
         let key = RuntimeKey::generate();
@@ -49,32 +50,33 @@ impl Fixture {
             metrics_port: free_port(),
             outputs: std::sync::Mutex::default(),
         };
-        f.runtime = Some(f.serve_with(&f.key.seed(), "runtime"));
+        f.runtime = Some(f.serve_with(&f.key.seed(), "runtime", seed_in_env));
         wait_for_instances(&f.client, 1).await;
         f
     }
 
-    /// `mycelium serve` with the xkey `seed` (in a file), logging at info into `<log>.log`.
-    fn serve_with(&self, seed: &str, log: &str) -> Running {
-        let seed_file = self.dir.path().join(format!("{log}.seed"));
-        std::fs::write(&seed_file, seed).unwrap();
+    /// `mycelium serve` with the xkey `seed`, logging at info into `<log>.log`.
+    fn serve_with(&self, seed: &str, log: &str, seed_in_env: bool) -> Running {
         let log_file = std::fs::File::create(self.dir.path().join(format!("{log}.log"))).unwrap();
-        Running(
-            mycelium()
-                .env("RUST_LOG", "info")
-                .args(["--nats-url", &self.server.url(), "serve", "--plugin-dir"])
-                .arg(self.dir.path().join(format!("{log}-plugins")))
-                .arg("--xkey-seed-file")
-                .arg(&seed_file)
-                .args([
-                    "--metrics-addr",
-                    &format!("127.0.0.1:{}", self.metrics_port),
-                ])
-                .stdout(Stdio::null())
-                .stderr(log_file)
-                .spawn()
-                .unwrap(),
-        )
+        let mut command = mycelium();
+        command
+            .env("RUST_LOG", "info")
+            .args(["--nats-url", &self.server.url(), "serve", "--plugin-dir"])
+            .arg(self.dir.path().join(format!("{log}-plugins")))
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if seed_in_env {
+            command.env("MYCELIUM_XKEY_SEED", seed);
+        } else {
+            let seed_file = self.dir.path().join(format!("{log}.seed"));
+            std::fs::write(&seed_file, seed).unwrap();
+            command.arg("--xkey-seed-file").arg(&seed_file);
+        }
+        Running(command.spawn().unwrap())
     }
 
     fn runtime_log(&self, log: &str) -> String {
@@ -200,7 +202,7 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
     let Some(plugin) = sibling_binary("mycelium-test-plugin", "mycelium-e2e") else {
         return;
     };
-    let f = Fixture::new().await;
+    let f = Fixture::new(false).await;
     let plugin = plugin.to_str().unwrap();
 
     let set = f.set_secret("db-password", FIRST);
@@ -373,7 +375,7 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
     let Some(plugin) = sibling_binary("mycelium-test-plugin", "mycelium-e2e") else {
         return;
     };
-    let f = Fixture::new().await;
+    let f = Fixture::new(true).await;
     let plugin = plugin.to_str().unwrap();
 
     // Sealed for a key this runtime does not hold.
@@ -411,6 +413,11 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
         "{message}"
     );
     assert_eq!(f.getenv("plain", "TOKEN").await, Ok(Value::Null));
+    // The runtime's own key, given in its environment, is not in a plugin's.
+    assert_eq!(
+        f.getenv("plain", "MYCELIUM_XKEY_SEED").await,
+        Ok(Value::Null)
+    );
     let log = eventually(Duration::from_secs(30), || async {
         let log = f.runtime_log("runtime");
         log.contains("api-token").then_some(log)
@@ -548,4 +555,15 @@ async fn secret_set_needs_a_value_and_a_key_to_seal_for() {
     assert_eq!(set["recipient"], key.as_str());
     let listed = succeeded(&cli(&["secret", "list"], b""));
     assert_eq!(listed.lines().count(), 2, "{listed}");
+
+    // A runtime given a seed that is not one refuses to start, saying which.
+    let bad = dir.path().join("bad.seed");
+    std::fs::write(&bad, "SUNOTANXKEY").unwrap();
+    let output = cli(&["serve", "--xkey-seed-file", bad.to_str().unwrap()], b"");
+    let message = stderr_of(&output);
+    assert!(
+        message.starts_with("error[config]") && message.contains("bad.seed"),
+        "{message}"
+    );
+    assert!(!message.contains("SUNOTANXKEY"), "{message}");
 }

@@ -373,7 +373,8 @@ authorization {
         allow_responses: true } },
     { user: deployer, password: d, permissions: {
         publish: { allow: ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$O.mycelium_artifacts.>",
-                           "$KV.mycelium_functions.>", "function.>", "$SRV.>"] },
+                           "$KV.mycelium_functions.>", "$KV.mycelium_secrets.>", "function.>",
+                           "$SRV.>"] },
         subscribe: { allow: ["_INBOX.>"] } } }
   ]
 }
@@ -443,6 +444,27 @@ async fn a_jetstream_runtime_works_with_its_documented_permissions() {
         "response-g2"
     );
     assert_eq!(runtime.shutdown().await.abandoned, 0);
+
+    // Secrets: the deployer seals and stores; the runtime reads the bucket and opens what it
+    // holds with these permissions (announcing its key, optional, would need a publish more).
+    let key = mycelium_client::RuntimeKey::generate();
+    let secret: mycelium_core::secret::SecretName = "db".parse().unwrap();
+    deployer
+        .secrets()
+        .await
+        .unwrap()
+        .set(&secret, "db-password-value", Some(&key.public_key()))
+        .await
+        .unwrap();
+    let runtime_nats = as_user("runtime", "rt").connect_nats().await.unwrap();
+    let store = mycelium_client::SecretStore::open(runtime_nats, "mycelium_secrets", 1)
+        .await
+        .unwrap();
+    let catalog = store.catalog().await.unwrap();
+    assert_eq!(
+        key.open(&catalog.get(&secret).unwrap()).unwrap(),
+        "db-password-value"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

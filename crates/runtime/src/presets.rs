@@ -184,17 +184,33 @@ async fn open_secrets(
     let store = SecretStore::open(client, &config.secrets_bucket, config.replicas)
         .await
         .map_err(failed)?;
+    // Announcing is a convenience for deployers (`secret set` without --public-xkey), done
+    // before the runtime answers so that `up` is ready for `secret set` when it says so; bounded,
+    // because a runtime without the permission to write the bucket gets no reply, and it still
+    // opens secrets.
     match key {
-        Some(key) => match store.announce(key).await.map_err(failed)? {
-            None => {
-                tracing::info!(public_xkey = %key.public_key(), "secrets are sealed for this runtime's xkey")
+        Some(key) => {
+            let announced =
+                tokio::time::timeout(std::time::Duration::from_secs(2), store.announce(key)).await;
+            match announced {
+                Ok(Ok(None)) => {
+                    tracing::info!(public_xkey = %key.public_key(), "secrets are sealed for this runtime's xkey")
+                }
+                Ok(Ok(Some(announced))) => tracing::warn!(
+                    public_xkey = %key.public_key(), announced = %announced,
+                    "this runtime's xkey is not the one secrets are sealed for (announced in {}): functions naming those secrets will fail secret_unavailable here; give every runtime the same --xkey-seed-file",
+                    config.secrets_bucket
+                ),
+                Ok(Err(error)) => tracing::warn!(
+                    public_xkey = %key.public_key(), error = %mycelium_core::Chain(&error),
+                    "could not announce this runtime's public xkey; deployers need `mycelium secret set --public-xkey` with it"
+                ),
+                Err(_) => tracing::warn!(
+                    public_xkey = %key.public_key(),
+                    "announcing this runtime's public xkey got no answer in 2 s (no permission to publish to the secrets bucket?); deployers need `mycelium secret set --public-xkey` with it"
+                ),
             }
-            Some(announced) => tracing::warn!(
-                public_xkey = %key.public_key(), announced = %announced,
-                "this runtime's xkey is not the one secrets are sealed for (announced in {}): functions naming those secrets will fail secret_unavailable here; give every runtime the same --xkey-seed-file",
-                config.secrets_bucket
-            ),
-        },
+        }
         None => tracing::debug!(
             "no xkey: functions that name secrets fail secret_unavailable (give --xkey-seed-file)"
         ),

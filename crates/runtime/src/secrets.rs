@@ -24,6 +24,8 @@ const MAX_CACHED: usize = 4096;
 /// function that names a secret fails `secret_unavailable` with a message that says why.
 pub struct Secrets {
     catalog: Option<SecretCatalog>,
+    /// The catalog's revision, read on each call of a function with secrets.
+    revision: Option<tokio::sync::watch::Receiver<u64>>,
     key: Option<RuntimeKey>,
     cache: Mutex<Cache>,
 }
@@ -46,6 +48,7 @@ impl Secrets {
     /// Secrets from `catalog`, opened with `key`.
     pub fn new(catalog: Option<SecretCatalog>, key: Option<RuntimeKey>) -> Self {
         Self {
+            revision: catalog.as_ref().map(SecretCatalog::changes),
             catalog,
             key,
             cache: Mutex::default(),
@@ -63,9 +66,9 @@ impl Secrets {
             return Ok(SecretEnv::default());
         }
         let revision = self
-            .catalog
+            .revision
             .as_ref()
-            .map_or(0, |catalog| *catalog.changes().borrow());
+            .map_or(0, |revision| *revision.borrow());
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(resolved) = cache.envs.get(&metadata.name) {
             if resolved.revision == revision && resolved.version == metadata.version {
