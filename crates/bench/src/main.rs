@@ -29,13 +29,14 @@ use mycelium_registry::{
 };
 use serde::Serialize;
 
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 15] = [
     "nats-echo",
     "builtin",
     "binding",
     "async",
     "trigger",
     "plugin-rust",
+    "plugin-secret",
     "plugin-go",
     "go-host",
     "wasm",
@@ -72,7 +73,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-secret (the Rust example naming a secret), plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -344,6 +345,7 @@ fn shot_for(scenario: &str, data: &str, asynchronous: Option<Arc<AsyncResults>>)
             }
         }
         "plugin-rust" => invoke("bench-rust"),
+        "plugin-secret" => invoke("bench-rust-secret"),
         "plugin-go" => invoke("bench-go"),
         "wasm" => invoke("bench-wasm"),
         "wasm-c" => invoke("bench-wasm-c"),
@@ -548,6 +550,11 @@ async fn start_stack(args: &Args) -> Result<(Stack, String)> {
         .arg(dir.path().join("plugins"))
         .args(&args.serve_args)
         .env("RUST_LOG", &args.runtime_log)
+        // A key of its own, so the `plugin-secret` scenario has secrets to open.
+        .env(
+            "MYCELIUM_XKEY_SEED",
+            mycelium_registry::RuntimeKey::generate().seed(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -639,7 +646,6 @@ async fn deploy_and_wait(
     name: &str,
     source: ArtifactSource,
 ) -> Result<Duration> {
-    let start = Instant::now();
     let spec = match &source {
         ArtifactSource::Bytes(bytes)
             if mycelium_registry::kind_of_binary(bytes) == mycelium_core::FunctionKind::Wasm =>
@@ -648,6 +654,18 @@ async fn deploy_and_wait(
         }
         _ => DeploySpec::plugin(name.parse()?, source),
     };
+    deploy_spec_and_wait(registry, nats, spec).await
+}
+
+/// Deploys `spec` and waits until an invocation succeeds.
+async fn deploy_spec_and_wait(
+    registry: &NatsRegistry,
+    nats: &async_nats::Client,
+    spec: DeploySpec,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let name = spec.name.to_string();
+    let name = name.as_str();
     registry
         .deploy(spec)
         .await
@@ -803,14 +821,43 @@ async fn main() -> Result<()> {
         }
         available.push("trigger");
     }
-    if wanted("plugin-rust") || wanted("cold-start") || wanted("deploy") {
+    if wanted("plugin-rust") || wanted("plugin-secret") || wanted("cold-start") || wanted("deploy")
+    {
         let rust = args
             .rust_plugin
             .clone()
             .unwrap_or_else(|| sibling("mycelium-example-plugin"));
         if rust.is_file() {
-            deploy_and_wait(&registry, &nats, "bench-rust", ArtifactSource::File(rust)).await?;
+            deploy_and_wait(
+                &registry,
+                &nats,
+                "bench-rust",
+                ArtifactSource::File(rust.clone()),
+            )
+            .await?;
             available.push("plugin-rust");
+            if wanted("plugin-secret") {
+                // The same plugin naming a secret: what opening and delivering it costs a call.
+                let client = mycelium_client::Client::new(nats.clone());
+                let secret: mycelium_core::secret::SecretName = "bench-token".parse()?;
+                match client
+                    .secrets()
+                    .await?
+                    .set(&secret, "bench-secret-value", None)
+                    .await
+                {
+                    Ok(_) => {
+                        let mut spec = DeploySpec::plugin(
+                            "bench-rust-secret".parse()?,
+                            ArtifactSource::File(rust),
+                        );
+                        spec.secrets.insert("BENCH_TOKEN".into(), secret);
+                        deploy_spec_and_wait(&registry, &nats, spec).await?;
+                        available.push("plugin-secret");
+                    }
+                    Err(error) => eprintln!("plugin-secret: skipped, {error}"),
+                }
+            }
         } else {
             eprintln!("plugin-rust: skipped, {} is missing (cargo build --release -p mycelium-example-plugin)", rust.display());
         }
@@ -878,6 +925,7 @@ async fn main() -> Result<()> {
         "async",
         "trigger",
         "plugin-rust",
+        "plugin-secret",
         "plugin-go",
         "wasm",
         "wasm-c",

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock},
 };
 
 use mycelium_core::{
@@ -27,7 +27,7 @@ pub struct Secrets {
     /// The catalog's revision, read on each call of a function with secrets.
     revision: Option<tokio::sync::watch::Receiver<u64>>,
     key: Option<RuntimeKey>,
-    cache: Mutex<Cache>,
+    cache: RwLock<Cache>,
 }
 
 #[derive(Default)]
@@ -51,7 +51,7 @@ impl Secrets {
             revision: catalog.as_ref().map(SecretCatalog::changes),
             catalog,
             key,
-            cache: Mutex::default(),
+            cache: RwLock::default(),
         }
     }
 
@@ -69,12 +69,17 @@ impl Secrets {
             .revision
             .as_ref()
             .map_or(0, |revision| *revision.borrow());
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(resolved) = cache.envs.get(&metadata.name) {
-            if resolved.revision == revision && resolved.version == metadata.version {
-                return resolved.outcome.clone();
+        // Every call of the function reads; only a change of the bucket (or a new version)
+        // writes.
+        {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(resolved) = cache.envs.get(&metadata.name) {
+                if resolved.revision == revision && resolved.version == metadata.version {
+                    return resolved.outcome.clone();
+                }
             }
         }
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         let outcome = self.resolve(metadata, &mut cache);
         if let Err(error) = &outcome {
             // Once per change, not per call: the outcome is kept until the bucket changes.
