@@ -85,16 +85,7 @@ impl Fixture {
 
     /// `mycelium ARGS...` with `stdin`, its output kept for the final search.
     fn cli_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = mycelium()
-            .args(["--nats-url", &self.server.url()])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let output = child.wait_with_output().unwrap();
+        let output = run_with_stdin(&self.server.url(), args, stdin);
         let mut outputs = self.outputs.lock().unwrap();
         outputs.extend_from_slice(&output.stdout);
         outputs.extend_from_slice(&output.stderr);
@@ -126,6 +117,26 @@ impl Fixture {
         data(&reply.unwrap()[0])["pid"].as_u64().unwrap()
     }
 
+    /// Waits until the runtime knows each of `functions` (its registry watch has the deploys).
+    async fn known(&self, functions: &[&str]) {
+        for function in functions {
+            eventually(Duration::from_secs(30), || async {
+                self.client.describe(function, None).await.ok()
+            })
+            .await;
+        }
+    }
+
+    /// The environment the `env` guest deployed as `wasm-secret` sees, `|`-separated.
+    async fn wasm_env(&self, id: &str) -> String {
+        let reply = self
+            .client
+            .invoke("wasm-secret", event(id, json!({})))
+            .await
+            .unwrap();
+        data(&reply[0]).as_str().unwrap().to_owned()
+    }
+
     fn wasm(&self) -> PathBuf {
         let path = self.dir.path().join("env.wasm");
         std::fs::write(&path, wasm_guest("env")).unwrap();
@@ -152,6 +163,20 @@ impl Fixture {
         bytes.extend(files_under(self.server.dir()));
         bytes
     }
+}
+
+/// `mycelium --nats-url URL ARGS...` with `stdin`, to its end.
+fn run_with_stdin(url: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = mycelium()
+        .args(["--nats-url", url])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn files_under(dir: &Path) -> Vec<u8> {
@@ -235,20 +260,18 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         "DB_PASSWORD=db-password",
     ]));
 
-    assert_eq!(
-        f.getenv("with-secret", "DB_PASSWORD").await,
-        Ok(json!(FIRST))
-    );
+    f.known(&["with-secret", "without-secret", "wasm-secret"])
+        .await;
+    // The runtime's watch of the secrets bucket may lag the deploys' by a moment.
+    eventually(Duration::from_secs(30), || async {
+        (f.getenv("with-secret", "DB_PASSWORD").await == Ok(json!(FIRST))).then_some(())
+    })
+    .await;
     assert_eq!(
         f.getenv("without-secret", "DB_PASSWORD").await,
         Ok(Value::Null)
     );
-    let wasm_env = f
-        .client
-        .invoke("wasm-secret", event("w1", json!({})))
-        .await
-        .unwrap();
-    let wasm_env = data(&wasm_env[0]).as_str().unwrap().to_owned();
+    let wasm_env = f.wasm_env("w1").await;
     assert!(
         wasm_env
             .split('|')
@@ -307,16 +330,9 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         f.getenv("without-secret", "DB_PASSWORD").await,
         Ok(Value::Null)
     );
-    let wasm_env = f
-        .client
-        .invoke("wasm-secret", event("w2", json!({})))
-        .await
-        .unwrap();
+    let wasm_env = f.wasm_env("w2").await;
     assert!(
-        data(&wasm_env[0])
-            .as_str()
-            .unwrap()
-            .contains(&format!("DB_PASSWORD={SECOND}")),
+        wasm_env.contains(&format!("DB_PASSWORD={SECOND}")),
         "the WebAssembly instance has the old value"
     );
 
@@ -399,6 +415,7 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
         "TOKEN=api-token",
     ]));
     succeeded(&f.cli(&["deploy", "plain", plugin]));
+    f.known(&["needs-token", "plain"]).await;
     let message = stderr_of(&f.cli(&["invoke", "needs-token", "--type", "echo"]));
     assert!(
         message.starts_with("error[secret_unavailable]"),
@@ -431,7 +448,10 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
 
     // Sealed for this runtime, then altered in the bucket: refused, by name.
     succeeded(&f.cli_with_stdin(&["secret", "set", "api-token"], FIRST.as_bytes()));
-    assert_eq!(f.getenv("needs-token", "TOKEN").await, Ok(json!(FIRST)));
+    eventually(Duration::from_secs(30), || async {
+        (f.getenv("needs-token", "TOKEN").await == Ok(json!(FIRST))).then_some(())
+    })
+    .await;
     let js = jetstream::new(f.server.connect().await);
     let kv = js.get_key_value("mycelium_secrets").await.unwrap();
     let mut record: Value =
@@ -504,18 +524,7 @@ async fn a_runtime_that_cannot_open_a_secret_says_which_and_runs_everything_else
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_set_needs_a_value_and_a_key_to_seal_for() {
     let server = NatsServer::start();
-    let cli = |args: &[&str], stdin: &[u8]| {
-        let mut child = mycelium()
-            .args(["--nats-url", &server.url()])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let cli = |args: &[&str], stdin: &[u8]| run_with_stdin(&server.url(), args, stdin);
     // No runtime has announced a key yet.
     let message = stderr_of(&cli(&["secret", "set", "db"], b"value"));
     assert!(message.starts_with("error[no_xkey]"), "{message}");
