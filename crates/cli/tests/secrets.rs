@@ -314,8 +314,26 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         "{wasm_logged}"
     );
 
-    // Rotation: the next process gets the new value; the old process is let go.
+    // Rotation: the next process gets the new value; a call in flight finishes on the old
+    // one, which then stops.
     let old_pid = f.pid("with-secret").await;
+    let in_flight = {
+        let client = f.client.clone();
+        tokio::spawn(async move {
+            client
+                .invoke("with-secret", call("sleep", json!({"ms": 3000})))
+                .await
+        })
+    };
+    eventually(Duration::from_secs(30), || async {
+        let stats = f.client.stats(Duration::from_secs(1)).await.ok()?;
+        let row = stats
+            .functions
+            .iter()
+            .find(|r| r.function == "with-secret")?;
+        (row.in_flight == 1).then_some(())
+    })
+    .await;
     assert!(f.set_secret("db-password", SECOND).contains(": v2 "));
     eventually(Duration::from_secs(30), || async {
         (f.getenv("with-secret", "DB_PASSWORD").await == Ok(json!(SECOND))).then_some(())
@@ -326,6 +344,18 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         old_pid,
         "the same process kept running"
     );
+    let finished = in_flight.await.unwrap().expect("the call in flight failed");
+    assert_eq!(
+        data(&finished[0])["pid"],
+        json!(old_pid),
+        "it ran on the old process"
+    );
+    eventually(Duration::from_secs(30), || async {
+        (!common::is_alive(old_pid as u32)).then_some(())
+    })
+    .await;
+    succeeded(&f.cli(&["stats"]));
+    succeeded(&f.cli(&["stats", "--json"]));
     assert_eq!(
         f.getenv("without-secret", "DB_PASSWORD").await,
         Ok(Value::Null)
