@@ -103,6 +103,9 @@ struct Shared {
 pub struct PluginExecutor {
     shared: Arc<Shared>,
     pools: Mutex<HashMap<(FunctionName, u64), Arc<PluginPool>>>,
+    /// Pools a rotation of their secrets superseded, until they have drained (counted and
+    /// stopped with the others).
+    draining: Mutex<Vec<Weak<PluginPool>>>,
 }
 
 impl PluginExecutor {
@@ -148,6 +151,7 @@ impl PluginExecutor {
                 }),
             }),
             pools: Mutex::default(),
+            draining: Mutex::default(),
         }
     }
 
@@ -171,6 +175,9 @@ impl PluginExecutor {
             }
             tracing::info!(function = %metadata.name, version = metadata.version, secrets = ?secrets, "a secret changed: new plugin processes take the calls, the old ones drain");
             pool.superseded.store(true, Ordering::Relaxed);
+            let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+            draining.retain(|pool| pool.upgrade().is_some_and(|pool| !pool.is_finished()));
+            draining.push(Arc::downgrade(pool));
         }
         pools.retain(|_, pool| !pool.is_finished());
         let pool = PluginPool::new(metadata.clone(), secrets.clone(), self.shared.clone());
@@ -206,14 +213,28 @@ impl PluginExecutor {
     /// Processes running now, over all pools.
     pub fn process_count(&self) -> usize {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools.values().map(|pool| pool.process_count()).sum()
+        let draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .values()
+            .map(|pool| pool.process_count())
+            .sum::<usize>()
+            + draining
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|pool| pool.process_count())
+                .sum::<usize>()
     }
 
     /// Stops every plugin process.
     pub async fn shutdown(&self) {
         let pools: Vec<Arc<PluginPool>> = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-            pools.drain().map(|(_, pool)| pool).collect()
+            let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+            pools
+                .drain()
+                .map(|(_, pool)| pool)
+                .chain(draining.drain(..).filter_map(|pool| pool.upgrade()))
+                .collect()
         };
         for pool in pools {
             pool.stop_all().await;
