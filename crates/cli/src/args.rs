@@ -527,8 +527,8 @@ pub struct RuntimeArgs {
     /// Idle plugin processes stop after this long (scale to zero).
     #[arg(long, env = "MYCELIUM_PLUGIN_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
     pub plugin_idle_timeout: Duration,
-    /// Output lines per second one plugin function may log; the excess is dropped and
-    /// counted in a record of its own.
+    /// Output lines per second one plugin or WebAssembly function may log; the excess is
+    /// dropped and counted in a record of its own.
     #[arg(long, env = "MYCELIUM_PLUGIN_LOG_LINES", default_value_t = 1000)]
     pub plugin_log_lines: u32,
     /// Run plugin processes without control groups of their own even where they can be made

@@ -5,11 +5,12 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
+pub use mycelium_core::logs::OutputBudget;
 use mycelium_core::{
-    logs::{LogRecord, LogSink},
+    logs::{Admit, LogRecord, LogSink},
     secret::{SecretEnv, MIN_REDACTED_LEN},
     FunctionName,
 };
@@ -21,66 +22,6 @@ use crate::host::ProcessConfig;
 pub(crate) const MAX_LINE: usize = 8 * 1024;
 /// Lines of stderr kept for error messages.
 pub(crate) const STDERR_TAIL: usize = 20;
-
-/// A function's allowance of output lines per second, shared by its processes. Lines beyond
-/// it are dropped, and the next line let through is preceded by one record counting them: a
-/// plugin printing in a loop must not flood the runtime's log, its CPU, or the log stream
-/// every function shares.
-#[derive(Debug)]
-pub struct OutputBudget {
-    lines_per_second: u32,
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Debug)]
-struct BudgetState {
-    window: Instant,
-    used: u32,
-    dropped: u64,
-}
-
-/// What to do with one line.
-enum Admit {
-    /// Log it, after a record of the `dropped` lines before it (when not 0).
-    Pass {
-        dropped: u64,
-    },
-    Drop,
-}
-
-impl OutputBudget {
-    /// An allowance of `lines_per_second` (at least 1).
-    pub fn new(lines_per_second: u32) -> Arc<Self> {
-        Arc::new(Self {
-            lines_per_second: lines_per_second.max(1),
-            state: Mutex::new(BudgetState {
-                window: Instant::now(),
-                used: 0,
-                dropped: 0,
-            }),
-        })
-    }
-
-    fn admit(&self) -> Admit {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.window.elapsed() >= Duration::from_secs(1) {
-            state.window = Instant::now();
-            state.used = 0;
-        }
-        if state.used >= self.lines_per_second {
-            state.dropped += 1;
-            return Admit::Drop;
-        }
-        state.used += 1;
-        Admit::Pass {
-            dropped: std::mem::take(&mut state.dropped),
-        }
-    }
-
-    fn take_dropped(&self) -> u64 {
-        std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).dropped)
-    }
-}
 
 /// Secret texts to cut from plugin output before it reaches a caller in an error message:
 /// callers of a function are not necessarily its deployer, and a plugin that prints its
@@ -200,7 +141,7 @@ impl Output {
         if line.is_empty() {
             return;
         }
-        match self.budget.admit() {
+        match self.budget.admit(Instant::now()) {
             Admit::Drop => {}
             Admit::Pass { dropped } => {
                 self.report_dropped(dropped);
@@ -219,10 +160,7 @@ impl Output {
             self.emit(Line {
                 stream: "stderr",
                 level: "warn",
-                message: format!(
-                    "{dropped} lines dropped: the function's output exceeded {} lines per second",
-                    self.budget.lines_per_second
-                ),
+                message: self.budget.dropped_message(dropped),
                 invocation_id: None,
                 trace_id: None,
             });

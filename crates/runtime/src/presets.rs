@@ -44,8 +44,9 @@ pub struct Assembly {
     /// How plugin processes are run.
     pub plugins: PoolSettings,
     /// How WebAssembly functions are run (their compiled modules are kept in the binary
-    /// cache, beside the modules). `max_instances` is at most `config.max_in_flight`, and the
-    /// trusted signers are the plugins' (one list of trusted keys for every binary).
+    /// cache, beside the modules). `max_instances` is at most `config.max_in_flight`; the
+    /// trusted signers and the log lines per second are the plugins' (one setting of each for
+    /// every kind).
     pub wasm: WasmSettings,
     /// The private xkey that opens the secrets functions name (`--xkey-seed-file`); without
     /// one, functions that name secrets fail `secret_unavailable`. Its public half is
@@ -114,6 +115,8 @@ impl Assembly {
         wasm_settings
             .trusted_signers
             .clone_from(&self.plugins.trusted_signers);
+        // One log budget setting for every kind that prints.
+        wasm_settings.log_lines_per_second = self.plugins.log_lines_per_second;
         let wasm = Arc::new(WasmExecutor::new(
             registry.clone(),
             cache()?,

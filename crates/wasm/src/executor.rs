@@ -30,6 +30,9 @@ pub struct WasmSettings {
     pub max_output_bytes: usize,
     /// Bytes of stderr kept from one call for the function's logs; the rest is cut.
     pub max_log_bytes: usize,
+    /// Lines per second one function's instances may log together; the excess is dropped and
+    /// counted in a record of its own (as for plugins).
+    pub log_lines_per_second: u32,
     /// How often running guests are interrupted to yield and check their deadline.
     pub epoch_tick: Duration,
     /// Public NKeys whose signatures this runtime trusts; when any are set, modules that are
@@ -45,6 +48,7 @@ impl Default for WasmSettings {
             max_memory_mb: 4096,
             max_output_bytes: 4 << 20,
             max_log_bytes: 64 << 10,
+            log_lines_per_second: 1000,
             epoch_tick: Duration::from_millis(10),
             trusted_signers: Vec::new(),
         }

@@ -7,7 +7,7 @@ use std::{
 
 use bytes::Bytes;
 use mycelium_core::{
-    logs::{LogRecord, PLUGIN_OUTPUT_TARGET},
+    logs::{Admit, LogRecord, OutputBudget, PLUGIN_OUTPUT_TARGET},
     secret::SecretEnv,
     ErrorCode, Event, Function, FunctionError, FunctionMetadata, InvocationContext, ProtocolError,
 };
@@ -33,6 +33,8 @@ pub struct WasmFunction {
     loaded: tokio::sync::OnceCell<Loaded>,
     /// Why the module can never run (it does not compile, say): answered at once afterwards.
     unusable: OnceLock<ProtocolError>,
+    /// The log lines per second its instances share.
+    log_budget: Arc<OutputBudget>,
 }
 
 /// A module ready to instantiate.
@@ -59,6 +61,7 @@ impl std::error::Error for Interrupted {}
 impl WasmFunction {
     pub(crate) fn new(metadata: Arc<FunctionMetadata>, shared: Arc<Shared>) -> Self {
         Self {
+            log_budget: OutputBudget::new(shared.settings.log_lines_per_second),
             metadata,
             shared,
             loaded: tokio::sync::OnceCell::new(),
@@ -223,20 +226,33 @@ impl WasmFunction {
         }
         let (function, version) = (&self.metadata.name, self.metadata.version);
         let trace_id = ctx.trace().map(|t| t.trace_id().to_owned());
+        let record = |level: &str, message: String| {
+            if let Some(sink) = sink {
+                let mut record =
+                    LogRecord::now(level, function.clone(), version, "stderr", message);
+                record.invocation_id = Some(ctx.invocation_id().to_owned());
+                record.trace_id.clone_from(&trace_id);
+                sink.record(record);
+            }
+        };
+        let now = Instant::now();
         for message in lines {
+            match self.log_budget.admit(now) {
+                Admit::Drop => continue,
+                Admit::Pass { dropped } if dropped > 0 => {
+                    let counted = self.log_budget.dropped_message(dropped);
+                    tracing::warn!(target: PLUGIN_OUTPUT_TARGET, function = %function, version, "{counted}");
+                    record("warn", counted);
+                }
+                Admit::Pass { .. } => {}
+            }
             tracing::info!(
                 target: PLUGIN_OUTPUT_TARGET,
                 function = %function, version, stream = "stderr",
                 invocation_id = ctx.invocation_id(),
                 "{message}"
             );
-            if let Some(sink) = sink {
-                let mut record =
-                    LogRecord::now("info", function.clone(), version, "stderr", message);
-                record.invocation_id = Some(ctx.invocation_id().to_owned());
-                record.trace_id.clone_from(&trace_id);
-                sink.record(record);
-            }
+            record("info", message);
         }
     }
 

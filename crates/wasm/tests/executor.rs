@@ -273,6 +273,68 @@ async fn a_trap_fails_only_its_own_call_and_its_stderr_reaches_the_logs() {
 }
 
 #[tokio::test]
+async fn a_functions_log_lines_are_rate_limited_across_its_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(MemoryRegistry::new());
+    let executor = WasmExecutor::new(
+        registry.clone(),
+        ArtifactCache::new(dir.path().join("cache"), 1 << 30).unwrap(),
+        WasmSettings {
+            max_instances: 4,
+            log_lines_per_second: 5,
+            ..WasmSettings::default()
+        },
+        None,
+    );
+    let logs = Arc::new(Logs::default());
+    executor.set_log_sink(logs.clone());
+    let spec = DeploySpec::wasm(
+        "chatty".parse().unwrap(),
+        ArtifactSource::Bytes(Bytes::from(wasm_guest("chatty"))),
+    );
+    let chatty = registry.deploy(spec).await.unwrap();
+    let function = executor.function(&chatty);
+    let call = |id: &'static str| {
+        let ctx = context(
+            &chatty,
+            id,
+            Instant::now() + Duration::from_secs(60),
+            CancellationToken::new(),
+        );
+        function.execute(event(id, serde_json::json!({})), ctx)
+    };
+    let records = |logs: &Logs| -> Vec<(String, String)> {
+        logs.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.message.clone(), r.invocation_id.clone().unwrap()))
+            .collect()
+    };
+    let line = |id: &str| ("chatty line".to_owned(), id.to_owned());
+    // One call's lines share one instant: 5 of its 20 pass.
+    assert!(call("c1").await.unwrap().is_empty());
+    assert_eq!(records(&logs), vec![line("c1"); 5]);
+    // The budget is the function's, not the call's: a second call in the same second logs
+    // nothing; in the next one, it first says how many were dropped.
+    assert!(call("c2").await.unwrap().is_empty());
+    let after = records(&logs);
+    let next_window = [
+        vec![line("c1"); 5],
+        vec![(
+            "15 lines dropped: the function's output exceeded 5 lines per second".to_owned(),
+            "c2".to_owned(),
+        )],
+        vec![line("c2"); 5],
+    ]
+    .concat();
+    assert!(
+        after == vec![line("c1"); 5] || after == next_window,
+        "{after:?}"
+    );
+}
+
+#[tokio::test]
 async fn output_past_the_limit_is_dropped_with_a_clear_error() {
     let host = Host::new();
     let flood = host.deploy("flood").await;
