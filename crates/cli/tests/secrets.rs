@@ -371,7 +371,15 @@ async fn secrets_reach_only_the_functions_that_name_them_and_are_never_printed()
         .lines()
         .find(|l| l.starts_with("db-password"))
         .unwrap();
-    assert_eq!(row.split_whitespace().nth(1), Some("v2"), "{listed}");
+    // Columns line up under the header.
+    assert!(
+        listed.starts_with(&format!("{:<32} {:>7}  UPDATED\n", "NAME", "VERSION")),
+        "{listed}"
+    );
+    assert!(
+        row.starts_with(&format!("{:<32} {:>7}  ", "db-password", "v2")),
+        "{listed}"
+    );
     let listed: Value =
         serde_json::from_str(&succeeded(&f.cli(&["secret", "list", "--json"]))).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");

@@ -98,7 +98,8 @@ impl<'de> Deserialize<'de> for SecretName {
 
 impl fmt::Display for SecretName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        // `pad`, so tables can align names with `{:<32}`.
+        f.pad(&self.0)
     }
 }
 
@@ -221,6 +222,14 @@ mod tests {
             version,
             value.to_owned(),
         )])
+    }
+
+    #[test]
+    fn names_line_up_in_tables() {
+        assert_eq!(
+            format!("[{:<6}]", SecretName::new("db").unwrap()),
+            "[db    ]"
+        );
     }
 
     #[test]
