@@ -188,7 +188,7 @@ fn build_example(script: &str, out: &Path, args: &[&str], required: &str, what: 
 }
 
 /// The test guest `guests/<name>.wat` as a WebAssembly module: WASI preview 1 programs with
-/// one behaviour each (echo, counter, spin, grow, trap, flood, open, exit, env), written in
+/// one behaviour each (echo, counter, spin, grow, trap, flood, open, exit, env, chatty), written in
 /// WAT so the executor's edge cases are tested on any machine.
 pub fn wasm_guest(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guests/{name}.wat"));
