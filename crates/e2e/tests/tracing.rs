@@ -70,7 +70,9 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
 
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let key = mycelium_client::RuntimeKey::generate();
     let assembled = Assembly {
+        xkey: Some(key.clone()),
         config: RuntimeConfig {
             prestart_plugins: false,
             ..RuntimeConfig::default()
@@ -197,6 +199,51 @@ async fn a_trace_crosses_nats_the_runtime_and_a_plugin() {
         ids["invocationId"].as_str()
     );
     assert_eq!(record.trace_id.as_deref(), Some(trace.trace_id()));
+
+    // 6. A function's secret reaches it and no span: not its attributes, events or names.
+    const SECRET: &str = "trace-secret-value-5d1e";
+    let secret: mycelium_core::secret::SecretName = "token".parse().unwrap();
+    client
+        .secrets()
+        .await
+        .unwrap()
+        .set(&secret, SECRET, Some(&key.public_key()))
+        .await
+        .unwrap();
+    let mut spec = mycelium_client::DeploySpec::plugin(
+        "secretive".parse().unwrap(),
+        mycelium_client::ArtifactSource::File(TEST_PLUGIN.into()),
+    );
+    spec.secrets.insert("TOKEN".into(), secret);
+    use mycelium_client::RegistryAdmin;
+    let secretive = registry.deploy(spec).await.unwrap();
+    assert!(
+        registry
+            .wait_for_active(&secretive.name, secretive.version, Duration::from_secs(30))
+            .await
+    );
+    let getenv = EventBuilderV10::new()
+        .id("s")
+        .source("e2e")
+        .ty("getenv")
+        .data("application/json", json!({"name": "TOKEN"}))
+        .build()
+        .unwrap();
+    // The runtime's watch of the secrets bucket may lag the deploy's by a moment.
+    mycelium_test_support::eventually(Duration::from_secs(30), || async {
+        let events = client
+            .invoke_with("secretive", &getenv, InvokeOptions::default())
+            .await
+            .ok()?;
+        (events[0].data() == Some(&Data::Json(json!({"value": SECRET})))).then_some(())
+    })
+    .await;
+    let exported = format!("{:?}", exporter.get_finished_spans().unwrap());
+    assert!(
+        exported.contains("secretive"),
+        "the call's spans were exported"
+    );
+    assert!(!exported.contains(SECRET), "a span holds the secret");
 
     runtime.shutdown().await;
 }
