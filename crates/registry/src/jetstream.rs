@@ -333,50 +333,16 @@ impl NatsRegistry {
         self.catalog.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads `key`, asks `next` for its new value given the current one (`None`: leave it),
-    /// and writes it only if nobody wrote in between (compare-and-set on the KV revision),
-    /// retrying on conflicts. Returns what `next` decided, or why it could not be written.
-    async fn compare_and_set<T>(
-        &self,
-        key: &str,
-        mut next: impl FnMut(Option<&[u8]>) -> Result<Option<(bytes::Bytes, T)>, BoxError>,
-    ) -> Result<Option<T>, BoxError> {
-        for _ in 0..100 {
-            let entry = self.kv.entry(key).await?;
-            let current = entry.as_ref().filter(|e| e.operation == kv::Operation::Put);
-            let Some((value, decided)) = next(current.map(|e| e.value.as_ref()))? else {
-                return Ok(None);
-            };
-            let conflict = match current {
-                Some(entry) => match self.kv.update(key, value, entry.revision).await {
-                    Ok(_) => false,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => true,
-                    Err(e) => return Err(e.into()),
-                },
-                None => match self.kv.create(key, value).await {
-                    Ok(_) => false,
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
-                    Err(e) => return Err(e.into()),
-                },
-            };
-            if !conflict {
-                return Ok(Some(decided));
-            }
-        }
-        Err("too many concurrent changes to the same function; retry".into())
-    }
-
     /// The next version number of `name`: racing deploys each get their own.
     async fn next_version(&self, name: &FunctionName) -> Result<u64, DeployError> {
-        let allocated = self
-            .compare_and_set(&counter_key(name), |current| {
-                let last = match current {
-                    Some(bytes) => serde_json::from_slice::<Counter>(bytes)?.last,
-                    None => 0,
-                };
-                Ok(Some((json(&Counter { last: last + 1 }), last + 1)))
-            })
-            .await;
+        let allocated = compare_and_set(&self.kv, &counter_key(name), |current| {
+            let last = match current {
+                Some(bytes) => serde_json::from_slice::<Counter>(bytes)?.last,
+                None => 0,
+            };
+            Ok(Some((json(&Counter { last: last + 1 }), last + 1)))
+        })
+        .await;
         allocated
             .and_then(|version| version.ok_or_else(|| "no version was allocated".into()))
             .map_err(|e| {
@@ -390,7 +356,7 @@ impl NatsRegistry {
 
     /// Moves the active pointer to `version` unless a newer version is already active.
     async fn advance_active(&self, name: &FunctionName, version: u64) -> Result<(), DeployError> {
-        self.compare_and_set(&active_key(name), |current| {
+        compare_and_set(&self.kv, &active_key(name), |current| {
             let active = current
                 .and_then(|bytes| serde_json::from_slice::<ActivePointer>(bytes).ok())
                 .map_or(0, |pointer| pointer.version);
@@ -476,6 +442,39 @@ fn json(value: &impl Serialize) -> bytes::Bytes {
 }
 
 /// Loads every current key into the catalog; returns the last revision seen.
+/// Reads `key`, asks `next` for its new value given the current one (`None`: leave it),
+/// and writes it only if nobody wrote in between (compare-and-set on the KV revision),
+/// retrying on conflicts. Returns what `next` decided, or why it could not be written.
+pub(crate) async fn compare_and_set<T>(
+    kv: &kv::Store,
+    key: &str,
+    mut next: impl FnMut(Option<&[u8]>) -> Result<Option<(bytes::Bytes, T)>, BoxError>,
+) -> Result<Option<T>, BoxError> {
+    for _ in 0..100 {
+        let entry = kv.entry(key).await?;
+        let current = entry.as_ref().filter(|e| e.operation == kv::Operation::Put);
+        let Some((value, decided)) = next(current.map(|e| e.value.as_ref()))? else {
+            return Ok(None);
+        };
+        let conflict = match current {
+            Some(entry) => match kv.update(key, value, entry.revision).await {
+                Ok(_) => false,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => true,
+                Err(e) => return Err(e.into()),
+            },
+            None => match kv.create(key, value).await {
+                Ok(_) => false,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if !conflict {
+            return Ok(Some(decided));
+        }
+    }
+    Err(format!("too many concurrent changes to {key}; retry").into())
+}
+
 /// Applies every entry the bucket holds now; the last revision applied (0 when empty).
 pub(crate) async fn load(
     kv: &kv::Store,

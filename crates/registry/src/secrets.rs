@@ -21,7 +21,7 @@ use nkeys::XKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::jetstream::{follow, load};
+use crate::jetstream::{compare_and_set, follow, load};
 
 /// The default bucket of sealed secrets.
 pub const DEFAULT_SECRETS_BUCKET: &str = "mycelium_secrets";
@@ -379,41 +379,29 @@ impl SecretStore {
             })?,
         };
         let key = secret_key(name);
-        for _ in 0..100 {
-            let entry = self
-                .kv
-                .entry(key.as_str())
-                .await
-                .map_err(|e| storage(format!("reading secret \"{name}\""), e))?;
-            let current = entry.filter(|e| e.operation == kv::Operation::Put);
+        // A new version of the box for each try: the version is sealed inside it.
+        let written = compare_and_set(&self.kv, &key, |current| {
             let last = current
-                .as_ref()
-                .and_then(|e| serde_json::from_slice::<SealedSecret>(&e.value).ok())
+                .and_then(|bytes| serde_json::from_slice::<SealedSecret>(bytes).ok())
                 .map_or(0, |sealed| sealed.version);
             let sealed = seal(name, last + 1, value, &recipient)?;
-            let bytes: bytes::Bytes = serde_json::to_vec(&sealed)
-                .expect("plain data serializes")
-                .into();
-            let written = match &current {
-                Some(entry) => match self.kv.update(&key, bytes, entry.revision).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
-                    Err(e) => return Err(storage(format!("writing secret \"{name}\""), e)),
-                },
-                None => match self.kv.create(&key, bytes).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(storage(format!("writing secret \"{name}\""), e)),
-                },
-            };
-            if written {
-                return Ok(SecretInfo::from(&sealed));
-            }
+            let bytes = serde_json::to_vec(&sealed).expect("plain data serializes");
+            Ok(Some((bytes.into(), SecretInfo::from(&sealed))))
+        })
+        .await;
+        match written {
+            Ok(info) => info.ok_or_else(|| {
+                SecretError::new(
+                    SecretErrorKind::Storage,
+                    format!("secret \"{name}\" was not written; retry"),
+                )
+            }),
+            // Sealing's own error (a malformed recipient key) keeps its kind.
+            Err(e) => Err(match e.downcast::<SecretError>() {
+                Ok(sealing) => *sealing,
+                Err(e) => storage(format!("writing secret \"{name}\""), e),
+            }),
         }
-        Err(SecretError::new(
-            SecretErrorKind::Storage,
-            format!("secret \"{name}\" changed under too many concurrent writes; retry"),
-        ))
     }
 
     /// Every secret, sorted by name: names, versions and times, no values.
