@@ -1,10 +1,11 @@
 //! Mycelium's plugin protocol: HashiCorp go-plugin's gRPC protocol with Mycelium's
 //! `Function` service. What a host and a plugin both need, and nothing else: the generated
-//! code, CloudEvent conversion, gRPC's message framing, and the handshake (with its environment
-//! variables).
+//! code, CloudEvent conversion, gRPC's message framing, the handshake (with its environment
+//! variables), and the Unix socket both sides talk over.
 //! The only crate that knows protobuf; plugins link it without the host.
 
 pub mod convert;
 pub mod framing;
 pub mod handshake;
 pub mod proto;
+pub mod socket;

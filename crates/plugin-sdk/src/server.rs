@@ -25,8 +25,8 @@ use mycelium_plugin_protocol::{
         function::ExecuteRequest,
         go_plugin::{Empty, StdioData},
     },
+    socket::UnixConnection,
 };
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tonic_health::pb::{
@@ -48,7 +48,14 @@ pub(crate) async fn serve(listener: tokio::net::UnixListener, services: Arc<Serv
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((io, _)) => {
-                    tokio::spawn(connection(io, services.clone()));
+                    match UnixConnection::new(io) {
+                        Ok(io) => {
+                            tokio::spawn(connection(io, services.clone()));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "registering a connection from the host failed");
+                        }
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "accepting a connection from the host failed");
@@ -60,7 +67,7 @@ pub(crate) async fn serve(listener: tokio::net::UnixListener, services: Arc<Serv
     }
 }
 
-async fn connection(io: UnixStream, services: Arc<Services>) {
+async fn connection(io: UnixConnection, services: Arc<Services>) {
     let handshake = h2::server::Builder::new()
         // Requests up to the message limit arrive without waiting for window updates.
         .initial_window_size(framing::MAX_MESSAGE_BYTES as u32)

@@ -37,9 +37,10 @@ use tonic::{Code, Status};
 use crate::{
     framing::{self, FrameError},
     handshake::{Handshake, Network},
+    socket::UnixConnection,
 };
 
-type Io = Either<UnixStream, TcpStream>;
+type Io = Either<UnixConnection, TcpStream>;
 
 /// A connection to one plugin process; cheap to share between concurrent calls.
 #[derive(Clone)]
@@ -62,7 +63,9 @@ impl PluginChannel {
     /// Connects to the address of `handshake` and starts the background driver.
     pub(crate) async fn connect(handshake: &Handshake) -> Result<Self, std::io::Error> {
         let io = match handshake.network {
-            Network::Unix => Either::Left(UnixStream::connect(&handshake.address).await?),
+            Network::Unix => Either::Left(UnixConnection::new(
+                UnixStream::connect(&handshake.address).await?,
+            )?),
             Network::Tcp => {
                 let stream = TcpStream::connect(&handshake.address).await?;
                 stream.set_nodelay(true)?;
@@ -410,6 +413,26 @@ impl Driver {
         self.drive();
     }
 
+    /// Unregisters a call that has its answer. h2 asks for the connection to be polled when
+    /// the call's stream handles drop (to clean the stream up), which wakes this call as it
+    /// completes: poll the connection right here instead of handing that wake-up on to the
+    /// background task, whose scheduling beside the answer's publication would wake another
+    /// worker thread, once per call.
+    fn finish(self: &Arc<Self>, id: u64) {
+        let woken = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters
+                .list
+                .iter_mut()
+                .find(|w| w.id == id)
+                .is_some_and(|w| std::mem::take(&mut w.woken))
+        };
+        if woken {
+            self.drive();
+        }
+        self.remove_waiter(id);
+    }
+
     /// Unregisters a call, handing on a wake-up it received and did not act on.
     fn remove_waiter(self: &Arc<Self>, id: u64) {
         let woken = {
@@ -466,7 +489,7 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
         }
         if output.is_ready() {
             this.waiter = None;
-            this.driver.remove_waiter(id);
+            this.driver.finish(id);
         }
         output
     }
@@ -571,6 +594,30 @@ mod tests {
         driver.add_waiter(None, &other_waker);
         Waker::from(driver.clone()).wake_by_ref();
         assert_eq!(other.0.load(Ordering::SeqCst), 1, "others are still woken");
+    }
+
+    #[test]
+    fn a_call_woken_as_it_completes_polls_the_connection_itself() {
+        let driver = idle_driver();
+        let (background, background_waker) = counted();
+        *driver.background.lock().unwrap() = Some(background_waker);
+        let (call, call_waker) = counted();
+        let (id, _) = driver.add_waiter(None, &call_waker);
+        // h2 asks for the connection to be polled as the call's stream handles drop.
+        Waker::from(driver.clone()).wake_by_ref();
+        assert_eq!(call.0.load(Ordering::SeqCst), 1);
+        driver.finish(id);
+        assert_eq!(
+            background.0.load(Ordering::SeqCst),
+            0,
+            "not handed on: the call polled the connection"
+        );
+        assert!(driver.waiters.lock().unwrap().list.is_empty());
+        // Without a pending wake-up, finishing hands nothing on either.
+        let (id, _) = driver.add_waiter(None, &call_waker);
+        driver.finish(id);
+        assert_eq!(background.0.load(Ordering::SeqCst), 0);
+        assert_eq!(call.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]

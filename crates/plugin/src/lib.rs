@@ -8,4 +8,4 @@ pub mod host;
 mod output;
 pub mod pool;
 
-pub use mycelium_plugin_protocol::{convert, framing, handshake, proto};
+pub use mycelium_plugin_protocol::{convert, framing, handshake, proto, socket};
