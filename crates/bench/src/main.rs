@@ -79,6 +79,11 @@ struct Args {
     /// Rounds of the cold-start and deploy scenarios.
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Measure the request scenarios this many times, one pass of all of them after another,
+    /// and report each ratio's median over the passes too. A ratio is taken within its pass
+    /// (same minutes), so the machine's drift between passes does not enter it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    passes: u32,
     /// The `mycelium` binary to run the runtime with (default: next to this one).
     #[arg(long)]
     mycelium: Option<PathBuf>,
@@ -137,6 +142,8 @@ struct Outcome {
     scenario: String,
     concurrency: usize,
     mode: &'static str,
+    /// Which pass of `--passes` measured it (0 for the scenarios measured once).
+    pass: u32,
     requests: u64,
     errors: u64,
     throughput_per_s: f64,
@@ -159,6 +166,21 @@ struct Report {
     /// The runtime's memory growth per WebAssembly module deployed and loaded (wasm-density).
     rss_per_wasm_module_kib: Option<f64>,
     outcomes: Vec<Outcome>,
+    /// With `--passes` above 1: each ratio's median (and range) over the passes.
+    medians: Vec<Median>,
+}
+
+/// A ratio taken in each pass, summarised.
+#[derive(Debug, Serialize)]
+struct Median {
+    /// What is compared, e.g. `plugin-rust p50 / nats-echo p50`.
+    ratio: String,
+    concurrency: usize,
+    median: f64,
+    min: f64,
+    max: f64,
+    /// One per pass, in order.
+    passes: Vec<f64>,
 }
 
 /// A request the load generator repeats.
@@ -487,6 +509,7 @@ fn outcome(
         scenario: scenario.to_owned(),
         concurrency,
         mode,
+        pass: 0,
         requests: histogram.len(),
         errors,
         throughput_per_s: histogram.len() as f64 / elapsed.as_secs_f64(),
@@ -625,6 +648,7 @@ fn go_host(host: &Path, plugin: &Path, args: &Args, concurrency: usize) -> Resul
         scenario: "go-host".into(),
         concurrency,
         mode: "closed-loop",
+        pass: 0,
         requests,
         errors: figures["errors"].as_u64().unwrap_or(0),
         throughput_per_s: requests as f64 / args.duration.as_secs_f64(),
@@ -918,64 +942,63 @@ async fn main() -> Result<()> {
 
     let data = "x".repeat(args.payload_size);
     let mut outcomes: Vec<Outcome> = Vec::new();
-    for scenario in [
-        "nats-echo",
-        "builtin",
-        "binding",
-        "async",
-        "trigger",
-        "plugin-rust",
-        "plugin-secret",
-        "plugin-go",
-        "wasm",
-        "wasm-c",
-    ] {
-        if !wanted(scenario) || !available.contains(&scenario) {
-            continue;
-        }
-        let asynchronous = match scenario {
-            "async" => Some(AsyncResults::start(&nats, false).await?),
-            "trigger" => Some(AsyncResults::start(&nats, true).await?),
-            _ => None,
-        };
-        let shot = shot_for(scenario, &data, asynchronous);
-        for &concurrency in &args.concurrency {
-            let (histogram, errors, elapsed, mode) = match args.rate {
-                Some(rate) => {
-                    let (h, e, d) = fixed_rate(
-                        &nats,
-                        &shot,
-                        rate,
-                        concurrency.max(1) * 64,
-                        args.warmup,
-                        args.duration,
-                    )
-                    .await;
-                    (h, e, d, "fixed-rate")
-                }
-                None => {
-                    let (h, e, d) =
-                        closed_loop(&nats, &shot, concurrency, args.warmup, args.duration).await;
-                    (h, e, d, "closed-loop")
-                }
+    for pass in 0..args.passes {
+        for scenario in [
+            "nats-echo",
+            "builtin",
+            "binding",
+            "async",
+            "trigger",
+            "plugin-rust",
+            "plugin-secret",
+            "plugin-go",
+            "wasm",
+            "wasm-c",
+        ] {
+            if !wanted(scenario) || !available.contains(&scenario) {
+                continue;
+            }
+            let asynchronous = match scenario {
+                "async" => Some(AsyncResults::start(&nats, false).await?),
+                "trigger" => Some(AsyncResults::start(&nats, true).await?),
+                _ => None,
             };
-            eprintln!("{scenario} c={concurrency}: {} requests", histogram.len());
-            outcomes.push(outcome(
-                scenario,
-                concurrency,
-                mode,
-                &histogram,
-                errors,
-                elapsed,
-            ));
+            let shot = shot_for(scenario, &data, asynchronous);
+            for &concurrency in &args.concurrency {
+                let (histogram, errors, elapsed, mode) = match args.rate {
+                    Some(rate) => {
+                        let (h, e, d) = fixed_rate(
+                            &nats,
+                            &shot,
+                            rate,
+                            concurrency.max(1) * 64,
+                            args.warmup,
+                            args.duration,
+                        )
+                        .await;
+                        (h, e, d, "fixed-rate")
+                    }
+                    None => {
+                        let (h, e, d) =
+                            closed_loop(&nats, &shot, concurrency, args.warmup, args.duration)
+                                .await;
+                        (h, e, d, "closed-loop")
+                    }
+                };
+                eprintln!("{scenario} c={concurrency}: {} requests", histogram.len());
+                outcomes.push(Outcome {
+                    pass,
+                    ..outcome(scenario, concurrency, mode, &histogram, errors, elapsed)
+                });
+            }
         }
-    }
 
-    if let (Some(host), Some(plugin)) = (&go_host_binary, &go_built) {
-        for &concurrency in &args.concurrency {
-            let outcome = go_host(host, plugin, &args, concurrency)?;
-            eprintln!("go-host c={concurrency}: {} requests", outcome.requests);
-            outcomes.push(outcome);
+        if let (Some(host), Some(plugin)) = (&go_host_binary, &go_built) {
+            for &concurrency in &args.concurrency {
+                let outcome = go_host(host, plugin, &args, concurrency)?;
+                eprintln!("go-host c={concurrency}: {} requests", outcome.requests);
+                outcomes.push(Outcome { pass, ..outcome });
+            }
         }
     }
 
@@ -1090,6 +1113,7 @@ async fn main() -> Result<()> {
                 o.scenario == "nats-echo"
                     && o.concurrency == outcomes[i].concurrency
                     && o.mode == outcomes[i].mode
+                    && o.pass == outcomes[i].pass
             })
             .map(|o| (o.p50_us, o.throughput_per_s));
         if let Some((p50, throughput)) = base {
@@ -1105,6 +1129,11 @@ async fn main() -> Result<()> {
         runtime_rss_idle_kib: rss_idle,
         runtime_rss_end_kib: runtime_pid.and_then(rss_kib),
         rss_per_wasm_module_kib: rss_per_wasm_kib,
+        medians: if args.passes > 1 {
+            medians(&outcomes)
+        } else {
+            Vec::new()
+        },
         outcomes,
     };
     if args.json {
@@ -1114,6 +1143,85 @@ async fn main() -> Result<()> {
     }
     drop(stack);
     Ok(())
+}
+
+/// Each ratio the targets are stated in, per pass, with its median: every scenario against
+/// the echo, those through the runtime against the built-in too (p50 and throughput), and the
+/// runtime's own cost per Go plugin call (plugin-go p50 minus built-in p50) against go-plugin's
+/// own host.
+fn medians(outcomes: &[Outcome]) -> Vec<Median> {
+    let find = |scenario: &str, concurrency: usize, pass: u32| {
+        outcomes.iter().find(|o| {
+            o.scenario == scenario
+                && o.concurrency == concurrency
+                && o.pass == pass
+                && o.mode != "rounds"
+        })
+    };
+    let mut rows: Vec<(String, usize, Vec<f64>)> = Vec::new();
+    let mut add = |ratio: String, concurrency: usize, value: f64| match rows
+        .iter_mut()
+        .find(|(r, c, _)| *r == ratio && *c == concurrency)
+    {
+        Some((_, _, values)) => values.push(value),
+        None => rows.push((ratio, concurrency, vec![value])),
+    };
+    for o in outcomes.iter().filter(|o| o.mode != "rounds") {
+        // Against the echo for everything; against the built-in for what goes through the
+        // runtime (the WebAssembly targets are stated that way).
+        let bases: &[&str] = match o.scenario.as_str() {
+            "nats-echo" => &[],
+            "builtin" | "go-host" => &["nats-echo"],
+            _ => &["nats-echo", "builtin"],
+        };
+        for &base in bases {
+            let Some(b) = find(base, o.concurrency, o.pass) else {
+                continue;
+            };
+            add(
+                format!("{} p50 / {base} p50", o.scenario),
+                o.concurrency,
+                o.p50_us / b.p50_us,
+            );
+            add(
+                format!("{} req/s / {base} req/s", o.scenario),
+                o.concurrency,
+                o.throughput_per_s / b.throughput_per_s,
+            );
+        }
+        if o.scenario == "go-host" {
+            if let (Some(go), Some(builtin)) = (
+                find("plugin-go", o.concurrency, o.pass),
+                find("builtin", o.concurrency, o.pass),
+            ) {
+                add(
+                    "(plugin-go p50 - builtin p50) / go-host p50".into(),
+                    o.concurrency,
+                    (go.p50_us - builtin.p50_us) / o.p50_us,
+                );
+            }
+        }
+    }
+    rows.into_iter()
+        .map(|(ratio, concurrency, passes)| {
+            let mut sorted = passes.clone();
+            sorted.sort_by(f64::total_cmp);
+            let middle = sorted.len() / 2;
+            let median = if sorted.len() % 2 == 0 {
+                (sorted[middle - 1] + sorted[middle]) / 2.0
+            } else {
+                sorted[middle]
+            };
+            Median {
+                ratio,
+                concurrency,
+                median,
+                min: sorted[0],
+                max: sorted[sorted.len() - 1],
+                passes,
+            }
+        })
+        .collect()
 }
 
 fn machine() -> String {
@@ -1169,5 +1277,24 @@ fn print_table(report: &Report) {
             o.scenario, o.concurrency, o.mode, o.requests, o.errors, o.throughput_per_s, o.p50_us, o.p90_us, o.p99_us, o.p999_us, o.max_us,
             ratio(o.p50_ratio), ratio(o.throughput_ratio)
         );
+    }
+    if !report.medians.is_empty() {
+        println!("\nratios over the passes (each taken within one pass):");
+        println!(
+            "{:<46} {:>4} {:>8} {:>8} {:>8}  per pass",
+            "ratio", "c", "median", "min", "max"
+        );
+        for m in &report.medians {
+            let passes: Vec<String> = m.passes.iter().map(|p| format!("{p:.2}")).collect();
+            println!(
+                "{:<46} {:>4} {:>8.2} {:>8.2} {:>8.2}  {}",
+                m.ratio,
+                m.concurrency,
+                m.median,
+                m.min,
+                m.max,
+                passes.join(" ")
+            );
+        }
     }
 }

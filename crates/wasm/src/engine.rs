@@ -41,8 +41,10 @@ impl Machine {
         // are pages given back with madvise, which costs every thread of the runtime a TLB
         // flush. Without the ioctl the first 128 KiB and 16 KiB are rewritten whole
         // (BENCHMARKS.md, issue 16).
+        let before = anonymous_mappings();
         let engine = Engine::new(&config(settings, Enabled::Yes, 2 << 20, 64 << 10))
             .or_else(|_| Engine::new(&config(settings, Enabled::No, 128 << 10, 16 << 10)))?;
+        exclude_from_fork(&before);
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |guest: &mut Guest| &mut guest.wasi)?;
         let ticker = Ticker::spawn(engine.clone(), settings.epoch_tick)?;
@@ -52,6 +54,85 @@ impl Machine {
             linker,
             ticker,
         })
+    }
+}
+
+/// An instance's async stack. An odd size on purpose: the pool's stacks are then told from
+/// thread stacks (2 or 8 MiB) in `/proc/self/maps` (see `exclude_from_fork`).
+const ASYNC_STACK_BYTES: usize = (2 << 20) + (64 << 10);
+
+/// One anonymous mapping of this process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Mapping {
+    start: usize,
+    end: usize,
+    /// Readable and writable (a stack), or neither (a reservation or a guard page).
+    writable: bool,
+}
+
+/// This process's anonymous mappings, from `/proc/self/maps`.
+fn anonymous_mappings() -> Vec<Mapping> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            // offset, device, inode; a path after them means not anonymous.
+            if fields.nth(3).is_some() {
+                return None;
+            }
+            Some(Mapping {
+                start: usize::from_str_radix(start, 16).ok()?,
+                end: usize::from_str_radix(end, 16).ok()?,
+                writable: perms.starts_with("rw"),
+            })
+        })
+        .collect()
+}
+
+/// Keeps the engine's reservations out of forked children. Plugin processes are forked
+/// (their limits are set between fork and exec), and a fork copies every mapping of the
+/// runtime, which exec then tears down: the pool's stacks and their guard pages are two
+/// thousand mappings, which took a plugin's cold start from 4-5 ms to 7-9 ms in a runtime that
+/// had made its WebAssembly engine (BENCHMARKS.md, issue 15). A forked plugin only execs, and
+/// never touches WebAssembly memory. Only mappings made while the engine was made, and shaped
+/// like its reservations (1 GiB or more, or a stack of exactly `ASYNC_STACK_BYTES` and the
+/// guard page under it), are marked: a thread's stack must stay in a child it forks.
+fn exclude_from_fork(before: &[Mapping]) {
+    const LARGE: usize = 1 << 30;
+    let page = 4096;
+    let stack = ASYNC_STACK_BYTES.div_ceil(page) * page;
+    let new: Vec<Mapping> = anonymous_mappings()
+        .into_iter()
+        .filter(|m| !before.contains(m))
+        .collect();
+    let is_stack = |m: &Mapping| m.writable && m.end - m.start == stack;
+    for (i, mapping) in new.iter().enumerate() {
+        let size = mapping.end - mapping.start;
+        let guard_of_stack = !mapping.writable
+            && size == page
+            && new
+                .get(i + 1)
+                .is_some_and(|next| next.start == mapping.end && is_stack(next));
+        if size >= LARGE && !mapping.writable || is_stack(mapping) || guard_of_stack {
+            if let Err(error) = dont_fork(mapping.start, size) {
+                tracing::debug!(%error, "cannot keep a WebAssembly reservation out of forked plugins");
+            }
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn dont_fork(start: usize, length: usize) -> std::io::Result<()> {
+    // SAFETY: `madvise` with `MADV_DONTFORK` changes only what a future fork copies; the
+    // range is a whole mapping read from /proc/self/maps and stays mapped in this process.
+    if unsafe { libc::madvise(start as *mut libc::c_void, length, libc::MADV_DONTFORK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -75,6 +156,7 @@ fn config(
         .pagemap_scan(pagemap);
     let mut config = Config::new();
     config
+        .async_stack_size(ASYNC_STACK_BYTES)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
@@ -197,5 +279,80 @@ pub(crate) struct Running<'a>(&'a Ticker);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.state.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One mapping of `/proc/self/smaps`: where, whether writable, whether forks leave it out.
+    struct Smap {
+        start: usize,
+        end: usize,
+        writable: bool,
+        dont_fork: bool,
+    }
+
+    fn smaps() -> Vec<Smap> {
+        let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut maps: Vec<Smap> = Vec::new();
+        for line in text.lines() {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if let Some(last) = maps.last_mut() {
+                    last.dont_fork = flags.split_whitespace().any(|f| f == "dc");
+                }
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let Some((start, end)) = fields.next().and_then(|r| r.split_once('-')) else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) else {
+                continue;
+            };
+            maps.push(Smap {
+                start,
+                end,
+                writable: fields.next().is_some_and(|p| p.starts_with("rw")),
+                dont_fork: false,
+            });
+        }
+        maps
+    }
+
+    #[test]
+    fn the_pools_stacks_stay_out_of_forked_children_and_thread_stacks_do_not() {
+        let settings = WasmSettings::default();
+        let _machine = Machine::new(&settings).unwrap();
+        let maps = smaps();
+        let stack = ASYNC_STACK_BYTES.div_ceil(4096) * 4096;
+        // Other tests may be making engines of their own meanwhile: count, don't demand all.
+        // The pool's topmost stack merges with the writable mapping above it into one
+        // mapping of another size, copied as one.
+        let excluded_stacks = maps
+            .iter()
+            .filter(|m| m.writable && m.end - m.start == stack && m.dont_fork)
+            .count();
+        assert!(
+            excluded_stacks >= settings.max_instances as usize - 1,
+            "{excluded_stacks} of the pool's stacks left out of forks"
+        );
+        let here = &settings as *const WasmSettings as usize;
+        let own = maps
+            .iter()
+            .find(|m| m.start <= here && here < m.end)
+            .expect("this thread's stack is mapped");
+        assert!(!own.dont_fork, "a thread's stack must stay in its forks");
+        assert!(
+            maps.iter()
+                .filter(|m| !m.dont_fork && m.end - m.start == stack)
+                .count()
+                < 64,
+            "the stacks are what made forks slow"
+        );
     }
 }
