@@ -165,6 +165,23 @@ async fn wasm_modules_deploy_answer_and_fail_cleanly_through_the_cli() {
         assert_eq!(record["source"], "stderr");
         assert!(record["invocationId"].is_string(), "{record}");
     }
+
+    // Counted like any function's calls: one through the CLI and two after the traps; the
+    // traps as failures.
+    let stats: Value = serde_json::from_str(&succeeded(&f.cli(&["stats", "--json"]))).unwrap();
+    let of = |name: &str| {
+        stats["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["function"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} is not in {stats}"))
+    };
+    assert_eq!(of("echo-wasm")["invocations"], 3, "{stats}");
+    assert_eq!(of("echo-wasm")["errors"], 0, "{stats}");
+    assert_eq!(of("trap")["invocations"], 2, "{stats}");
+    assert_eq!(of("trap")["errors"], 2, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
