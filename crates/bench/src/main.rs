@@ -777,6 +777,19 @@ async fn main() -> Result<()> {
     if let Some(url) = &args.serve_echo {
         return serve_echo(url).await;
     }
+    // Interrupted (Ctrl-C, or SIGTERM from a script), the run is dropped, and with it the
+    // processes it started: its `Stack` and echo responder kill theirs as they drop, and the
+    // plugins die with the runtime.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = run(args) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the processes it started are stopped"),
+        _ = terminate.recv() => bail!("terminated; the processes it started are stopped"),
+    }
+}
+
+/// Every scenario asked for, start to report.
+async fn run(args: Args) -> Result<()> {
     for scenario in &args.scenarios {
         if !REQUEST_SCENARIOS.contains(&scenario.as_str())
             && !OTHER_SCENARIOS.contains(&scenario.as_str())
