@@ -214,9 +214,13 @@ async fn kv_changes_arrive_in_order_with_their_operation() {
     let nats = server.connect().await;
     let client = Client::new(nats.clone());
     let js = async_nats::jetstream::new(nats.clone());
+    // History enough for every write below: with one value per key, a change overwritten
+    // while its turn is coming (or while it runs) leaves the stream, and its place in the
+    // one-at-a-time order with it (docs/protocol.md, KV triggers).
     let kv = js
         .create_key_value(async_nats::jetstream::kv::Config {
             bucket: "config".into(),
+            history: 10,
             ..Default::default()
         })
         .await
