@@ -1,6 +1,7 @@
 //! Event triggers against a real nats-server, with runtimes on the JetStream registry: a
-//! subject trigger over two runtimes, KV changes in order, a schedule over three runtimes, a
-//! chain of three functions, and deletion reaching every runtime.
+//! subject trigger over two runtimes, KV changes in order (a failed one holding the next back),
+//! a schedule over three runtimes, a chain of three functions, and deletion reaching every
+//! runtime.
 
 use std::{
     collections::HashMap,
@@ -282,6 +283,101 @@ async fn kv_changes_arrive_in_order_with_their_operation() {
             "delete app.a ",
             "put app.b 2"
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_change_that_fails_keeps_the_next_one_waiting_until_it_succeeds() {
+    use mycelium_core::FunctionError;
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    // What the function saw, in order, with whether it failed.
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = calls.clone();
+    let _runtime = on_jetstream_registry(&nats)
+        .await
+        .builtin(
+            name("flaky"),
+            "fails the first change it sees once",
+            from_fn(move |event: Event, _ctx| {
+                let calls = recorded.clone();
+                async move {
+                    let key = match event.extension("kvkey") {
+                        Some(ExtensionValue::String(key)) => key.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    let mut calls = calls.lock().unwrap();
+                    let first = calls.is_empty();
+                    calls.push(format!("{key}{}", if first { " failed" } else { "" }));
+                    if first {
+                        return Err(FunctionError::new("not yet"));
+                    }
+                    Ok(vec![event])
+                }
+            }),
+        )
+        .build(nats.clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(nats.clone());
+    let js = async_nats::jetstream::new(nats.clone());
+    let kv = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "settings".into(),
+            history: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut results = nats.subscribe("settings.changed").await.unwrap();
+    nats.flush().await.unwrap();
+    client
+        .add_trigger(trigger(
+            "settings-watch",
+            "flaky",
+            TriggerSource::Kv {
+                bucket: "settings".into(),
+                key: None,
+            },
+            Some("settings.changed"),
+        ))
+        .await
+        .unwrap();
+    let stream = js.get_stream("KV_settings").await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move {
+            stream
+                .consumer_info("trigger-settings-watch")
+                .await
+                .ok()
+                .map(drop)
+        }
+    })
+    .await;
+    kv.put("first", "1".into()).await.unwrap();
+    // The second change is written once the first has failed: it is there, and its turn
+    // comes only after the first one's retry.
+    eventually(Duration::from_secs(30), || async {
+        (!calls.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    kv.put("second", "1".into()).await.unwrap();
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let (_, event) = next_event(&mut results).await;
+        match event.extension("kvkey") {
+            Some(ExtensionValue::String(key)) => order.push(key.clone()),
+            other => panic!("a result without its key: {other:?}"),
+        }
+    }
+    assert_eq!(order, ["first", "second"]);
+    assert_eq!(
+        *calls.lock().unwrap(),
+        ["first failed", "first", "second"],
+        "the second change ran only after the first succeeded"
     );
 }
 
