@@ -26,8 +26,18 @@ pub(crate) const STDERR_TAIL: usize = 20;
 /// Secret texts to cut from plugin output before it reaches a caller in an error message:
 /// callers of a function are not necessarily its deployer, and a plugin that prints its
 /// environment (or anything it could read) would otherwise hand it to them.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Redactions(Arc<[String]>);
+
+/// Counts the texts instead of printing them: a config printed in a log line must not carry
+/// the secrets it is there to hide.
+impl std::fmt::Debug for Redactions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactions")
+            .field("texts", &self.0.len())
+            .finish()
+    }
+}
 
 /// The shortest value treated as a secret.
 pub const MIN_SECRET_LEN: usize = 8;
@@ -321,6 +331,14 @@ pub(crate) async fn relay_stdio_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redactions_print_how_many_texts_not_the_texts() {
+        let env = BTreeMap::from([("API_KEY".to_owned(), "do-not-print-me".to_owned())]);
+        let redactions = Redactions::default().with_env(&env, &SecretEnv::default());
+        assert_eq!(redactions.apply("key do-not-print-me"), "key [redacted]");
+        assert_eq!(format!("{redactions:?}"), "Redactions { texts: 1 }");
+    }
 
     #[derive(Debug, Default)]
     struct Collect(Mutex<Vec<LogRecord>>);
