@@ -360,14 +360,64 @@ impl Stdio {
 fn pump(mut pipe: std::fs::File, channel: Channel, sender: tokio::sync::mpsc::Sender<StdioData>) {
     use std::io::Read;
     let mut buffer = vec![0; 16 * 1024];
+    let mut forward = Forward::new(channel, sender);
     while let Ok(read) = pipe.read(&mut buffer) {
         if read == 0 {
             break;
         }
-        let _ = sender.try_send(StdioData {
-            channel: channel as i32,
-            data: buffer[..read].to_vec(),
-        });
+        forward.chunk(&buffer[..read]);
+    }
+}
+
+/// Forwards one pipe's chunks; what finds the backlog full is dropped and counted, and the
+/// count goes out as a line of its own once there is room, so the function's logs say that
+/// output is missing instead of silently skipping it.
+struct Forward {
+    channel: Channel,
+    sender: tokio::sync::mpsc::Sender<StdioData>,
+    dropped: usize,
+}
+
+impl Forward {
+    fn new(channel: Channel, sender: tokio::sync::mpsc::Sender<StdioData>) -> Self {
+        Self {
+            channel,
+            sender,
+            dropped: 0,
+        }
+    }
+
+    fn data(&self, data: Vec<u8>) -> StdioData {
+        StdioData {
+            channel: self.channel as i32,
+            data,
+        }
+    }
+
+    fn chunk(&mut self, chunk: &[u8]) {
+        if self.dropped == 0 {
+            if self.sender.try_send(self.data(chunk.to_vec())).is_err() {
+                self.dropped = chunk.len();
+            }
+            return;
+        }
+        // The notice and the chunk go together or not at all: a notice without the chunk
+        // would be out of date at once.
+        match self.sender.try_reserve_many(2) {
+            Ok(mut permits) => {
+                let notice = format!(
+                    "[mycelium] {} bytes of this plugin's output were dropped: it wrote faster than the host read\n",
+                    self.dropped
+                );
+                self.dropped = 0;
+                for data in [notice.into_bytes(), chunk.to_vec()] {
+                    if let Some(permit) = permits.next() {
+                        permit.send(self.data(data));
+                    }
+                }
+            }
+            Err(_) => self.dropped += chunk.len(),
+        }
     }
 }
 
@@ -390,5 +440,55 @@ fn redirect(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
         }
         libc::close(ends[1]);
         Ok(std::fs::File::from_raw_fd(ends[0]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(receiver: &mut tokio::sync::mpsc::Receiver<StdioData>) -> Vec<String> {
+        std::iter::from_fn(|| receiver.try_recv().ok())
+            .map(|chunk| {
+                assert_eq!(chunk.channel, Channel::Stderr as i32);
+                String::from_utf8(chunk.data).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_that_finds_the_backlog_full_is_counted_and_reported() {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(2);
+        let mut forward = Forward::new(Channel::Stderr, sender);
+        forward.chunk(b"one\n");
+        forward.chunk(b"two\n");
+        forward.chunk(b"three\n");
+        assert_eq!(texts(&mut receiver), ["one\n", "two\n"]);
+        // Room for both: the notice first, then the chunk.
+        forward.chunk(b"four\n");
+        assert_eq!(
+            texts(&mut receiver),
+            [
+                "[mycelium] 6 bytes of this plugin's output were dropped: it wrote faster than the host read\n",
+                "four\n"
+            ]
+        );
+        // Room for one only: the chunk is dropped too, and counted with the earlier one.
+        forward.chunk(b"five\n");
+        forward.chunk(b"six\n");
+        forward.chunk(b"seven\n");
+        assert_eq!(receiver.try_recv().unwrap().data, b"five\n");
+        forward.chunk(b"eight\n");
+        assert_eq!(texts(&mut receiver), ["six\n"]);
+        forward.chunk(b"ten\n");
+        assert_eq!(
+            texts(&mut receiver),
+            [
+                "[mycelium] 12 bytes of this plugin's output were dropped: it wrote faster than the host read\n",
+                "ten\n"
+            ]
+        );
+        forward.chunk(b"nine\n");
+        assert_eq!(texts(&mut receiver), ["nine\n"], "nothing more to report");
     }
 }
