@@ -135,6 +135,16 @@ fn serve_plugin(plugin: Plugin) -> ! {
             std::process::exit(1);
         }
     }
+    // Listening and announced before anything else starts: the host connects and sends its
+    // connection preface while the async runtime, logging and output capture come up, instead
+    // of after (the socket's backlog holds the connection meanwhile).
+    let (listener, path) = match announce() {
+        Ok(announced) => announced,
+        Err(error) => {
+            eprintln!("cannot listen for the host: {error}");
+            std::process::exit(1);
+        }
+    };
     install_default_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -146,14 +156,33 @@ fn serve_plugin(plugin: Plugin) -> ! {
             std::process::exit(1);
         }
     };
-    let code = match runtime.block_on(run(plugin)) {
+    let code = match runtime.block_on(run(plugin, listener, &path)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("plugin failed: {error}");
             1
         }
     };
+    let _ = std::fs::remove_file(&path);
     std::process::exit(code)
+}
+
+/// Binds the plugin's socket and prints go-plugin's handshake line for it on stdout.
+fn announce() -> std::io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
+    use std::io::Write;
+    let path = socket_path();
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    listener.set_nonblocking(true)?;
+    let line = Handshake {
+        app_version: handshake::APP_PROTOCOL_VERSION,
+        network: Network::Unix,
+        address: path.display().to_string(),
+    }
+    .line();
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok((listener, path))
 }
 
 fn socket_path() -> PathBuf {
@@ -170,23 +199,14 @@ fn socket_path() -> PathBuf {
     ))
 }
 
-async fn run(plugin: Plugin) -> Result<(), Box<dyn std::error::Error>> {
-    let path = socket_path();
-    let listener = tokio::net::UnixListener::bind(&path)?;
+async fn run(
+    plugin: Plugin,
+    listener: std::os::unix::net::UnixListener,
+    path: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| format!("listening on {}: {e}", path.display()))?;
     let shutdown = CancellationToken::new();
-
-    let line = Handshake {
-        app_version: handshake::APP_PROTOCOL_VERSION,
-        network: Network::Unix,
-        address: path.display().to_string(),
-    }
-    .line();
-    {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{line}")?;
-        stdout.flush()?;
-    }
     // From now on what the function prints travels over plugin.GRPCStdio, as with go-plugin.
     let stdio = Stdio::capture();
 
@@ -207,7 +227,6 @@ async fn run(plugin: Plugin) -> Result<(), Box<dyn std::error::Error>> {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_DRAIN).await;
     });
-    let _ = std::fs::remove_file(&path);
     Ok(())
 }
 

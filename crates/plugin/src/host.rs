@@ -328,6 +328,7 @@ fn check_executable(binary: &Path) -> Result<(), StartError> {
 impl PluginProcess {
     /// Starts `binary` and returns once it has shaken hands and reports healthy.
     pub async fn start(binary: &Path, config: ProcessConfig) -> Result<Self, StartError> {
+        let begun = Instant::now();
         check_executable(binary)?;
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
@@ -356,6 +357,7 @@ impl PluginProcess {
             .spawn()
             .map_err(|e| spawn_failed(format!("starting the plugin {}", binary.display()), e))?;
         let pid = child.id().unwrap_or_default();
+        let spawned = begun.elapsed();
         // Until the start succeeds, any way out of this function (an error, or the caller
         // dropping the future) kills the process.
         let mut unfinished = KillOnDrop(Some(pid));
@@ -390,6 +392,7 @@ impl PluginProcess {
             deadline: Instant::now() + config.start_timeout,
         };
         let handshake = starting.handshake(&mut stdout, exit.clone()).await?;
+        let shook_hands = begun.elapsed();
         tokio::spawn(relay(stdout, Output::new(&config, pid), None, "stdout"));
         let channel = starting.connect_healthy(&handshake).await?;
         // go-plugin >= 1.2 streams the plugin's stdio over gRPC; older plugins (1.0.x) do not
@@ -402,7 +405,16 @@ impl PluginProcess {
                 relay_stdio_stream(stream, output).await;
             }
         });
-        tracing::debug!(function = %config.function, version = config.version, pid, "plugin started");
+        // Where a cold start's time went, for whoever tunes it (BENCHMARKS.md, cold start).
+        tracing::debug!(
+            function = %config.function,
+            version = config.version,
+            pid,
+            spawn_us = spawned.as_micros() as u64,
+            handshake_us = (shook_hands - spawned).as_micros() as u64,
+            healthy_us = (begun.elapsed() - shook_hands).as_micros() as u64,
+            "plugin started"
+        );
         unfinished.0 = None;
         Ok(Self {
             pid,
