@@ -3,9 +3,8 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    os::unix::process::CommandExt,
+    ffi::{OsStr, OsString},
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -33,6 +32,7 @@ use crate::{
         },
         go_plugin::Empty,
     },
+    spawn,
 };
 
 static TRACEPARENT: http::HeaderName =
@@ -133,30 +133,34 @@ fn spawn_failed(what: String, e: std::io::Error) -> StartError {
     StartError::with_source(StartErrorKind::Spawn, what, e)
 }
 
-/// The plugin's command: only the function's environment and go-plugin's handshake settings,
-/// in its working directory, in a process group of its own.
-fn command(binary: &Path, config: &ProcessConfig) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(binary);
-    command
-        .env_clear()
-        .envs(&config.env)
-        .envs(config.secrets.vars())
-        .env(handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE)
-        .env(
-            handshake::PROTOCOL_VERSIONS_ENV,
-            handshake::APP_PROTOCOL_VERSION.to_string(),
-        )
-        .env(handshake::MIN_PORT_ENV, "10000")
-        .env(handshake::MAX_PORT_ENV, "25000")
-        .env(handshake::UNIX_SOCKET_DIR_ENV, &config.work_dir)
-        .env("TMPDIR", &config.work_dir)
-        .current_dir(&config.work_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    command
+/// The plugin's environment: only the function's variables and secrets and go-plugin's
+/// handshake settings (a later setting of a name wins, as with `Command::env`).
+fn environment(config: &ProcessConfig) -> BTreeMap<OsString, OsString> {
+    let mut env = BTreeMap::new();
+    let mut set = |key: &OsStr, value: &OsStr| {
+        env.insert(key.to_owned(), value.to_owned());
+    };
+    for (key, value) in &config.env {
+        set(key.as_ref(), value.as_ref());
+    }
+    for (key, value) in config.secrets.vars() {
+        set(key.as_ref(), value.as_ref());
+    }
+    let protocol = handshake::APP_PROTOCOL_VERSION.to_string();
+    for (key, value) in [
+        (handshake::MAGIC_COOKIE_KEY, handshake::MAGIC_COOKIE_VALUE),
+        (handshake::PROTOCOL_VERSIONS_ENV, protocol.as_str()),
+        (handshake::MIN_PORT_ENV, "10000"),
+        (handshake::MAX_PORT_ENV, "25000"),
+    ] {
+        set(key.as_ref(), value.as_ref());
+    }
+    set(
+        handshake::UNIX_SOCKET_DIR_ENV.as_ref(),
+        config.work_dir.as_os_str(),
+    );
+    set("TMPDIR".as_ref(), config.work_dir.as_os_str());
+    env
 }
 
 /// The process's control group, named after its working directory, when the host makes them.
@@ -221,7 +225,7 @@ impl Starting<'_> {
     /// Reads go-plugin's handshake line from the plugin's stdout.
     async fn handshake(
         &self,
-        stdout: &mut BufReader<tokio::process::ChildStdout>,
+        stdout: &mut BufReader<tokio::net::unix::pipe::Receiver>,
         mut exited: watch::Receiver<Option<String>>,
     ) -> Result<Handshake, StartError> {
         let timeout = self.config.start_timeout;
@@ -334,7 +338,6 @@ impl PluginProcess {
             .map_err(|e| spawn_failed(format!("creating {}", config.work_dir.display()), e))?;
         let memory_bytes = config.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024));
         let cgroup = control_group(&config, memory_bytes)?;
-        let mut command = command(binary, &config);
         let limits = Limits {
             // With a control group the limit is on resident memory, there; without one it
             // can only be on address space.
@@ -352,37 +355,51 @@ impl PluginProcess {
                 .and_then(ProcessCgroup::join_file),
         };
         let join_later = limits.cgroup_file.is_none();
-        limits.apply_in_child(command.as_std_mut());
-        let mut child = command
-            .spawn()
+        let env = environment(&config);
+        let program = spawn::Program::new(
+            binary,
+            &config.work_dir,
+            env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())),
+        )
+        .map_err(|e| spawn_failed(format!("starting the plugin {}", binary.display()), e))?;
+        let spawned = spawn::spawn(&program, &|| limits.apply_in_child())
             .map_err(|e| spawn_failed(format!("starting the plugin {}", binary.display()), e))?;
-        let pid = child.id().unwrap_or_default();
-        let spawned = begun.elapsed();
+        let pid = spawned.pid;
+        let spawned_in = begun.elapsed();
         // Until the start succeeds, any way out of this function (an error, or the caller
         // dropping the future) kills the process.
         let mut unfinished = KillOnDrop(Some(pid));
         if let Some(group) = cgroup.as_ref().filter(|_| join_later) {
             join_later_from_elsewhere(group, pid, config.function.clone());
         }
+        let reader = |fd, what: &str| {
+            tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                .map_err(|e| spawn_failed(format!("reading the plugin's {what}"), e))
+        };
+        let stderr = reader(spawned.stderr, "stderr")?;
+        let stdout = reader(spawned.stdout, "stdout")?;
+        // SAFETY: the pidfd is owned by the AsyncFd from here on and stays open, unchanged,
+        // until it drops.
+        #[allow(unsafe_code)]
+        let waited = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                spawned.pidfd,
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| spawn_failed("watching the plugin process".into(), e.into()))?;
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
-        if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(relay(
-                BufReader::new(stderr),
-                Output::new(&config, pid),
-                Some(stderr_tail.clone()),
-                "stderr",
-            ));
-        }
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        tokio::spawn(relay(
+            BufReader::new(stderr),
+            Output::new(&config, pid),
+            Some(stderr_tail.clone()),
+            "stderr",
+        ));
+        let mut stdout = BufReader::new(stdout);
         let (exit_tx, exit) = watch::channel(None);
         tokio::spawn(async move {
-            let status = child
-                .wait()
-                .await
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
-            let _ = exit_tx.send(Some(status));
+            let _ = exit_tx.send(Some(wait(waited, pid).await));
         });
 
         let starting = Starting {
@@ -410,8 +427,8 @@ impl PluginProcess {
             function = %config.function,
             version = config.version,
             pid,
-            spawn_us = spawned.as_micros() as u64,
-            handshake_us = (shook_hands - spawned).as_micros() as u64,
+            spawn_us = spawned_in.as_micros() as u64,
+            handshake_us = (shook_hands - spawned_in).as_micros() as u64,
             healthy_us = (begun.elapsed() - shook_hands).as_micros() as u64,
             "plugin started"
         );
@@ -644,44 +661,60 @@ struct Limits {
 }
 
 impl Limits {
+    /// Runs in the child between clone and exec (see [`spawn`]): only raw system calls
+    /// (prctl, open/write/close, setrlimit, getppid, capset, _exit), no allocation.
     #[allow(unsafe_code)]
-    fn apply_in_child(self, command: &mut std::process::Command) {
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (prctl, open/write/close, setrlimit, getppid, capset,
-        // _exit); it allocates nothing.
+    fn apply_in_child(&self) -> std::io::Result<()> {
+        // SAFETY: system calls on integers and the NUL-terminated path prepared before.
         unsafe {
-            command.pre_exec(move || {
-                // Die with the runtime, even if it is SIGKILLed: no orphans.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died between fork and prctl.
-                if libc::getppid() == 1 {
-                    libc::_exit(1);
-                }
-                crate::cgroup::join_in_child(self.cgroup_file.as_ref())?;
-                let set = |resource, value: u64| {
-                    let limit = libc::rlimit {
-                        rlim_cur: value as libc::rlim_t,
-                        rlim_max: value as libc::rlim_t,
-                    };
-                    if libc::setrlimit(resource, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                };
-                if let Some(bytes) = self.address_space {
-                    set(libc::RLIMIT_AS, bytes)?;
-                }
-                set(libc::RLIMIT_NOFILE, self.open_files)?;
-                if let Some(seconds) = self.cpu_seconds {
-                    set(libc::RLIMIT_CPU, seconds)?;
-                }
-                drop_capabilities();
-                Ok(())
-            });
+            // Die with the runtime, even if it is SIGKILLed: no orphans.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
         }
+        crate::cgroup::join_in_child(self.cgroup_file.as_ref())?;
+        let set = |resource, value: u64| {
+            let limit = libc::rlimit {
+                rlim_cur: value as libc::rlim_t,
+                rlim_max: value as libc::rlim_t,
+            };
+            // SAFETY: setrlimit reads the local struct.
+            if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if let Some(bytes) = self.address_space {
+            set(libc::RLIMIT_AS, bytes)?;
+        }
+        set(libc::RLIMIT_NOFILE, self.open_files)?;
+        if let Some(seconds) = self.cpu_seconds {
+            set(libc::RLIMIT_CPU, seconds)?;
+        }
+        drop_capabilities();
+        Ok(())
     }
+}
+
+/// Waits for the process behind `pidfd` to exit and reaps it; its exit status as text.
+#[allow(unsafe_code)]
+async fn wait(pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, pid: u32) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    // A pidfd turns readable when its process has exited.
+    if let Err(error) = pidfd.readable().await {
+        return format!("unknown (waiting for it failed: {error})");
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child, writing into the local integer.
+    let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    if reaped < 0 {
+        return format!("unknown ({})", std::io::Error::last_os_error());
+    }
+    std::process::ExitStatus::from_raw(status).to_string()
 }
 
 /// Leaves the plugin no capabilities, even when the runtime runs as root: without

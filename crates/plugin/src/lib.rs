@@ -7,5 +7,6 @@ mod channel;
 pub mod host;
 mod output;
 pub mod pool;
+mod spawn;
 
 pub use mycelium_plugin_protocol::{convert, framing, handshake, proto, socket};
