@@ -7,7 +7,7 @@
 //! hierarchy (hybrid machines mount both). One hierarchy is enough: it both limits and lists
 //! every process of the group. Joining costs a kernel RCU grace period (10-15 ms measured on
 //! this v1 VM, more than a whole cold start), which is why it is one hierarchy and not two, and
-//! why only a process with a memory limit joins between fork and exec (nothing it does escapes
+//! why only a process with a memory limit joins before its exec (nothing it does escapes
 //! the limit); one without is moved in by the host from another thread while it starts, so its
 //! start does not wait (a daemon it forked in those first milliseconds would escape). Written here rather than with `cgroups-rs`:
 //! its current release pulls in a D-Bus stack for systemd, and the older one creates groups
@@ -166,7 +166,7 @@ impl ProcessCgroup {
         self.dir.join("cgroup.procs")
     }
 
-    /// [`Self::procs_file`] for a child to write `0` to (itself) between fork and exec.
+    /// [`Self::procs_file`] for a child to write `0` to (itself) before its exec.
     pub(crate) fn join_file(&self) -> Option<CString> {
         CString::new(self.procs_file().as_os_str().as_bytes()).ok()
     }
@@ -231,7 +231,7 @@ fn kill(pid: i32) {
 }
 
 /// Joins the group whose `cgroup.procs` path is given: writes `0` (the writer) to it.
-/// Runs in the forked child before exec: only raw system calls, no allocation.
+/// Runs in the child before exec (see `spawn`): only raw system calls, no allocation.
 #[allow(unsafe_code)]
 pub(crate) fn join_in_child(file: Option<&CString>) -> std::io::Result<()> {
     if let Some(file) = file {

@@ -651,7 +651,7 @@ fn kill_group(pid: u32) {
     }
 }
 
-/// Resource limits set in the child between fork and exec.
+/// Resource limits set in the child before its exec (see [`spawn`]).
 struct Limits {
     address_space: Option<u64>,
     open_files: u64,
@@ -723,7 +723,7 @@ async fn wait(pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, pid: u32) -
 /// is what makes it stick across `execve`, where root would otherwise get every capability
 /// back. Best effort: an unprivileged runtime has nothing to drop and may not drop it.
 ///
-/// Runs in the forked child before exec: only raw system calls, no allocation.
+/// Runs in the child before exec (see [`spawn`]): only raw system calls, no allocation.
 #[allow(unsafe_code)]
 fn drop_capabilities() {
     // The kernel's capability ABI (linux/capability.h), version 3: two 32-bit words per set.

@@ -93,12 +93,13 @@ fn anonymous_mappings() -> Vec<Mapping> {
         .collect()
 }
 
-/// Keeps the engine's reservations out of forked children. Plugin processes are forked
-/// (their limits are set between fork and exec), and a fork copies every mapping of the
+/// Keeps the engine's reservations out of forked children. A fork copies every mapping of the
 /// runtime, which exec then tears down: the pool's stacks and their guard pages are two
 /// thousand mappings, which took a plugin's cold start from 4-5 ms to 7-9 ms in a runtime that
-/// had made its WebAssembly engine (BENCHMARKS.md, issue 15). A forked plugin only execs, and
-/// never touches WebAssembly memory. Only mappings made while the engine was made, and shaped
+/// had made its WebAssembly engine, when plugins were still forked (BENCHMARKS.md, issue 15;
+/// they are now started without a copy, see mycelium-plugin's `spawn`, but any other child
+/// the runtime forks gains the same). A forked child only execs, and never touches
+/// WebAssembly memory. Only mappings made while the engine was made, and shaped
 /// like its reservations (1 GiB or more, or a stack of exactly `ASYNC_STACK_BYTES` and the
 /// guard page under it), are marked: a thread's stack must stay in a child it forks.
 fn exclude_from_fork(before: &[Mapping]) {
