@@ -372,22 +372,39 @@ impl PluginProcess {
         if let Some(group) = cgroup.as_ref().filter(|_| join_later) {
             join_later_from_elsewhere(group, pid, config.function.clone());
         }
+        // Watched first: whatever fails below, the process (ended by `unfinished`) is reaped.
+        let (exit_tx, exit) = watch::channel(None);
+        // SAFETY: the pidfd is owned by the AsyncFd from here on and stays open, unchanged,
+        // until it drops.
+        #[allow(unsafe_code)]
+        let watched = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                spawned.pidfd,
+                tokio::io::Interest::READABLE,
+            )
+        };
+        match watched {
+            Ok(pidfd) => {
+                tokio::spawn(async move {
+                    // A pidfd turns readable when its process has exited.
+                    let status = match pidfd.readable().await {
+                        Ok(_) => reap(pid),
+                        Err(error) => format!("unknown (waiting for it failed: {error})"),
+                    };
+                    let _ = exit_tx.send(Some(status));
+                });
+            }
+            Err(error) => {
+                tracing::debug!(error = %std::io::Error::from(error), pid, "cannot watch a plugin's pidfd; waiting on a thread");
+                tokio::task::spawn_blocking(move || exit_tx.send(Some(reap(pid))));
+            }
+        }
         let reader = |fd, what: &str| {
             tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
                 .map_err(|e| spawn_failed(format!("reading the plugin's {what}"), e))
         };
         let stderr = reader(spawned.stderr, "stderr")?;
         let stdout = reader(spawned.stdout, "stdout")?;
-        // SAFETY: the pidfd is owned by the AsyncFd from here on and stays open, unchanged,
-        // until it drops.
-        #[allow(unsafe_code)]
-        let waited = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                spawned.pidfd,
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .map_err(|e| spawn_failed("watching the plugin process".into(), e.into()))?;
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
         tokio::spawn(relay(
@@ -397,10 +414,6 @@ impl PluginProcess {
             "stderr",
         ));
         let mut stdout = BufReader::new(stdout);
-        let (exit_tx, exit) = watch::channel(None);
-        tokio::spawn(async move {
-            let _ = exit_tx.send(Some(wait(waited, pid).await));
-        });
 
         let starting = Starting {
             pid,
@@ -700,14 +713,10 @@ impl Limits {
     }
 }
 
-/// Waits for the process behind `pidfd` to exit and reaps it; its exit status as text.
+/// Reaps our child `pid`, waiting until it exits; its exit status as text.
 #[allow(unsafe_code)]
-async fn wait(pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, pid: u32) -> String {
+fn reap(pid: u32) -> String {
     use std::os::unix::process::ExitStatusExt;
-    // A pidfd turns readable when its process has exited.
-    if let Err(error) = pidfd.readable().await {
-        return format!("unknown (waiting for it failed: {error})");
-    }
     let mut status = 0;
     // SAFETY: waitpid on our own child, writing into the local integer.
     let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };

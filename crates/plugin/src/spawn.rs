@@ -240,7 +240,7 @@ fn prepare(child: &Child<'_>) -> io::Result<()> {
         // which Rust's runtime ignores for itself and std's spawn restores.
         let mut default: libc::sigaction = std::mem::zeroed();
         default.sa_sigaction = libc::SIG_DFL;
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 continue;
             }
