@@ -466,6 +466,10 @@ fn redirect(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
 mod tests {
     use super::*;
 
+    fn notice(bytes: usize) -> String {
+        format!("[mycelium] {bytes} bytes of this plugin's output were dropped: it wrote faster than the host read\n")
+    }
+
     fn texts(receiver: &mut tokio::sync::mpsc::Receiver<StdioData>) -> Vec<String> {
         std::iter::from_fn(|| receiver.try_recv().ok())
             .map(|chunk| {
@@ -485,13 +489,7 @@ mod tests {
         assert_eq!(texts(&mut receiver), ["one\n", "two\n"]);
         // Room for both: the notice first, then the chunk.
         forward.chunk(b"four\n");
-        assert_eq!(
-            texts(&mut receiver),
-            [
-                "[mycelium] 6 bytes of this plugin's output were dropped: it wrote faster than the host read\n",
-                "four\n"
-            ]
-        );
+        assert_eq!(texts(&mut receiver), [notice(6), "four\n".into()]);
         // Room for one only: the chunk is dropped too, and counted with the earlier one.
         forward.chunk(b"five\n");
         forward.chunk(b"six\n");
@@ -500,13 +498,7 @@ mod tests {
         forward.chunk(b"eight\n");
         assert_eq!(texts(&mut receiver), ["six\n"]);
         forward.chunk(b"ten\n");
-        assert_eq!(
-            texts(&mut receiver),
-            [
-                "[mycelium] 12 bytes of this plugin's output were dropped: it wrote faster than the host read\n",
-                "ten\n"
-            ]
-        );
+        assert_eq!(texts(&mut receiver), [notice(12), "ten\n".into()]);
         forward.chunk(b"nine\n");
         assert_eq!(texts(&mut receiver), ["nine\n"], "nothing more to report");
     }

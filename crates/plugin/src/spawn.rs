@@ -101,16 +101,10 @@ struct Child<'a> {
     in_child: &'a InChild<'a>,
 }
 
+/// A close-on-exec pipe (std's), as owned descriptors: read end, write end.
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut ends = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array; each is then owned once.
-    #[allow(unsafe_code)]
-    unsafe {
-        if libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])))
-    }
+    let (read, write) = io::pipe()?;
+    Ok((read.into(), write.into()))
 }
 
 /// Bytes of the child's stack: it calls a handful of libc wrappers, nothing deep.

@@ -109,6 +109,16 @@ async fn wait_until_running(
     }
 }
 
+/// Waits until a runtime has made the trigger's durable `consumer` on `stream`.
+async fn consumer_made(js: &async_nats::jetstream::Context, stream: &str, consumer: &str) {
+    let stream = js.get_stream(stream).await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move { stream.consumer_info(consumer).await.ok().map(drop) }
+    })
+    .await;
+}
+
 fn text(event: &Event) -> String {
     match event.data() {
         Some(mycelium_core::cloudevents::Data::String(text)) => text.clone(),
@@ -241,18 +251,7 @@ async fn kv_changes_arrive_in_order_with_their_operation() {
         .await
         .unwrap();
     // The consumer starts with what is new when the first runtime makes it: wait for it.
-    let stream = js.get_stream("KV_config").await.unwrap();
-    eventually(Duration::from_secs(10), || {
-        let stream = stream.clone();
-        async move {
-            stream
-                .consumer_info("trigger-config-watch")
-                .await
-                .ok()
-                .map(drop)
-        }
-    })
-    .await;
+    consumer_made(&js, "KV_config", "trigger-config-watch").await;
     kv.put("app.a", "1".into()).await.unwrap();
     kv.put("other.x", "ignored".into()).await.unwrap();
     kv.put("app.a", "2".into()).await.unwrap();
@@ -345,18 +344,7 @@ async fn a_kv_change_that_fails_keeps_the_next_one_waiting_until_it_succeeds() {
         ))
         .await
         .unwrap();
-    let stream = js.get_stream("KV_settings").await.unwrap();
-    eventually(Duration::from_secs(10), || {
-        let stream = stream.clone();
-        async move {
-            stream
-                .consumer_info("trigger-settings-watch")
-                .await
-                .ok()
-                .map(drop)
-        }
-    })
-    .await;
+    consumer_made(&js, "KV_settings", "trigger-settings-watch").await;
     kv.put("first", "1".into()).await.unwrap();
     // The second change is written once the first has failed: it is there, and its turn
     // comes only after the first one's retry.
