@@ -535,6 +535,10 @@ pub struct RuntimeArgs {
     /// (memory limits then fall back to RLIMIT_AS).
     #[arg(long, env = "MYCELIUM_NO_PLUGIN_CGROUPS")]
     pub no_plugin_cgroups: bool,
+    /// Speak gRPC (HTTP/2) to every plugin, including those built with the Rust SDK, which
+    /// otherwise take Mycelium's lighter frame protocol. For comparison and diagnosis.
+    #[arg(long, env = "MYCELIUM_PLUGIN_GRPC_ONLY")]
+    pub plugin_grpc_only: bool,
     /// Do not start plugin processes ahead of their first call.
     #[arg(long, env = "MYCELIUM_NO_PRESTART")]
     pub no_prestart: bool,

@@ -204,6 +204,7 @@ async fn start_runtime(
             trusted_signers: args.trusted_keys.clone(),
             log_lines_per_second: args.plugin_log_lines,
             cgroups: !args.no_plugin_cgroups,
+            offer_frames: !args.plugin_grpc_only,
             ..PoolSettings::default()
         },
         wasm: mycelium_wasm::WasmSettings::default(),

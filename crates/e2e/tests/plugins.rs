@@ -15,7 +15,10 @@ use mycelium_core::{
     cloudevents::{event::Data, AttributesReader, EventBuilder, EventBuilderV10},
     ErrorCode, Event, FunctionName, InMemoryMetrics,
 };
-use mycelium_plugin::pool::{PluginExecutor, PoolSettings};
+use mycelium_plugin::{
+    handshake::Protocol,
+    pool::{PluginExecutor, PoolSettings},
+};
 use mycelium_registry::{
     ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, Registry, RegistryAdmin,
 };
@@ -205,6 +208,7 @@ async fn a_rust_plugin_runs_cold_then_warm_with_a_clean_environment() {
         [
             "GREETING",
             "MYCELIUM_PLUGIN_MAGIC_COOKIE",
+            "MYCELIUM_PLUGIN_PROTOCOLS",
             "PLUGIN_MAX_PORT",
             "PLUGIN_MIN_PORT",
             "PLUGIN_PROTOCOL_VERSIONS",
@@ -937,9 +941,19 @@ async fn crashing_hanging_and_crash_looping_plugins_under_load_hurt_only_their_o
 
 /// Many calls in flight on one process's connection, with nothing else polling it (no pool, no
 /// reaper, no health checks): every call gets its own answer, none waits for one forever. (The
-/// hand-over of wake-ups between the calls is tested exactly in `channel.rs`.)
+/// hand-over of wake-ups between the calls is tested exactly in `channel/driver.rs`.) In the
+/// frame protocol the SDK takes when offered, and in gRPC when it is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_calls_share_one_plugin_connection() {
+    concurrent_calls_on_one_connection(true, Protocol::Frames).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_plugin_connection_over_grpc() {
+    concurrent_calls_on_one_connection(false, Protocol::Grpc).await;
+}
+
+async fn concurrent_calls_on_one_connection(offer_frames: bool, protocol: Protocol) {
     use mycelium_plugin::host::{OutputBudget, PluginProcess, ProcessConfig, Redactions};
 
     let dir = tempfile::tempdir().unwrap();
@@ -958,12 +972,14 @@ async fn concurrent_calls_share_one_plugin_connection() {
         redactions: Redactions::of_runtime(),
         output_budget: OutputBudget::new(1000),
         log_sink: None,
+        offer_frames,
     };
     let process = Arc::new(
         PluginProcess::start(TEST_PLUGIN.as_ref(), config)
             .await
             .unwrap(),
     );
+    assert_eq!(process.protocol(), protocol);
     const IN_FLIGHT: usize = 64;
     const ROUNDS: usize = 100;
     let callers: Vec<_> = (0..IN_FLIGHT)

@@ -31,6 +31,15 @@ pub enum Network {
     Tcp,
 }
 
+/// What the plugin speaks over its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC over HTTP/2, as every go-plugin plugin does.
+    Grpc,
+    /// Mycelium's frame protocol ([`crate::frames`]), when the host offered it.
+    Frames,
+}
+
 /// A parsed handshake line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handshake {
@@ -40,6 +49,8 @@ pub struct Handshake {
     pub network: Network,
     /// Socket path or `host:port`.
     pub address: String,
+    /// The protocol the plugin chose.
+    pub protocol: Protocol,
 }
 
 /// Why a handshake line is unusable.
@@ -89,11 +100,12 @@ impl Handshake {
         if parts[3].is_empty() {
             return fail("the address is empty");
         }
-        match parts[4] {
-            "grpc" => {}
+        let protocol = match parts[4] {
+            "grpc" => Protocol::Grpc,
+            crate::frames::PROTOCOL => Protocol::Frames,
             "netrpc" | "" => return fail("the plugin speaks net/rpc; Mycelium needs a gRPC plugin (plugin.Serve with GRPCServer)"),
-            other => return fail(&format!("protocol {other:?} is not grpc")),
-        }
+            other => return fail(&format!("protocol {other:?} is neither grpc nor {}", crate::frames::PROTOCOL)),
+        };
         if parts.len() == 6 && !parts[5].is_empty() {
             return fail("the plugin offers AutoMTLS, which this host does not request");
         }
@@ -101,6 +113,7 @@ impl Handshake {
             app_version,
             network,
             address: parts[3].to_owned(),
+            protocol,
         })
     }
 
@@ -110,8 +123,12 @@ impl Handshake {
             Network::Unix => "unix",
             Network::Tcp => "tcp",
         };
+        let protocol = match self.protocol {
+            Protocol::Grpc => "grpc",
+            Protocol::Frames => crate::frames::PROTOCOL,
+        };
         format!(
-            "{CORE_PROTOCOL_VERSION}|{}|{network}|{}|grpc",
+            "{CORE_PROTOCOL_VERSION}|{}|{network}|{}|{protocol}",
             self.app_version, self.address
         )
     }
@@ -147,7 +164,10 @@ mod tests {
         );
         assert_eq!(Handshake::parse(&unix.line()).unwrap(), unix);
         let tcp = Handshake::parse("1|1|tcp|127.0.0.1:10000|grpc|").unwrap();
-        assert_eq!(tcp.network, Network::Tcp);
+        assert_eq!((tcp.network, tcp.protocol), (Network::Tcp, Protocol::Grpc));
+        let frames = Handshake::parse("1|1|unix|/tmp/p|mycelium-frames").unwrap();
+        assert_eq!(frames.protocol, Protocol::Frames);
+        assert_eq!(Handshake::parse(&frames.line()).unwrap(), frames);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! }
 //! ```
 
+mod frame_server;
 mod server;
 
 use std::{
@@ -36,8 +37,8 @@ use mycelium_core::{
     Function, FunctionName, InvocationContext, TraceBridge, TraceContext,
 };
 use mycelium_plugin_protocol::{
-    convert,
-    handshake::{self, Handshake, Network},
+    convert, frames,
+    handshake::{self, Handshake, Network, Protocol},
     proto::{
         cloudevents::CloudEventBatch,
         function::{
@@ -138,7 +139,12 @@ fn serve_plugin(plugin: Plugin) -> ! {
     // Listening and announced before anything else starts: the host connects and sends its
     // connection preface while the async runtime, logging and output capture come up, instead
     // of after (the socket's backlog holds the connection meanwhile).
-    let (listener, path) = match announce() {
+    // Mycelium's host offers its frame protocol; go-plugin's own host does not, and gets gRPC.
+    let protocol = match std::env::var(frames::OFFER_ENV) {
+        Ok(offer) if frames::offered(&offer) => Protocol::Frames,
+        _ => Protocol::Grpc,
+    };
+    let (listener, path) = match announce(protocol) {
         Ok(announced) => announced,
         Err(error) => {
             eprintln!("cannot listen for the host: {error}");
@@ -156,7 +162,7 @@ fn serve_plugin(plugin: Plugin) -> ! {
             std::process::exit(1);
         }
     };
-    let code = match runtime.block_on(run(plugin, listener, &path)) {
+    let code = match runtime.block_on(run(plugin, listener, &path, protocol)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("plugin failed: {error}");
@@ -168,7 +174,7 @@ fn serve_plugin(plugin: Plugin) -> ! {
 }
 
 /// Binds the plugin's socket and prints go-plugin's handshake line for it on stdout.
-fn announce() -> std::io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
+fn announce(protocol: Protocol) -> std::io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
     use std::io::Write;
     let path = socket_path();
     let listener = std::os::unix::net::UnixListener::bind(&path)?;
@@ -177,6 +183,7 @@ fn announce() -> std::io::Result<(std::os::unix::net::UnixListener, PathBuf)> {
         app_version: handshake::APP_PROTOCOL_VERSION,
         network: Network::Unix,
         address: path.display().to_string(),
+        protocol,
     }
     .line();
     let mut stdout = std::io::stdout().lock();
@@ -203,6 +210,7 @@ async fn run(
     plugin: Plugin,
     listener: std::os::unix::net::UnixListener,
     path: &std::path::Path,
+    protocol: Protocol,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::UnixListener::from_std(listener)
         .map_err(|e| format!("listening on {}: {e}", path.display()))?;
@@ -220,6 +228,7 @@ async fn run(
             shutdown: shutdown.clone(),
             stdio,
         }),
+        protocol,
     );
     // The host asks for shutdown once the process is idle; the host's own connection
     // would keep a graceful drain waiting, so calls still in flight get a moment, not more.

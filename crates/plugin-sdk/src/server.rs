@@ -1,4 +1,5 @@
-//! The plugin's gRPC server: go-plugin's services and Mycelium's `Function` over HTTP/2.
+//! The plugin's server: go-plugin's services and Mycelium's `Function` over gRPC (HTTP/2), or
+//! over Mycelium's frame protocol ([`crate::frame_server`]) when the host chose it.
 //!
 //! Each connection is one task that reads requests and runs each call right there; only a
 //! call that has to wait (a timer, I/O) moves to a task of its own. A call that answers at
@@ -21,6 +22,7 @@ use mycelium_plugin_protocol::{
         path::{EXECUTE, HEALTH_CHECK, SHUTDOWN, STREAM_STDIO},
         FrameError,
     },
+    handshake::Protocol,
     proto::{
         function::ExecuteRequest,
         go_plugin::{Empty, StdioData},
@@ -42,16 +44,25 @@ pub(crate) struct Services {
     pub(crate) stdio: Stdio,
 }
 
-/// Serves the connections `listener` accepts until shutdown is asked for.
-pub(crate) async fn serve(listener: tokio::net::UnixListener, services: Arc<Services>) {
+/// Serves the connections `listener` accepts, in `protocol`, until shutdown is asked for.
+pub(crate) async fn serve(
+    listener: tokio::net::UnixListener,
+    services: Arc<Services>,
+    protocol: Protocol,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((io, _)) => {
                     match UnixConnection::new(io) {
-                        Ok(io) => {
-                            tokio::spawn(connection(io, services.clone()));
-                        }
+                        Ok(io) => match protocol {
+                            Protocol::Grpc => {
+                                tokio::spawn(connection(io, services.clone()));
+                            }
+                            Protocol::Frames => {
+                                tokio::spawn(crate::frame_server::connection(io, services.clone()));
+                            }
+                        },
                         Err(error) => {
                             tracing::warn!(%error, "registering a connection from the host failed");
                         }
@@ -185,19 +196,8 @@ async fn handle(
             )),
             Err(status) => Err(status),
         },
-        HEALTH_CHECK => request_message::<HealthCheckRequest>(&mut received).map(|request| {
-            // go-plugin's host asks about the service "plugin"; "" is the server as a whole.
-            let status = if request.service.is_empty()
-                || request.service == mycelium_plugin_protocol::handshake::HEALTH_SERVICE
-            {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::ServiceUnknown
-            };
-            framing::encode(&HealthCheckResponse {
-                status: status as i32,
-            })
-        }),
+        HEALTH_CHECK => request_message::<HealthCheckRequest>(&mut received)
+            .map(|request| framing::encode(&health(&request))),
         SHUTDOWN => {
             services.shutdown.cancel();
             Ok(framing::encode(&Empty {}))
@@ -207,6 +207,21 @@ async fn handle(
         ))),
     };
     answer(respond, reply);
+}
+
+/// The answer to a health check.
+pub(crate) fn health(request: &HealthCheckRequest) -> HealthCheckResponse {
+    // go-plugin's host asks about the service "plugin"; "" is the server as a whole.
+    let status = if request.service.is_empty()
+        || request.service == mycelium_plugin_protocol::handshake::HEALTH_SERVICE
+    {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::ServiceUnknown
+    };
+    HealthCheckResponse {
+        status: status as i32,
+    }
 }
 
 /// The one message of a unary request.

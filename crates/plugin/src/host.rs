@@ -21,7 +21,7 @@ pub use crate::output::{OutputBudget, Redactions, MIN_SECRET_LEN};
 use crate::{
     cgroup::{CgroupRoot, ProcessCgroup},
     channel::PluginChannel,
-    convert,
+    convert, frames,
     framing::path,
     handshake::{self, Handshake},
     output::{read_line, relay, relay_stdio_stream, Output, STDERR_TAIL},
@@ -92,6 +92,9 @@ pub struct ProcessConfig {
     pub output_budget: Arc<OutputBudget>,
     /// Where the function's output lines go as log records (besides the runtime's log).
     pub log_sink: Option<Arc<dyn LogSink>>,
+    /// Offer the plugin Mycelium's frame protocol besides gRPC (see
+    /// [`crate::pool::PoolSettings::offer_frames`]).
+    pub offer_frames: bool,
 }
 
 /// A running plugin process.
@@ -154,6 +157,10 @@ fn environment(config: &ProcessConfig) -> BTreeMap<OsString, OsString> {
         (handshake::MAX_PORT_ENV, "25000"),
     ] {
         set(key.as_ref(), value.as_ref());
+    }
+    if config.offer_frames {
+        // Plugins built with Mycelium's SDK answer with it; go-plugin's ignore it.
+        set(frames::OFFER_ENV.as_ref(), frames::PROTOCOL.as_ref());
     }
     set(
         handshake::UNIX_SOCKET_DIR_ENV.as_ref(),
@@ -443,6 +450,7 @@ impl PluginProcess {
             spawn_us = spawned_in.as_micros() as u64,
             handshake_us = (shook_hands - spawned_in).as_micros() as u64,
             healthy_us = (begun.elapsed() - shook_hands).as_micros() as u64,
+            protocol = ?channel.protocol(),
             "plugin started"
         );
         unfinished.0 = None;
@@ -460,6 +468,11 @@ impl PluginProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The protocol the plugin chose in its handshake.
+    pub fn protocol(&self) -> handshake::Protocol {
+        self.channel.protocol()
     }
 
     /// How long the process has been running.
@@ -513,7 +526,8 @@ impl PluginProcess {
         };
         // Also as gRPC metadata, where gRPC tracing middleware (Go's otelgrpc, for one) looks.
         let mut metadata = Vec::new();
-        if let Some(trace) = ctx.trace() {
+        let grpc = self.channel.protocol() == handshake::Protocol::Grpc;
+        if let Some(trace) = ctx.trace().filter(|_| grpc) {
             if let Ok(value) = trace.traceparent().parse() {
                 metadata.push((TRACEPARENT.clone(), value));
             }

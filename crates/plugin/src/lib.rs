@@ -9,4 +9,4 @@ mod output;
 pub mod pool;
 mod spawn;
 
-pub use mycelium_plugin_protocol::{convert, framing, handshake, proto, socket};
+pub use mycelium_plugin_protocol::{convert, frames, framing, handshake, proto, socket};

@@ -55,6 +55,10 @@ pub struct PoolSettings {
     /// Public NKeys whose signatures this runtime trusts; when any are set, binaries that are
     /// unsigned or signed by another key are refused (`artifact_untrusted`).
     pub trusted_signers: Vec<String>,
+    /// Offer plugins Mycelium's frame protocol (`frames`), which plugins built with the Rust
+    /// SDK take instead of gRPC over HTTP/2; go-plugin plugins keep gRPC either way. Off
+    /// speaks gRPC to every plugin.
+    pub offer_frames: bool,
 }
 
 impl Default for PoolSettings {
@@ -72,6 +76,7 @@ impl Default for PoolSettings {
             log_lines_per_second: 1000,
             cgroups: true,
             trusted_signers: Vec::new(),
+            offer_frames: true,
         }
     }
 }
@@ -559,6 +564,7 @@ impl PluginPool {
             redactions: self.redactions.clone(),
             output_budget: self.output_budget.clone(),
             log_sink: self.shared.log_sink.get().cloned(),
+            offer_frames: settings.offer_frames,
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();

@@ -27,6 +27,7 @@ async fn main() {
         redactions: Default::default(),
         output_budget: mycelium_plugin::host::OutputBudget::new(1000),
         log_sink: None,
+        offer_frames: true,
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await

@@ -1,0 +1,174 @@
+//! The plugin's server for Mycelium's frame protocol (`mycelium_plugin_protocol::frames`):
+//! the same services as the gRPC server, without HTTP/2.
+//!
+//! One task per connection reads every frame the socket has, runs each call right there, and
+//! writes the answers of all of them in one write. A call that has to wait gets a task of its
+//! own, which queues its answer and wakes the connection's task to write it.
+
+use std::{
+    future::{poll_fn, Future},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, Waker},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use mycelium_plugin_protocol::{
+    frames::{self, Frame, Kind},
+    proto::{
+        function::{ExecuteRequest, ExecuteResponse},
+        go_plugin::{Empty, StdioData},
+    },
+    socket::UnixConnection,
+};
+use tokio::io::AsyncWrite;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::server::{health, Services};
+
+/// Answers queued for the connection's next write, and who writes them.
+#[derive(Default)]
+struct Outbox {
+    frames: Mutex<(BytesMut, Option<Waker>)>,
+}
+
+impl Outbox {
+    /// Queues frames from a call that ran elsewhere, and wakes the connection's task.
+    fn send(&self, frames: &[u8]) {
+        let waker = {
+            let mut outbox = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+            outbox.0.extend_from_slice(frames);
+            outbox.1.clone()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Serves one connection from the host until it closes.
+pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) {
+    let outbox = Arc::new(Outbox::default());
+    let mut read = BytesMut::new();
+    // What is being written; refilled from the outbox when empty.
+    let mut writing = BytesMut::new();
+    let ended = poll_fn(|cx| loop {
+        {
+            let mut queued = outbox.frames.lock().unwrap_or_else(|e| e.into_inner());
+            if !queued.1.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                queued.1 = Some(cx.waker().clone());
+            }
+            if writing.is_empty() {
+                std::mem::swap(&mut writing, &mut queued.0);
+            }
+        }
+        let mut progressed = false;
+        match frames::poll_fill(&mut io, cx, &mut read) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) => {
+                progressed = true;
+                loop {
+                    match frames::take(&mut read) {
+                        Ok(Some(frame)) => call(frame, &services, &outbox, &mut writing),
+                        Ok(None) => break,
+                        Err(error) => return Poll::Ready(Err(error.to_string())),
+                    }
+                }
+            }
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.to_string())),
+            Poll::Pending => {}
+        }
+        while !writing.is_empty() {
+            match Pin::new(&mut io).poll_write(cx, &writing) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err("the host stopped reading".into())),
+                Poll::Ready(Ok(written)) => writing.advance(written),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.to_string())),
+                Poll::Pending => break,
+            }
+        }
+        if !progressed {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    if let Err(error) = ended {
+        tracing::debug!(%error, "the connection from the host ended");
+    }
+}
+
+/// Runs one call: inline, its answer going out with this turn's write, or on a task of its own
+/// if it has to wait.
+fn call(frame: Frame, services: &Arc<Services>, outbox: &Arc<Outbox>, writing: &mut BytesMut) {
+    let Frame { kind, id, body } = frame;
+    match kind {
+        Some(Kind::Execute) => {
+            let mut work = Box::pin(execute(services.clone(), body));
+            let waker = Waker::noop();
+            match work.as_mut().poll(&mut Context::from_waker(waker)) {
+                Poll::Ready(answer) => put_answer(writing, id, &answer),
+                Poll::Pending => {
+                    let outbox = outbox.clone();
+                    // The spawned task polls again, with its own waker, before it waits.
+                    tokio::spawn(async move {
+                        let mut frame = BytesMut::new();
+                        put_answer(&mut frame, id, &work.await);
+                        outbox.send(&frame);
+                    });
+                }
+            }
+        }
+        Some(Kind::HealthCheck) => match decode::<HealthCheckRequest>(body) {
+            Ok(request) => frames::put_message(writing, Kind::Reply, id, &health(&request)),
+            Err(message) => frames::put_status(writing, id, Code::InvalidArgument as i32, &message),
+        },
+        Some(Kind::Shutdown) => {
+            services.shutdown.cancel();
+            frames::put_message(writing, Kind::Reply, id, &Empty {});
+        }
+        Some(Kind::StreamStdio) => match services.stdio.take() {
+            Some(mut chunks) => {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    let mut frame = BytesMut::new();
+                    while let Some(chunk) = chunks.recv().await {
+                        frame.clear();
+                        frames::put_message::<StdioData>(&mut frame, Kind::Item, id, &chunk);
+                        outbox.send(&frame);
+                    }
+                });
+            }
+            None => frames::put_status(
+                writing,
+                id,
+                Code::FailedPrecondition as i32,
+                "the stdio stream was already taken",
+            ),
+        },
+        Some(Kind::Reply | Kind::Item | Kind::Status) | None => frames::put_status(
+            writing,
+            id,
+            Code::Unimplemented as i32,
+            "this plugin does not know that kind of frame",
+        ),
+    }
+}
+
+async fn execute(services: Arc<Services>, body: Bytes) -> Result<ExecuteResponse, String> {
+    let request = decode::<ExecuteRequest>(body)?;
+    Ok(services
+        .function
+        .execute(request, &http::HeaderMap::new())
+        .await)
+}
+
+fn put_answer(out: &mut BytesMut, id: u32, answer: &Result<ExecuteResponse, String>) {
+    match answer {
+        Ok(response) => frames::put_message(out, Kind::Reply, id, response),
+        Err(message) => frames::put_status(out, id, Code::InvalidArgument as i32, message),
+    }
+}
+
+fn decode<M: prost::Message + Default>(body: Bytes) -> Result<M, String> {
+    M::decode(body).map_err(|e| format!("the request does not decode: {e}"))
+}

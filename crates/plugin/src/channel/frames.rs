@@ -1,0 +1,323 @@
+//! Calls to a plugin in Mycelium's frame protocol (`crate::frames`): the gRPC channel's calls
+//! and messages without HTTP/2, over a connection the callers drive the same way.
+//!
+//! A call appends its request frame to the connection's outgoing bytes and waits for the
+//! answer with its id; whoever polls the connection writes what is queued and hands each
+//! answer read to its call.
+
+use std::{
+    collections::HashMap,
+    future::{poll_fn, Future},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, Waker},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::{io::AsyncWrite, sync::mpsc};
+use tonic::{Code, Status};
+
+use super::{driver::Driver, Io};
+use crate::frames::{self, Frame, Kind};
+
+/// How many stdio chunks may wait for the relay before more are dropped.
+const STREAM_BACKLOG: usize = 1024;
+
+/// A connection to one plugin process; cheap to share between concurrent calls.
+#[derive(Clone)]
+pub(crate) struct FrameChannel {
+    shared: Arc<Shared>,
+    driver: Arc<Driver>,
+}
+
+impl std::fmt::Debug for FrameChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameChannel").finish_non_exhaustive()
+    }
+}
+
+/// What the callers and the connection share.
+#[derive(Default)]
+struct Shared(Mutex<State>);
+
+#[derive(Default)]
+struct State {
+    /// Frames queued for the next write.
+    out: BytesMut,
+    calls: HashMap<u32, Call>,
+    next_id: u32,
+    /// Why the connection ended, once it has.
+    closed: Option<String>,
+    /// The connection's waker: told when frames are queued.
+    connection: Option<Waker>,
+}
+
+enum Call {
+    /// A unary call, and its answer once it came.
+    Unary {
+        answer: Option<Result<Bytes, Status>>,
+        waker: Option<Waker>,
+    },
+    /// A stream's messages go to its reader.
+    Stream {
+        items: mpsc::Sender<Bytes>,
+        dropped: usize,
+    },
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a request and registers its call; the connection is asked to write it.
+    fn start<M: prost::Message>(&self, kind: Kind, message: &M, call: Call) -> Result<u32, Status> {
+        let waker = {
+            let mut state = self.lock();
+            if let Some(why) = &state.closed {
+                return Err(Status::unavailable(format!(
+                    "the connection to the plugin broke: {why}"
+                )));
+            }
+            // Ids wrap after 2^32 calls; one still in use (the stdio stream's) is skipped.
+            let mut id = state.next_id;
+            while state.calls.contains_key(&id) {
+                id = id.wrapping_add(1);
+            }
+            state.next_id = id.wrapping_add(1);
+            frames::put_message(&mut state.out, kind, id, message);
+            state.calls.insert(id, call);
+            (id, state.connection.clone())
+        };
+        if let (_, Some(connection)) = &waker {
+            connection.wake_by_ref();
+        }
+        Ok(waker.0)
+    }
+
+    fn poll_answer(&self, id: u32, cx: &mut Context<'_>) -> Poll<Result<Bytes, Status>> {
+        let mut state = self.lock();
+        let closed = state.closed.clone();
+        let Some(Call::Unary { answer, waker }) = state.calls.get_mut(&id) else {
+            return Poll::Ready(Err(Status::internal("the call was forgotten")));
+        };
+        if let Some(answer) = answer.take() {
+            state.calls.remove(&id);
+            return Poll::Ready(answer);
+        }
+        if let Some(why) = closed {
+            state.calls.remove(&id);
+            return Poll::Ready(Err(Status::unavailable(format!(
+                "the connection to the plugin broke: {why}"
+            ))));
+        }
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Hands a frame from the plugin to its call.
+    fn deliver(state: &mut State, frame: Frame) {
+        let Some(call) = state.calls.get_mut(&frame.id) else {
+            // A call the host gave up on (its deadline passed).
+            return;
+        };
+        match (frame.kind, call) {
+            (Some(Kind::Reply), Call::Unary { answer, waker }) => {
+                *answer = Some(Ok(frame.body));
+                if let Some(waker) = waker.take() {
+                    waker.wake();
+                }
+            }
+            (Some(Kind::Status), Call::Unary { answer, waker }) => {
+                let (code, message) = frames::status(frame.body);
+                *answer = Some(Err(Status::new(Code::from_i32(code), message)));
+                if let Some(waker) = waker.take() {
+                    waker.wake();
+                }
+            }
+            (Some(Kind::Item), Call::Stream { items, dropped }) => {
+                match items.try_send(frame.body) {
+                    Ok(()) if *dropped > 0 => {
+                        tracing::warn!(
+                            chunks = *dropped,
+                            "a plugin's output came faster than it was logged; chunks were dropped"
+                        );
+                        *dropped = 0;
+                    }
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => *dropped += 1,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        state.calls.remove(&frame.id);
+                    }
+                }
+            }
+            (Some(Kind::Status), Call::Stream { .. }) => {
+                // The stream ended; its reader sees the end when the sender drops.
+                state.calls.remove(&frame.id);
+            }
+            (kind, _) => {
+                tracing::debug!(
+                    ?kind,
+                    id = frame.id,
+                    "a plugin sent a frame that fits no call"
+                );
+            }
+        }
+    }
+
+    /// Ends every call: the connection is gone.
+    fn close(&self, why: String) {
+        let mut state = self.lock();
+        state.closed = Some(why);
+        for call in state.calls.values_mut() {
+            if let Call::Unary {
+                waker: Some(waker), ..
+            } = call
+            {
+                waker.wake_by_ref();
+            }
+        }
+        state
+            .calls
+            .retain(|_, call| matches!(call, Call::Unary { .. }));
+    }
+}
+
+/// Forgets a call whose caller stopped waiting; its answer, if it comes, is dropped.
+struct Forget<'a>(&'a Shared, u32);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.lock().calls.remove(&self.1);
+    }
+}
+
+impl FrameChannel {
+    /// Speaks the frame protocol over `io`, and starts the background driver.
+    pub(crate) fn connect(io: Io) -> Self {
+        let shared = Arc::new(Shared::default());
+        let driver = Driver::start(Connection {
+            io,
+            shared: shared.clone(),
+            read: BytesMut::new(),
+            writing: BytesMut::new(),
+        });
+        Self { shared, driver }
+    }
+
+    /// Calls the method at `path` (gRPC's path names it) with `message`. The deadline travels
+    /// inside the request; the caller enforces its own by dropping the future.
+    pub(crate) async fn unary<Q, R>(&self, path: &'static str, message: &Q) -> Result<R, Status>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let kind = kind(path)?;
+        self.driver
+            .driven(async {
+                let unary = Call::Unary {
+                    answer: None,
+                    waker: None,
+                };
+                let id = self.shared.start(kind, message, unary)?;
+                let _forget = Forget(&self.shared, id);
+                let body = poll_fn(|cx| self.shared.poll_answer(id, cx)).await?;
+                R::decode(body).map_err(|e| {
+                    Status::internal(format!("the plugin's answer does not decode: {e}"))
+                })
+            })
+            .await
+    }
+
+    /// Calls the method at `path` expecting a stream of messages, read from the receiver. The
+    /// background task drives the connection while no call does.
+    pub(crate) fn server_stream<Q: prost::Message>(
+        &self,
+        path: &'static str,
+        message: &Q,
+    ) -> Result<mpsc::Receiver<Bytes>, Status> {
+        let (items, receiver) = mpsc::channel(STREAM_BACKLOG);
+        self.shared
+            .start(kind(path)?, message, Call::Stream { items, dropped: 0 })?;
+        Ok(receiver)
+    }
+}
+
+fn kind(path: &str) -> Result<Kind, Status> {
+    Kind::of_method(path)
+        .ok_or_else(|| Status::unimplemented(format!("the frame protocol has no method {path}")))
+}
+
+/// The connection: writes what the calls queued, reads what the plugin answered.
+struct Connection {
+    io: Io,
+    shared: Arc<Shared>,
+    read: BytesMut,
+    /// What is being written; refilled from the queue when empty.
+    writing: BytesMut,
+}
+
+impl Future for Connection {
+    type Output = Result<(), String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let ended = loop {
+            {
+                let mut state = this.shared.lock();
+                if !state
+                    .connection
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    state.connection = Some(cx.waker().clone());
+                }
+                if this.writing.is_empty() {
+                    std::mem::swap(&mut this.writing, &mut state.out);
+                }
+            }
+            while !this.writing.is_empty() {
+                match Pin::new(&mut this.io).poll_write(cx, &this.writing) {
+                    Poll::Ready(Ok(0)) => {
+                        return self.end(Err("the plugin stopped reading".into()));
+                    }
+                    Poll::Ready(Ok(written)) => this.writing.advance(written),
+                    Poll::Ready(Err(error)) => return self.end(Err(error.to_string())),
+                    Poll::Pending => break,
+                }
+            }
+            match frames::poll_fill(&mut this.io, cx, &mut this.read) {
+                Poll::Ready(Ok(0)) => break Ok(()),
+                Poll::Ready(Ok(_)) => {
+                    let mut state = this.shared.lock();
+                    loop {
+                        match frames::take(&mut this.read) {
+                            Ok(Some(frame)) => Shared::deliver(&mut state, frame),
+                            Ok(None) => break,
+                            Err(error) => {
+                                drop(state);
+                                return self.end(Err(error.to_string()));
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(Err(error)) => break Err(error.to_string()),
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        self.end(ended)
+    }
+}
+
+impl Connection {
+    fn end(&self, ended: Result<(), String>) -> Poll<Result<(), String>> {
+        let why = match &ended {
+            Ok(()) => "the plugin closed it".to_owned(),
+            Err(error) => error.clone(),
+        };
+        self.shared.close(why);
+        Poll::Ready(ended)
+    }
+}
