@@ -306,6 +306,37 @@ async fn a_crash_mid_call_fails_that_call_only() {
     );
 }
 
+/// An answer over the 4 MiB message limit fails its own call only, in either protocol: the
+/// process goes on answering on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_fails_only_its_own_call() {
+    for offer_frames in [true, false] {
+        let settings = PoolSettings {
+            offer_frames,
+            ..PoolSettings::default()
+        };
+        let f = fixture(settings, false).await;
+        f.deploy("big", &[], None).await;
+        let before = pid_of(&f.call("big", "pid", json!({})).await.unwrap());
+        let fits = f
+            .call("big", "big", json!({"bytes": 100_000}))
+            .await
+            .unwrap();
+        assert_eq!(json_data(&fits[0])["blob"].as_str().unwrap().len(), 100_000);
+        let (code_, message) = code(f.call("big", "big", json!({"bytes": 5 << 20})).await);
+        assert_eq!(code_, ErrorCode::Unavailable, "{message}");
+        assert!(
+            message.contains("4194304"),
+            "frames {offer_frames}: {message}"
+        );
+        let after = pid_of(&f.call("big", "pid", json!({})).await.unwrap());
+        assert_eq!(
+            before, after,
+            "frames {offer_frames}: the same process answers on"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_plugin_mid_call() {
     let f = fixture(PoolSettings::default(), false).await;

@@ -96,21 +96,95 @@ pub struct Frame {
     pub body: Bytes,
 }
 
-/// Why the bytes read are not frames; the connection cannot go on after one.
+/// A frame whose body is over [`MAX_MESSAGE_BYTES`]: its bytes are skipped as they arrive,
+/// and the call it belongs to is answered with this instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TooLarge(pub usize);
+pub struct Oversized {
+    /// Its kind, as sent.
+    pub kind: Option<Kind>,
+    /// The call it belongs to.
+    pub id: u32,
+    /// Its body's length.
+    pub length: usize,
+}
 
-impl std::fmt::Display for TooLarge {
+impl std::fmt::Display for Oversized {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "a frame of {} bytes is more than the {MAX_MESSAGE_BYTES} accepted",
-            self.0
+            "the message is {} bytes, more than the {MAX_MESSAGE_BYTES} accepted",
+            self.length
         )
     }
 }
 
-impl std::error::Error for TooLarge {}
+impl std::error::Error for Oversized {}
+
+/// What one side has read and not yet taken as frames.
+#[derive(Debug, Default)]
+pub struct Reader {
+    buffer: BytesMut,
+    /// Bytes of an oversized frame's body still to be thrown away.
+    skipping: usize,
+}
+
+impl Reader {
+    /// Reads what `io` has (at least 16 KiB of room); `Ready(Ok(0))` is the end of the
+    /// connection.
+    pub fn poll_fill<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.buffer.reserve(16 * 1024);
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(io), cx, &mut self.buffer)
+    }
+
+    /// The next whole frame read, removed; `None` until one is complete.
+    pub fn frame(&mut self) -> Option<Result<Frame, Oversized>> {
+        if self.skipping > 0 {
+            let skipped = self.skipping.min(self.buffer.len());
+            self.buffer.advance(skipped);
+            self.skipping -= skipped;
+            if self.skipping > 0 {
+                return None;
+            }
+        }
+        if self.buffer.len() < HEADER_BYTES {
+            return None;
+        }
+        let length = u32::from_be_bytes([
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ]) as usize;
+        let kind = Kind::from_byte(self.buffer[4]);
+        let id = u32::from_be_bytes([
+            self.buffer[5],
+            self.buffer[6],
+            self.buffer[7],
+            self.buffer[8],
+        ]);
+        if length > MAX_MESSAGE_BYTES {
+            self.buffer.advance(HEADER_BYTES);
+            self.skipping = length;
+            return Some(Err(Oversized { kind, id, length }));
+        }
+        if self.buffer.len() < HEADER_BYTES + length {
+            // Room for the rest, so that it is read in as few reads as it arrives in.
+            self.buffer
+                .reserve(HEADER_BYTES + length - self.buffer.len());
+            return None;
+        }
+        self.buffer.advance(HEADER_BYTES);
+        Some(Ok(Frame {
+            kind,
+            id,
+            body: self.buffer.split_to(length).freeze(),
+        }))
+    }
+}
 
 /// Appends a frame carrying `message` to `out`.
 pub fn put_message<M: prost::Message>(out: &mut BytesMut, kind: Kind, id: u32, message: &M) {
@@ -135,30 +209,6 @@ fn put_header(out: &mut BytesMut, kind: Kind, id: u32, length: usize) {
     out.put_u32(id);
 }
 
-/// The first whole frame in `buffer`, removed from it; `None` until one is complete.
-pub fn take(buffer: &mut BytesMut) -> Result<Option<Frame>, TooLarge> {
-    if buffer.len() < HEADER_BYTES {
-        return Ok(None);
-    }
-    let length = u32::from_be_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]) as usize;
-    if length > MAX_MESSAGE_BYTES {
-        return Err(TooLarge(length));
-    }
-    if buffer.len() < HEADER_BYTES + length {
-        // Room for the rest, so that it is read in as few reads as it arrives in.
-        buffer.reserve(HEADER_BYTES + length - buffer.len());
-        return Ok(None);
-    }
-    let kind = Kind::from_byte(buffer[4]);
-    let id = u32::from_be_bytes([buffer[5], buffer[6], buffer[7], buffer[8]]);
-    buffer.advance(HEADER_BYTES);
-    Ok(Some(Frame {
-        kind,
-        id,
-        body: buffer.split_to(length).freeze(),
-    }))
-}
-
 /// The code and message of a [`Kind::Status`] frame's body.
 pub fn status(mut body: Bytes) -> (i32, String) {
     if body.len() < 4 {
@@ -171,17 +221,6 @@ pub fn status(mut body: Bytes) -> (i32, String) {
     (code, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Reads what the socket has into `buffer` (at least 16 KiB of room); `Ready(Ok(0))` is the
-/// end of the connection.
-pub fn poll_fill<R: tokio::io::AsyncRead + Unpin>(
-    io: &mut R,
-    cx: &mut std::task::Context<'_>,
-    buffer: &mut BytesMut,
-) -> std::task::Poll<std::io::Result<usize>> {
-    buffer.reserve(16 * 1024);
-    tokio_util::io::poll_read_buf(std::pin::Pin::new(io), cx, buffer)
-}
-
 /// Whether `offer` (the value of [`OFFER_ENV`]) includes this protocol.
 pub fn offered(offer: &str) -> bool {
     offer.split(',').any(|p| p.trim() == PROTOCOL)
@@ -192,6 +231,13 @@ mod tests {
     use super::*;
     use crate::proto::go_plugin::StdioData;
 
+    fn reader(bytes: &[u8]) -> Reader {
+        Reader {
+            buffer: BytesMut::from(bytes),
+            skipping: 0,
+        }
+    }
+
     #[test]
     fn frames_are_taken_whole_and_in_order() {
         let message = StdioData {
@@ -201,30 +247,53 @@ mod tests {
         let mut wire = BytesMut::new();
         put_message(&mut wire, Kind::Execute, 7, &message);
         put_status(&mut wire, 8, 5, "no such thing");
-        let whole = wire.clone();
-        let mut partial = BytesMut::from(&whole[..HEADER_BYTES + 3]);
-        assert_eq!(take(&mut partial), Ok(None));
-        assert_eq!(partial.len(), HEADER_BYTES + 3, "nothing is consumed early");
+        let mut partial = reader(&wire[..HEADER_BYTES + 3]);
+        assert_eq!(partial.frame(), None);
+        assert_eq!(
+            partial.buffer.len(),
+            HEADER_BYTES + 3,
+            "nothing is consumed early"
+        );
 
-        let first = take(&mut wire).unwrap().unwrap();
+        let mut whole = reader(&wire);
+        let first = whole.frame().unwrap().unwrap();
         assert_eq!((first.kind, first.id), (Some(Kind::Execute), 7));
         assert_eq!(
             <StdioData as prost::Message>::decode(first.body).unwrap(),
             message
         );
-        let second = take(&mut wire).unwrap().unwrap();
+        let second = whole.frame().unwrap().unwrap();
         assert_eq!((second.kind, second.id), (Some(Kind::Status), 8));
         assert_eq!(status(second.body), (5, "no such thing".into()));
-        assert!(wire.is_empty());
-        assert_eq!(take(&mut wire), Ok(None));
+        assert_eq!(whole.frame(), None);
+        assert!(whole.buffer.is_empty());
     }
 
     #[test]
-    fn what_is_not_a_frame_says_why() {
-        let mut huge = BytesMut::from(&b"\xff\xff\xff\xff\x80\0\0\0\x01"[..]);
-        assert_eq!(take(&mut huge), Err(TooLarge(4_294_967_295)));
-        let mut unknown = BytesMut::from(&b"\0\0\0\0\x42\0\0\0\x03"[..]);
-        let frame = take(&mut unknown).unwrap().unwrap();
+    fn an_oversized_frame_is_reported_once_and_skipped() {
+        let length = MAX_MESSAGE_BYTES + 1;
+        let mut wire = BytesMut::new();
+        put_header(&mut wire, Kind::Reply, 3, length);
+        wire.extend_from_slice(&vec![7; 1000]);
+        let mut oversized = reader(&wire);
+        assert_eq!(
+            oversized.frame(),
+            Some(Err(Oversized {
+                kind: Some(Kind::Reply),
+                id: 3,
+                length
+            }))
+        );
+        assert_eq!(oversized.frame(), None);
+        // The rest of its body arrives, then the next frame.
+        oversized.buffer.extend_from_slice(&vec![7; length - 1000]);
+        put_status(&mut oversized.buffer, 4, 0, "");
+        let next = oversized.frame().unwrap().unwrap();
+        assert_eq!((next.kind, next.id), (Some(Kind::Status), 4));
+        assert_eq!(oversized.frame(), None);
+
+        let mut unknown = reader(b"\0\0\0\0\x42\0\0\0\x03");
+        let frame = unknown.frame().unwrap().unwrap();
         assert_eq!((frame.kind, frame.id), (None, 3));
         assert_eq!(status(Bytes::from_static(b"\0")).0, 13);
     }

@@ -50,7 +50,7 @@ impl Outbox {
 /// Serves one connection from the host until it closes.
 pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) {
     let outbox = Arc::new(Outbox::default());
-    let mut read = BytesMut::new();
+    let mut read = frames::Reader::default();
     // What is being written; refilled from the outbox when empty.
     let mut writing = BytesMut::new();
     let ended = poll_fn(|cx| loop {
@@ -64,15 +64,19 @@ pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) 
             }
         }
         let mut progressed = false;
-        match frames::poll_fill(&mut io, cx, &mut read) {
+        match read.poll_fill(&mut io, cx) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
             Poll::Ready(Ok(_)) => {
                 progressed = true;
-                loop {
-                    match frames::take(&mut read) {
-                        Ok(Some(frame)) => call(frame, &services, &outbox, &mut writing),
-                        Ok(None) => break,
-                        Err(error) => return Poll::Ready(Err(error.to_string())),
+                while let Some(frame) = read.frame() {
+                    match frame {
+                        Ok(frame) => call(frame, &services, &outbox, &mut writing),
+                        Err(oversized) => frames::put_status(
+                            &mut writing,
+                            oversized.id,
+                            Code::ResourceExhausted as i32,
+                            &format!("the request: {oversized}"),
+                        ),
                     }
                 }
             }

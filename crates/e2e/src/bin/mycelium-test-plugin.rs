@@ -107,6 +107,10 @@ impl Function for TestPlugin {
                 Ok(reply(event, json!({"touched": block.len()})))
             }
             "fail" => Err(FunctionError::new("failing on purpose")),
+            "big" => {
+                let bytes = usize::try_from(number(&event, "bytes")).unwrap_or(0);
+                Ok(reply(event, json!({ "blob": "x".repeat(bytes) })))
+            }
             "getenv" | "printenv" => {
                 let name = match event.data() {
                     Some(Data::Json(value)) => {

@@ -167,6 +167,20 @@ impl Shared {
         }
     }
 
+    /// Fails the call of a frame too large to take (its bytes are skipped).
+    fn refuse(state: &mut State, oversized: &frames::Oversized) {
+        if let Some(Call::Unary { answer, waker }) = state.calls.get_mut(&oversized.id) {
+            *answer = Some(Err(Status::resource_exhausted(format!(
+                "the plugin's answer: {oversized}"
+            ))));
+            if let Some(waker) = waker.take() {
+                waker.wake();
+            }
+        } else {
+            tracing::warn!(%oversized, "a plugin sent a stream message too large to take; skipped");
+        }
+    }
+
     /// Ends every call: the connection is gone.
     fn close(&self, why: String) {
         let mut state = self.lock();
@@ -201,7 +215,7 @@ impl FrameChannel {
         let driver = Driver::start(Connection {
             io,
             shared: shared.clone(),
-            read: BytesMut::new(),
+            read: frames::Reader::default(),
             writing: BytesMut::new(),
         });
         Self { shared, driver }
@@ -254,7 +268,7 @@ fn kind(path: &str) -> Result<Kind, Status> {
 struct Connection {
     io: Io,
     shared: Arc<Shared>,
-    read: BytesMut,
+    read: frames::Reader,
     /// What is being written; refilled from the queue when empty.
     writing: BytesMut,
 }
@@ -288,18 +302,14 @@ impl Future for Connection {
                     Poll::Pending => break,
                 }
             }
-            match frames::poll_fill(&mut this.io, cx, &mut this.read) {
+            match this.read.poll_fill(&mut this.io, cx) {
                 Poll::Ready(Ok(0)) => break Ok(()),
                 Poll::Ready(Ok(_)) => {
                     let mut state = this.shared.lock();
-                    loop {
-                        match frames::take(&mut this.read) {
-                            Ok(Some(frame)) => Shared::deliver(&mut state, frame),
-                            Ok(None) => break,
-                            Err(error) => {
-                                drop(state);
-                                return self.end(Err(error.to_string()));
-                            }
+                    while let Some(frame) = this.read.frame() {
+                        match frame {
+                            Ok(frame) => Shared::deliver(&mut state, frame),
+                            Err(oversized) => Shared::refuse(&mut state, &oversized),
                         }
                     }
                 }
@@ -319,5 +329,104 @@ impl Connection {
         };
         self.shared.close(why);
         Poll::Ready(ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::either::Either;
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+    use super::*;
+    use crate::{framing::path, socket::UnixConnection};
+
+    fn health(service: &str) -> HealthCheckRequest {
+        HealthCheckRequest {
+            service: service.into(),
+        }
+    }
+
+    /// The requests the peer has read so far, by id, with their service names.
+    async fn read_requests(peer: &mut tokio::net::UnixStream, count: usize) -> Vec<(u32, String)> {
+        let mut reader = frames::Reader::default();
+        let mut requests = Vec::new();
+        while requests.len() < count {
+            let read = poll_fn(|cx| reader.poll_fill(peer, cx)).await.unwrap();
+            assert!(read > 0, "the host closed the connection");
+            while let Some(frame) = reader.frame() {
+                let frame = frame.unwrap();
+                assert_eq!(frame.kind, Some(Kind::HealthCheck));
+                let request = <HealthCheckRequest as prost::Message>::decode(frame.body).unwrap();
+                requests.push((frame.id, request.service));
+            }
+        }
+        requests
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_find_their_calls_in_any_order_and_late_ones_are_dropped() {
+        let (host, mut peer) = tokio::net::UnixStream::pair().unwrap();
+        let channel = FrameChannel::connect(Either::Left(UnixConnection::new(host).unwrap()));
+        let call = |service: &'static str| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                channel
+                    .unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health(service))
+                    .await
+            })
+        };
+        let (first, second) = (call("first"), call("second"));
+        let given_up_request = health("given-up");
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(1),
+            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &given_up_request),
+        );
+        let requests = read_requests(&mut peer, 2).await;
+        assert!(given_up.await.is_err(), "nobody answered it");
+        let requests = [requests, read_requests(&mut peer, 1).await].concat();
+        let mut answers = BytesMut::new();
+        // Answered last first, the given-up call included: its answer goes nowhere.
+        for (id, service) in requests.iter().rev() {
+            let status = match service.as_str() {
+                "first" => 1,
+                "second" => 2,
+                _ => 3,
+            };
+            frames::put_message(
+                &mut answers,
+                Kind::Reply,
+                *id,
+                &HealthCheckResponse { status },
+            );
+        }
+        peer.write_all(&answers).await.unwrap();
+        assert_eq!(first.await.unwrap().unwrap().status, 1);
+        assert_eq!(second.await.unwrap().unwrap().status, 2);
+
+        // A failed call's status arrives as one.
+        let failing = call("failing");
+        let [(id, _)] = read_requests(&mut peer, 1).await[..] else {
+            unreachable!()
+        };
+        let mut status = BytesMut::new();
+        frames::put_status(&mut status, id, Code::NotFound as i32, "no such service");
+        peer.write_all(&status).await.unwrap();
+        let refused = failing.await.unwrap().unwrap_err();
+        assert_eq!(
+            (refused.code(), refused.message()),
+            (Code::NotFound, "no such service")
+        );
+
+        // The plugin goes away: the waiting call and every later one fail at once.
+        let waiting = call("waiting");
+        read_requests(&mut peer, 1).await;
+        drop(peer);
+        let broken = waiting.await.unwrap().unwrap_err();
+        assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+        let later = call("later").await.unwrap().unwrap_err();
+        assert_eq!(later.code(), Code::Unavailable, "{later}");
     }
 }
