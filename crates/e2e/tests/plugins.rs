@@ -368,6 +368,47 @@ async fn kill_9_of_a_plugin_mid_call() {
     assert_ne!(after, pid);
 }
 
+/// A call past its deadline is dropped in the plugin too (a cancel frame, or a reset stream
+/// over gRPC), not left running there, and the process goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_cancelled_in_the_plugin() {
+    let logs = LOGS.clone();
+    for (offer_frames, function) in [(true, "sleeper"), (false, "grpc-sleeper")] {
+        let settings = PoolSettings {
+            offer_frames,
+            ..PoolSettings::default()
+        };
+        let f = fixture(settings, false).await;
+        f.deploy(function, &[], None).await;
+        let before = pid_of(&f.call(function, "pid", json!({})).await.unwrap());
+        let (code_, message) = code(
+            f.call_with(
+                function,
+                "sleep",
+                json!({"ms": 600_000}),
+                Duration::from_millis(300),
+            )
+            .await,
+        );
+        assert_eq!(code_, ErrorCode::Timeout, "{message}");
+        let tag = format!("function={function} ");
+        let cancelled = eventually(Duration::from_secs(10), || {
+            let logs = logs.clone();
+            let tag = tag.clone();
+            async move {
+                let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+                text.lines()
+                    .find(|l| l.contains(&tag) && l.contains("sleep cancelled"))
+                    .map(str::to_owned)
+            }
+        })
+        .await;
+        assert!(cancelled.contains("stream=\"stderr\""), "{cancelled}");
+        let after = pid_of(&f.call(function, "pid", json!({})).await.unwrap());
+        assert_eq!(before, after, "{function}: the same process answers on");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_plugin_times_out_and_is_replaced() {
     let f = fixture(PoolSettings::default(), false).await;

@@ -12,7 +12,9 @@
 //! kind names the method and whose body is the method's protobuf request, as in gRPC; the
 //! plugin answers with one [`Kind::Reply`] (the protobuf answer) or one [`Kind::Status`] (a
 //! gRPC status code and message), or, for the stdio stream, any number of [`Kind::Item`].
-//! Calls are answered in any order; a call the host gave up on is answered into the void.
+//! Calls are answered in any order. When the host gives up on a call (its deadline passed) it
+//! sends [`Kind::Cancel`] with the call's id, and the plugin drops its work on it; an answer
+//! already on its way is dropped by the host.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -39,6 +41,9 @@ pub enum Kind {
     Shutdown,
     /// Host to plugin: the stdio stream (answered with items).
     StreamStdio,
+    /// Host to plugin: the host stopped waiting for the call with this id (its deadline
+    /// passed); the plugin drops its work on it. Empty body, never answered.
+    Cancel,
     /// Plugin to host: a call's answer, which ends it.
     Reply,
     /// Plugin to host: one message of a stream.
@@ -65,6 +70,7 @@ impl Kind {
             Self::HealthCheck => 2,
             Self::Shutdown => 3,
             Self::StreamStdio => 4,
+            Self::Cancel => 5,
             Self::Reply => 0x80,
             Self::Item => 0x81,
             Self::Status => 0x82,
@@ -77,6 +83,7 @@ impl Kind {
             2 => Self::HealthCheck,
             3 => Self::Shutdown,
             4 => Self::StreamStdio,
+            5 => Self::Cancel,
             0x80 => Self::Reply,
             0x81 => Self::Item,
             0x82 => Self::Status,
@@ -195,6 +202,11 @@ pub fn put_message<M: prost::Message>(out: &mut BytesMut, kind: Kind, id: u32, m
     let _ = message.encode(out);
 }
 
+/// Appends a [`Kind::Cancel`] frame for the call `id`.
+pub fn put_cancel(out: &mut BytesMut, id: u32) {
+    put_header(out, Kind::Cancel, id, 0);
+}
+
 /// Appends a [`Kind::Status`] frame: `code` (a gRPC status code) and `message`.
 pub fn put_status(out: &mut BytesMut, id: u32, code: i32, message: &str) {
     out.reserve(HEADER_BYTES + 4 + message.len());
@@ -310,6 +322,14 @@ mod tests {
             assert_eq!(Kind::from_byte(kind.byte()), Some(kind));
         }
         assert_eq!(Kind::of_method("/x.Y/Z"), None);
+        assert_eq!(Kind::from_byte(Kind::Cancel.byte()), Some(Kind::Cancel));
+        let mut cancel = BytesMut::new();
+        put_cancel(&mut cancel, 9);
+        let frame = reader(&cancel).frame().unwrap().unwrap();
+        assert_eq!(
+            (frame.kind, frame.id, frame.body.len()),
+            (Some(Kind::Cancel), 9, 0)
+        );
         assert!(offered("grpc, mycelium-frames"));
         assert!(!offered("mycelium-frames2"));
     }

@@ -47,10 +47,34 @@ impl Outbox {
     }
 }
 
+/// The calls of a connection that run on tasks of their own, by id, so that the host can cancel
+/// them. Only this connection's task touches it; finished ones are swept as it grows.
+#[derive(Default)]
+struct Running {
+    tasks: std::collections::HashMap<u32, tokio::task::AbortHandle>,
+    /// Size after the last sweep: the next sweep comes when it has doubled.
+    swept: usize,
+}
+
+impl Running {
+    fn insert(&mut self, id: u32, task: tokio::task::AbortHandle) {
+        if self.tasks.len() >= (2 * self.swept).max(64) {
+            self.tasks.retain(|_, task| !task.is_finished());
+            self.swept = self.tasks.len();
+        }
+        self.tasks.insert(id, task);
+    }
+
+    fn remove(&mut self, id: u32) -> Option<tokio::task::AbortHandle> {
+        self.tasks.remove(&id)
+    }
+}
+
 /// Serves one connection from the host until it closes.
 pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) {
     let outbox = Arc::new(Outbox::default());
     let mut read = frames::Reader::default();
+    let mut running = Running::default();
     // What is being written; refilled from the outbox when empty.
     let mut writing = BytesMut::new();
     let ended = poll_fn(|cx| loop {
@@ -70,7 +94,9 @@ pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) 
                 progressed = true;
                 while let Some(frame) = read.frame() {
                     match frame {
-                        Ok(frame) => call(frame, &services, &outbox, &mut writing),
+                        Ok(frame) => {
+                            call(frame, &services, &outbox, &mut writing, &mut running);
+                        }
                         Err(oversized) => frames::put_status(
                             &mut writing,
                             oversized.id,
@@ -103,7 +129,13 @@ pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) 
 
 /// Runs one call: inline, its answer going out with this turn's write, or on a task of its own
 /// if it has to wait.
-fn call(frame: Frame, services: &Arc<Services>, outbox: &Arc<Outbox>, writing: &mut BytesMut) {
+fn call(
+    frame: Frame,
+    services: &Arc<Services>,
+    outbox: &Arc<Outbox>,
+    writing: &mut BytesMut,
+    running: &mut Running,
+) {
     let Frame { kind, id, body } = frame;
     match kind {
         Some(Kind::Execute) => {
@@ -114,12 +146,20 @@ fn call(frame: Frame, services: &Arc<Services>, outbox: &Arc<Outbox>, writing: &
                 Poll::Pending => {
                     let outbox = outbox.clone();
                     // The spawned task polls again, with its own waker, before it waits.
-                    tokio::spawn(async move {
+                    let task = tokio::spawn(async move {
                         let mut frame = BytesMut::new();
                         put_answer(&mut frame, id, &work.await);
                         outbox.send(&frame);
                     });
+                    running.insert(id, task.abort_handle());
                 }
+            }
+        }
+        Some(Kind::Cancel) => {
+            // Dropping the call's future cancels its context's token too. A call that has
+            // answered already (or ran inline) is not there, or its task is finished.
+            if let Some(task) = running.remove(id) {
+                task.abort();
             }
         }
         Some(Kind::HealthCheck) => match decode::<HealthCheckRequest>(body) {

@@ -166,7 +166,7 @@ fn run_inline_or_spawn(work: impl Future<Output = ()> + Send + 'static) {
 async fn handle(
     services: Arc<Services>,
     request: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
 ) {
     let (head, mut body) = request.into_parts();
     let path = head.uri.path();
@@ -191,9 +191,16 @@ async fn handle(
     }
     let reply = match path {
         EXECUTE => match request_message::<ExecuteRequest>(&mut received) {
-            Ok(request) => Ok(framing::encode(
-                &services.function.execute(request, &head.headers).await,
-            )),
+            Ok(request) => {
+                // The host resets the stream when it stops waiting (the deadline passed):
+                // the call's work is dropped then, which cancels its context's token too.
+                let execute = services.function.execute(request, &head.headers);
+                tokio::select! {
+                    biased;
+                    response = execute => Ok(framing::encode(&response)),
+                    _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+                }
+            }
             Err(status) => Err(status),
         },
         HEALTH_CHECK => request_message::<HealthCheckRequest>(&mut received)

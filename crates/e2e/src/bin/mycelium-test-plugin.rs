@@ -79,8 +79,19 @@ impl Function for TestPlugin {
                 json!({"pid": std::process::id(), "pgid": process_group()}),
             )),
             "sleep" => {
+                /// Says so when the call is dropped before it ends (the host cancelled it).
+                struct Cancelled(bool);
+                impl Drop for Cancelled {
+                    fn drop(&mut self) {
+                        if !self.0 {
+                            eprintln!("sleep cancelled");
+                        }
+                    }
+                }
+                let mut cancelled = Cancelled(false);
                 let ms = number(&event, "ms");
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                cancelled.0 = true;
                 Ok(reply(event, json!({"pid": std::process::id()})))
             }
             "crash" => std::process::abort(),

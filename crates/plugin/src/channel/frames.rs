@@ -199,12 +199,27 @@ impl Shared {
     }
 }
 
-/// Forgets a call whose caller stopped waiting; its answer, if it comes, is dropped.
+/// Forgets a call whose caller stopped waiting, and tells the plugin to drop its work on it;
+/// its answer, if it comes anyway, is dropped.
 struct Forget<'a>(&'a Shared, u32);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.0.lock().calls.remove(&self.1);
+        let connection = {
+            let mut state = self.0.lock();
+            let unanswered = matches!(
+                state.calls.remove(&self.1),
+                Some(Call::Unary { answer: None, .. })
+            );
+            if !unanswered || state.closed.is_some() {
+                return;
+            }
+            frames::put_cancel(&mut state.out, self.1);
+            state.connection.clone()
+        };
+        if let Some(connection) = connection {
+            connection.wake();
+        }
     }
 }
 
