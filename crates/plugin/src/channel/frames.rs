@@ -364,26 +364,47 @@ mod tests {
         }
     }
 
-    /// The requests the peer has read so far, by id, with their service names.
-    async fn read_requests(peer: &mut tokio::net::UnixStream, count: usize) -> Vec<(u32, String)> {
-        let mut reader = frames::Reader::default();
-        let mut requests = Vec::new();
-        while requests.len() < count {
-            let read = poll_fn(|cx| reader.poll_fill(peer, cx)).await.unwrap();
-            assert!(read > 0, "the host closed the connection");
-            while let Some(frame) = reader.frame() {
-                let frame = frame.unwrap();
-                assert_eq!(frame.kind, Some(Kind::HealthCheck));
-                let request = <HealthCheckRequest as prost::Message>::decode(frame.body).unwrap();
-                requests.push((frame.id, request.service));
+    /// The plugin's end of the connection, played by the test.
+    struct Peer {
+        socket: tokio::net::UnixStream,
+        reader: frames::Reader,
+    }
+
+    impl Peer {
+        /// The next `count` frames from the host: kind, id, and a health check's service.
+        async fn read(&mut self, count: usize) -> Vec<(Kind, u32, String)> {
+            let mut read = Vec::new();
+            while read.len() < count {
+                if let Some(frame) = self.reader.frame() {
+                    let frame = frame.unwrap();
+                    let kind = frame.kind.unwrap();
+                    let service = match kind {
+                        Kind::HealthCheck => {
+                            <HealthCheckRequest as prost::Message>::decode(frame.body)
+                                .unwrap()
+                                .service
+                        }
+                        _ => String::new(),
+                    };
+                    read.push((kind, frame.id, service));
+                    continue;
+                }
+                let got = poll_fn(|cx| self.reader.poll_fill(&mut self.socket, cx))
+                    .await
+                    .unwrap();
+                assert!(got > 0, "the host closed the connection");
             }
+            read
         }
-        requests
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn answers_find_their_calls_in_any_order_and_late_ones_are_dropped() {
-        let (host, mut peer) = tokio::net::UnixStream::pair().unwrap();
+        let (host, socket) = tokio::net::UnixStream::pair().unwrap();
+        let mut peer = Peer {
+            socket,
+            reader: frames::Reader::default(),
+        };
         let channel = FrameChannel::connect(Either::Left(UnixConnection::new(host).unwrap()));
         let call = |service: &'static str| {
             let channel = channel.clone();
@@ -394,17 +415,24 @@ mod tests {
             })
         };
         let (first, second) = (call("first"), call("second"));
+        let mut requests = peer.read(2).await;
+        // A call the host gives up on is cancelled.
         let given_up_request = health("given-up");
         let given_up = tokio::time::timeout(
             Duration::from_millis(1),
             channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &given_up_request),
         );
-        let requests = read_requests(&mut peer, 2).await;
         assert!(given_up.await.is_err(), "nobody answered it");
-        let requests = [requests, read_requests(&mut peer, 1).await].concat();
+        let [(Kind::HealthCheck, given_up_id, _), (Kind::Cancel, cancelled, _)] =
+            peer.read(2).await[..]
+        else {
+            panic!("expected the given-up call and its cancellation");
+        };
+        assert_eq!(cancelled, given_up_id);
+        requests.push((Kind::HealthCheck, given_up_id, "given-up".into()));
         let mut answers = BytesMut::new();
         // Answered last first, the given-up call included: its answer goes nowhere.
-        for (id, service) in requests.iter().rev() {
+        for (_, id, service) in requests.iter().rev() {
             let status = match service.as_str() {
                 "first" => 1,
                 "second" => 2,
@@ -417,18 +445,18 @@ mod tests {
                 &HealthCheckResponse { status },
             );
         }
-        peer.write_all(&answers).await.unwrap();
+        peer.socket.write_all(&answers).await.unwrap();
         assert_eq!(first.await.unwrap().unwrap().status, 1);
         assert_eq!(second.await.unwrap().unwrap().status, 2);
 
-        // A failed call's status arrives as one.
+        // A failed call's status arrives as one; an answered call is not cancelled.
         let failing = call("failing");
-        let [(id, _)] = read_requests(&mut peer, 1).await[..] else {
-            unreachable!()
+        let [(Kind::HealthCheck, id, _)] = peer.read(1).await[..] else {
+            panic!("expected one health check");
         };
         let mut status = BytesMut::new();
         frames::put_status(&mut status, id, Code::NotFound as i32, "no such service");
-        peer.write_all(&status).await.unwrap();
+        peer.socket.write_all(&status).await.unwrap();
         let refused = failing.await.unwrap().unwrap_err();
         assert_eq!(
             (refused.code(), refused.message()),
@@ -437,7 +465,11 @@ mod tests {
 
         // The plugin goes away: the waiting call and every later one fail at once.
         let waiting = call("waiting");
-        read_requests(&mut peer, 1).await;
+        assert_eq!(
+            peer.read(1).await[0].0,
+            Kind::HealthCheck,
+            "no cancel came first"
+        );
         drop(peer);
         let broken = waiting.await.unwrap().unwrap_err();
         assert_eq!(broken.code(), Code::Unavailable, "{broken}");
