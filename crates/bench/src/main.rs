@@ -44,8 +44,9 @@ const REQUEST_SCENARIOS: [&str; 10] = [
 ];
 
 /// The scenarios measured otherwise (go-plugin's own host, rounds, memory).
-const OTHER_SCENARIOS: [&str; 5] = [
+const OTHER_SCENARIOS: [&str; 6] = [
     "go-host",
+    "go-host-paced",
     "cold-start",
     "wasm-cold",
     "wasm-density",
@@ -78,7 +79,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-secret (the Rust example naming a secret), plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-secret (the Rust example naming a secret), plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), go-host-paced (the same at c=1 with a pause before each call, so that both processes go idle between calls as they do behind the runtime), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -634,12 +635,20 @@ fn build_go(out: PathBuf, extra: &[&str]) -> Option<PathBuf> {
 
 /// go-plugin's own Go host calling the Go plugin directly (no NATS, no Mycelium), at one
 /// concurrency: the baseline of what a plugin call costs go-plugin itself.
-fn go_host(host: &Path, plugin: &Path, args: &Args, concurrency: usize) -> Result<Outcome> {
+fn go_host(
+    host: &Path,
+    plugin: &Path,
+    args: &Args,
+    concurrency: usize,
+    paced: bool,
+) -> Result<Outcome> {
     let output = Command::new(host)
         .arg(plugin)
         .arg(args.duration.as_secs_f64().to_string())
         .arg(concurrency.to_string())
         .arg(args.warmup.as_secs_f64().to_string())
+        // Go's sleep is at least a millisecond here: the calls come ~1.3 ms apart.
+        .args(paced.then_some("250"))
         .stderr(Stdio::inherit())
         .output()
         .context("running the go-plugin host")?;
@@ -650,7 +659,7 @@ fn go_host(host: &Path, plugin: &Path, args: &Args, concurrency: usize) -> Resul
     let us = |key: &str| figures[key].as_f64().unwrap_or(0.0);
     let requests = figures["requests"].as_u64().unwrap_or(0);
     Ok(Outcome {
-        scenario: "go-host".into(),
+        scenario: if paced { "go-host-paced" } else { "go-host" }.into(),
         concurrency,
         mode: "closed-loop",
         pass: 0,
@@ -909,7 +918,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let mut go_built = None;
-    if wanted("plugin-go") || wanted("go-host") {
+    if wanted("plugin-go") || wanted("go-host") || wanted("go-host-paced") {
         match go_plugin(&args, work.path()) {
             Some(go) => {
                 if wanted("plugin-go") {
@@ -959,7 +968,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let go_host_binary = go_built
         .as_ref()
-        .filter(|_| wanted("go-host"))
+        .filter(|_| wanted("go-host") || wanted("go-host-paced"))
         .and_then(|_| build_go(work.path().join("go-host"), &["--host"]));
 
     let data = "x".repeat(args.payload_size);
@@ -1005,9 +1014,17 @@ async fn run(args: Args) -> Result<()> {
         }
 
         if let (Some(host), Some(plugin)) = (&go_host_binary, &go_built) {
-            for &concurrency in &args.concurrency {
-                let outcome = go_host(host, plugin, &args, concurrency)?;
-                eprintln!("go-host c={concurrency}: {} requests", outcome.requests);
+            let paced = args.concurrency.contains(&1).then_some((1, true));
+            let runs = args.concurrency.iter().map(|&c| (c, false));
+            let runs = runs
+                .filter(|_| wanted("go-host"))
+                .chain(paced.filter(|_| wanted("go-host-paced")));
+            for (concurrency, paced) in runs {
+                let outcome = go_host(host, plugin, &args, concurrency, paced)?;
+                eprintln!(
+                    "{} c={concurrency}: {} requests",
+                    outcome.scenario, outcome.requests
+                );
                 outcomes.push(Outcome { pass, ..outcome });
             }
         }
@@ -1182,7 +1199,7 @@ fn medians(outcomes: &[Outcome]) -> Vec<Median> {
         // runtime (the WebAssembly targets are stated that way).
         let bases: &[&str] = match o.scenario.as_str() {
             "nats-echo" => &[],
-            "builtin" | "go-host" => &["nats-echo"],
+            "builtin" | "go-host" | "go-host-paced" => &["nats-echo"],
             _ => &["nats-echo", "builtin"],
         };
         for &base in bases {
@@ -1200,13 +1217,13 @@ fn medians(outcomes: &[Outcome]) -> Vec<Median> {
                 o.throughput_per_s / b.throughput_per_s,
             );
         }
-        if o.scenario == "go-host" {
+        if o.scenario.starts_with("go-host") {
             if let (Some(go), Some(builtin)) = (
                 find("plugin-go", o.concurrency, o.pass),
                 find("builtin", o.concurrency, o.pass),
             ) {
                 add(
-                    "(plugin-go p50 - builtin p50) / go-host p50".into(),
+                    format!("(plugin-go p50 - builtin p50) / {} p50", o.scenario),
                     o.concurrency,
                     (go.p50_us - builtin.p50_us) / o.p50_us,
                 );

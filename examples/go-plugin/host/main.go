@@ -49,12 +49,20 @@ func fail(format string, args ...interface{}) {
 }
 
 func main() {
-	if len(os.Args) != 5 {
-		fail("usage: go-host PLUGIN SECONDS CONCURRENCY WARMUP_SECONDS")
+	if len(os.Args) != 5 && len(os.Args) != 6 {
+		fail("usage: go-host PLUGIN SECONDS CONCURRENCY WARMUP_SECONDS [PAUSE_MICROSECONDS]")
 	}
 	seconds, _ := strconv.ParseFloat(os.Args[2], 64)
 	concurrency, _ := strconv.Atoi(os.Args[3])
 	warmup, _ := strconv.ParseFloat(os.Args[4], 64)
+	// A pause before each call lets both processes go idle between calls, as a runtime's
+	// calls to a plugin do when they come from the network: back to back, each call finds
+	// the other side's threads still awake.
+	pause := time.Duration(0)
+	if len(os.Args) == 6 {
+		micros, _ := strconv.Atoi(os.Args[5])
+		pause = time.Duration(micros) * time.Microsecond
+	}
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  Handshake,
 		Plugins:          map[string]plugin.Plugin{"function": functionPlugin{}},
@@ -96,6 +104,9 @@ func main() {
 			var mine []int64
 			failed := 0
 			for {
+				if pause > 0 {
+					time.Sleep(pause)
+				}
 				began := time.Now()
 				if !began.Before(stopAt) {
 					break
