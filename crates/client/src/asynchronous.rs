@@ -160,9 +160,18 @@ impl Client {
         let Some(stream) = self.dead_letter_stream().await? else {
             return Ok(Vec::new());
         };
+        self.dead_letters_in(&stream, &name).await
+    }
+
+    /// The dead letters of `name` in the dead-letter stream, oldest first.
+    async fn dead_letters_in(
+        &self,
+        stream: &jetstream::stream::Stream,
+        name: &FunctionName,
+    ) -> Result<Vec<StoredDeadLetter>, AsyncError> {
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: self.subjects.dlq_of(&name),
+                filter_subject: self.subjects.dlq_of(name),
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ..Default::default()
             })
@@ -208,7 +217,7 @@ impl Client {
             return Ok(Vec::new());
         };
         let mut accepted = Vec::new();
-        for stored in self.dead_letters(function).await? {
+        for stored in self.dead_letters_in(&stream, &name).await? {
             let letter = stored.letter;
             let id = letter.event.get("id").and_then(|v| v.as_str());
             if event_id.is_some_and(|wanted| Some(wanted) != id) {
