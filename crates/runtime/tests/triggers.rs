@@ -700,3 +700,56 @@ async fn a_stream_triggers_dead_letters_are_kept_on_a_runtime_without_asynchrono
         "no async stream made"
     );
 }
+
+/// A stream trigger whose record goes without its consumer (as when a runtime that had not yet
+/// seen the deletion made the consumer again after `trigger delete` removed it): the runtimes
+/// delete the consumer once they see the trigger gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_triggers_consumer_does_not_outlive_it() {
+    use mycelium_registry::RegistryAdmin;
+    let server = NatsServer::start();
+    let (_runtimes, _seen) = runtimes(&server, 2).await;
+    let nats = server.connect().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::new(nats.clone());
+    client
+        .add_trigger(trigger(
+            "orders",
+            "record",
+            TriggerSource::Stream {
+                stream: "ORDERS".into(),
+                filter: None,
+                deliver: mycelium_client::Deliver::All,
+            },
+            None,
+        ))
+        .await
+        .unwrap();
+    consumer_made(&js, "ORDERS", "trigger-orders").await;
+    let stream = js.get_stream("ORDERS").await.unwrap();
+
+    let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
+        .await
+        .unwrap();
+    // Deleted under the runtimes through the registry alone: nothing but them touches the
+    // consumer from here on.
+    registry.delete_trigger(&name("orders")).await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move {
+            stream
+                .consumer_info("trigger-orders")
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await;
+}

@@ -38,6 +38,43 @@ pub(crate) fn consumer_name(name: &TriggerName) -> String {
     format!("trigger-{name}")
 }
 
+/// The stream a stream, KV or schedule trigger's durable consumer reads; `None` for a subject.
+fn durable_stream(source: &TriggerSource) -> Option<String> {
+    match source {
+        TriggerSource::Stream { stream, .. } => Some(stream.clone()),
+        TriggerSource::Kv { bucket, .. } => Some(format!("KV_{bucket}")),
+        TriggerSource::Schedule { .. } => Some(SCHEDULE_STREAM.to_owned()),
+        TriggerSource::Subject { .. } => None,
+    }
+}
+
+/// A trigger running here: what it is, how to stop it, and its task.
+struct Running {
+    trigger: Arc<Trigger>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Once a deleted trigger's loop here has ended, deletes its durable consumer. `mycelium trigger
+/// delete` deletes it too, but a loop that saw the consumer vanish before this runtime saw the
+/// trigger go would have made it again (it retries): without this, such a consumer would stay
+/// on the stream for good. Every runtime does it; all but the first find nothing to delete.
+fn forget_consumer(jetstream: &jetstream::Context, running: Running) {
+    let Some(stream) = durable_stream(&running.trigger.source) else {
+        return;
+    };
+    let jetstream = jetstream.clone();
+    tokio::spawn(async move {
+        let _ = running.task.await;
+        let consumer = consumer_name(&running.trigger.name);
+        if let Ok(stream) = jetstream.get_stream(&stream).await {
+            if stream.delete_consumer(&consumer).await.is_ok() {
+                tracing::debug!(trigger = %running.trigger.name, %consumer, "deleted the consumer of a deleted trigger");
+            }
+        }
+    });
+}
+
 /// Runs the registry's triggers until the runtime stops.
 pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
     let shared = shared.clone();
@@ -45,42 +82,49 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
         let jetstream = jetstream::new(shared.client.clone());
         let dispatcher = Arc::new(Dispatcher::new(shared.clone(), jetstream.clone()));
         let mut changes = shared.invoker.registry.changes();
-        let mut running: HashMap<TriggerName, (Arc<Trigger>, CancellationToken)> = HashMap::new();
+        let mut running: HashMap<TriggerName, Running> = HashMap::new();
         let mut lag = tokio::time::interval(LAG_EVERY);
         lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let triggers = shared.invoker.registry.triggers();
-            running.retain(|name, (trigger, stop)| {
-                let keep = triggers
-                    .iter()
-                    .any(|t| &t.name == name && !t.paused && **t == **trigger);
-                if !keep {
-                    stop.cancel();
-                    if !triggers.iter().any(|t| &t.name == name) {
-                        shared.invoker.metrics.trigger_removed(name);
-                    }
+            let (kept, stopped): (HashMap<_, _>, HashMap<_, _>) =
+                running.drain().partition(|(name, run)| {
+                    triggers
+                        .iter()
+                        .any(|t| t.name == *name && !t.paused && **t == *run.trigger)
+                });
+            running = kept;
+            for (name, run) in stopped {
+                run.stop.cancel();
+                if !triggers.iter().any(|t| t.name == name) {
+                    shared.invoker.metrics.trigger_removed(&name);
+                    forget_consumer(&jetstream, run);
                 }
-                keep
-            });
+            }
             for trigger in triggers {
                 if trigger.paused || running.contains_key(&trigger.name) {
                     continue;
                 }
                 let stop = shared.stop.child_token();
-                running.insert(trigger.name.clone(), (trigger.clone(), stop.clone()));
-                match &trigger.source {
+                let task = match &trigger.source {
                     TriggerSource::Subject { .. } => {
-                        tokio::spawn(subject::run(shared.clone(), trigger, stop));
+                        tokio::spawn(subject::run(shared.clone(), trigger.clone(), stop.clone()))
                     }
-                    _ => {
-                        tokio::spawn(durable(
-                            dispatcher.clone(),
-                            jetstream.clone(),
-                            trigger,
-                            stop,
-                        ));
-                    }
-                }
+                    _ => tokio::spawn(durable(
+                        dispatcher.clone(),
+                        jetstream.clone(),
+                        trigger.clone(),
+                        stop.clone(),
+                    )),
+                };
+                running.insert(
+                    trigger.name.clone(),
+                    Running {
+                        trigger,
+                        stop,
+                        task,
+                    },
+                );
             }
             tokio::select! {
                 () = shared.stop.cancelled() => return,
@@ -98,13 +142,14 @@ const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 async fn sample_lag(
     shared: &Shared,
     jetstream: &jetstream::Context,
-    running: &HashMap<TriggerName, (Arc<Trigger>, CancellationToken)>,
+    running: &HashMap<TriggerName, Running>,
 ) {
-    for (name, (trigger, _)) in running {
-        let stream = match &trigger.source {
-            TriggerSource::Stream { stream, .. } => stream.clone(),
-            TriggerSource::Kv { bucket, .. } => format!("KV_{bucket}"),
-            _ => continue,
+    for (name, run) in running {
+        if matches!(run.trigger.source, TriggerSource::Schedule { .. }) {
+            continue;
+        }
+        let Some(stream) = durable_stream(&run.trigger.source) else {
+            continue;
         };
         let Ok(stream) = jetstream.get_stream(&stream).await else {
             continue;
@@ -127,22 +172,20 @@ async fn durable(
 ) {
     let shared = dispatcher.shared().clone();
     let prefix = &shared.config.subject_prefix;
-    let (stream_name, filter, deliver) = match &trigger.source {
+    let Some(stream_name) = durable_stream(&trigger.source) else {
+        return;
+    };
+    let (filter, deliver) = match &trigger.source {
         TriggerSource::Stream {
-            stream,
-            filter,
-            deliver,
-        } => (stream.clone(), filter.clone().unwrap_or_default(), *deliver),
+            filter, deliver, ..
+        } => (filter.clone().unwrap_or_default(), *deliver),
         TriggerSource::Kv { bucket, key } => (
-            format!("KV_{bucket}"),
             format!("$KV.{bucket}.{}", key.as_deref().unwrap_or(">")),
             Deliver::New,
         ),
-        TriggerSource::Schedule { .. } => (
-            SCHEDULE_STREAM.to_owned(),
-            format!("{prefix}.ticks.{}", trigger.name),
-            Deliver::New,
-        ),
+        TriggerSource::Schedule { .. } => {
+            (format!("{prefix}.ticks.{}", trigger.name), Deliver::New)
+        }
         TriggerSource::Subject { .. } => return,
     };
     let ordered = matches!(trigger.source, TriggerSource::Kv { .. });
