@@ -216,3 +216,25 @@ fn put_answer(out: &mut BytesMut, id: u32, answer: &Result<ExecuteResponse, Stri
 fn decode<M: prost::Message + Default>(body: Bytes) -> Result<M, String> {
     M::decode(body).map_err(|e| format!("the request does not decode: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_calls_are_swept_as_the_table_grows() {
+        let mut running = Running::default();
+        for id in 0..64 {
+            let task = tokio::spawn(async {});
+            let handle = task.abort_handle();
+            task.await.unwrap();
+            running.insert(id, handle);
+        }
+        assert_eq!(running.tasks.len(), 64, "no sweep below 64");
+        let waiting = tokio::spawn(std::future::pending::<()>());
+        running.insert(64, waiting.abort_handle());
+        assert_eq!(running.tasks.len(), 1, "the 64 finished ones went");
+        running.remove(64).unwrap().abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+    }
+}
