@@ -233,6 +233,27 @@ pub fn status(mut body: Bytes) -> (i32, String) {
     (code, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Writes `out` until it is empty (`Ready(Ok)`) or the socket is full (`Pending`, woken when
+/// there is room); what is written leaves `out`.
+pub fn poll_write_out<W: tokio::io::AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut std::task::Context<'_>,
+    out: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<()>> {
+    use std::task::Poll;
+    while !out.is_empty() {
+        match std::pin::Pin::new(&mut *io).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            Poll::Ready(Ok(written)) => out.advance(written),
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
 /// Whether `offer` (the value of [`OFFER_ENV`]) includes this protocol.
 pub fn offered(offer: &str) -> bool {
     offer.split(',').any(|p| p.trim() == PROTOCOL)

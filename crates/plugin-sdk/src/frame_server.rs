@@ -6,13 +6,12 @@
 //! own, which queues its answer and wakes the connection's task to write it.
 
 use std::{
-    future::{poll_fn, Future},
-    pin::Pin,
+    future::poll_fn,
     sync::{Arc, Mutex},
-    task::{Context, Poll, Waker},
+    task::{Poll, Waker},
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use mycelium_plugin_protocol::{
     frames::{self, Frame, Kind},
     proto::{
@@ -21,11 +20,10 @@ use mycelium_plugin_protocol::{
     },
     socket::UnixConnection,
 };
-use tokio::io::AsyncWrite;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::server::{health, Services};
+use crate::server::{health, run_inline_or_spawn, Services};
 
 /// Answers queued for the connection's next write, and who writes them.
 #[derive(Default)]
@@ -109,13 +107,8 @@ pub(crate) async fn connection(mut io: UnixConnection, services: Arc<Services>) 
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error.to_string())),
             Poll::Pending => {}
         }
-        while !writing.is_empty() {
-            match Pin::new(&mut io).poll_write(cx, &writing) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err("the host stopped reading".into())),
-                Poll::Ready(Ok(written)) => writing.advance(written),
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.to_string())),
-                Poll::Pending => break,
-            }
+        if let Poll::Ready(Err(error)) = frames::poll_write_out(&mut io, cx, &mut writing) {
+            return Poll::Ready(Err(error.to_string()));
         }
         if !progressed {
             return Poll::Pending;
@@ -139,20 +132,15 @@ fn call(
     let Frame { kind, id, body } = frame;
     match kind {
         Some(Kind::Execute) => {
-            let mut work = Box::pin(execute(services.clone(), body));
-            let waker = Waker::noop();
-            match work.as_mut().poll(&mut Context::from_waker(waker)) {
-                Poll::Ready(answer) => put_answer(writing, id, &answer),
-                Poll::Pending => {
-                    let outbox = outbox.clone();
-                    // The spawned task polls again, with its own waker, before it waits.
-                    let task = tokio::spawn(async move {
-                        let mut frame = BytesMut::new();
-                        put_answer(&mut frame, id, &work.await);
-                        outbox.send(&frame);
-                    });
-                    running.insert(id, task.abort_handle());
-                }
+            let outbox = outbox.clone();
+            let later = move |answer| {
+                let mut frame = BytesMut::new();
+                put_answer(&mut frame, id, &answer);
+                outbox.send(&frame);
+            };
+            match run_inline_or_spawn(execute(services.clone(), body), later) {
+                Ok(answer) => put_answer(writing, id, &answer),
+                Err(task) => running.insert(id, task),
             }
         }
         Some(Kind::Cancel) => {

@@ -136,14 +136,14 @@ fn serve_plugin(plugin: Plugin) -> ! {
             std::process::exit(1);
         }
     }
-    // Listening and announced before anything else starts: the host connects and sends its
-    // connection preface while the async runtime, logging and output capture come up, instead
-    // of after (the socket's backlog holds the connection meanwhile).
     // Mycelium's host offers its frame protocol; go-plugin's own host does not, and gets gRPC.
     let protocol = match std::env::var(frames::OFFER_ENV) {
         Ok(offer) if frames::offered(&offer) => Protocol::Frames,
         _ => Protocol::Grpc,
     };
+    // Listening and announced before anything else starts: the host connects and sends its
+    // connection preface while the async runtime, logging and output capture come up, instead
+    // of after (the socket's backlog holds the connection meanwhile).
     let (listener, path) = match announce(protocol) {
         Ok(announced) => announced,
         Err(error) => {

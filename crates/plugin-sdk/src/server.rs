@@ -108,7 +108,7 @@ async fn connection(io: UnixConnection, services: Arc<Services>) {
         match accepted {
             Ok((request, respond)) => {
                 RUNNING_INLINE.set(Arc::as_ptr(&task) as usize);
-                run_inline_or_spawn(handle(services.clone(), request, respond));
+                let _ = run_inline_or_spawn(handle(services.clone(), request, respond), drop);
                 RUNNING_INLINE.set(0);
             }
             Err(error) => {
@@ -152,14 +152,27 @@ impl Wake for ConnectionWaker {
     }
 }
 
-/// Polls `work` once here; only if it has to wait does it get a task of its own.
-fn run_inline_or_spawn(work: impl Future<Output = ()> + Send + 'static) {
+/// Polls `work` once here and gives back its output; only if it has to wait does it get a
+/// task of its own, which hands the output to `later` (and whose handle comes back instead).
+pub(crate) fn run_inline_or_spawn<F>(
+    work: F,
+    later: impl FnOnce(F::Output) + Send + 'static,
+) -> Result<F::Output, tokio::task::AbortHandle>
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
     let mut work = Box::pin(work);
     let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    // The spawned task polls again, with its own waker, before it waits.
-    if work.as_mut().poll(&mut cx).is_pending() {
-        tokio::spawn(work);
+    match work
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(waker))
+    {
+        std::task::Poll::Ready(output) => Ok(output),
+        // The spawned task polls again, with its own waker, before it waits.
+        std::task::Poll::Pending => {
+            Err(tokio::spawn(async move { later(work.await) }).abort_handle())
+        }
     }
 }
 
@@ -335,7 +348,11 @@ mod tests {
         // No runtime here: spawning would panic, so this passes only if the work ran inline.
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ran.clone();
-        run_inline_or_spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        let ran_inline = run_inline_or_spawn(
+            async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) },
+            drop,
+        );
+        assert!(ran_inline.is_ok());
         assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

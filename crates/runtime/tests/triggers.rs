@@ -119,6 +119,47 @@ async fn consumer_made(js: &async_nats::jetstream::Context, stream: &str, consum
     .await;
 }
 
+/// Waits until the durable `consumer` on `stream` is gone.
+async fn consumer_gone(js: &async_nats::jetstream::Context, stream: &str, consumer: &str) {
+    let stream = js.get_stream(stream).await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        let stream = stream.clone();
+        async move { stream.consumer_info(consumer).await.is_err().then_some(()) }
+    })
+    .await;
+}
+
+/// Makes the stream `name` over `subjects` and adds `trigger_name`, running `function` on
+/// every message it holds (no `--then`).
+async fn stream_trigger(
+    client: &Client,
+    js: &async_nats::jetstream::Context,
+    (name, subjects): (&str, &str),
+    trigger_name: &str,
+    function: &str,
+) {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    client
+        .add_trigger(trigger(
+            trigger_name,
+            function,
+            TriggerSource::Stream {
+                stream: name.into(),
+                filter: None,
+                deliver: mycelium_client::Deliver::All,
+            },
+            None,
+        ))
+        .await
+        .unwrap();
+}
+
 fn text(event: &Event) -> String {
     match event.data() {
         Some(mycelium_core::cloudevents::Data::String(text)) => text.clone(),
@@ -657,27 +698,8 @@ async fn a_stream_triggers_dead_letters_are_kept_on_a_runtime_without_asynchrono
         .await
         .unwrap();
     let js = async_nats::jetstream::new(nats.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "INBOX".into(),
-        subjects: vec!["inbox.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let client = Client::new(nats.clone());
-    client
-        .add_trigger(trigger(
-            "inbox",
-            "picky",
-            TriggerSource::Stream {
-                stream: "INBOX".into(),
-                filter: None,
-                deliver: mycelium_client::Deliver::All,
-            },
-            None,
-        ))
-        .await
-        .unwrap();
+    stream_trigger(&client, &js, ("INBOX", "inbox.>"), "inbox", "picky").await;
     js.publish("inbox.x", "hello".into())
         .await
         .unwrap()
@@ -711,29 +733,9 @@ async fn a_deleted_triggers_consumer_does_not_outlive_it() {
     let (_runtimes, _seen) = runtimes(&server, 2).await;
     let nats = server.connect().await;
     let js = async_nats::jetstream::new(nats.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let client = Client::new(nats.clone());
-    client
-        .add_trigger(trigger(
-            "orders",
-            "record",
-            TriggerSource::Stream {
-                stream: "ORDERS".into(),
-                filter: None,
-                deliver: mycelium_client::Deliver::All,
-            },
-            None,
-        ))
-        .await
-        .unwrap();
+    stream_trigger(&client, &js, ("ORDERS", "orders.>"), "orders", "record").await;
     consumer_made(&js, "ORDERS", "trigger-orders").await;
-    let stream = js.get_stream("ORDERS").await.unwrap();
 
     let registry = NatsRegistry::open(nats.clone(), NatsRegistryConfig::default())
         .await
@@ -741,15 +743,5 @@ async fn a_deleted_triggers_consumer_does_not_outlive_it() {
     // Deleted under the runtimes through the registry alone: nothing but them touches the
     // consumer from here on.
     registry.delete_trigger(&name("orders")).await.unwrap();
-    eventually(Duration::from_secs(10), || {
-        let stream = stream.clone();
-        async move {
-            stream
-                .consumer_info("trigger-orders")
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await;
+    consumer_gone(&js, "ORDERS", "trigger-orders").await;
 }

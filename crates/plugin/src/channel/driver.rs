@@ -81,15 +81,19 @@ impl Driver {
         connection: impl Future<Output = Result<(), E>> + Send + 'static,
     ) -> Arc<Self> {
         let connection = async move { connection.await.map_err(|e| e.to_string()) };
-        let driver = Arc::new(Self {
-            connection: Mutex::new(Some(Box::pin(connection))),
+        let driver = Arc::new(Self::new(Some(Box::pin(connection))));
+        tokio::spawn(background(driver.clone()));
+        driver
+    }
+
+    fn new(connection: Option<Connection>) -> Self {
+        Self {
+            connection: Mutex::new(connection),
             poke: AtomicBool::new(false),
             waiters: Mutex::default(),
             background: Mutex::new(None),
             closed: AtomicBool::new(false),
-        });
-        tokio::spawn(background(driver.clone()));
-        driver
+        }
     }
 
     /// Runs `future`, polling the connection around it (see [`Driven`]).
@@ -302,13 +306,7 @@ mod tests {
     }
 
     fn idle_driver() -> Arc<Driver> {
-        Arc::new(Driver {
-            connection: Mutex::new(None),
-            poke: AtomicBool::new(false),
-            waiters: Mutex::default(),
-            background: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        })
+        Arc::new(Driver::new(None))
     }
 
     #[test]

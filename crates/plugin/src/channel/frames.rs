@@ -13,11 +13,11 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::{io::AsyncWrite, sync::mpsc};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
-use super::{driver::Driver, Io};
+use super::{broken, driver::Driver, Io};
 use crate::frames::{self, Frame, Kind};
 
 /// How many stdio chunks may wait for the relay before more are dropped.
@@ -65,6 +65,20 @@ enum Call {
     },
 }
 
+impl Call {
+    /// Gives a unary call its answer and wakes it; `false` for a stream.
+    fn answer(&mut self, result: Result<Bytes, Status>) -> bool {
+        let Self::Unary { answer, waker } = self else {
+            return false;
+        };
+        *answer = Some(result);
+        if let Some(waker) = waker.take() {
+            waker.wake();
+        }
+        true
+    }
+}
+
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -72,12 +86,10 @@ impl Shared {
 
     /// Queues a request and registers its call; the connection is asked to write it.
     fn start<M: prost::Message>(&self, kind: Kind, message: &M, call: Call) -> Result<u32, Status> {
-        let waker = {
+        let (id, connection) = {
             let mut state = self.lock();
             if let Some(why) = &state.closed {
-                return Err(Status::unavailable(format!(
-                    "the connection to the plugin broke: {why}"
-                )));
+                return Err(broken(why));
             }
             // Ids wrap after 2^32 calls; one still in use (the stdio stream's) is skipped.
             let mut id = state.next_id;
@@ -89,10 +101,10 @@ impl Shared {
             state.calls.insert(id, call);
             (id, state.connection.clone())
         };
-        if let (_, Some(connection)) = &waker {
-            connection.wake_by_ref();
+        if let Some(connection) = connection {
+            connection.wake();
         }
-        Ok(waker.0)
+        Ok(id)
     }
 
     fn poll_answer(&self, id: u32, cx: &mut Context<'_>) -> Poll<Result<Bytes, Status>> {
@@ -107,9 +119,7 @@ impl Shared {
         }
         if let Some(why) = closed {
             state.calls.remove(&id);
-            return Poll::Ready(Err(Status::unavailable(format!(
-                "the connection to the plugin broke: {why}"
-            ))));
+            return Poll::Ready(Err(broken(&why)));
         }
         if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             *waker = Some(cx.waker().clone());
@@ -124,18 +134,12 @@ impl Shared {
             return;
         };
         match (frame.kind, call) {
-            (Some(Kind::Reply), Call::Unary { answer, waker }) => {
-                *answer = Some(Ok(frame.body));
-                if let Some(waker) = waker.take() {
-                    waker.wake();
-                }
+            (Some(Kind::Reply), call @ Call::Unary { .. }) => {
+                call.answer(Ok(frame.body));
             }
-            (Some(Kind::Status), Call::Unary { answer, waker }) => {
+            (Some(Kind::Status), call @ Call::Unary { .. }) => {
                 let (code, message) = frames::status(frame.body);
-                *answer = Some(Err(Status::new(Code::from_i32(code), message)));
-                if let Some(waker) = waker.take() {
-                    waker.wake();
-                }
+                call.answer(Err(Status::new(Code::from_i32(code), message)));
             }
             (Some(Kind::Item), Call::Stream { items, dropped }) => {
                 match items.try_send(frame.body) {
@@ -169,14 +173,12 @@ impl Shared {
 
     /// Fails the call of a frame too large to take (its bytes are skipped).
     fn refuse(state: &mut State, oversized: &frames::Oversized) {
-        if let Some(Call::Unary { answer, waker }) = state.calls.get_mut(&oversized.id) {
-            *answer = Some(Err(Status::resource_exhausted(format!(
-                "the plugin's answer: {oversized}"
-            ))));
-            if let Some(waker) = waker.take() {
-                waker.wake();
-            }
-        } else {
+        let refused = Status::resource_exhausted(format!("the plugin's answer: {oversized}"));
+        let answered = state
+            .calls
+            .get_mut(&oversized.id)
+            .is_some_and(|call| call.answer(Err(refused)));
+        if !answered {
             tracing::warn!(%oversized, "a plugin sent a stream message too large to take; skipped");
         }
     }
@@ -307,15 +309,10 @@ impl Future for Connection {
                     std::mem::swap(&mut this.writing, &mut state.out);
                 }
             }
-            while !this.writing.is_empty() {
-                match Pin::new(&mut this.io).poll_write(cx, &this.writing) {
-                    Poll::Ready(Ok(0)) => {
-                        return self.end(Err("the plugin stopped reading".into()));
-                    }
-                    Poll::Ready(Ok(written)) => this.writing.advance(written),
-                    Poll::Ready(Err(error)) => return self.end(Err(error.to_string())),
-                    Poll::Pending => break,
-                }
+            if let Poll::Ready(Err(error)) =
+                frames::poll_write_out(&mut this.io, cx, &mut this.writing)
+            {
+                return self.end(Err(error.to_string()));
             }
             match this.read.poll_fill(&mut this.io, cx) {
                 Poll::Ready(Ok(0)) => break Ok(()),

@@ -247,6 +247,6 @@ fn lost(error: &h2::Error) -> Status {
     if error.is_reset() && error.reason() == Some(h2::Reason::CANCEL) {
         Status::cancelled(format!("the plugin cancelled the call: {error}"))
     } else {
-        Status::unavailable(format!("the connection to the plugin broke: {error}"))
+        super::broken(error)
     }
 }

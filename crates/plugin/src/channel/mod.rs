@@ -23,6 +23,11 @@ use crate::{
     socket::UnixConnection,
 };
 
+/// The status of a call on a connection that ended.
+fn broken(why: &dyn std::fmt::Display) -> Status {
+    Status::unavailable(format!("the connection to the plugin broke: {why}"))
+}
+
 /// The socket under either protocol.
 type Io = Either<UnixConnection, TcpStream>;
 
