@@ -539,6 +539,10 @@ pub struct RuntimeArgs {
     /// otherwise take Mycelium's lighter frame protocol. For comparison and diagnosis.
     #[arg(long, env = "MYCELIUM_PLUGIN_GRPC_ONLY")]
     pub plugin_grpc_only: bool,
+    /// Microseconds a plugin call, woken while the plugin's answer is partly in, may spin for
+    /// the rest instead of parking its thread (one thread at a time; 0 never spins).
+    #[arg(long, env = "MYCELIUM_PLUGIN_BUSY_POLL_US", default_value_t = 300)]
+    pub plugin_busy_poll_us: u64,
     /// Do not start plugin processes ahead of their first call.
     #[arg(long, env = "MYCELIUM_NO_PRESTART")]
     pub no_prestart: bool,

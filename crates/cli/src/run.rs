@@ -205,6 +205,7 @@ async fn start_runtime(
             log_lines_per_second: args.plugin_log_lines,
             cgroups: !args.no_plugin_cgroups,
             offer_frames: !args.plugin_grpc_only,
+            busy_poll: Duration::from_micros(args.plugin_busy_poll_us),
             ..PoolSettings::default()
         },
         wasm: mycelium_wasm::WasmSettings::default(),

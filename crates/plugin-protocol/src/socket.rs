@@ -15,6 +15,10 @@ use std::{
         unix::net::UnixStream,
     },
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
 };
 
@@ -28,6 +32,9 @@ pub struct UnixConnection {
     /// A duplicate of the socket registered for writability, present only while a write
     /// would block (dropping it deregisters it).
     write: Option<AsyncFd<OwnedFd>>,
+    /// While set, a read tries the socket even when the reactor has not reported it
+    /// readable: a caller spinning for an answer sees it without waiting for a wake-up.
+    eager: Arc<AtomicBool>,
 }
 
 impl UnixConnection {
@@ -36,7 +43,14 @@ impl UnixConnection {
         Ok(Self {
             read: register(stream.into_std()?, Interest::READABLE)?,
             write: None,
+            eager: Arc::default(),
         })
+    }
+
+    /// The switch that makes reads try the socket without waiting for the reactor (for a
+    /// caller that busy-polls the connection for an answer it expects soon).
+    pub fn eager_reads(&self) -> Arc<AtomicBool> {
+        self.eager.clone()
     }
 
     /// Runs `write` until it does not block, registering for writability when it does.
@@ -86,7 +100,25 @@ impl AsyncRead for UnixConnection {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.read.poll_read_ready(cx))?;
+            let mut guard = match this.read.poll_read_ready(cx) {
+                Poll::Ready(guard) => guard?,
+                Poll::Pending if this.eager.load(Ordering::Relaxed) => {
+                    // The reactor learns of new data only when a thread parks: look now.
+                    let unfilled = buf.initialize_unfilled();
+                    match this.read.get_ref().read(unfilled) {
+                        Ok(read) => {
+                            buf.advance(read);
+                            return Poll::Ready(Ok(()));
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                            return Poll::Pending
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(error) => return Poll::Ready(Err(error)),
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            };
             let unfilled = buf.initialize_unfilled();
             let room = unfilled.len();
             match guard.try_io(|socket| socket.get_ref().read(unfilled)) {
@@ -250,5 +282,35 @@ mod tests {
         a.shutdown().await.unwrap();
         let mut rest = Vec::new();
         assert_eq!(b.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn eager_reads_find_data_the_reactor_has_not_reported() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut ours = UnixConnection::new(ours).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut buffer = [0; 8];
+        let mut read = ReadBuf::new(&mut buffer);
+        assert!(Pin::new(&mut ours)
+            .poll_read(&mut cx, &mut read)
+            .is_pending());
+        // Written now, and this thread does not turn the reactor before reading.
+        let mut theirs = theirs.into_std().unwrap();
+        theirs.write_all(b"pong").unwrap();
+        assert!(
+            Pin::new(&mut ours)
+                .poll_read(&mut cx, &mut read)
+                .is_pending(),
+            "not reported yet"
+        );
+        ours.eager_reads().store(true, Ordering::Relaxed);
+        assert!(Pin::new(&mut ours).poll_read(&mut cx, &mut read).is_ready());
+        assert_eq!(read.filled(), b"pong");
+        assert!(
+            Pin::new(&mut ours)
+                .poll_read(&mut cx, &mut read)
+                .is_pending(),
+            "nothing more"
+        );
     }
 }

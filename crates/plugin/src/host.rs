@@ -95,6 +95,9 @@ pub struct ProcessConfig {
     /// Offer the plugin Mycelium's frame protocol besides gRPC (see
     /// [`crate::pool::PoolSettings::offer_frames`]).
     pub offer_frames: bool,
+    /// How long a call woken while its answer is partly in may spin for the rest (see
+    /// [`crate::pool::PoolSettings::busy_poll`]); zero never spins.
+    pub busy_poll: Duration,
 }
 
 /// A running plugin process.
@@ -263,20 +266,23 @@ impl Starting<'_> {
 
     /// Connects to the address of the handshake and waits for the plugin to report serving.
     async fn connect_healthy(&self, handshake: &Handshake) -> Result<PluginChannel, StartError> {
-        let channel = tokio::time::timeout(self.remaining(), PluginChannel::connect(handshake))
-            .await
-            .map_err(|_| {
-                self.fail(
-                    StartErrorKind::Unhealthy,
-                    "connecting to the plugin timed out".into(),
-                )
-            })?
-            .map_err(|e| {
-                self.fail(
-                    StartErrorKind::Unhealthy,
-                    format!("connecting to the plugin at {}: {e}", handshake.address),
-                )
-            })?;
+        let channel = tokio::time::timeout(
+            self.remaining(),
+            PluginChannel::connect(handshake, self.config.busy_poll),
+        )
+        .await
+        .map_err(|_| {
+            self.fail(
+                StartErrorKind::Unhealthy,
+                "connecting to the plugin timed out".into(),
+            )
+        })?
+        .map_err(|e| {
+            self.fail(
+                StartErrorKind::Unhealthy,
+                format!("connecting to the plugin at {}: {e}", handshake.address),
+            )
+        })?;
         match tokio::time::timeout(self.remaining(), check_health(&channel, self.remaining())).await
         {
             Ok(Ok(response)) if response.status == ServingStatus::Serving as i32 => Ok(channel),

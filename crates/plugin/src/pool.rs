@@ -59,6 +59,12 @@ pub struct PoolSettings {
     /// SDK take instead of gRPC over HTTP/2; go-plugin plugins keep gRPC either way. Off
     /// speaks gRPC to every plugin.
     pub offer_frames: bool,
+    /// How long a call to a plugin, woken while the plugin's answer is partly in, may spin
+    /// for the rest instead of parking its thread: a go-plugin server sends a window update
+    /// and a ping ahead of every answer, and on a virtual machine each wake-up of a parked
+    /// thread costs tens of microseconds. One thread per runtime spins at a time, and only on
+    /// a connection whose recent answers came within this time. Zero never spins.
+    pub busy_poll: Duration,
 }
 
 impl Default for PoolSettings {
@@ -77,9 +83,13 @@ impl Default for PoolSettings {
             cgroups: true,
             trusted_signers: Vec::new(),
             offer_frames: true,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
+
+/// The default of [`PoolSettings::busy_poll`] (BENCHMARKS.md, issue 15).
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(300);
 
 /// The default bound on processes per function version: the number of cores.
 pub fn default_max_processes() -> usize {
@@ -565,6 +575,7 @@ impl PluginPool {
             output_budget: self.output_budget.clone(),
             log_sink: self.shared.log_sink.get().cloned(),
             offer_frames: settings.offer_frames,
+            busy_poll: settings.busy_poll,
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();

@@ -12,10 +12,11 @@ use std::{
     future::{poll_fn, Future},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Wake, Waker},
+    time::{Duration, Instant},
 };
 
 /// A call waiting on the connection.
@@ -49,6 +50,11 @@ pub(crate) struct Driver {
     /// The background task, woken when no call waits.
     background: Mutex<Option<Waker>>,
     closed: AtomicBool,
+    /// Busy polling for answers that are partly in, where the socket allows it.
+    busy_poll: Option<BusyPoll>,
+    /// How long recent answers took (nanoseconds, a moving average): a call spins only on a
+    /// connection that answers within the busy-poll budget.
+    answer_ns: AtomicU64,
 }
 
 impl Wake for Driver {
@@ -79,9 +85,12 @@ impl Driver {
     /// Takes over `connection` and starts the task that polls it while no call waits.
     pub(crate) fn start<E: Display>(
         connection: impl Future<Output = Result<(), E>> + Send + 'static,
+        busy_poll: Option<BusyPoll>,
     ) -> Arc<Self> {
         let connection = async move { connection.await.map_err(|e| e.to_string()) };
-        let driver = Arc::new(Self::new(Some(Box::pin(connection))));
+        let mut driver = Self::new(Some(Box::pin(connection)));
+        driver.busy_poll = busy_poll.filter(|b| !b.budget.is_zero());
+        let driver = Arc::new(driver);
         tokio::spawn(background(driver.clone()));
         driver
     }
@@ -93,6 +102,8 @@ impl Driver {
             waiters: Mutex::default(),
             background: Mutex::new(None),
             closed: AtomicBool::new(false),
+            busy_poll: None,
+            answer_ns: AtomicU64::new(0),
         }
     }
 
@@ -102,8 +113,63 @@ impl Driver {
             driver: self,
             future: std::pin::pin!(future),
             waiter: None,
+            started: None,
         }
         .await
+    }
+
+    /// How long a call may spin for the rest of its answer, if at all.
+    fn spin_budget(&self) -> Option<&BusyPoll> {
+        let busy_poll = self.busy_poll.as_ref()?;
+        let typical = Duration::from_nanos(self.answer_ns.load(Ordering::Relaxed));
+        (typical <= busy_poll.budget).then_some(busy_poll)
+    }
+
+    /// Folds one answer's time into the moving average.
+    fn answered(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let average = self.answer_ns.load(Ordering::Relaxed);
+        let average = if average == 0 {
+            took
+        } else {
+            average - average / 8 + took / 8
+        };
+        self.answer_ns.store(average, Ordering::Relaxed);
+    }
+
+    /// Polls the connection and `future` in a loop, reading the socket directly, until the
+    /// answer is in or the budget is spent. One thread in the process spins at a time, so
+    /// the others (and the plugins) keep their cores.
+    fn spin<F: Future + Unpin>(
+        self: &Arc<Self>,
+        id: u64,
+        busy_poll: &BusyPoll,
+        future: &mut F,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        /// Ends the spin however the loop is left.
+        struct Spinning<'a>(&'a AtomicBool);
+        impl Drop for Spinning<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+                SPINNING.store(false, Ordering::Release);
+            }
+        }
+        if SPINNING.swap(true, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        busy_poll.eager_reads.store(true, Ordering::Relaxed);
+        let _spinning = Spinning(&busy_poll.eager_reads);
+        let until = Instant::now() + busy_poll.budget;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+            self.drive_for(id);
+            let output = Pin::new(&mut *future).poll(cx);
+            if output.is_ready() {
+                return output;
+            }
+        }
+        Poll::Pending
     }
 
     fn wake_background(&self) {
@@ -211,6 +277,18 @@ impl Driver {
     }
 }
 
+/// Whether a thread of this process is spinning for an answer.
+static SPINNING: AtomicBool = AtomicBool::new(false);
+
+/// How a connection's calls may busy-poll for answers that are partly in.
+#[derive(Clone, Debug)]
+pub(crate) struct BusyPoll {
+    /// The socket's switch for reads that do not wait for the reactor.
+    pub(crate) eager_reads: Arc<AtomicBool>,
+    /// The longest spin; also the longest typical answer time that still spins.
+    pub(crate) budget: Duration,
+}
+
 thread_local! {
     /// The driver and waiting call being polled on this thread that will poll the connection
     /// right after: wake-ups h2 addresses to it meanwhile are dropped.
@@ -222,6 +300,7 @@ struct Driven<'a, F> {
     driver: &'a Arc<Driver>,
     future: F,
     waiter: Option<u64>,
+    started: Option<Instant>,
 }
 
 impl<F: Future + Unpin> Future for Driven<'_, F> {
@@ -234,6 +313,9 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
         let (id, crowded) = this.driver.add_waiter(this.waiter, cx.waker());
         let first = this.waiter.is_none();
         this.waiter = Some(id);
+        if first && this.driver.busy_poll.is_some() {
+            this.started = Some(Instant::now());
+        }
         // A new call among others leaves its frames queued: h2 asks for them to be written by
         // waking a waiting call, which runs after the calls ready now on this thread, so
         // their frames leave together in one write instead of one each. Otherwise the call
@@ -248,9 +330,20 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
             // Write what the call just queued, read what came back, and look again.
             this.driver.drive_for(id);
             output = Pin::new(&mut this.future).poll(cx);
+            // Woken, yet the answer is not all in: the plugin is writing it (a go-plugin
+            // server sends a window update and a ping ahead of every answer). Waiting for
+            // the rest in a spin saves parking the thread and a wake-up by the reactor.
+            if output.is_pending() && !first && !crowded {
+                if let Some(busy_poll) = this.driver.spin_budget() {
+                    output = this.driver.spin(id, busy_poll, &mut this.future, cx);
+                }
+            }
         }
         if output.is_ready() {
             this.waiter = None;
+            if let Some(started) = this.started.take() {
+                this.driver.answered(started.elapsed());
+            }
             this.driver.finish(id);
         }
         output

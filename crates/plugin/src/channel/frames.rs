@@ -17,7 +17,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
-use super::{broken, driver::Driver, Io};
+use super::{
+    broken,
+    driver::{BusyPoll, Driver},
+    Io,
+};
 use crate::frames::{self, Frame, Kind};
 
 /// How many stdio chunks may wait for the relay before more are dropped.
@@ -227,14 +231,15 @@ impl Drop for Forget<'_> {
 
 impl FrameChannel {
     /// Speaks the frame protocol over `io`, and starts the background driver.
-    pub(crate) fn connect(io: Io) -> Self {
+    pub(crate) fn connect(io: Io, busy_poll: Option<BusyPoll>) -> Self {
         let shared = Arc::new(Shared::default());
-        let driver = Driver::start(Connection {
+        let connection = Connection {
             io,
             shared: shared.clone(),
             read: frames::Reader::default(),
             writing: BytesMut::new(),
-        });
+        };
+        let driver = Driver::start(connection, busy_poll);
         Self { shared, driver }
     }
 
@@ -346,7 +351,11 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{
+        io::{Read, Write},
+        sync::atomic::{AtomicBool, Ordering},
+        time::Duration,
+    };
 
     use tokio::io::AsyncWriteExt;
     use tokio_util::either::Either;
@@ -402,7 +411,7 @@ mod tests {
             socket,
             reader: frames::Reader::default(),
         };
-        let channel = FrameChannel::connect(Either::Left(UnixConnection::new(host).unwrap()));
+        let channel = FrameChannel::connect(Either::Left(UnixConnection::new(host).unwrap()), None);
         let call = |service: &'static str| {
             let channel = channel.clone();
             tokio::spawn(async move {
@@ -472,5 +481,85 @@ mod tests {
         assert_eq!(broken.code(), Code::Unavailable, "{broken}");
         let later = call("later").await.unwrap().unwrap_err();
         assert_eq!(later.code(), Code::Unavailable, "{later}");
+    }
+
+    /// The plugin's end of a connection whose host busy-polls, in a thread of its own: it
+    /// answers the first request in two writes, the second once `then` says so.
+    fn split_answerer(
+        budget: Duration,
+        then: impl FnOnce(&AtomicBool) + Send + 'static,
+    ) -> (
+        FrameChannel,
+        std::thread::JoinHandle<std::os::unix::net::UnixStream>,
+    ) {
+        let (host, mut plugin) = std::os::unix::net::UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let host = UnixConnection::new(tokio::net::UnixStream::from_std(host).unwrap()).unwrap();
+        let eager_reads = host.eager_reads();
+        let busy_poll = BusyPoll {
+            eager_reads: eager_reads.clone(),
+            budget,
+        };
+        let channel = FrameChannel::connect(Either::Left(host), Some(busy_poll));
+        let peer = std::thread::spawn(move || {
+            let mut header = [0; frames::HEADER_BYTES];
+            plugin.read_exact(&mut header).unwrap();
+            let length = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+            let id = u32::from_be_bytes(header[5..].try_into().unwrap());
+            plugin.read_exact(&mut vec![0; length]).unwrap();
+            let mut answer = BytesMut::new();
+            let status = HealthCheckResponse { status: 1 };
+            frames::put_message(&mut answer, Kind::Reply, id, &status);
+            plugin.write_all(&answer[..4]).unwrap();
+            then(&eager_reads);
+            plugin.write_all(&answer[4..]).unwrap();
+            // Open until the test is done with the call.
+            plugin
+        });
+        (channel, peer)
+    }
+
+    /// One thread of a process spins at a time: the tests that need the spin take turns.
+    static SPIN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn wait_for(flag: &AtomicBool, value: bool) {
+        while flag.load(Ordering::Relaxed) != value {
+            std::thread::yield_now();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_woken_with_part_of_its_answer_reads_the_rest_while_it_spins() {
+        let _turn = SPIN_TESTS.lock().await;
+        // The rest comes only while the host reads without waiting for the reactor: without
+        // the spin the call would wait for ever.
+        let (channel, peer) = split_answerer(Duration::from_secs(30), |eager| {
+            wait_for(eager, true);
+        });
+        let answer = tokio::time::timeout(
+            Duration::from_secs(60),
+            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health("")),
+        )
+        .await
+        .expect("answered while spinning");
+        assert_eq!(answer.unwrap().status, 1);
+        peer.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_whose_answer_comes_after_its_spin_is_woken_for_it() {
+        let _turn = SPIN_TESTS.lock().await;
+        let (channel, peer) = split_answerer(Duration::from_millis(200), |eager| {
+            wait_for(eager, true);
+            wait_for(eager, false);
+        });
+        let answer = tokio::time::timeout(
+            Duration::from_secs(60),
+            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health("")),
+        )
+        .await
+        .expect("woken after the spin");
+        assert_eq!(answer.unwrap().status, 1);
+        peer.join().unwrap();
     }
 }

@@ -20,7 +20,10 @@ use http::{
 };
 use tonic::{Code, Status};
 
-use super::{driver::Driver, Io};
+use super::{
+    driver::{BusyPoll, Driver},
+    Io,
+};
 use crate::{
     framing::{self, FrameError},
     handshake::{Handshake, Network},
@@ -46,7 +49,11 @@ impl std::fmt::Debug for GrpcChannel {
 impl GrpcChannel {
     /// Speaks HTTP/2 over `io`, connected to the address of `handshake`, and starts the
     /// background driver.
-    pub(crate) async fn connect(io: Io, handshake: &Handshake) -> Result<Self, std::io::Error> {
+    pub(crate) async fn connect(
+        io: Io,
+        busy_poll: Option<BusyPoll>,
+        handshake: &Handshake,
+    ) -> Result<Self, std::io::Error> {
         let (send, connection) = h2::client::Builder::new()
             // Replies up to the limit arrive without waiting for window updates.
             .initial_window_size(framing::MAX_MESSAGE_BYTES as u32)
@@ -54,7 +61,7 @@ impl GrpcChannel {
             .handshake::<_, Bytes>(io)
             .await
             .map_err(std::io::Error::other)?;
-        let driver = Driver::start(connection);
+        let driver = Driver::start(connection, busy_poll);
         Ok(Self {
             send,
             driver,

@@ -18,6 +18,7 @@ use tokio::{
 use tokio_util::either::Either;
 use tonic::Status;
 
+use self::driver::BusyPoll;
 use crate::{
     handshake::{Handshake, Network, Protocol},
     socket::UnixConnection,
@@ -39,21 +40,33 @@ pub(crate) enum PluginChannel {
 }
 
 impl PluginChannel {
-    /// Connects to the address of `handshake` and speaks the protocol it names.
-    pub(crate) async fn connect(handshake: &Handshake) -> Result<Self, std::io::Error> {
-        let io = match handshake.network {
-            Network::Unix => Either::Left(UnixConnection::new(
-                UnixStream::connect(&handshake.address).await?,
-            )?),
+    /// Connects to the address of `handshake` and speaks the protocol it names. A call woken
+    /// while its answer is partly in may spin up to `busy_poll` for the rest (Unix sockets).
+    pub(crate) async fn connect(
+        handshake: &Handshake,
+        busy_poll: Duration,
+    ) -> Result<Self, std::io::Error> {
+        let (io, busy_poll) = match handshake.network {
+            Network::Unix => {
+                let connection =
+                    UnixConnection::new(UnixStream::connect(&handshake.address).await?)?;
+                let busy_poll = BusyPoll {
+                    eager_reads: connection.eager_reads(),
+                    budget: busy_poll,
+                };
+                (Either::Left(connection), Some(busy_poll))
+            }
             Network::Tcp => {
                 let stream = TcpStream::connect(&handshake.address).await?;
                 stream.set_nodelay(true)?;
-                Either::Right(stream)
+                (Either::Right(stream), None)
             }
         };
         Ok(match handshake.protocol {
-            Protocol::Grpc => Self::Grpc(grpc::GrpcChannel::connect(io, handshake).await?),
-            Protocol::Frames => Self::Frames(frames::FrameChannel::connect(io)),
+            Protocol::Grpc => {
+                Self::Grpc(grpc::GrpcChannel::connect(io, busy_poll, handshake).await?)
+            }
+            Protocol::Frames => Self::Frames(frames::FrameChannel::connect(io, busy_poll)),
         })
     }
 
