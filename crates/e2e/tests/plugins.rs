@@ -1045,7 +1045,7 @@ async fn concurrent_calls_on_one_connection(offer_frames: bool, protocol: Protoc
         output_budget: OutputBudget::new(1000),
         log_sink: None,
         offer_frames,
-        busy_poll: mycelium_plugin::pool::DEFAULT_BUSY_POLL,
+        busy_poll: mycelium_plugin::host::BusyPoller::new(mycelium_plugin::pool::DEFAULT_BUSY_POLL),
     };
     let process = Arc::new(
         PluginProcess::start(TEST_PLUGIN.as_ref(), config)

@@ -17,6 +17,7 @@ use tonic_health::pb::{
     health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
 };
 
+pub use crate::channel::BusyPoller;
 pub use crate::output::{OutputBudget, Redactions, MIN_SECRET_LEN};
 use crate::{
     cgroup::{CgroupRoot, ProcessCgroup},
@@ -95,9 +96,10 @@ pub struct ProcessConfig {
     /// Offer the plugin Mycelium's frame protocol besides gRPC (see
     /// [`crate::pool::PoolSettings::offer_frames`]).
     pub offer_frames: bool,
-    /// How long a call woken while its answer is partly in may spin for the rest (see
-    /// [`crate::pool::PoolSettings::busy_poll`]); zero never spins.
-    pub busy_poll: Duration,
+    /// Busy polling for answers that are partly in (see
+    /// [`crate::pool::PoolSettings::busy_poll`]), shared by the runtime's processes; `None`
+    /// never spins.
+    pub busy_poll: Option<Arc<BusyPoller>>,
 }
 
 /// A running plugin process.
@@ -268,7 +270,7 @@ impl Starting<'_> {
     async fn connect_healthy(&self, handshake: &Handshake) -> Result<PluginChannel, StartError> {
         let channel = tokio::time::timeout(
             self.remaining(),
-            PluginChannel::connect(handshake, self.config.busy_poll),
+            PluginChannel::connect(handshake, self.config.busy_poll.as_ref()),
         )
         .await
         .map_err(|_| {

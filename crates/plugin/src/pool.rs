@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     cgroup::CgroupRoot,
-    host::{OutputBudget, PluginProcess, ProcessConfig, Redactions, StartErrorKind},
+    host::{BusyPoller, OutputBudget, PluginProcess, ProcessConfig, Redactions, StartErrorKind},
 };
 
 /// How plugin processes are run. Defaults suit small functions.
@@ -62,8 +62,9 @@ pub struct PoolSettings {
     /// How long a call to a plugin, woken while the plugin's answer is partly in, may spin
     /// for the rest instead of parking its thread: a go-plugin server sends a window update
     /// and a ping ahead of every answer, and on a virtual machine each wake-up of a parked
-    /// thread costs tens of microseconds. One thread per runtime spins at a time, and only on
-    /// a connection whose recent answers came within this time. Zero never spins.
+    /// thread costs tens of microseconds. A call spins only when it is the only plugin call
+    /// the runtime waits on, and only on a connection whose recent answers came within this
+    /// time. Zero never spins.
     pub busy_poll: Duration,
 }
 
@@ -112,6 +113,8 @@ struct Shared {
     redactions: Redactions,
     /// Where plugin output goes as function log records, once the runtime says.
     log_sink: OnceLock<Arc<dyn LogSink>>,
+    /// Busy polling, shared by every process of the runtime.
+    busy_poller: Option<Arc<BusyPoller>>,
 }
 
 /// Runs plugin functions: one [`PluginPool`] per function version.
@@ -150,6 +153,7 @@ impl PluginExecutor {
         };
         Self {
             shared: Arc::new(Shared {
+                busy_poller: BusyPoller::new(settings.busy_poll),
                 registry,
                 cache,
                 work_root,
@@ -575,7 +579,7 @@ impl PluginPool {
             output_budget: self.output_budget.clone(),
             log_sink: self.shared.log_sink.get().cloned(),
             offer_frames: settings.offer_frames,
-            busy_poll: settings.busy_poll,
+            busy_poll: self.shared.busy_poller.clone(),
         };
         let work_dir = config.work_dir.clone();
         let started = Instant::now();

@@ -28,7 +28,7 @@ async fn main() {
         output_budget: mycelium_plugin::host::OutputBudget::new(1000),
         log_sink: None,
         offer_frames: true,
-        busy_poll: mycelium_plugin::pool::DEFAULT_BUSY_POLL,
+        busy_poll: mycelium_plugin::host::BusyPoller::new(mycelium_plugin::pool::DEFAULT_BUSY_POLL),
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await

@@ -12,7 +12,7 @@ use std::{
     future::{poll_fn, Future},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Wake, Waker},
@@ -89,7 +89,7 @@ impl Driver {
     ) -> Arc<Self> {
         let connection = async move { connection.await.map_err(|e| e.to_string()) };
         let mut driver = Self::new(Some(Box::pin(connection)));
-        driver.busy_poll = busy_poll.filter(|b| !b.budget.is_zero());
+        driver.busy_poll = busy_poll;
         let driver = Arc::new(driver);
         tokio::spawn(background(driver.clone()));
         driver
@@ -118,11 +118,26 @@ impl Driver {
         .await
     }
 
-    /// How long a call may spin for the rest of its answer, if at all.
+    /// How a call woken without all of its answer may spin for the rest, if at all: only
+    /// the runtime's one waiting call may, since with others in flight its thread has their
+    /// work to do, and only on a connection whose answers come within the budget.
     fn spin_budget(&self) -> Option<&BusyPoll> {
         let busy_poll = self.busy_poll.as_ref()?;
+        let poller = &busy_poll.poller;
         let typical = Duration::from_nanos(self.answer_ns.load(Ordering::Relaxed));
-        (typical <= busy_poll.budget).then_some(busy_poll)
+        (poller.waiting.load(Ordering::Relaxed) == 1 && typical <= poller.budget)
+            .then_some(busy_poll)
+    }
+
+    /// Counts a call in or out of the runtime's waiting calls.
+    fn count_waiting(&self, waiting: bool) {
+        if let Some(busy_poll) = &self.busy_poll {
+            if waiting {
+                busy_poll.poller.waiting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                busy_poll.poller.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Folds one answer's time into the moving average.
@@ -138,7 +153,7 @@ impl Driver {
     }
 
     /// Polls the connection and `future` in a loop, reading the socket directly, until the
-    /// answer is in or the budget is spent. One thread in the process spins at a time, so
+    /// answer is in or the budget is spent. One thread of the runtime spins at a time, so
     /// the others (and the plugins) keep their cores.
     fn spin<F: Future + Unpin>(
         self: &Arc<Self>,
@@ -148,19 +163,19 @@ impl Driver {
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
         /// Ends the spin however the loop is left.
-        struct Spinning<'a>(&'a AtomicBool);
+        struct Spinning<'a>(&'a BusyPoll);
         impl Drop for Spinning<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::Relaxed);
-                SPINNING.store(false, Ordering::Release);
+                self.0.eager_reads.store(false, Ordering::Relaxed);
+                self.0.poller.spinning.store(false, Ordering::Release);
             }
         }
-        if SPINNING.swap(true, Ordering::Acquire) {
+        if busy_poll.poller.spinning.swap(true, Ordering::Acquire) {
             return Poll::Pending;
         }
         busy_poll.eager_reads.store(true, Ordering::Relaxed);
-        let _spinning = Spinning(&busy_poll.eager_reads);
-        let until = Instant::now() + busy_poll.budget;
+        let _spinning = Spinning(busy_poll);
+        let until = Instant::now() + busy_poll.poller.budget;
         while Instant::now() < until {
             std::hint::spin_loop();
             self.drive_for(id);
@@ -222,6 +237,7 @@ impl Driver {
         }
         let id = *next_id;
         *next_id += 1;
+        self.count_waiting(true);
         list.push(Waiter {
             id,
             waker: waker.clone(),
@@ -267,9 +283,10 @@ impl Driver {
             let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
             let list = &mut waiters.list;
             // In order: the newest waiter is the one woken, and stays the newest.
-            list.iter()
-                .position(|w| w.id == id)
-                .is_some_and(|at| list.remove(at).woken)
+            list.iter().position(|w| w.id == id).is_some_and(|at| {
+                self.count_waiting(false);
+                list.remove(at).woken
+            })
         };
         if woken {
             self.wake_by_ref();
@@ -277,16 +294,39 @@ impl Driver {
     }
 }
 
-/// Whether a thread of this process is spinning for an answer.
-static SPINNING: AtomicBool = AtomicBool::new(false);
+/// Busy polling, shared by the plugin connections of one runtime: a call woken while its
+/// answer is only partly in may spin for the rest instead of parking its thread (see
+/// [`crate::pool::PoolSettings::busy_poll`]).
+#[derive(Debug)]
+pub struct BusyPoller {
+    /// The longest spin; also the longest typical answer time that still spins.
+    budget: Duration,
+    /// Whether a call is spinning: one at a time, so the other threads (and the plugins)
+    /// keep their cores.
+    spinning: AtomicBool,
+    /// Calls waiting on these connections.
+    waiting: AtomicUsize,
+}
 
-/// How a connection's calls may busy-poll for answers that are partly in.
+impl BusyPoller {
+    /// Spins for at most `budget`; `None` (never spin) for zero.
+    pub fn new(budget: Duration) -> Option<Arc<Self>> {
+        (!budget.is_zero()).then(|| {
+            Arc::new(Self {
+                budget,
+                spinning: AtomicBool::new(false),
+                waiting: AtomicUsize::new(0),
+            })
+        })
+    }
+}
+
+/// A connection's part in busy polling.
 #[derive(Clone, Debug)]
 pub(crate) struct BusyPoll {
+    pub(crate) poller: Arc<BusyPoller>,
     /// The socket's switch for reads that do not wait for the reactor.
     pub(crate) eager_reads: Arc<AtomicBool>,
-    /// The longest spin; also the longest typical answer time that still spins.
-    pub(crate) budget: Duration,
 }
 
 thread_local! {
@@ -333,7 +373,7 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
             // Woken, yet the answer is not all in: the plugin is writing it (a go-plugin
             // server sends a window update and a ping ahead of every answer). Waiting for
             // the rest in a spin saves parking the thread and a wake-up by the reactor.
-            if output.is_pending() && !first && !crowded {
+            if output.is_pending() && !first {
                 if let Some(busy_poll) = this.driver.spin_budget() {
                     output = this.driver.spin(id, busy_poll, &mut this.future, cx);
                 }
@@ -486,6 +526,41 @@ mod tests {
             background.0.load(Ordering::SeqCst),
             2,
             "handed on to the background"
+        );
+    }
+
+    #[test]
+    fn only_the_one_waiting_call_on_a_prompt_connection_may_spin() {
+        let poller = BusyPoller::new(Duration::from_micros(300)).unwrap();
+        let busy = |poller: &Arc<BusyPoller>| {
+            let mut driver = Driver::new(None);
+            driver.busy_poll = Some(BusyPoll {
+                poller: poller.clone(),
+                eager_reads: Arc::default(),
+            });
+            Arc::new(driver)
+        };
+        let (one, other) = (busy(&poller), busy(&poller));
+        let (_, waker) = counted();
+        assert!(one.spin_budget().is_none(), "no call waits");
+        let (first, _) = one.add_waiter(None, &waker);
+        assert!(one.spin_budget().is_some());
+        // Another call of the runtime waits, on another connection: nobody spins.
+        let (second, _) = other.add_waiter(None, &waker);
+        assert!(one.spin_budget().is_none());
+        assert!(other.spin_budget().is_none());
+        other.remove_waiter(second);
+        assert!(one.spin_budget().is_some());
+        // Answers that take longer than the budget: this connection stops spinning.
+        for _ in 0..16 {
+            one.answered(Duration::from_millis(5));
+        }
+        assert!(one.spin_budget().is_none());
+        one.finish(first);
+        assert_eq!(poller.waiting.load(Ordering::Relaxed), 0);
+        assert!(
+            BusyPoller::new(Duration::ZERO).is_none(),
+            "zero never spins"
         );
     }
 }

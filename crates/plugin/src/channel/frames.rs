@@ -497,8 +497,8 @@ mod tests {
         let host = UnixConnection::new(tokio::net::UnixStream::from_std(host).unwrap()).unwrap();
         let eager_reads = host.eager_reads();
         let busy_poll = BusyPoll {
+            poller: super::super::BusyPoller::new(budget).unwrap(),
             eager_reads: eager_reads.clone(),
-            budget,
         };
         let channel = FrameChannel::connect(Either::Left(host), Some(busy_poll));
         let peer = std::thread::spawn(move || {
@@ -519,9 +519,6 @@ mod tests {
         (channel, peer)
     }
 
-    /// One thread of a process spins at a time: the tests that need the spin take turns.
-    static SPIN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
     fn wait_for(flag: &AtomicBool, value: bool) {
         while flag.load(Ordering::Relaxed) != value {
             std::thread::yield_now();
@@ -530,7 +527,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_woken_with_part_of_its_answer_reads_the_rest_while_it_spins() {
-        let _turn = SPIN_TESTS.lock().await;
         // The rest comes only while the host reads without waiting for the reactor: without
         // the spin the call would wait for ever.
         let (channel, peer) = split_answerer(Duration::from_secs(30), |eager| {
@@ -548,7 +544,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_whose_answer_comes_after_its_spin_is_woken_for_it() {
-        let _turn = SPIN_TESTS.lock().await;
         let (channel, peer) = split_answerer(Duration::from_millis(200), |eager| {
             wait_for(eager, true);
             wait_for(eager, false);

@@ -7,7 +7,7 @@ mod driver;
 mod frames;
 mod grpc;
 
-use std::{marker::PhantomData, time::Duration};
+use std::{marker::PhantomData, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -19,6 +19,7 @@ use tokio_util::either::Either;
 use tonic::Status;
 
 use self::driver::BusyPoll;
+pub use self::driver::BusyPoller;
 use crate::{
     handshake::{Handshake, Network, Protocol},
     socket::UnixConnection,
@@ -40,21 +41,21 @@ pub(crate) enum PluginChannel {
 }
 
 impl PluginChannel {
-    /// Connects to the address of `handshake` and speaks the protocol it names. A call woken
-    /// while its answer is partly in may spin up to `busy_poll` for the rest (Unix sockets).
+    /// Connects to the address of `handshake` and speaks the protocol it names; its calls
+    /// busy-poll with `busy_poll` (over Unix sockets).
     pub(crate) async fn connect(
         handshake: &Handshake,
-        busy_poll: Duration,
+        busy_poll: Option<&Arc<BusyPoller>>,
     ) -> Result<Self, std::io::Error> {
         let (io, busy_poll) = match handshake.network {
             Network::Unix => {
                 let connection =
                     UnixConnection::new(UnixStream::connect(&handshake.address).await?)?;
-                let busy_poll = BusyPoll {
+                let busy_poll = busy_poll.map(|poller| BusyPoll {
+                    poller: poller.clone(),
                     eager_reads: connection.eager_reads(),
-                    budget: busy_poll,
-                };
-                (Either::Left(connection), Some(busy_poll))
+                });
+                (Either::Left(connection), busy_poll)
             }
             Network::Tcp => {
                 let stream = TcpStream::connect(&handshake.address).await?;
