@@ -540,7 +540,8 @@ pub struct RuntimeArgs {
     #[arg(long, env = "MYCELIUM_PLUGIN_GRPC_ONLY")]
     pub plugin_grpc_only: bool,
     /// Microseconds a plugin call, woken while the plugin's answer is partly in, may spin for
-    /// the rest instead of parking its thread (only while it is the only plugin call in flight; 0 never spins).
+    /// the rest instead of parking its thread (only while it is the only plugin call in
+    /// flight; 0 never spins).
     #[arg(long, env = "MYCELIUM_PLUGIN_BUSY_POLL_US", default_value_t = 300)]
     pub plugin_busy_poll_us: u64,
     /// Do not start plugin processes ahead of their first call.
