@@ -471,10 +471,24 @@ async fn fixed_rate(
     let errors = Arc::new(AtomicU64::new(0));
     let limit = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
     let recorded = Arc::new(std::sync::Mutex::new(histogram()));
-    let mut due = start;
+    // tokio's timer has millisecond resolution: sleeping on it until each send was due sent up
+    // to a millisecond late, and that lateness (the load generator's own) was in every latency
+    // counted from the due time. A thread of its own paces the sends with the OS's sleep.
+    let (pace, mut due_times) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut due = start;
+        while due < stop_at {
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if pace.send(due).is_err() {
+                break;
+            }
+            due += interval;
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    while due < stop_at {
-        tokio::time::sleep_until(due.into()).await;
+    while let Some(due) = due_times.recv().await {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
@@ -495,7 +509,6 @@ async fn fixed_rate(
             }
             drop(permit);
         });
-        due += interval;
     }
     while tasks.join_next().await.is_some() {}
     let all = recorded.lock().unwrap_or_else(|e| e.into_inner()).clone();
