@@ -88,21 +88,19 @@ impl Driver {
         busy_poll: Option<BusyPoll>,
     ) -> Arc<Self> {
         let connection = async move { connection.await.map_err(|e| e.to_string()) };
-        let mut driver = Self::new(Some(Box::pin(connection)));
-        driver.busy_poll = busy_poll;
-        let driver = Arc::new(driver);
+        let driver = Arc::new(Self::new(Some(Box::pin(connection)), busy_poll));
         tokio::spawn(background(driver.clone()));
         driver
     }
 
-    fn new(connection: Option<Connection>) -> Self {
+    fn new(connection: Option<Connection>, busy_poll: Option<BusyPoll>) -> Self {
         Self {
             connection: Mutex::new(connection),
             poke: AtomicBool::new(false),
             waiters: Mutex::default(),
             background: Mutex::new(None),
             closed: AtomicBool::new(false),
-            busy_poll: None,
+            busy_poll,
             answer_ns: AtomicU64::new(0),
         }
     }
@@ -121,7 +119,7 @@ impl Driver {
     /// How a call woken without all of its answer may spin for the rest, if at all: only
     /// the runtime's one waiting call may, since with others in flight its thread has their
     /// work to do, and only on a connection whose answers come within the budget.
-    fn spin_budget(&self) -> Option<&BusyPoll> {
+    fn may_spin(&self) -> Option<&BusyPoll> {
         let busy_poll = self.busy_poll.as_ref()?;
         let poller = &busy_poll.poller;
         let typical = Duration::from_nanos(self.answer_ns.load(Ordering::Relaxed));
@@ -140,7 +138,8 @@ impl Driver {
         }
     }
 
-    /// Folds one answer's time into the moving average.
+    /// Folds one answer's time into the moving average (not one atomic step: an update lost
+    /// to a concurrent one only delays the average by a call).
     fn answered(&self, took: Duration) {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let average = self.answer_ns.load(Ordering::Relaxed);
@@ -374,7 +373,7 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
             // server sends a window update and a ping ahead of every answer). Waiting for
             // the rest in a spin saves parking the thread and a wake-up by the reactor.
             if output.is_pending() && !first {
-                if let Some(busy_poll) = this.driver.spin_budget() {
+                if let Some(busy_poll) = this.driver.may_spin() {
                     output = this.driver.spin(id, busy_poll, &mut this.future, cx);
                 }
             }
@@ -439,7 +438,7 @@ mod tests {
     }
 
     fn idle_driver() -> Arc<Driver> {
-        Arc::new(Driver::new(None))
+        Arc::new(Driver::new(None, None))
     }
 
     #[test]
@@ -533,29 +532,28 @@ mod tests {
     fn only_the_one_waiting_call_on_a_prompt_connection_may_spin() {
         let poller = BusyPoller::new(Duration::from_micros(300)).unwrap();
         let busy = |poller: &Arc<BusyPoller>| {
-            let mut driver = Driver::new(None);
-            driver.busy_poll = Some(BusyPoll {
+            let busy_poll = BusyPoll {
                 poller: poller.clone(),
                 eager_reads: Arc::default(),
-            });
-            Arc::new(driver)
+            };
+            Arc::new(Driver::new(None, Some(busy_poll)))
         };
         let (one, other) = (busy(&poller), busy(&poller));
         let (_, waker) = counted();
-        assert!(one.spin_budget().is_none(), "no call waits");
+        assert!(one.may_spin().is_none(), "no call waits");
         let (first, _) = one.add_waiter(None, &waker);
-        assert!(one.spin_budget().is_some());
+        assert!(one.may_spin().is_some());
         // Another call of the runtime waits, on another connection: nobody spins.
         let (second, _) = other.add_waiter(None, &waker);
-        assert!(one.spin_budget().is_none());
-        assert!(other.spin_budget().is_none());
+        assert!(one.may_spin().is_none());
+        assert!(other.may_spin().is_none());
         other.remove_waiter(second);
-        assert!(one.spin_budget().is_some());
+        assert!(one.may_spin().is_some());
         // Answers that take longer than the budget: this connection stops spinning.
         for _ in 0..16 {
             one.answered(Duration::from_millis(5));
         }
-        assert!(one.spin_budget().is_none());
+        assert!(one.may_spin().is_none());
         one.finish(first);
         assert_eq!(poller.waiting.load(Ordering::Relaxed), 0);
         assert!(

@@ -352,7 +352,6 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use std::{
-        io::{Read, Write},
         sync::atomic::{AtomicBool, Ordering},
         time::Duration,
     };
@@ -483,40 +482,54 @@ mod tests {
         assert_eq!(later.code(), Code::Unavailable, "{later}");
     }
 
-    /// The plugin's end of a connection whose host busy-polls, in a thread of its own: it
-    /// answers the first request in two writes, the second once `then` says so.
-    fn split_answerer(
+    /// Makes one call on a connection whose host busy-polls, the plugin's end answering in
+    /// two writes: the second once `then` returns, run on a thread of its own with the host's
+    /// eager-reads switch. Gives back the answer's status.
+    async fn answered_in_two_writes(
         budget: Duration,
         then: impl FnOnce(&AtomicBool) + Send + 'static,
-    ) -> (
-        FrameChannel,
-        std::thread::JoinHandle<std::os::unix::net::UnixStream>,
-    ) {
-        let (host, mut plugin) = std::os::unix::net::UnixStream::pair().unwrap();
-        host.set_nonblocking(true).unwrap();
-        let host = UnixConnection::new(tokio::net::UnixStream::from_std(host).unwrap()).unwrap();
+    ) -> i32 {
+        let (host, socket) = tokio::net::UnixStream::pair().unwrap();
+        let host = UnixConnection::new(host).unwrap();
         let eager_reads = host.eager_reads();
         let busy_poll = BusyPoll {
             poller: super::super::BusyPoller::new(budget).unwrap(),
             eager_reads: eager_reads.clone(),
         };
         let channel = FrameChannel::connect(Either::Left(host), Some(busy_poll));
-        let peer = std::thread::spawn(move || {
-            let mut header = [0; frames::HEADER_BYTES];
-            plugin.read_exact(&mut header).unwrap();
-            let length = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
-            let id = u32::from_be_bytes(header[5..].try_into().unwrap());
-            plugin.read_exact(&mut vec![0; length]).unwrap();
+        let mut peer = Peer {
+            socket,
+            reader: frames::Reader::default(),
+        };
+        let plugin = tokio::spawn(async move {
+            let [(Kind::HealthCheck, id, _)] = peer.read(1).await[..] else {
+                panic!("expected one health check");
+            };
             let mut answer = BytesMut::new();
             let status = HealthCheckResponse { status: 1 };
             frames::put_message(&mut answer, Kind::Reply, id, &status);
-            plugin.write_all(&answer[..4]).unwrap();
-            then(&eager_reads);
-            plugin.write_all(&answer[4..]).unwrap();
-            // Open until the test is done with the call.
-            plugin
+            peer.socket.write_all(&answer[..4]).await.unwrap();
+            // A thread of its own, not a blocking task: the runtime does not wait for it at
+            // the end of a failed test.
+            let (done, waited) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                then(&eager_reads);
+                let _ = done.send(());
+            });
+            waited.await.unwrap();
+            peer.socket.write_all(&answer[4..]).await.unwrap();
+            // Open until the call is done.
+            peer
         });
-        (channel, peer)
+        // Polled here, off the runtime's workers, which the plugin's end keeps.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(60),
+            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health("")),
+        )
+        .await
+        .expect("the call is answered");
+        drop(plugin.await.unwrap());
+        answer.unwrap().status
     }
 
     fn wait_for(flag: &AtomicBool, value: bool) {
@@ -529,32 +542,18 @@ mod tests {
     async fn a_call_woken_with_part_of_its_answer_reads_the_rest_while_it_spins() {
         // The rest comes only while the host reads without waiting for the reactor: without
         // the spin the call would wait for ever.
-        let (channel, peer) = split_answerer(Duration::from_secs(30), |eager| {
-            wait_for(eager, true);
-        });
-        let answer = tokio::time::timeout(
-            Duration::from_secs(60),
-            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health("")),
-        )
-        .await
-        .expect("answered while spinning");
-        assert_eq!(answer.unwrap().status, 1);
-        peer.join().unwrap();
+        let status =
+            answered_in_two_writes(Duration::from_secs(30), |eager| wait_for(eager, true)).await;
+        assert_eq!(status, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_whose_answer_comes_after_its_spin_is_woken_for_it() {
-        let (channel, peer) = split_answerer(Duration::from_millis(200), |eager| {
+        let status = answered_in_two_writes(Duration::from_millis(200), |eager| {
             wait_for(eager, true);
             wait_for(eager, false);
-        });
-        let answer = tokio::time::timeout(
-            Duration::from_secs(60),
-            channel.unary::<_, HealthCheckResponse>(path::HEALTH_CHECK, &health("")),
-        )
-        .await
-        .expect("woken after the spin");
-        assert_eq!(answer.unwrap().status, 1);
-        peer.join().unwrap();
+        })
+        .await;
+        assert_eq!(status, 1);
     }
 }
