@@ -22,6 +22,7 @@ use tonic::{Code, Status};
 
 use super::{
     driver::{BusyPoll, Driver},
+    pong::HeldPong,
     Io,
 };
 use crate::{
@@ -58,7 +59,7 @@ impl GrpcChannel {
             // Replies up to the limit arrive without waiting for window updates.
             .initial_window_size(framing::MAX_MESSAGE_BYTES as u32)
             .initial_connection_window_size(4 * framing::MAX_MESSAGE_BYTES as u32)
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(HeldPong::new(io))
             .await
             .map_err(std::io::Error::other)?;
         let driver = Driver::start(connection, busy_poll);

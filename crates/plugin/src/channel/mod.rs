@@ -6,6 +6,7 @@
 mod driver;
 mod frames;
 mod grpc;
+mod pong;
 
 use std::{marker::PhantomData, sync::Arc, time::Duration};
 
