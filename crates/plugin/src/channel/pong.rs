@@ -10,8 +10,11 @@
 //! a PING, and no acknowledgement costs a write of its own (BENCHMARKS.md, issue 15).
 //!
 //! An acknowledgement goes out behind the next bytes written, or after [`HOLD_AT_MOST`] when
-//! nothing is written by then (a plugin that stops gracefully waits for it). Only a PING
-//! acknowledgement written alone is held; everything else passes through unchanged.
+//! nothing is written by then (a plugin that stops gracefully waits for it). It is held only
+//! on a busy connection, one whose request came within that time of the write before: on a
+//! quiet one the next request is not likely to come first, and the timer would only add a
+//! wake-up for the host and one for the plugin. Only a PING acknowledgement written alone is
+//! held; everything else passes through unchanged.
 
 use std::{
     future::Future,
@@ -26,7 +29,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-/// The longest an acknowledgement waits for a write to go with.
+/// The longest an acknowledgement waits for a write to go with; also how close together
+/// writes come on a connection busy enough to hold one.
 pub(crate) const HOLD_AT_MOST: Duration = Duration::from_millis(10);
 
 /// A PING frame with the ACK flag: a 9-byte header (length 8, type 6, flags 1, stream 0) and
@@ -49,6 +53,11 @@ pub(crate) struct HeldPong<T> {
     held: bool,
     /// When a held acknowledgement goes out on its own; made at the first one held.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// When the last write other than a held acknowledgement went out, and whether it came
+    /// within `busy_within` of the one before.
+    last_write: Option<Instant>,
+    busy: bool,
+    busy_within: Duration,
 }
 
 impl<T: AsyncWrite> HeldPong<T> {
@@ -59,14 +68,19 @@ impl<T: AsyncWrite> HeldPong<T> {
             written: 0,
             held: false,
             deadline: None,
+            last_write: None,
+            busy: false,
+            busy_within: HOLD_AT_MOST,
         }
     }
 }
 
 impl<T: AsyncWrite + Unpin> HeldPong<T> {
-    /// Holds `bufs` if they are one PING acknowledgement and none is held yet.
+    /// Holds `bufs` if they are one PING acknowledgement, none is held yet and the
+    /// connection is busy.
     fn hold(&mut self, bufs: &[IoSlice<'_>]) -> bool {
         if self.held
+            || !self.busy
             || !self.inner.is_write_vectored()
             || bufs.iter().map(|b| b.len()).sum::<usize>() != PONG_LEN
         {
@@ -133,6 +147,21 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
         if self.hold(bufs) {
             return Poll::Ready(Ok(PONG_LEN));
         }
+        let written = ready!(self.write_through(cx, bufs))?;
+        let now = Instant::now();
+        self.busy = self
+            .last_write
+            .is_some_and(|at| now.duration_since(at) < self.busy_within);
+        self.last_write = Some(now);
+        Poll::Ready(Ok(written))
+    }
+
+    /// Writes `bufs`, and a held acknowledgement behind them if they leave room.
+    fn write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         if !self.held || bufs.len() > MAX_SLICES {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         }
@@ -232,6 +261,18 @@ mod tests {
         (HeldPong::new(host), peer)
     }
 
+    /// A connection on which two requests came within a minute of each other: busy, however
+    /// slow the machine.
+    async fn busy_pair() -> (HeldPong<UnixStream>, Peer) {
+        let (mut host, mut peer) = pair();
+        host.busy_within = Duration::from_secs(60);
+        for _ in 0..2 {
+            host.write_all(&FRAME).await.expect("writing");
+        }
+        assert_eq!(written_so_far(&mut peer), [FRAME, FRAME].concat());
+        (host, peer)
+    }
+
     /// Everything written to the peer so far.
     fn written_so_far(peer: &mut Peer) -> Vec<u8> {
         let mut got = Vec::new();
@@ -248,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_acknowledgement_goes_behind_the_next_write() {
-        let (mut host, mut peer) = pair();
+        let (mut host, mut peer) = busy_pair().await;
         // Split the way a vectored write may split it: still one acknowledgement.
         let (head, data) = PONG.split_at(9);
         let n = host
@@ -267,7 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_acknowledgement_goes_out_alone_when_nothing_follows() {
-        let (mut host, mut peer) = pair();
+        let (mut host, mut peer) = busy_pair().await;
         host.write_all(&PONG)
             .await
             .expect("holding the acknowledgement");
@@ -297,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_lone_acknowledgement_is_held() {
-        let (mut host, mut peer) = pair();
+        let (mut host, mut peer) = busy_pair().await;
         let mut ping = PONG;
         ping[4] = 0; // a PING that asks for an acknowledgement
         let mut on_a_stream = PONG;
@@ -312,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_acknowledgement_takes_the_held_one_along_and_shutdown_sends_it() {
-        let (mut host, mut peer) = pair();
+        let (mut host, mut peer) = busy_pair().await;
         let mut second = PONG;
         second[16] = 8;
         host.write_all(&PONG)
@@ -330,5 +371,25 @@ mod tests {
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).expect("reading to the end");
         assert_eq!(rest, PONG);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_acknowledges_at_once() {
+        let (mut host, mut peer) = pair();
+        // The first request on a connection has no write just before it.
+        host.write_all(&FRAME).await.expect("writing");
+        host.write_all(&PONG).await.expect("writing");
+        assert_eq!(written_so_far(&mut peer), [&FRAME[..], &PONG].concat());
+        // Two requests further apart than the busy window.
+        host.busy_within = Duration::from_millis(1);
+        host.write_all(&FRAME).await.expect("writing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        host.write_all(&FRAME).await.expect("writing");
+        host.write_all(&PONG).await.expect("writing");
+        assert_eq!(
+            written_so_far(&mut peer),
+            [&FRAME[..], &FRAME, &PONG].concat()
+        );
+        assert!(!host.held);
     }
 }
