@@ -168,7 +168,7 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
         let given: usize = bufs.iter().map(|b| b.len()).sum();
         let mut slices = [IoSlice::new(&[]); MAX_SLICES + 1];
         slices[..bufs.len()].copy_from_slice(bufs);
-        slices[bufs.len()] = IoSlice::new(&self.pong);
+        slices[bufs.len()] = IoSlice::new(&self.pong[self.written..]);
         let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..=bufs.len()]))?;
         if n <= given {
             return Poll::Ready(Ok(n));
