@@ -51,7 +51,7 @@ pub(crate) struct HeldPong<T> {
     pong: [u8; PONG_LEN],
     written: usize,
     held: bool,
-    /// When a held acknowledgement goes out on its own; made at the first one held.
+    /// When the held acknowledgement goes out on its own.
     deadline: Option<Pin<Box<Sleep>>>,
     /// When the last write other than a held acknowledgement went out, and whether it came
     /// within `busy_within` of the one before.
@@ -98,11 +98,7 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
         self.pong = frame;
         self.written = 0;
         self.held = true;
-        let deadline = Instant::now() + HOLD_AT_MOST;
-        match &mut self.deadline {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            none => *none = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
+        self.deadline = Some(Box::pin(tokio::time::sleep(HOLD_AT_MOST)));
         true
     }
 
@@ -135,6 +131,8 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
         self.written += n;
         if self.written == PONG_LEN {
             self.held = false;
+            // Cancelled: left armed, it would wake the connection's task for nothing.
+            self.deadline = None;
         }
     }
 
@@ -304,6 +302,7 @@ mod tests {
         expected.extend_from_slice(&PONG);
         assert_eq!(written_so_far(&mut peer), expected);
         assert!(!host.held);
+        assert!(host.deadline.is_none(), "the timer is cancelled");
     }
 
     #[tokio::test]
