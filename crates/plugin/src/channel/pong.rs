@@ -77,10 +77,14 @@ impl<T: AsyncWrite> HeldPong<T> {
 
 impl<T: AsyncWrite + Unpin> HeldPong<T> {
     /// Holds `bufs` if they are one PING acknowledgement, none is held yet and the
-    /// connection is busy.
+    /// connection is busy: its last two writes came close together, the last one just now
+    /// (a PING after a pause, a keepalive's say, is acknowledged at once).
     fn hold(&mut self, bufs: &[IoSlice<'_>]) -> bool {
         if self.held
             || !self.busy
+            || self
+                .last_write
+                .is_none_or(|at| at.elapsed() >= self.busy_within)
             || !self.inner.is_write_vectored()
             || bufs.iter().map(|b| b.len()).sum::<usize>() != PONG_LEN
         {
@@ -143,6 +147,11 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
     ) -> Poll<io::Result<usize>> {
         ready!(self.finish_pong(cx))?;
         if self.hold(bufs) {
+            // `h2` flushes after its last read of a turn, so the connection may not read
+            // again before the deadline: the timer must wake it by itself.
+            if let Some(deadline) = &mut self.deadline {
+                let _ = deadline.as_mut().poll(cx);
+            }
             return Poll::Ready(Ok(PONG_LEN));
         }
         let written = ready!(self.write_through(cx, bufs))?;
@@ -390,5 +399,48 @@ mod tests {
             [&FRAME[..], &FRAME, &PONG].concat()
         );
         assert!(!host.held);
+    }
+
+    /// `h2` reads until the socket is empty and only then writes what it queued, the
+    /// acknowledgement among it: the connection may have read for the last time before the
+    /// acknowledgement is held, and its timer alone must bring it back.
+    #[tokio::test]
+    async fn a_held_acknowledgement_wakes_its_connection_when_due() {
+        struct Woken(tokio::sync::Notify);
+        impl std::task::Wake for Woken {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.notify_one();
+            }
+        }
+        let (mut host, mut peer) = busy_pair().await;
+        let woken = std::sync::Arc::new(Woken(tokio::sync::Notify::new()));
+        let waker = std::task::Waker::from(woken.clone());
+        // The connection's last turn: it read, then wrote the acknowledgement, and waits.
+        let held = Pin::new(&mut host).poll_write(&mut Context::from_waker(&waker), &PONG);
+        assert!(matches!(held, Poll::Ready(Ok(PONG_LEN))));
+        assert_eq!(written_so_far(&mut peer), b"");
+        tokio::time::timeout(Duration::from_secs(60), woken.0.notified())
+            .await
+            .expect("the timer woke the connection");
+        // Woken, the connection reads, and the acknowledgement goes out.
+        let mut byte = [0; 1];
+        let read = Pin::new(&mut host).poll_read(
+            &mut Context::from_waker(std::task::Waker::noop()),
+            &mut ReadBuf::new(&mut byte),
+        );
+        assert!(read.is_pending());
+        assert!(!host.held);
+        assert_eq!(written_so_far(&mut peer), PONG);
+    }
+
+    #[tokio::test]
+    async fn a_ping_after_a_pause_is_acknowledged_at_once() {
+        let (mut host, mut peer) = busy_pair().await;
+        // Busy (its requests came close together), but quiet since longer than the window.
+        assert!(host.busy);
+        host.busy_within = Duration::from_millis(1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        host.write_all(&PONG).await.expect("writing");
+        assert_eq!(written_so_far(&mut peer), PONG);
     }
 }
