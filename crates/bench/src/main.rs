@@ -22,7 +22,13 @@ use hdrhistogram::Histogram;
 use mycelium_client::async_nats::{self, HeaderMap};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    envelope, FunctionName,
+    envelope,
+    logs::OutputBudget,
+    FunctionName, InvocationContext,
+};
+use mycelium_plugin::{
+    host::{BusyPoller, PluginProcess, ProcessConfig, Redactions},
+    pool,
 };
 use mycelium_registry::{
     ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
@@ -44,9 +50,10 @@ const REQUEST_SCENARIOS: [&str; 10] = [
 ];
 
 /// The scenarios measured otherwise (go-plugin's own host, rounds, memory).
-const OTHER_SCENARIOS: [&str; 6] = [
+const OTHER_SCENARIOS: [&str; 7] = [
     "go-host",
     "go-host-paced",
+    "go-direct",
     "cold-start",
     "wasm-cold",
     "wasm-density",
@@ -79,7 +86,7 @@ struct Args {
     /// Bytes of event data per request.
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
-    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-secret (the Rust example naming a secret), plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), go-host-paced (the same at c=1 with a pause before each call, so that both processes go idle between calls as they do behind the runtime), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
+    /// Only these scenarios (repeatable): nats-echo, builtin, binding, async (submit to result, through JetStream), trigger (publish to a subject trigger, to its --then), plugin-rust, plugin-secret (the Rust example naming a secret), plugin-go, go-host (go-plugin's own Go host calling the Go plugin directly, no NATS), go-host-paced (the same at c=1 with a pause before each call, so that both processes go idle between calls as they do behind the runtime), go-direct (Mycelium's plugin host, the runtime's code in this process, calling the Go plugin directly as go-host does: the plugin hop without NATS), wasm (the WAT echo guest), wasm-c (the C example, echoing; needs Debian's clang and wasi-libc), cold-start, wasm-cold (a new version of a module whose compiled code is cached: first call), wasm-density (runtime memory per deployed and loaded module, 100 of them), deploy.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Rounds of the cold-start and deploy scenarios.
@@ -689,6 +696,91 @@ fn go_host(
     })
 }
 
+/// Mycelium's plugin host (the runtime's code, in this process) calling the Go plugin
+/// directly, no NATS, in a closed loop as `go_host` does: the plugin hop alone, on our side
+/// of the call, against go-plugin's own in the same run.
+async fn go_direct(
+    plugin: &Path,
+    work: &Path,
+    args: &Args,
+    data: &str,
+    concurrency: usize,
+) -> Result<Outcome> {
+    let name: FunctionName = "bench-direct".parse()?;
+    let config = ProcessConfig {
+        function: name.clone(),
+        version: 1,
+        work_dir: work.join("go-direct"),
+        env: Default::default(),
+        secrets: Default::default(),
+        memory_mb: None,
+        cgroups: None,
+        max_open_files: 1024,
+        cpu_seconds: None,
+        start_timeout: Duration::from_secs(10),
+        stop_grace: Duration::from_secs(2),
+        redactions: Redactions::of_runtime(),
+        output_budget: OutputBudget::new(1000),
+        log_sink: None,
+        offer_frames: true,
+        busy_poll: BusyPoller::new(pool::DEFAULT_BUSY_POLL),
+    };
+    let process = Arc::new(
+        PluginProcess::start(plugin, config)
+            .await
+            .context("starting the Go plugin")?,
+    );
+    let event = bench_event(data);
+    let errors = Arc::new(AtomicU64::new(0));
+    let measure_from = Instant::now() + args.warmup;
+    let stop_at = measure_from + args.duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (process, event, errors, name) =
+                (process.clone(), event.clone(), errors.clone(), name.clone());
+            tokio::spawn(async move {
+                let mut recorded = histogram();
+                loop {
+                    let start = Instant::now();
+                    if start >= stop_at {
+                        break;
+                    }
+                    let ctx = InvocationContext::new(
+                        name.clone(),
+                        1,
+                        "bench",
+                        start + Duration::from_secs(30),
+                        Default::default(),
+                        tracing::Span::none(),
+                    );
+                    let ok = process.execute(&event, &ctx).await.is_ok();
+                    if start >= measure_from {
+                        if ok {
+                            let _ = recorded.record(micros(start));
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                recorded
+            })
+        })
+        .collect();
+    let mut histogram = histogram();
+    for worker in workers {
+        histogram.add(worker.await?)?;
+    }
+    process.stop().await;
+    Ok(outcome(
+        "go-direct",
+        concurrency,
+        "closed-loop",
+        &histogram,
+        errors.load(Ordering::Relaxed),
+        args.duration,
+    ))
+}
+
 /// Deploys `binary` as `name` (a plugin, or a WebAssembly module by its first bytes) and
 /// waits until an invocation succeeds.
 async fn deploy_and_wait(
@@ -931,7 +1023,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let mut go_built = None;
-    if wanted("plugin-go") || wanted("go-host") || wanted("go-host-paced") {
+    if wanted("plugin-go") || wanted("go-host") || wanted("go-host-paced") || wanted("go-direct") {
         match go_plugin(&args, work.path()) {
             Some(go) => {
                 if wanted("plugin-go") {
@@ -1038,6 +1130,13 @@ async fn run(args: Args) -> Result<()> {
                     "{} c={concurrency}: {} requests",
                     outcome.scenario, outcome.requests
                 );
+                outcomes.push(Outcome { pass, ..outcome });
+            }
+        }
+        if let Some(plugin) = go_built.as_ref().filter(|_| wanted("go-direct")) {
+            for &concurrency in &args.concurrency {
+                let outcome = go_direct(plugin, work.path(), &args, &data, concurrency).await?;
+                eprintln!("go-direct c={concurrency}: {} requests", outcome.requests);
                 outcomes.push(Outcome { pass, ..outcome });
             }
         }
@@ -1212,7 +1311,7 @@ fn medians(outcomes: &[Outcome]) -> Vec<Median> {
         // runtime (the WebAssembly targets are stated that way).
         let bases: &[&str] = match o.scenario.as_str() {
             "nats-echo" => &[],
-            "builtin" | "go-host" | "go-host-paced" => &["nats-echo"],
+            "builtin" | "go-host" | "go-host-paced" | "go-direct" => &["nats-echo"],
             _ => &["nats-echo", "builtin"],
         };
         for &base in bases {
@@ -1229,6 +1328,20 @@ fn medians(outcomes: &[Outcome]) -> Vec<Median> {
                 o.concurrency,
                 o.throughput_per_s / b.throughput_per_s,
             );
+        }
+        if o.scenario == "go-direct" {
+            if let Some(host) = find("go-host", o.concurrency, o.pass) {
+                add(
+                    "go-direct p50 / go-host p50".into(),
+                    o.concurrency,
+                    o.p50_us / host.p50_us,
+                );
+                add(
+                    "go-direct req/s / go-host req/s".into(),
+                    o.concurrency,
+                    o.throughput_per_s / host.throughput_per_s,
+                );
+            }
         }
         if o.scenario.starts_with("go-host") {
             if let (Some(go), Some(builtin)) = (
