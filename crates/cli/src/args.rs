@@ -539,9 +539,9 @@ pub struct RuntimeArgs {
     /// otherwise take Mycelium's lighter frame protocol. For comparison and diagnosis.
     #[arg(long, env = "MYCELIUM_PLUGIN_GRPC_ONLY")]
     pub plugin_grpc_only: bool,
-    /// Microseconds a plugin call, woken while the plugin's answer is partly in, may spin for
-    /// the rest instead of parking its thread (only while it is the only plugin call in
-    /// flight; 0 never spins).
+    /// Microseconds a plugin call may spin for its answer instead of parking its thread (only
+    /// while it is the only plugin call in flight, on a plugin whose answers come within that
+    /// time; 0 never spins).
     #[arg(long, env = "MYCELIUM_PLUGIN_BUSY_POLL_US", default_value_t = 300)]
     pub plugin_busy_poll_us: u64,
     /// Do not start plugin processes ahead of their first call.

@@ -96,7 +96,7 @@ pub struct ProcessConfig {
     /// Offer the plugin Mycelium's frame protocol besides gRPC (see
     /// [`crate::pool::PoolSettings::offer_frames`]).
     pub offer_frames: bool,
-    /// Busy polling for answers that are partly in (see
+    /// Busy polling for answers (see
     /// [`crate::pool::PoolSettings::busy_poll`]), shared by the runtime's processes; `None`
     /// never spins.
     pub busy_poll: Option<Arc<BusyPoller>>,

@@ -59,12 +59,13 @@ pub struct PoolSettings {
     /// SDK take instead of gRPC over HTTP/2; go-plugin plugins keep gRPC either way. Off
     /// speaks gRPC to every plugin.
     pub offer_frames: bool,
-    /// How long a call to a plugin, woken while the plugin's answer is partly in, may spin
-    /// for the rest instead of parking its thread: a go-plugin server sends a window update
-    /// and a ping ahead of every answer, and on a virtual machine each wake-up of a parked
-    /// thread costs tens of microseconds. A call spins only when it is the only plugin call
-    /// the runtime waits on, and only on a connection whose recent answers came within this
-    /// time. Zero never spins.
+    /// How long a call to a plugin may spin for its answer instead of parking its thread: on
+    /// a virtual machine each wake-up of a parked thread costs tens of microseconds. A call
+    /// spins when it is polled again after the poll that wrote its request (in the runtime at
+    /// once: a waiting invocation gets a task of its own, whose first turn polls it), and
+    /// again when woken by part of its answer (a go-plugin server's ping); only while it is
+    /// the only plugin call the runtime waits on, and only on a connection whose recent
+    /// answers came within this time. Zero never spins.
     pub busy_poll: Duration,
 }
 

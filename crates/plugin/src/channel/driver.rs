@@ -50,7 +50,7 @@ pub(crate) struct Driver {
     /// The background task, woken when no call waits.
     background: Mutex<Option<Waker>>,
     closed: AtomicBool,
-    /// Busy polling for answers that are partly in, where the socket allows it.
+    /// Busy polling for answers, where the socket allows it.
     busy_poll: Option<BusyPoll>,
     /// How long recent answers took (nanoseconds, a moving average): a call spins only on a
     /// connection that answers within the busy-poll budget.
@@ -116,7 +116,7 @@ impl Driver {
         .await
     }
 
-    /// How a call woken without all of its answer may spin for the rest, if at all: only
+    /// How a call still without all of its answer may spin for the rest, if at all: only
     /// the runtime's one waiting call may, since with others in flight its thread has their
     /// work to do, and only on a connection whose answers come within the budget.
     fn may_spin(&self) -> Option<&BusyPoll> {
@@ -293,8 +293,8 @@ impl Driver {
     }
 }
 
-/// Busy polling, shared by the plugin connections of one runtime: a call woken while its
-/// answer is only partly in may spin for the rest instead of parking its thread (see
+/// Busy polling, shared by the plugin connections of one runtime: a call still waiting for
+/// its answer may spin for it instead of parking its thread (see
 /// [`crate::pool::PoolSettings::busy_poll`]).
 #[derive(Debug)]
 pub struct BusyPoller {
@@ -369,9 +369,12 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
             // Write what the call just queued, read what came back, and look again.
             this.driver.drive_for(id);
             output = Pin::new(&mut this.future).poll(cx);
-            // Woken, yet the answer is not all in: the plugin is writing it (a go-plugin
-            // server sends a window update and a ping ahead of every answer). Waiting for
-            // the rest in a spin saves parking the thread and a wake-up by the reactor.
+            // Polled again, and the answer is not all in: the plugin is at work on it (the
+            // runtime's invocation task polls a call right after its first poll wrote the
+            // request, and a go-plugin server's ping wakes it with part of an answer).
+            // Waiting in a spin saves parking the thread and a wake-up by the reactor, which
+            // on a virtual machine costs tens of microseconds. The first poll never spins:
+            // in the runtime it runs on the endpoint's loop.
             if output.is_pending() && !first {
                 if let Some(busy_poll) = this.driver.may_spin() {
                     output = this.driver.spin(id, busy_poll, &mut this.future, cx);
