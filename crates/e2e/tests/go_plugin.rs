@@ -74,6 +74,48 @@ async fn a_go_plugin_built_with_go_plugin_runs_unchanged() {
     assert_eq!(traceparent.to_string().len(), 55, "{traceparent}");
     assert_eq!(echoed, vec![other]);
 
+    // A request larger than grpc-go's first flow-control window (64 KiB) goes out as the
+    // plugin grants more, and its answer as large comes back whole.
+    let text: String = (0..600_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let large = EventBuilderV10::new()
+        .id("g-large")
+        .source("e2e")
+        .ty("com.example.upper")
+        .data("text/plain", text.clone())
+        .build()
+        .unwrap();
+    let events = client
+        .invoke_with("upper", &large, options.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        events[0].data(),
+        Some(&Data::String(text.to_uppercase())),
+        "the large answer differs"
+    );
+
+    // Calls in flight together on the one connection each get their own answer.
+    let calls = (0..64).map(|i| {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            let event = EventBuilderV10::new()
+                .id(format!("c{i}"))
+                .source("e2e")
+                .ty("com.example.upper")
+                .data("text/plain", format!("call {i}"))
+                .build()
+                .unwrap();
+            client.invoke_with("upper", &event, options).await.unwrap()
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    for (i, events) in answers.iter().enumerate() {
+        assert_eq!(events[0].id(), format!("upper-c{i}"));
+        assert_eq!(events[0].data(), Some(&Data::String(format!("CALL {i}"))));
+    }
+
     let wrong = EventBuilderV10::new()
         .id("g3")
         .source("e2e")

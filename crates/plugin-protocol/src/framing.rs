@@ -70,6 +70,13 @@ pub fn encode<M: prost::Message>(message: &M) -> Bytes {
 
 /// The first whole message in `buffer`, removed from it; `None` until one is complete.
 pub fn take<M: prost::Message + Default>(buffer: &mut BytesMut) -> Result<Option<M>, FrameError> {
+    take_raw(buffer)?
+        .map(|message| M::decode(message).map_err(FrameError::Decode))
+        .transpose()
+}
+
+/// The first whole message's bytes in `buffer`, removed from it; `None` until one is complete.
+pub fn take_raw(buffer: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
     if buffer.len() < 5 {
         return Ok(None);
     }
@@ -84,9 +91,7 @@ pub fn take<M: prost::Message + Default>(buffer: &mut BytesMut) -> Result<Option
         return Ok(None);
     }
     buffer.advance(5);
-    M::decode(buffer.split_to(length).freeze())
-        .map(Some)
-        .map_err(FrameError::Decode)
+    Ok(Some(buffer.split_to(length).freeze()))
 }
 
 /// `grpc-timeout` for `timeout`: at most eight digits and a unit.

@@ -1,11 +1,11 @@
 //! The host's connection to one plugin process, in the protocol the plugin chose in its
-//! handshake: gRPC over HTTP/2 ([`grpc`], what every go-plugin plugin speaks) or Mycelium's
+//! handshake: gRPC over HTTP/2 ([`http2`], what every go-plugin plugin speaks) or Mycelium's
 //! frame protocol ([`frames`], what the Rust SDK speaks when this host offers it). Both are
 //! driven by the calls waiting on them ([`driver`]).
 
 mod driver;
 mod frames;
-mod grpc;
+mod http2;
 mod pong;
 
 use std::{marker::PhantomData, sync::Arc, time::Duration};
@@ -37,7 +37,7 @@ type Io = Either<UnixConnection, TcpStream>;
 /// A connection to one plugin process; cheap to share between concurrent calls.
 #[derive(Clone, Debug)]
 pub(crate) enum PluginChannel {
-    Grpc(grpc::GrpcChannel),
+    Grpc(http2::Http2Channel),
     Frames(frames::FrameChannel),
 }
 
@@ -66,7 +66,11 @@ impl PluginChannel {
         };
         Ok(match handshake.protocol {
             Protocol::Grpc => {
-                Self::Grpc(grpc::GrpcChannel::connect(io, busy_poll, handshake).await?)
+                let authority = match handshake.network {
+                    Network::Tcp => handshake.address.as_str(),
+                    Network::Unix => "localhost",
+                };
+                Self::Grpc(http2::Http2Channel::connect(io, busy_poll, authority))
             }
             Protocol::Frames => Self::Frames(frames::FrameChannel::connect(io, busy_poll)),
         })
@@ -103,12 +107,11 @@ impl PluginChannel {
         Q: prost::Message,
         R: prost::Message + Default,
     {
-        Ok(match self {
-            Self::Grpc(channel) => Messages::Grpc(channel.server_stream(path, message).await?),
-            Self::Frames(channel) => {
-                Messages::Frames(channel.server_stream(path, message)?, PhantomData)
-            }
-        })
+        let items = match self {
+            Self::Grpc(channel) => channel.server_stream(path, message).await?,
+            Self::Frames(channel) => channel.server_stream(path, message)?,
+        };
+        Ok(Messages(items, PhantomData))
     }
 
     /// Whether the plugin speaks gRPC (or the frame protocol).
@@ -120,23 +123,17 @@ impl PluginChannel {
     }
 }
 
-/// The messages of a server-streaming answer.
-pub(crate) enum Messages<R> {
-    Grpc(grpc::Messages<R>),
-    Frames(mpsc::Receiver<Bytes>, PhantomData<fn() -> R>),
-}
+/// The messages of a server-streaming answer, as the connection hands them on.
+pub(crate) struct Messages<R>(mpsc::Receiver<Bytes>, PhantomData<fn() -> R>);
 
 impl<R: prost::Message + Default> Messages<R> {
     /// The next message; `None` at the end of the stream.
     pub(crate) async fn message(&mut self) -> Result<Option<R>, Status> {
-        match self {
-            Self::Grpc(messages) => messages.message().await,
-            Self::Frames(items, _) => match items.recv().await {
-                Some(body) => R::decode(body).map(Some).map_err(|e| {
-                    Status::internal(format!("the plugin's message does not decode: {e}"))
-                }),
-                None => Ok(None),
-            },
+        match self.0.recv().await {
+            Some(body) => R::decode(body).map(Some).map_err(|e| {
+                Status::internal(format!("the plugin's message does not decode: {e}"))
+            }),
+            None => Ok(None),
         }
     }
 }
