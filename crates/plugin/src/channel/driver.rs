@@ -5,7 +5,7 @@
 //! the caller's thread in one write, and the socket wakes a waiting call directly when the
 //! answer arrives (BENCHMARKS.md, issue 15). A background task polls the connection only
 //! while no call waits (pings, the plugin's stdio stream, its exit). Both the gRPC channel's
-//! `h2` connection and the frame protocol's connection are driven this way.
+//! HTTP/2 connection and the frame protocol's connection are driven this way.
 
 use std::{
     fmt::Display,
@@ -45,7 +45,8 @@ pub(crate) struct Driver {
     /// polls again while it is set, so a caller that finds it busy loses no wake-up.
     poke: AtomicBool,
     /// Calls waiting on an answer: the socket wakes one of them, which then polls the
-    /// connection for everybody (h2 wakes each stream's own task when its frames arrive).
+    /// connection for everybody (the connection wakes each call's own task when its answer
+    /// arrives).
     waiters: Mutex<Waiters>,
     /// The background task, woken when no call waits.
     background: Mutex<Option<Waker>>,
@@ -256,9 +257,9 @@ impl Driver {
         self.drive();
     }
 
-    /// Unregisters a call that has its answer. h2 asks for the connection to be polled when
-    /// the call's stream handles drop (to clean the stream up), which wakes this call as it
-    /// completes: poll the connection right here instead of handing that wake-up on to the
+    /// Unregisters a call that has its answer. A connection may ask to be polled as a call
+    /// ends (to write what its end queued), which wakes this call as it completes: poll the
+    /// connection right here instead of handing that wake-up on to the
     /// background task, whose scheduling beside the answer's publication would wake another
     /// worker thread, once per call.
     fn finish(self: &Arc<Self>, id: u64) {
@@ -330,7 +331,7 @@ pub(crate) struct BusyPoll {
 
 thread_local! {
     /// The driver and waiting call being polled on this thread that will poll the connection
-    /// right after: wake-ups h2 addresses to it meanwhile are dropped.
+    /// right after: wake-ups the connection addresses to it meanwhile are dropped.
     static DRIVING_NEXT: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
@@ -347,7 +348,7 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        // Registered first: a wake-up from the socket, or h2 asking for the frames this call
+        // Registered first: a wake-up from the socket, or the connection asking for the frames this call
         // queues to be written, comes to this task (no other thread is woken for it).
         let (id, crowded) = this.driver.add_waiter(this.waiter, cx.waker());
         let first = this.waiter.is_none();
@@ -355,7 +356,7 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
         if first && this.driver.busy_poll.is_some() {
             this.started = Some(Instant::now());
         }
-        // A new call among others leaves its frames queued: h2 asks for them to be written by
+        // A new call among others leaves its frames queued: the connection asks for them to be written by
         // waking a waiting call, which runs after the calls ready now on this thread, so
         // their frames leave together in one write instead of one each. Otherwise the call
         // writes them itself right after, and that wake-up is not needed.
@@ -494,7 +495,7 @@ mod tests {
         *driver.background.lock().unwrap() = Some(background_waker);
         let (call, call_waker) = counted();
         let (id, _) = driver.add_waiter(None, &call_waker);
-        // h2 asks for the connection to be polled as the call's stream handles drop.
+        // The connection asks to be polled as the call ends.
         Waker::from(driver.clone()).wake_by_ref();
         assert_eq!(call.0.load(Ordering::SeqCst), 1);
         driver.finish(id);

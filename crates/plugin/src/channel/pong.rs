@@ -38,8 +38,8 @@ pub(crate) const HOLD_AT_MOST: Duration = Duration::from_millis(10);
 const PONG_LEN: usize = 17;
 const PONG_HEADER: [u8; 9] = [0, 0, 8, 6, 1, 0, 0, 0, 0];
 
-/// The most slices a write may have for the acknowledgement to go behind them (`h2` writes
-/// one or two); a write with more leaves it held for the next.
+/// The most slices a write may have for the acknowledgement to go behind them (the
+/// connection writes one); a write with more leaves it held for the next.
 const MAX_SLICES: usize = 7;
 
 /// A socket under an HTTP/2 client that holds back a PING acknowledgement written alone.
@@ -149,7 +149,7 @@ impl<T: AsyncWrite + Unpin> HeldPong<T> {
     ) -> Poll<io::Result<usize>> {
         ready!(self.finish_pong(cx))?;
         if self.hold(bufs) {
-            // `h2` flushes after its last read of a turn, so the connection may not read
+            // The connection writes after its last read of a turn, so it may not read
             // again before the deadline: the timer must wake it by itself.
             if let Some(deadline) = &mut self.deadline {
                 let _ = deadline.as_mut().poll(cx);
@@ -231,7 +231,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeldPong<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Not the held acknowledgement: `h2` flushes right after writing it.
+        // Not the held acknowledgement: the connection flushes right after writing it.
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
@@ -401,7 +401,7 @@ mod tests {
         assert!(!host.held());
     }
 
-    /// `h2` reads until the socket is empty and only then writes what it queued, the
+    /// The connection reads until the socket is empty and only then writes what it queued, the
     /// acknowledgement among it: the connection may have read for the last time before the
     /// acknowledgement is held, and its timer alone must bring it back.
     #[tokio::test]
