@@ -1190,6 +1190,42 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_stream_hands_on_each_message_and_ends_with_its_trailers() {
+        let (channel, mut peer) = channel();
+        peer.accept(&[]).await;
+        let request = HealthCheckRequest {
+            service: "watch".into(),
+        };
+        let mut items = channel
+            .server_stream(path::STREAM_STDIO, &request)
+            .await
+            .unwrap();
+        let (kind, flags, id, _) = peer.next().await;
+        assert_eq!((kind, flags), (HEADERS, END_HEADERS));
+        let (kind, flags, _, _) = peer.next().await;
+        assert_eq!((kind, flags), (DATA, END_STREAM));
+        peer.send(HEADERS, END_HEADERS, id, &[0x88]).await;
+        // Two messages, the second split across DATA frames.
+        let first = framing::encode(&HealthCheckResponse { status: 1 });
+        let second = framing::encode(&HealthCheckResponse { status: 2 });
+        let mut data = first.to_vec();
+        data.extend_from_slice(&second[..3]);
+        peer.send(DATA, 0, id, &data).await;
+        peer.send(DATA, 0, id, &second[3..]).await;
+        peer.send(HEADERS, END_HEADERS | END_STREAM, id, &status_field(b"0"))
+            .await;
+        let mut got = Vec::new();
+        while let Some(item) = items.recv().await {
+            got.push(
+                <HealthCheckResponse as prost::Message>::decode(item)
+                    .unwrap()
+                    .status,
+            );
+        }
+        assert_eq!(got, [1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_call_resets_its_stream_and_pings_are_acknowledged() {
         let (channel, mut peer) = channel();
         peer.accept(&[]).await;
