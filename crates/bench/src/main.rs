@@ -22,14 +22,9 @@ use hdrhistogram::Histogram;
 use mycelium_client::async_nats::{self, HeaderMap};
 use mycelium_core::{
     cloudevents::{EventBuilder, EventBuilderV10},
-    envelope,
-    logs::OutputBudget,
-    FunctionName, InvocationContext,
+    envelope, FunctionName, InvocationContext,
 };
-use mycelium_plugin::{
-    host::{BusyPoller, PluginProcess, ProcessConfig, Redactions},
-    pool,
-};
+use mycelium_plugin::host::{PluginProcess, ProcessConfig};
 use mycelium_registry::{
     ArtifactSource, DeploySpec, NatsRegistry, NatsRegistryConfig, RegistryAdmin,
 };
@@ -418,10 +413,28 @@ fn micros(since: Instant) -> u64 {
         .max(1)
 }
 
+/// What a closed loop's workers repeat: one request, sent and waited for.
+trait Caller: Clone + Send + 'static {
+    /// Sends one request; whether it succeeded.
+    fn call(&self) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// A request through NATS.
+#[derive(Clone)]
+struct NatsCaller {
+    nats: async_nats::Client,
+    shot: Shot,
+}
+
+impl Caller for NatsCaller {
+    fn call(&self) -> impl std::future::Future<Output = bool> + Send {
+        send(&self.nats, &self.shot)
+    }
+}
+
 /// Closed loop: `concurrency` workers, each sending its next request when the last returns.
-async fn closed_loop(
-    nats: &async_nats::Client,
-    shot: &Shot,
+async fn closed_loop<C: Caller>(
+    caller: &C,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
@@ -431,7 +444,7 @@ async fn closed_loop(
     let stop_at = measure_from + duration;
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (nats, shot, errors) = (nats.clone(), shot.clone(), errors.clone());
+            let (caller, errors) = (caller.clone(), errors.clone());
             tokio::spawn(async move {
                 let mut recorded = histogram();
                 loop {
@@ -439,7 +452,7 @@ async fn closed_loop(
                     if start >= stop_at {
                         break;
                     }
-                    let ok = send(&nats, &shot).await;
+                    let ok = caller.call().await;
                     if start >= measure_from {
                         if ok {
                             let _ = recorded.record(micros(start));
@@ -707,78 +720,50 @@ async fn go_direct(
     concurrency: usize,
 ) -> Result<Outcome> {
     let name: FunctionName = "bench-direct".parse()?;
-    let config = ProcessConfig {
-        function: name.clone(),
-        version: 1,
-        work_dir: work.join("go-direct"),
-        env: Default::default(),
-        secrets: Default::default(),
-        memory_mb: None,
-        cgroups: None,
-        max_open_files: 1024,
-        cpu_seconds: None,
-        start_timeout: Duration::from_secs(10),
-        stop_grace: Duration::from_secs(2),
-        redactions: Redactions::of_runtime(),
-        output_budget: OutputBudget::new(1000),
-        log_sink: None,
-        offer_frames: true,
-        busy_poll: BusyPoller::new(pool::DEFAULT_BUSY_POLL),
-    };
+    let config = ProcessConfig::new(name.clone(), 1, work.join("go-direct"));
     let process = Arc::new(
         PluginProcess::start(plugin, config)
             .await
             .context("starting the Go plugin")?,
     );
-    let event = bench_event(data);
-    let errors = Arc::new(AtomicU64::new(0));
-    let measure_from = Instant::now() + args.warmup;
-    let stop_at = measure_from + args.duration;
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (process, event, errors, name) =
-                (process.clone(), event.clone(), errors.clone(), name.clone());
-            tokio::spawn(async move {
-                let mut recorded = histogram();
-                loop {
-                    let start = Instant::now();
-                    if start >= stop_at {
-                        break;
-                    }
-                    let ctx = InvocationContext::new(
-                        name.clone(),
-                        1,
-                        "bench",
-                        start + Duration::from_secs(30),
-                        Default::default(),
-                        tracing::Span::none(),
-                    );
-                    let ok = process.execute(&event, &ctx).await.is_ok();
-                    if start >= measure_from {
-                        if ok {
-                            let _ = recorded.record(micros(start));
-                        } else {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                recorded
-            })
-        })
-        .collect();
-    let mut histogram = histogram();
-    for worker in workers {
-        histogram.add(worker.await?)?;
-    }
+    let caller = DirectCaller {
+        process: process.clone(),
+        event: Arc::new(bench_event(data)),
+        name,
+    };
+    let (histogram, errors, elapsed) =
+        closed_loop(&caller, concurrency, args.warmup, args.duration).await;
     process.stop().await;
     Ok(outcome(
         "go-direct",
         concurrency,
         "closed-loop",
         &histogram,
-        errors.load(Ordering::Relaxed),
-        args.duration,
+        errors,
+        elapsed,
     ))
+}
+
+/// A call to a plugin process, straight through the runtime's plugin host.
+#[derive(Clone)]
+struct DirectCaller {
+    process: Arc<PluginProcess>,
+    event: Arc<mycelium_core::Event>,
+    name: FunctionName,
+}
+
+impl Caller for DirectCaller {
+    fn call(&self) -> impl std::future::Future<Output = bool> + Send {
+        let ctx = InvocationContext::new(
+            self.name.clone(),
+            1,
+            "bench",
+            Instant::now() + Duration::from_secs(30),
+            Default::default(),
+            tracing::Span::none(),
+        );
+        async move { self.process.execute(&self.event, &ctx).await.is_ok() }
+    }
 }
 
 /// Deploys `binary` as `name` (a plugin, or a WebAssembly module by its first bytes) and
@@ -1104,9 +1089,16 @@ async fn run(args: Args) -> Result<()> {
                         (h, e, d, "fixed-rate")
                     }
                     None => {
-                        let (h, e, d) =
-                            closed_loop(&nats, &shot, concurrency, args.warmup, args.duration)
-                                .await;
+                        let (h, e, d) = closed_loop(
+                            &NatsCaller {
+                                nats: nats.clone(),
+                                shot: shot.clone(),
+                            },
+                            concurrency,
+                            args.warmup,
+                            args.duration,
+                        )
+                        .await;
                         (h, e, d, "closed-loop")
                     }
                 };

@@ -1026,26 +1026,13 @@ async fn concurrent_calls_share_one_plugin_connection_over_grpc() {
 }
 
 async fn concurrent_calls_on_one_connection(offer_frames: bool, protocol: Protocol) {
-    use mycelium_plugin::host::{OutputBudget, PluginProcess, ProcessConfig, Redactions};
+    use mycelium_plugin::host::{PluginProcess, ProcessConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let config = ProcessConfig {
-        function: name("driven"),
-        version: 1,
-        work_dir: dir.path().join("work"),
-        env: Default::default(),
-        secrets: Default::default(),
-        memory_mb: None,
-        cgroups: None,
-        max_open_files: 1024,
-        cpu_seconds: None,
         start_timeout: Duration::from_secs(20),
-        stop_grace: Duration::from_secs(2),
-        redactions: Redactions::of_runtime(),
-        output_budget: OutputBudget::new(1000),
-        log_sink: None,
         offer_frames,
-        busy_poll: mycelium_plugin::host::BusyPoller::new(mycelium_plugin::pool::DEFAULT_BUSY_POLL),
+        ..ProcessConfig::new(name("driven"), 1, dir.path().join("work"))
     };
     let process = Arc::new(
         PluginProcess::start(TEST_PLUGIN.as_ref(), config)

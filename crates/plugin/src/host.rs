@@ -102,6 +102,32 @@ pub struct ProcessConfig {
     pub busy_poll: Option<Arc<BusyPoller>>,
 }
 
+impl ProcessConfig {
+    /// A process of `function`'s `version` working in `work_dir`, run as a pool with default
+    /// settings runs it: no environment, secrets, memory limit or control group.
+    pub fn new(function: FunctionName, version: u64, work_dir: PathBuf) -> Self {
+        let defaults = crate::pool::PoolSettings::default();
+        Self {
+            function,
+            version,
+            work_dir,
+            env: BTreeMap::new(),
+            secrets: mycelium_core::secret::SecretEnv::default(),
+            memory_mb: None,
+            cgroups: None,
+            max_open_files: defaults.max_open_files,
+            cpu_seconds: defaults.cpu_seconds,
+            start_timeout: defaults.start_timeout,
+            stop_grace: defaults.stop_grace,
+            redactions: Redactions::of_runtime(),
+            output_budget: OutputBudget::new(defaults.log_lines_per_second),
+            log_sink: None,
+            offer_frames: defaults.offer_frames,
+            busy_poll: BusyPoller::new(defaults.busy_poll),
+        }
+    }
+}
+
 /// A running plugin process.
 pub struct PluginProcess {
     pid: u32,

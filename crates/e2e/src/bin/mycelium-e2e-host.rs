@@ -13,22 +13,13 @@ async fn main() {
         std::process::exit(2);
     };
     let config = ProcessConfig {
-        function: "orphan-check".parse().expect("valid name"),
-        version: 1,
-        work_dir: work_dir.into(),
-        env: Default::default(),
-        secrets: Default::default(),
-        memory_mb: None,
-        cgroups: None,
-        max_open_files: 1024,
-        cpu_seconds: None,
-        start_timeout: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
         redactions: Default::default(),
-        output_budget: mycelium_plugin::host::OutputBudget::new(1000),
-        log_sink: None,
-        offer_frames: true,
-        busy_poll: mycelium_plugin::host::BusyPoller::new(mycelium_plugin::pool::DEFAULT_BUSY_POLL),
+        ..ProcessConfig::new(
+            "orphan-check".parse().expect("valid name"),
+            1,
+            work_dir.into(),
+        )
     };
     let process = PluginProcess::start(plugin.as_ref(), config)
         .await

@@ -7,19 +7,19 @@
 
 use std::{
     collections::HashMap,
-    future::{poll_fn, Future},
-    pin::Pin,
+    future::poll_fn,
     sync::{Arc, Mutex},
     task::{Context, Poll, Waker},
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::{io::AsyncRead, sync::mpsc};
 use tonic::{Code, Status};
 
 use super::{
     broken,
     driver::{BusyPoll, Driver},
+    wire::{self, Connection, Wire},
     Io,
 };
 use crate::frames::{self, Frame, Kind};
@@ -132,7 +132,7 @@ impl Shared {
     }
 
     /// Hands a frame from the plugin to its call.
-    fn deliver(state: &mut State, frame: Frame) {
+    fn hand_on(state: &mut State, frame: Frame) {
         let Some(call) = state.calls.get_mut(&frame.id) else {
             // A call the host gave up on (its deadline passed).
             return;
@@ -186,23 +186,6 @@ impl Shared {
             tracing::warn!(%oversized, "a plugin sent a stream message too large to take; skipped");
         }
     }
-
-    /// Ends every call: the connection is gone.
-    fn close(&self, why: String) {
-        let mut state = self.lock();
-        state.closed = Some(why);
-        for call in state.calls.values_mut() {
-            if let Call::Unary {
-                waker: Some(waker), ..
-            } = call
-            {
-                waker.wake_by_ref();
-            }
-        }
-        state
-            .calls
-            .retain(|_, call| matches!(call, Call::Unary { .. }));
-    }
 }
 
 /// Forgets a call whose caller stopped waiting, and tells the plugin to drop its work on it;
@@ -235,8 +218,8 @@ impl FrameChannel {
         let shared = Arc::new(Shared::default());
         let connection = Connection {
             io,
-            shared: shared.clone(),
-            read: frames::Reader::default(),
+            wire: shared.clone(),
+            reader: frames::Reader::default(),
             writing: BytesMut::new(),
         };
         let driver = Driver::start(connection, busy_poll);
@@ -286,66 +269,47 @@ fn kind(path: &str) -> Result<Kind, Status> {
         .ok_or_else(|| Status::unimplemented(format!("the frame protocol has no method {path}")))
 }
 
-/// The connection: writes what the calls queued, reads what the plugin answered.
-struct Connection {
-    io: Io,
-    shared: Arc<Shared>,
-    read: frames::Reader,
-    /// What is being written; refilled from the queue when empty.
-    writing: BytesMut,
-}
+impl Wire for Shared {
+    type Reader = frames::Reader;
 
-impl Future for Connection {
-    type Output = Result<(), String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let ended = loop {
-            {
-                let mut state = this.shared.lock();
-                if !state
-                    .connection
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    state.connection = Some(cx.waker().clone());
-                }
-                if this.writing.is_empty() {
-                    std::mem::swap(&mut this.writing, &mut state.out);
-                }
-            }
-            if let Poll::Ready(Err(error)) =
-                frames::poll_write_out(&mut this.io, cx, &mut this.writing)
-            {
-                return self.end(Err(error.to_string()));
-            }
-            match this.read.poll_fill(&mut this.io, cx) {
-                Poll::Ready(Ok(0)) => break Ok(()),
-                Poll::Ready(Ok(_)) => {
-                    let mut state = this.shared.lock();
-                    while let Some(frame) = this.read.frame() {
-                        match frame {
-                            Ok(frame) => Shared::deliver(&mut state, frame),
-                            Err(oversized) => Shared::refuse(&mut state, &oversized),
-                        }
-                    }
-                }
-                Poll::Ready(Err(error)) => break Err(error.to_string()),
-                Poll::Pending => return Poll::Pending,
-            }
-        };
-        self.end(ended)
+    fn poll_fill<T: AsyncRead + Unpin>(
+        reader: &mut frames::Reader,
+        io: &mut T,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        reader.poll_fill(io, cx)
     }
-}
 
-impl Connection {
-    fn end(&self, ended: Result<(), String>) -> Poll<Result<(), String>> {
-        let why = match &ended {
-            Ok(()) => "the plugin closed it".to_owned(),
-            Err(error) => error.clone(),
-        };
-        self.shared.close(why);
-        Poll::Ready(ended)
+    fn take_queued(&self, waker: &Waker, writing: &mut BytesMut) {
+        let state = &mut *self.lock();
+        wire::take_queued(&mut state.connection, &mut state.out, waker, writing);
+    }
+
+    fn deliver(&self, reader: &mut frames::Reader) -> Result<(), String> {
+        let mut state = self.lock();
+        while let Some(frame) = reader.frame() {
+            match frame {
+                Ok(frame) => Self::hand_on(&mut state, frame),
+                Err(oversized) => Self::refuse(&mut state, &oversized),
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&self, why: String) {
+        let mut state = self.lock();
+        state.closed = Some(why);
+        for call in state.calls.values_mut() {
+            if let Call::Unary {
+                waker: Some(waker), ..
+            } = call
+            {
+                waker.wake_by_ref();
+            }
+        }
+        state
+            .calls
+            .retain(|_, call| matches!(call, Call::Unary { .. }));
     }
 }
 

@@ -7,6 +7,7 @@ mod driver;
 mod frames;
 mod http2;
 mod pong;
+mod wire;
 
 use std::{marker::PhantomData, sync::Arc, time::Duration};
 

@@ -17,7 +17,7 @@ mod huffman_table;
 
 use std::{
     collections::HashMap,
-    future::{poll_fn, Future},
+    future::poll_fn,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll, Waker},
@@ -26,13 +26,14 @@ use std::{
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
-use tokio::sync::mpsc;
+use tokio::{io::AsyncRead, sync::mpsc};
 use tonic::{Code, Status};
 
 use super::{
     broken,
     driver::{BusyPoll, Driver},
     pong::HeldPong,
+    wire::{self, Connection, Wire},
     Io,
 };
 use crate::framing::{self, FrameError};
@@ -229,26 +230,6 @@ impl Shared {
         }
         Poll::Pending
     }
-
-    /// Ends every call: the connection is gone.
-    fn close(&self, why: String) {
-        let mut state = self.lock();
-        state.closed = Some(why);
-        for stream in state.streams.values_mut() {
-            if let Call::Unary {
-                waker: Some(waker), ..
-            } = &mut stream.call
-            {
-                waker.wake_by_ref();
-            }
-        }
-        state
-            .streams
-            .retain(|_, stream| matches!(stream.call, Call::Unary { .. }));
-        for waker in state.waiting.drain(..) {
-            waker.wake();
-        }
-    }
 }
 
 impl State {
@@ -369,20 +350,12 @@ impl State {
 
     /// Ends a stream early: its call gets `status`, the server a reset.
     fn fail_stream(&mut self, id: u32, status: Status) {
-        let Some(stream) = self.streams.get_mut(&id) else {
+        if !self.streams.contains_key(&id) {
             return;
-        };
-        put_frame(&mut self.out, RST_STREAM, 0, id, &CANCEL.to_be_bytes());
-        match &mut stream.call {
-            Call::Unary { answer, waker } => {
-                *answer = Some(Err(status));
-                stream.unsent = Bytes::new();
-                if let Some(waker) = waker.take() {
-                    waker.wake();
-                }
-            }
-            Call::Stream { .. } => self.end_stream(id),
         }
+        put_frame(&mut self.out, RST_STREAM, 0, id, &CANCEL.to_be_bytes());
+        self.answer(id, Err(status));
+        self.end_stream_if_stream(id);
     }
 
     /// Handles one frame from the server; an error ends the connection.
@@ -829,8 +802,8 @@ impl Http2Channel {
         let shared = Arc::new(Shared(Mutex::new(State::new(authority))));
         let connection = Connection {
             io: HeldPong::new(io),
-            shared: shared.clone(),
-            read: BytesMut::new(),
+            wire: shared.clone(),
+            reader: BytesMut::new(),
             writing: BytesMut::new(),
         };
         let driver = Driver::start(connection, busy_poll);
@@ -908,91 +881,64 @@ impl Http2Channel {
     }
 }
 
-/// The connection: writes what the calls queued, reads what the plugin answered.
-struct Connection {
-    io: HeldPong<Io>,
-    shared: Arc<Shared>,
-    read: BytesMut,
-    /// What is being written; refilled from the queue when empty.
-    writing: BytesMut,
-}
+impl Wire for Shared {
+    type Reader = BytesMut;
 
-impl Future for Connection {
-    type Output = Result<(), String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let ended = loop {
-            {
-                let mut state = this.shared.lock();
-                if !state
-                    .connection
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    state.connection = Some(cx.waker().clone());
-                }
-                if this.writing.is_empty() {
-                    std::mem::swap(&mut this.writing, &mut state.out);
-                }
-            }
-            if let Poll::Ready(Err(error)) =
-                crate::frames::poll_write_out(&mut this.io, cx, &mut this.writing)
-            {
-                return self.end(Err(error.to_string()));
-            }
-            this.read.reserve(16 * 1024);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.read) {
-                Poll::Ready(Ok(0)) => break Ok(()),
-                Poll::Ready(Ok(_)) => {
-                    let mut state = this.shared.lock();
-                    while this.read.len() >= 9 {
-                        let len = (usize::from(this.read[0]) << 16)
-                            | (usize::from(this.read[1]) << 8)
-                            | usize::from(this.read[2]);
-                        if len > MAX_FRAME {
-                            drop(state);
-                            return self.end(Err(format!(
-                                "the plugin sent a {len}-byte frame, over the {MAX_FRAME} we take"
-                            )));
-                        }
-                        if this.read.len() < 9 + len {
-                            break;
-                        }
-                        let mut frame = this.read.split_to(9 + len).freeze();
-                        let (kind, flags) = (frame[3], frame[4]);
-                        let id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]])
-                            & 0x7fff_ffff;
-                        frame.advance(9);
-                        if let Err(error) = state.receive(kind, flags, id, frame) {
-                            drop(state);
-                            return self.end(Err(format!("HTTP/2: {error}")));
-                        }
-                    }
-                }
-                Poll::Ready(Err(error)) => break Err(error.to_string()),
-                Poll::Pending => {
-                    // Frames queued while reading (acknowledgements, window updates) are
-                    // written in this turn, unless the socket is full (then its readiness
-                    // brings the connection back).
-                    if !this.writing.is_empty() || this.shared.lock().out.is_empty() {
-                        return Poll::Pending;
-                    }
-                }
-            }
-        };
-        self.end(ended)
+    fn poll_fill<T: AsyncRead + Unpin>(
+        reader: &mut BytesMut,
+        io: &mut T,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        reader.reserve(16 * 1024);
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, reader)
     }
-}
 
-impl Connection {
-    fn end(&self, ended: Result<(), String>) -> Poll<Result<(), String>> {
-        let why = match &ended {
-            Ok(()) => "the plugin closed it".to_owned(),
-            Err(error) => error.clone(),
-        };
-        self.shared.close(why);
-        Poll::Ready(ended)
+    fn take_queued(&self, waker: &Waker, writing: &mut BytesMut) {
+        let state = &mut *self.lock();
+        wire::take_queued(&mut state.connection, &mut state.out, waker, writing);
+    }
+
+    fn deliver(&self, read: &mut BytesMut) -> Result<(), String> {
+        let mut state = self.lock();
+        while read.len() >= 9 {
+            let len =
+                (usize::from(read[0]) << 16) | (usize::from(read[1]) << 8) | usize::from(read[2]);
+            if len > MAX_FRAME {
+                return Err(format!(
+                    "the plugin sent a {len}-byte frame, over the {MAX_FRAME} we take"
+                ));
+            }
+            if read.len() < 9 + len {
+                break;
+            }
+            let mut frame = read.split_to(9 + len).freeze();
+            let (kind, flags) = (frame[3], frame[4]);
+            let id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+            frame.advance(9);
+            state
+                .receive(kind, flags, id, frame)
+                .map_err(|error| format!("HTTP/2: {error}"))?;
+        }
+        Ok(())
+    }
+
+    fn close(&self, why: String) {
+        let mut state = self.lock();
+        state.closed = Some(why);
+        for stream in state.streams.values_mut() {
+            if let Call::Unary {
+                waker: Some(waker), ..
+            } = &mut stream.call
+            {
+                waker.wake_by_ref();
+            }
+        }
+        state
+            .streams
+            .retain(|_, stream| matches!(stream.call, Call::Unary { .. }));
+        for waker in state.waiting.drain(..) {
+            waker.wake();
+        }
     }
 }
 
